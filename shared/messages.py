@@ -1,0 +1,225 @@
+"""Every message body on the wire, as a frozen typed record.
+
+Bodies are small JSON objects. Decoding is strict about the fields it knows
+(type-checked, required ones present) and ignores fields it does not know, so
+a newer peer may add optional fields without breaking an older one. A new
+field must therefore always have a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from shared.errors import InvalidMessage
+
+JSONValue = Any
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all bodies; ``TYPE`` is the envelope's ``type`` string."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> typing.Self:
+        if not isinstance(data, dict):
+            raise InvalidMessage(f"{cls.TYPE} body must be a JSON object, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise InvalidMessage(f"{cls.TYPE} body lacks required field {f.name!r}")
+                continue
+            values[f.name] = _check(cls.TYPE, f.name, hints[f.name], data[f.name])
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.to_dict()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(type_name: str, name: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a field's annotation; convert nested records."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(type_name, name, arg, value)
+            except InvalidMessage:
+                continue
+        raise InvalidMessage(f"{type_name}.{name}: {value!r} does not match {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is tuple:
+        if isinstance(value, list):
+            return tuple(_check(type_name, name, args[0], v) for v in value)
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            if args:
+                return {k: _check(type_name, name, args[1], v) for k, v in value.items()}
+            return value
+    elif isinstance(hint, type) and issubclass(hint, Message):
+        return hint.from_dict(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise InvalidMessage(f"{type_name}.{name}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+# --- hub to agent ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Assign(Message):
+    """Run ``job_type`` with ``params`` on this agent, once.
+
+    ``assignment_id`` is unique per (task instance, try, agent); it is the
+    agent inbox's idempotency key, so a redelivered assignment never runs twice.
+    """
+
+    TYPE: ClassVar[str] = "assign"
+    assignment_id: str
+    dag_id: str
+    run_id: str
+    task_id: str
+    try_number: int
+    job_type: str
+    params: dict[str, Any] = field(default_factory=dict)
+    map_index: int = -1
+    #: Epoch seconds before which the agent must not start the job.
+    not_before: float | None = None
+    #: Epoch seconds after which the agent must not start the job.
+    deadline: float | None = None
+    #: Execution time limit in seconds.
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    assignment_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """The hub committed these results; the agent may forget them."""
+
+    TYPE: ClassVar[str] = "ack"
+    assignment_ids: tuple[str, ...]
+
+
+# --- agent to hub ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(Message):
+    """The assignment is durably in the agent's inbox."""
+
+    TYPE: ClassVar[str] = "accepted"
+    assignment_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Started(Message):
+    TYPE: ClassVar[str] = "started"
+    assignment_id: str
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobError(Message):
+    TYPE: ClassVar[str] = "job_error"
+    code: str
+    message: str
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    """The outcome of one try of one assignment. Delivered at least once,
+    applied by the hub exactly once (unique on task instance, try, agent)."""
+
+    TYPE: ClassVar[str] = "result"
+    assignment_id: str
+    try_number: int
+    status: Literal["success", "failed"]
+    output: Any = None
+    error: JobError | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Message):
+    """The agent refused a message it received (decode error, expired,
+    unknown job type...). ``message_id`` is the refused envelope's id when it
+    could be read."""
+
+    TYPE: ClassVar[str] = "rejected"
+    code: str
+    detail: str
+    message_id: str | None = None
+    assignment_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobTypeInfo(Message):
+    TYPE: ClassVar[str] = "job_type"
+    name: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+    agent_version: str
+    inbox_depth: int = 0
+    outbox_depth: int = 0
+    running: tuple[str, ...] = ()
+    #: False while the agent refuses new work (back-pressure).
+    accepting: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    """Retained on the agent's status topic; the broker publishes the
+    ``offline`` one as the agent's last will."""
+
+    TYPE: ClassVar[str] = "status"
+    state: Literal["online", "offline"]
+    agent_version: str = ""
+    hostname: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    job_types: tuple[JobTypeInfo, ...] = ()
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Assign, Cancel, Ack, Accepted, Started, Result, Rejected, Heartbeat, Status)
+}

@@ -1,0 +1,188 @@
+"""The one paho-mqtt wrapper the hub and the agent both use.
+
+It speaks MQTT 5 with a persistent session (``clean_start`` false and a
+session expiry), so QoS 1 messages published while a peer is away wait in the
+broker. Incoming messages are acknowledged manually: the callback thread only
+puts them on a thread-safe queue, and the consumer calls :meth:`Inbound.ack`
+after it has made the message durable. A crash before that ack leaves the
+message with the broker, which redelivers it on the next connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    #: How long the broker keeps this client's session and queued QoS 1 messages.
+    session_expiry: int = 7 * 24 * 3600
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_inflight: int = 100
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass
+class Inbound:
+    """A received message. Call :meth:`ack` once it is safely stored."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    _client: paho.Client | None = field(default=None, repr=False)
+
+    def ack(self) -> None:
+        if self._client is not None and self.qos > 0:
+            self._client.ack(self.mid, self.qos)
+
+
+class MqttLink:
+    """A reconnecting MQTT 5 client with a persistent session.
+
+    ``subscriptions`` are (topic filter, QoS) pairs, re-sent on every
+    connect so a broker that lost the session still routes to us.
+    ``on_connect`` callbacks run on the network thread after subscribing:
+    keep them short (publish, set a flag).
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        subscriptions: list[tuple[str, int]] | None = None,
+        will: Will | None = None,
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.subscriptions = list(subscriptions or [])
+        self.inbound: queue.Queue[Inbound] = queue.Queue()
+        self.connected = threading.Event()
+        self._on_connect_hook = on_connect
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv5,
+            manual_ack=True,
+        )
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.tls_ca or settings.tls_cert:
+            client.tls_set(ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        client.max_inflight_messages_set(settings.max_inflight)
+        client.reconnect_delay_set(int(max(1, settings.reconnect_min)), int(settings.reconnect_max))
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        self.client = client
+        self._started = False
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; reconnects forever until :meth:`stop`."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry
+        self.client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive,
+            clean_start=False,
+            properties=props,
+        )
+        self.client.loop_start()
+        self._started = True
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self, last_words: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Disconnect cleanly; optionally publish one retained message first
+        (the agent's ``offline`` status, so the broker need not send the will)."""
+        if not self._started:
+            return
+        if last_words is not None and self.connected.is_set():
+            info = self.client.publish(last_words[0], last_words[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._started = False
+        self.connected.clear()
+
+    # --- traffic -----------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+        """Queue a publish. paho keeps unacknowledged QoS 1 messages in memory
+        and resends them after a reconnect; durability beyond the process is
+        the caller's job (the agent's outbox, the hub's outbox table)."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0) -> bool:
+        """Publish and wait for the broker's PUBACK. False on timeout or when
+        the client is not connected."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return False
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
+    # --- paho callbacks (network thread) -----------------------------------
+
+    def _handle_connect(self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, properties: object) -> None:
+        if reason.is_failure:
+            log.warning("mqtt connect to %s:%s refused: %s", self.settings.host, self.settings.port, reason)
+            return
+        log.info("mqtt connected to %s:%s as %s", self.settings.host, self.settings.port, self.settings.client_id)
+        if self.subscriptions:
+            client.subscribe(self.subscriptions)
+        self.connected.set()
+        if self._on_connect_hook is not None:
+            try:
+                self._on_connect_hook()
+            except Exception:
+                log.exception("on_connect hook failed")
+
+    def _handle_disconnect(self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, properties: object) -> None:
+        self.connected.clear()
+        log.info("mqtt disconnected from %s:%s: %s", self.settings.host, self.settings.port, reason)
+
+    def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        self.inbound.put(Inbound(msg.topic, msg.payload, msg.qos, msg.retain, msg.mid, client))
