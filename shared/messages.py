@@ -205,6 +205,8 @@ class Heartbeat(Message):
     running: tuple[str, ...] = ()
     #: False while the agent refuses new work (back-pressure).
     accepting: bool = True
+    #: Monotonic counters since start, e.g. ``rejected.decode_error``.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
