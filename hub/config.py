@@ -1,0 +1,100 @@
+"""``HubSettings``: every hub setting, one typed object per process.
+
+Sources, later wins: built-in defaults, a TOML file (``--config``), the
+environment (``OUTPOST_HUB_<FIELD>``), command-line flags. Unknown keys and
+bad values stop start-up with the key, the value and the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from hub.errors import ConfigError
+
+EXAMPLE_DAGS = Path(__file__).parent / "example_dags"
+
+
+class HubSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OUTPOST_HUB_", extra="forbid", frozen=True)
+
+    state_dir: Path = Field(Path(".outpost/hub"), description="Folder for the SQLite database and hub state.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite in state_dir (hub.db). PostgreSQL: postgresql+psycopg://user@host/db.")
+    dags_folder: Path = Field(EXAMPLE_DAGS, description="Folder of DAG files (*.py).")
+    broker_host: str = Field("127.0.0.1", description="MQTT broker host.")
+    broker_port: int = Field(1883, ge=1, le=65535, description="MQTT broker port.")
+    broker_username: str | None = Field(None, description="MQTT user name of the hub.")
+    broker_password: str | None = Field(None, description="MQTT password of the hub.")
+    mqtt_client_id: str = Field("outpost-hub", description="MQTT client id; unique per hub process.")
+    api_host: str = Field("127.0.0.1", description="Address the REST API and dashboard listen on.")
+    api_port: int = Field(8080, ge=0, le=65535, description="Port of the REST API and dashboard (0: any free port).")
+    scheduler_interval: float = Field(0.5, gt=0, description="Seconds between scheduler ticks when idle.")
+    redeliver_after: float = Field(30.0, gt=0, description="Re-send an assignment when no 'accepted' came back after this many seconds.")
+    agent_offline_after: float = Field(35.0, gt=0, description="Mark an agent offline after this many seconds without a heartbeat.")
+    max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest MQTT envelope accepted or sent.")
+    executor_workers: int = Field(4, ge=1, le=64, description="Threads for hub tasks (Python callables in DAG files).")
+    default_retries: int = Field(0, ge=0, description="Retries of a task that does not set its own.")
+    default_retry_delay: float = Field(10.0, ge=0, description="Seconds before a retry, for tasks that do not set their own.")
+
+    _toml_path: ClassVar[Path | None] = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("only sqlite:// and postgresql+psycopg:// URLs are supported")
+        return value
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'hub.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls, cls._toml_path))
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> HubSettings:
+        """Build settings from a TOML file, the environment and ``overrides``
+        (CLI flags; ``None`` values are ignored). Raises ``ConfigError``."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        cls._toml_path = path
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid hub settings ({path or 'no file'}): {problems}") from None
+        finally:
+            cls._toml_path = None
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        try:
+            with open(self.path, "rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"cannot read hub config {self.path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"hub config {self.path} is not valid TOML: {exc}") from None
+        return data.get("hub", data)

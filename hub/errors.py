@@ -1,0 +1,58 @@
+"""Hub errors. Each carries the HTTP status the API answers with and a
+stable ``code``; one handler in ``hub.api.app`` renders them all as
+``{"error": {"code": ..., "message": ...}}``."""
+
+from __future__ import annotations
+
+from shared.errors import OutpostError
+
+
+class HubError(OutpostError):
+    status = 500
+    code = "hub_error"
+
+
+class NotFound(HubError):
+    """The object does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(HubError):
+    """The request conflicts with the object's current state."""
+
+    status = 409
+    code = "conflict"
+
+
+class InvalidRequest(HubError):
+    """The request is not valid."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class InvalidDag(HubError):
+    """A DAG file or DAG definition is not valid."""
+
+    status = 422
+    code = "invalid_dag"
+
+
+class DagNotFound(NotFound):
+    code = "dag_not_found"
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+
+class AgentNotFound(NotFound):
+    code = "agent_not_found"
+
+
+class ConfigError(HubError):
+    """A hub setting is missing or invalid."""
+
+    code = "config_error"

@@ -1,0 +1,43 @@
+"""In-process domain events. Metrics, the dashboard's live updates and the
+scheduler's wake-up subscribe here instead of being called inline; a
+failing subscriber is logged and never breaks the emitter."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, dict[str, Any]], None]
+
+#: Event names emitted by the hub.
+RUN_TRIGGERED = "run_triggered"
+RUN_FINISHED = "run_finished"
+TASK_STATE_CHANGED = "task_state_changed"
+RESULT_APPLIED = "result_applied"
+MESSAGE_REJECTED = "message_rejected"
+AGENT_CHANGED = "agent_changed"
+OUTBOX_WRITTEN = "outbox_written"
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[Handler]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def subscribe(self, name: str, handler: Handler) -> None:
+        """``name`` "*" receives every event."""
+        with self._lock:
+            self._handlers[name].append(handler)
+
+    def emit(self, name: str, **data: Any) -> None:
+        with self._lock:
+            handlers = [*self._handlers.get(name, ()), *self._handlers.get("*", ())]
+        for handler in handlers:
+            try:
+                handler(name, data)
+            except Exception:
+                log.exception("event subscriber %r failed on %s", handler, name)
