@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -96,6 +96,8 @@ class TaskInstance(Base):
     state: Mapped[str] = mapped_column(String(20))
     try_number: Mapped[int] = mapped_column(Integer, default=0)
     max_tries: Mapped[int] = mapped_column(Integer, default=1)
+    retry_delay: Mapped[float] = mapped_column(Float, default=0.0)
+    execution_timeout: Mapped[float | None] = mapped_column(Float)
     job_type: Mapped[str | None] = mapped_column(String(100))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     agent_id: Mapped[str | None] = mapped_column(String(128), index=True)

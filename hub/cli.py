@@ -1,0 +1,183 @@
+"""``outpost-hub``: run the hub (standalone, scheduler, api) and maintain it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from shared.errors import OutpostError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_BROKER = 3
+
+_EPILOG = {
+    "standalone": "example:\n  outpost-hub standalone                 # broker, hub, 3 agents, runs fleet_health\n  outpost-hub standalone --agents 5 --port 9000 --no-demo\n\nenvironment: OUTPOST_HUB_<SETTING> overrides any setting (see docs/configuration.md)",
+    "scheduler": "example:\n  outpost-hub scheduler --config /etc/outpost/hub.toml",
+    "api": "example:\n  outpost-hub api --config /etc/outpost/hub.toml --port 8080",
+    "db": "example:\n  outpost-hub db upgrade --config /etc/outpost/hub.toml",
+    "dags": "example:\n  outpost-hub dags check ./dags     # exit 1 and the reasons if any file fails",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outpost-hub",
+        description="The Outpost hub: schedules DAGs and dispatches work to edge agents over MQTT.",
+        epilog="example:\n  outpost-hub standalone\n\nSee 'outpost-hub COMMAND --help'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG[name], formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", type=Path, help="hub TOML settings file")
+        return p
+
+    p = command("standalone", "Run everything on this machine: private Mosquitto, hub, API, dashboard and local agents.")
+    p.add_argument("--state-dir", type=Path, default=Path(".outpost"), help="folder for the broker, hub and agent state (default .outpost)")
+    p.add_argument("--agents", type=int, default=3, help="local agents to start (default 3)")
+    p.add_argument("--port", type=int, default=8080, help="API and dashboard port (default 8080; another free port if taken)")
+    p.add_argument("--dag", default="fleet_health", help="DAG to trigger once the agents are online (default fleet_health)")
+    p.add_argument("--no-demo", action="store_true", help="start everything but trigger nothing")
+    p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo run finished; exit 1 if it failed")
+    p.add_argument("--dags-folder", type=Path, help="DAG folder (default: the bundled examples)")
+
+    for name, text in (("scheduler", "Run the scheduler, dispatcher, event ingestion and outbox publisher."), ("api", "Run the REST API and dashboard.")):
+        p = command(name, text)
+        p.add_argument("--host", help="listen address (api)")
+        p.add_argument("--port", type=int, help="listen port (api)")
+
+    p = command("db", "Database maintenance.")
+    p.add_argument("action", choices=["upgrade"], help="upgrade: apply all migrations")
+
+    p = command("dags", "DAG file maintenance.")
+    p.add_argument("action", choices=["check"], help="check: load every DAG file and report errors")
+    p.add_argument("folder", nargs="?", type=Path, help="DAG folder (default: the configured dags_folder)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "standalone":
+            return _standalone(args)
+        if args.command in ("scheduler", "api"):
+            return _serve(args)
+        if args.command == "db":
+            return _db(args)
+        return _dags(args)
+    except OutpostError as exc:
+        print(f"outpost-hub: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if exc.code == "config_error" else EXIT_FAILED
+
+
+def _settings(args: argparse.Namespace, **overrides: object):  # type: ignore[no-untyped-def]
+    from hub.config import HubSettings
+
+    return HubSettings.load(args.config, **overrides)
+
+
+def _stop_on_signals(stop: object) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _standalone(args: argparse.Namespace) -> int:
+    from hub.standalone import BrokerMissing, Standalone
+
+    overrides = {"dags_folder": args.dags_folder} if args.dags_folder else {}
+    app = Standalone(args.state_dir, agents=args.agents, api_port=args.port, config_file=args.config, overrides=overrides)
+    _stop_on_signals(app)
+    try:
+        try:
+            runtime = app.start()
+        except BrokerMissing as exc:
+            print(f"outpost-hub: {exc}", file=sys.stderr)
+            return EXIT_BROKER
+        url = runtime.api_url
+        print(f"Outpost hub running. Dashboard: {url}/   API: {url}/api/v1/   OpenAPI: {url}/api/v1/openapi.json", flush=True)
+        print(f"State in {app.state_dir}; broker on 127.0.0.1:{app.broker.port}; {args.agents} agent(s) starting.", flush=True)
+        outcome = EXIT_OK
+        if not args.no_demo:
+            outcome = _demo(app, args.dag, url)
+        if args.exit_after_demo:
+            return outcome
+        print("Press Ctrl-C to stop.", flush=True)
+        runtime.wait()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("\nStopping agents, hub and broker...", flush=True)
+        return EXIT_OK
+    finally:
+        app.stop()
+
+
+def _demo(app: object, dag_id: str, url: str) -> int:
+    from hub.standalone import Standalone
+
+    assert isinstance(app, Standalone)
+    online = app.wait_for_agents()
+    print(f"{online} agent(s) online. Triggering {dag_id}...", flush=True)
+    run_pk = app.trigger(dag_id)
+    print(f"Run {run_pk}: {url}/runs/{run_pk}", flush=True)
+    run = app.wait_for_run(run_pk)
+    for ti in app.describe_run(run_pk):
+        where = f" on {ti.agent_id}" if ti.agent_id else ""
+        print(f"  {ti.task_id}[{ti.map_index}]{where}: {ti.state}", flush=True)
+        if ti.kind == "hub" and ti.output is not None:
+            print("    " + json.dumps(ti.output), flush=True)
+        if ti.error:
+            print(f"    error: {ti.error.get('message')}", flush=True)
+    print(f"Run {run_pk} of {dag_id}: {run.state}", flush=True)
+    return EXIT_OK if run.state == "success" else EXIT_FAILED
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hub.runtime import HubRuntime
+
+    overrides = {"api_host": args.host, "api_port": args.port}
+    runtime = HubRuntime(_settings(args, **overrides), run_scheduler=args.command == "scheduler", run_api=args.command == "api")
+    _stop_on_signals(runtime)
+    try:
+        runtime.start()
+        if args.command == "api":
+            print(f"Outpost API at {runtime.api_url}/api/v1/", flush=True)
+        runtime.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runtime.stop()
+    return EXIT_OK
+
+
+def _db(args: argparse.Namespace) -> int:
+    from hub.db import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.db_url)
+    print(f"database at {settings.db_url} is up to date")
+    return EXIT_OK
+
+
+def _dags(args: argparse.Namespace) -> int:
+    from hub.dagbag import DagBag
+
+    folder = args.folder or _settings(args).dags_folder
+    bag = DagBag(folder)
+    bag.collect()
+    for dag_id, dag in sorted(bag.dags.items()):
+        print(f"ok     {dag_id} ({len(dag.tasks)} tasks) {dag.fileloc}")
+    for err in bag.errors.values():
+        print(f"error  {err.fileloc}: {err.kind}: {err.error}")
+    return EXIT_FAILED if bag.errors else EXIT_OK

@@ -1,0 +1,61 @@
+"""The agent registry: who is out there, what they run, whether they are up.
+
+Online state comes from two sources: heartbeats (``last_seen``; the
+scheduler marks an agent offline after ``agent_offline_after`` seconds of
+silence) and the retained status topic, whose ``offline`` value the broker
+publishes as the agent's last will. A status older (by HLC) than the one
+already applied is ignored, so a stale retained message never wins.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from hub.models import Agent
+from shared.hlc import HLC
+from shared.messages import Heartbeat, Status
+
+
+def _agent(session: Session, agent_id: str, now: datetime) -> Agent:
+    agent = session.get(Agent, agent_id)
+    if agent is None:
+        agent = Agent(agent_id=agent_id, first_seen=now, last_seen=now, state="offline", labels={}, job_types=[], last_heartbeat={}, status_hlc="")
+        session.add(agent)
+    return agent
+
+
+def apply_status(session: Session, agent_id: str, status: Status, stamp: HLC, now: datetime) -> bool:
+    """Apply a status message; returns False if it was stale."""
+    agent = _agent(session, agent_id, now)
+    if agent.status_hlc and HLC.parse(agent.status_hlc) >= stamp:
+        return False
+    agent.status_hlc = str(stamp)
+    agent.state = status.state
+    if status.state == "online":
+        agent.last_seen = now
+        agent.hostname = status.hostname
+        agent.agent_version = status.agent_version
+        agent.labels = dict(status.labels)
+        agent.job_types = [j.to_dict() for j in status.job_types]
+    return True
+
+
+def apply_heartbeat(session: Session, agent_id: str, beat: Heartbeat, now: datetime) -> bool:
+    """Record a heartbeat; returns True if the agent came back online."""
+    agent = _agent(session, agent_id, now)
+    agent.last_seen = now
+    agent.last_heartbeat = beat.to_dict()
+    if beat.agent_version:
+        agent.agent_version = beat.agent_version
+    came_back = agent.state != "online"
+    agent.state = "online"
+    return came_back
+
+
+def touch(session: Session, agent_id: str, now: datetime) -> None:
+    """Any event from an agent proves it is alive."""
+    agent = session.get(Agent, agent_id)
+    if agent is not None:
+        agent.last_seen = now

@@ -1,0 +1,257 @@
+"""Event ingestion: what agents report, applied to the metadata DB.
+
+The MQTT callback only queues messages (``MqttLink.inbound``). This worker
+takes them in batches, decodes and checks each, applies the batch in one
+transaction (one savepoint per message, so one bad message never spoils the
+others), commits, and only then sends result acknowledgements and PUBACKs.
+A crash before the commit leaves every message un-acknowledged at the
+broker, which redelivers them; results are unique on (task instance, try,
+agent), so a redelivered result is recognised, acknowledged again and not
+applied twice.
+
+Bad input (undecodable, oversized, unknown type, a sender that is not the
+topic's agent, a result for an assignment the hub never made) is logged,
+counted and stored in ``rejected_messages``; it never stops the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from hub import events as ev
+from hub import fleet
+from hub.db import transaction
+from hub.events import EventBus
+from hub.lifecycle import finish_try
+from hub.models import Assignment, RejectedMessage, TaskInstance, TaskResult
+from shared.clock import Clock, to_datetime, utcnow
+from shared.envelope import Envelope, decode, encode
+from shared.errors import OutpostError, ProtocolError
+from shared.hlc import HybridClock
+from shared.messages import Accepted, Ack, Heartbeat, Rejected, Result, Started, Status
+from shared.mqtt import Inbound, MqttLink
+from shared.states import FINISHED, TaskState
+from shared.topics import ack_topic, parse
+
+log = logging.getLogger(__name__)
+
+
+class Reject(OutpostError):
+    """A message that decoded but cannot be applied."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Batch:
+    acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    rejections: list[RejectedMessage] = field(default_factory=list)
+    emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass
+class Ingester:
+    sessions: sessionmaker[Session]
+    link: MqttLink
+    clock: Clock
+    hlc: HybridClock
+    events: EventBus
+    max_message_bytes: int = 256 * 1024
+    batch_size: int = 500
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                first = self.link.inbound.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self.link.inbound.get_nowait())
+                except queue.Empty:
+                    break
+            self._process_with_retry(batch, stop)
+
+    def _process_with_retry(self, batch: list[Inbound], stop: threading.Event) -> None:
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                self.process(batch)
+                return
+            except Exception:
+                # The DB is unreachable or locked: nothing was acknowledged,
+                # so holding the batch and retrying loses nothing.
+                log.exception("ingest: batch failed; retrying %d messages in %.1fs", len(batch), delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def process(self, batch: list[Inbound]) -> None:
+        """Apply a batch of inbound messages, then acknowledge them."""
+        out = _Batch()
+        decoded: list[tuple[Inbound, str, Envelope]] = []
+        for msg in batch:
+            item = self._decode(msg, out)
+            if item is not None:
+                decoded.append(item)
+        with transaction(self.sessions) as session:
+            now = utcnow(self.clock)
+            for msg, agent_id, envelope in decoded:
+                try:
+                    with session.begin_nested():
+                        self._apply(session, agent_id, envelope, now, out)
+                except Reject as exc:
+                    self._reject(out, msg, agent_id, exc.code, str(exc))
+                except IntegrityError:
+                    # Another hub process applied the same result first.
+                    if isinstance(envelope.body, Result):
+                        self.counters["result.duplicate"] += 1
+                        out.acks[agent_id].append(envelope.body.assignment_id)
+                except OperationalError:
+                    raise
+                except Exception as exc:  # a bug must cost one message, not the worker
+                    log.exception("ingest: applying %s from %s failed", envelope.type, agent_id)
+                    self._reject(out, msg, agent_id, "apply_error", f"{type(exc).__name__}: {exc}")
+            for record in out.rejections:
+                record.received_at = now
+                session.add(record)
+        self._send_acks(out.acks)
+        for msg in batch:
+            msg.ack()
+        for name, data in out.emitted:
+            self.events.emit(name, **data)
+        for record in out.rejections:
+            self.events.emit(ev.MESSAGE_REJECTED, code=record.code, agent_id=record.agent_id)
+
+    # --- decoding ----------------------------------------------------------
+
+    def _decode(self, msg: Inbound, out: _Batch) -> tuple[Inbound, str, Envelope] | None:
+        try:
+            topic = parse(msg.topic)
+        except ValueError as exc:
+            self._reject(out, msg, None, "bad_topic", str(exc))
+            return None
+        if topic.kind not in ("events", "status"):
+            self._reject(out, msg, topic.agent_id, "bad_topic", f"hub does not consume {topic.kind!r} topics")
+            return None
+        if topic.kind == "status" and not msg.payload:
+            return None  # a cleared retained status: nothing to apply
+        try:
+            envelope = decode(msg.payload, self.max_message_bytes)
+        except ProtocolError as exc:
+            self._reject(out, msg, topic.agent_id, exc.code, str(exc))
+            return None
+        if envelope.sender != topic.agent_id:
+            self._reject(out, msg, topic.agent_id, "sender_mismatch", f"envelope sender {envelope.sender!r} published on {topic.agent_id!r}'s topic")
+            return None
+        expected = (Status,) if topic.kind == "status" else (Accepted, Started, Result, Heartbeat, Rejected)
+        if not isinstance(envelope.body, expected):
+            self._reject(out, msg, topic.agent_id, "unexpected_type", f"{envelope.type!r} is not valid on a {topic.kind} topic")
+            return None
+        self.hlc.update(envelope.hlc)
+        return msg, topic.agent_id, envelope
+
+    def _reject(self, out: _Batch, msg: Inbound, agent_id: str | None, code: str, detail: str) -> None:
+        self.counters[f"rejected.{code}"] += 1
+        log.warning("rejected message on %s (%s): %s", msg.topic, code, detail)
+        out.rejections.append(
+            RejectedMessage(source="mqtt", topic=msg.topic[:300], agent_id=agent_id, code=code, detail=detail[:2000], excerpt=msg.payload[:512].decode("utf-8", "replace"))
+        )
+
+    # --- applying ----------------------------------------------------------
+
+    def _apply(self, session: Session, agent_id: str, envelope: Envelope, now: datetime, out: _Batch) -> None:
+        body = envelope.body
+        self.counters[f"received.{envelope.type}"] += 1
+        if isinstance(body, Status):
+            if fleet.apply_status(session, agent_id, body, envelope.hlc, now):
+                out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": body.state}))
+            return
+        if isinstance(body, Heartbeat):
+            if fleet.apply_heartbeat(session, agent_id, body, now):
+                out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "online"}))
+            return
+        fleet.touch(session, agent_id, now)
+        if isinstance(body, Rejected):
+            self.counters[f"agent_rejected.{body.code}"] += 1
+            out.rejections.append(RejectedMessage(source="agent", topic="", agent_id=agent_id, code=body.code, detail=body.detail[:2000], excerpt=body.message_id or ""))
+            return
+        assignment = session.get(Assignment, body.assignment_id)
+        if assignment is None:
+            raise Reject("unknown_assignment", f"{envelope.type} for assignment {body.assignment_id!r}, which this hub never issued")
+        if assignment.agent_id != agent_id:
+            raise Reject("foreign_assignment", f"assignment {assignment.id} belongs to {assignment.agent_id!r}, not {agent_id!r}")
+        ti = session.get(TaskInstance, assignment.ti_id)
+        current = ti is not None and ti.try_number == assignment.try_number and ti.state not in FINISHED and ti.state != TaskState.UP_FOR_RETRY
+        if isinstance(body, Accepted):
+            if assignment.state in ("pending", "sent"):
+                assignment.state, assignment.accepted_at = "accepted", now
+            if current and ti is not None and ti.state in (TaskState.QUEUED, TaskState.DEVICE_OFFLINE):
+                ti.state = TaskState.DELIVERED
+                out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "delivered"}))
+        elif isinstance(body, Started):
+            if assignment.state in ("pending", "sent", "accepted"):
+                assignment.state = "started"
+            if current and ti is not None and ti.state in (TaskState.QUEUED, TaskState.DELIVERED, TaskState.DEVICE_OFFLINE):
+                ti.state, ti.started_at = TaskState.RUNNING, now
+                out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "running"}))
+        elif isinstance(body, Result):
+            self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out)
+
+    def _apply_result(self, session: Session, agent_id: str, envelope: Envelope, body: Result, assignment: Assignment, ti: TaskInstance | None, now: datetime, out: _Batch) -> None:
+        out.acks[agent_id].append(body.assignment_id)
+        if session.scalar(select(TaskResult.id).where(TaskResult.assignment_id == body.assignment_id)) is not None:
+            self.counters["result.duplicate"] += 1
+            return
+        error = body.error.to_dict() if body.error else None
+        session.add(
+            TaskResult(
+                ti_id=assignment.ti_id, try_number=assignment.try_number, agent_id=agent_id, assignment_id=assignment.id,
+                status=body.status, output=body.output, error=error,
+                started_at=_device_time(body.started_at), finished_at=_device_time(body.finished_at),
+                hlc=str(envelope.hlc), received_at=now, applied=ti is not None,
+            )
+        )
+        session.flush()  # the unique constraint speaks here, inside the savepoint
+        assignment.state, assignment.finished_at = "finished", now
+        if ti is None:
+            # The hub already decided this try (cancelled, cleared, retried
+            # elsewhere): keep the report, change nothing. Conflict records
+            # and their rule arrive with the offline-sync work.
+            self.counters["result.late"] += 1
+            return
+        if ti.started_at is None:
+            ti.started_at = now
+        state = finish_try(ti, success=body.status == "success", now=now, output=body.output, error=error)
+        self.counters[f"result.{state}"] += 1
+        out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
+
+    def _send_acks(self, acks: dict[str, list[str]]) -> None:
+        for agent_id, ids in acks.items():
+            for start in range(0, len(ids), 200):
+                envelope = Envelope(Ack(tuple(ids[start:start + 200])), sender="hub", hlc=self.hlc.now())
+                # Not through the DB outbox: an ack that gets lost is simply
+                # sent again when the agent re-sends the result.
+                self.link.publish(ack_topic(agent_id), encode(envelope, self.max_message_bytes), qos=1)
+
+
+def _device_time(value: float | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return to_datetime(value)
+    except (OverflowError, OSError, ValueError):
+        return None

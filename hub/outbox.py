@@ -1,0 +1,107 @@
+"""The outbox publisher: sends committed outbox rows to MQTT.
+
+Rows are written by the scheduler in the same transaction as the state
+change they announce. This loop publishes them in id order with QoS 1, waits
+for the broker's PUBACK, and only then stamps ``published_at``. A crash
+between publish and stamp re-sends the row: the agent's inbox is keyed by
+assignment id, so at-least-once delivery never runs a task twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from hub.db import transaction
+from hub.models import Assignment, OutboxMessage
+from shared.clock import Clock, utcnow
+from shared.mqtt import MqttLink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutboxPublisher:
+    sessions: sessionmaker[Session]
+    link: MqttLink
+    clock: Clock
+    batch_size: int = 500
+    puback_timeout: float = 10.0
+    #: Published rows are kept this long for inspection, then deleted.
+    keep_published: float = 3600.0
+    _wake: threading.Event = field(default_factory=threading.Event)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run_forever(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
+        cleaned = 0
+        while not stop.is_set():
+            if not self.link.connected.is_set():
+                self.link.connected.wait(idle_wait)
+                continue
+            try:
+                sent = self.flush_once()
+                cleaned += sent
+                if cleaned >= 10_000:
+                    self.prune()
+                    cleaned = 0
+            except Exception:
+                log.exception("outbox publish failed; retrying")
+                sent = 0
+            if not sent:
+                self._wake.wait(idle_wait)
+                self._wake.clear()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Publish until no unpublished row is left (tests, shutdown)."""
+        while self.flush_once():
+            pass
+
+    def flush_once(self) -> int:
+        """Publish one batch; returns how many rows the broker confirmed.
+
+        No transaction is held while waiting for PUBACKs, so ingestion and
+        the scheduler keep writing meanwhile. Two hub processes may then
+        both send a row now and then; the receiving inbox deduplicates."""
+        with transaction(self.sessions) as session:
+            stmt = select(OutboxMessage.id, OutboxMessage.topic, OutboxMessage.payload, OutboxMessage.qos, OutboxMessage.retain, OutboxMessage.assignment_id)
+            rows = session.execute(stmt.where(OutboxMessage.published_at.is_(None)).order_by(OutboxMessage.id).limit(self.batch_size)).all()
+        if not rows:
+            return 0
+        infos = [(row, self.link.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)) for row in rows]
+        confirmed = []
+        for row, info in infos:
+            try:
+                info.wait_for_publish(self.puback_timeout)
+            except (RuntimeError, ValueError):
+                pass
+            if info.is_published():
+                confirmed.append(row)
+        with transaction(self.sessions) as session:
+            now = utcnow(self.clock)
+            ids = {row.id for row in confirmed}
+            for message in session.scalars(select(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in rows]))):
+                message.attempts += 1
+                if message.id in ids:
+                    message.published_at = now
+            sent_ids = [row.assignment_id for row in confirmed if row.assignment_id]
+            if sent_ids:
+                for assignment in session.scalars(select(Assignment).where(Assignment.id.in_(sent_ids))):
+                    assignment.send_count += 1
+                    assignment.last_sent_at = now
+                    if assignment.state == "pending":
+                        assignment.state = "sent"
+        if len(confirmed) < len(rows):
+            log.warning("outbox: %d of %d messages not confirmed by the broker; will retry", len(rows) - len(confirmed), len(rows))
+        return len(confirmed)
+
+    def prune(self) -> None:
+        cutoff = utcnow(self.clock) - timedelta(seconds=self.keep_published)
+        with transaction(self.sessions) as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.published_at < cutoff))

@@ -1,0 +1,141 @@
+"""One hub process: the parts it runs and their lifecycle.
+
+``HubRuntime`` builds the DB, the MQTT link, the scheduler, the ingester,
+the outbox publisher, the local executor and the HTTP server (API and
+dashboard) from ``HubSettings``, and starts the ones a role needs:
+``scheduler`` (scheduling, dispatch, ingestion, publishing), ``api`` (HTTP)
+or both (``standalone``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from hub import events as ev
+from hub.config import HubSettings
+from hub.dagbag import DagBag
+from hub.db import make_engine, make_sessionmaker, upgrade
+from hub.dispatcher import Dispatcher
+from hub.events import EventBus
+from hub.executor import LocalExecutor
+from hub.ingest import Ingester
+from hub.outbox import OutboxPublisher
+from hub.scheduler import Scheduler
+from shared.clock import Clock, SystemClock, utcnow
+from shared.hlc import HybridClock
+from shared.mqtt import MqttLink, MqttSettings
+from shared.topics import hub_subscriptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HubRuntime:
+    settings: HubSettings
+    clock: Clock = field(default_factory=SystemClock)
+    run_scheduler: bool = True
+    run_api: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.events = EventBus()
+        self.engine = make_engine(s.db_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.hlc = HybridClock("hub", lambda: int(self.clock.now() * 1000))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.link = MqttLink(
+            MqttSettings(host=s.broker_host, port=s.broker_port, client_id=s.mqtt_client_id, username=s.broker_username, password=s.broker_password),
+            subscriptions=[(t, 1) for t in hub_subscriptions()],
+        )
+        self.dagbag = DagBag(s.dags_folder)
+        self.executor = LocalExecutor(self.sessions, self.dagbag, self.clock, self.events, workers=s.executor_workers)
+        self.dispatcher = Dispatcher(self.hlc, s.max_message_bytes)
+        self.scheduler = Scheduler(
+            self.sessions, self.dagbag, self.dispatcher, self.clock, self.events, self.executor.submit,
+            interval=s.scheduler_interval, redeliver_after=s.redeliver_after, agent_offline_after=s.agent_offline_after,
+        )
+        self.ingester = Ingester(self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes)
+        self.publisher = OutboxPublisher(self.sessions, self.link, self.clock)
+        self.events.subscribe(ev.OUTBOX_WRITTEN, lambda _n, _d: self.publisher.wake())
+        self.server: uvicorn.Server | None = None
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        upgrade(self.settings.db_url)
+        if self.run_scheduler:
+            self.executor.start()
+            adopted = self.executor.adopt_orphans()
+            if adopted:
+                log.info("adopted %d hub task(s) left running by a previous hub process", adopted)
+            self.scheduler.parse_dags(self._now(), force=True)
+            self.link.start()
+            self._spawn("scheduler", self.scheduler.run_forever)
+            self._spawn("ingest", self.ingester.run_forever)
+            self._spawn("outbox", self.publisher.run_forever)
+        if self.run_api:
+            self._start_http()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            self.server.should_exit = True
+        for thread in self._threads:
+            thread.join(10)
+        if self.run_scheduler:
+            self.executor.stop(wait=False)
+            self.link.stop()
+        self.engine.dispose()
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` (or a signal handler calling it)."""
+        while not self._stop.wait(0.5):
+            pass
+
+    @property
+    def api_url(self) -> str:
+        port = self.settings.api_port
+        if self.server is not None and self.server.servers:
+            port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://{self.settings.api_host}:{port}"
+
+    def readiness(self) -> dict[str, bool]:
+        checks: dict[str, bool] = {}
+        if self.run_scheduler:
+            checks["broker"] = self.link.connected.is_set()
+        return checks
+
+    # --- internals ---------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return utcnow(self.clock)
+
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, args=(self._stop,), name=f"hub-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_http(self) -> None:
+        from hub.api.app import create_app
+        from hub.web.views import router as web_router
+
+        app = create_app(self.settings, self.sessions, self.events, self.clock, self.readiness, extra_routers=[web_router])
+        config = uvicorn.Config(app, host=self.settings.api_host, port=self.settings.api_port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        thread = threading.Thread(target=self.server.run, name="hub-http", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        for _ in range(200):
+            if self.server.started:
+                return
+            if not thread.is_alive():
+                raise RuntimeError(f"the HTTP server could not start on {self.settings.api_host}:{self.settings.api_port} (port in use?)")
+            self._stop.wait(0.05)
+        raise RuntimeError("the HTTP server did not start within 10 s")

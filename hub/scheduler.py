@@ -1,0 +1,315 @@
+"""The scheduling loop.
+
+``Scheduler.tick()`` does one pass: reload changed DAG files, create runs that
+are due (cron), decide every waiting task instance with its trigger rule,
+dispatch ready agent tasks (through the transactional outbox) and hand ready
+hub tasks to the local executor, bring retries back, re-send assignments no
+agent accepted, mark silent agents offline, and finish runs. Each step is its
+own transaction, and rows are claimed with ``SKIP LOCKED`` on PostgreSQL so
+several schedulers can share a database.
+
+``run_until_idle()`` and ``run_forever()`` drive ``tick()``; tests call
+``tick()`` with a manual clock and never sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from croniter import croniter
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from hub import events as ev
+from hub.dagbag import DagBag, cron_expression
+from hub.db import skip_locked, transaction
+from hub.dispatcher import Dispatcher
+from hub.errors import DagNotFound, InvalidRequest
+from hub.events import EventBus
+from hub.models import Agent, Assignment, Dag, DagRun, TaskInstance
+from hub.targeting import choose
+from hub.trigger_rules import Decision, decide
+from shared.clock import Clock, utcnow
+from shared.errors import PayloadTooLarge
+from shared.states import FINISHED, RunState, TaskState
+
+log = logging.getLogger(__name__)
+
+_MAX_CONF_BYTES = 64 * 1024
+
+
+def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: datetime, run_type: str = "manual", logical_date: datetime | None = None) -> DagRun:
+    """Create a run of ``dag_id`` with one task instance per task, in the
+    caller's transaction. Raises ``DagNotFound`` or ``InvalidRequest``."""
+    dag = session.get(Dag, dag_id)
+    if dag is None or not dag.is_active:
+        raise DagNotFound(f"DAG {dag_id!r} does not exist (or its file was removed); see 'outpost dags list'")
+    if not isinstance(conf, dict):
+        raise InvalidRequest("conf must be a JSON object")
+    if len(json.dumps(conf)) > _MAX_CONF_BYTES:
+        raise InvalidRequest(f"conf is larger than {_MAX_CONF_BYTES} bytes; pass references, not data")
+    when = logical_date or now
+    run_id = f"{run_type}__{when.isoformat(timespec='microseconds')}"
+    if session.scalar(select(DagRun.id).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)) is not None:
+        raise InvalidRequest(f"run {run_id!r} of {dag_id!r} already exists")
+    run = DagRun(dag_id=dag_id, run_id=run_id, run_type=run_type, state=RunState.RUNNING, logical_date=when, conf=conf, created_at=now, started_at=now)
+    session.add(run)
+    session.flush()
+    for task in dag.structure.get("tasks", []):
+        session.add(
+            TaskInstance(
+                run_pk=run.id,
+                dag_id=dag_id,
+                run_id=run_id,
+                task_id=task["task_id"],
+                map_index=-1,
+                kind=task["kind"],
+                state=TaskState.NONE,
+                try_number=0,
+                max_tries=int(task.get("retries", 0)) + 1,
+                retry_delay=float(task.get("retry_delay") or 0.0),
+                execution_timeout=task.get("execution_timeout"),
+                job_type=task.get("job_type"),
+                params=task.get("params") or {},
+            )
+        )
+    session.flush()
+    return run
+
+
+@dataclass
+class Scheduler:
+    sessions: sessionmaker[Session]
+    dagbag: DagBag
+    dispatcher: Dispatcher
+    clock: Clock
+    events: EventBus
+    #: Called with a hub task instance id after it was committed as queued.
+    submit_hub_task: Callable[[int], None]
+    interval: float = 0.5
+    redeliver_after: float = 30.0
+    agent_offline_after: float = 35.0
+    dag_reparse_interval: float = 5.0
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _last_parse: float = float("-inf")
+
+    def __post_init__(self) -> None:
+        for name in (ev.RUN_TRIGGERED, ev.RESULT_APPLIED, ev.TASK_STATE_CHANGED, ev.AGENT_CHANGED):
+            self.events.subscribe(name, lambda _n, _d: self._wake.set())
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- loop drivers ------------------------------------------------------
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = self.tick()
+            except Exception:
+                log.exception("scheduler tick failed; retrying")
+                busy = False
+            if not busy:
+                self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def run_until_idle(self, max_ticks: int = 1000) -> None:
+        for _ in range(max_ticks):
+            if not self.tick():
+                return
+        raise RuntimeError(f"scheduler still busy after {max_ticks} ticks")
+
+    def tick(self) -> bool:
+        """One scheduling pass. Returns True if it changed anything."""
+        now = utcnow(self.clock)
+        busy = self.parse_dags(now)
+        with transaction(self.sessions) as session:
+            busy |= self._create_scheduled_runs(session, now)
+        with transaction(self.sessions) as session:
+            busy |= self._bring_back_retries(session, now)
+        with transaction(self.sessions) as session:
+            hub_tasks, changed = self._advance_runs(session, now)
+            busy |= changed
+        for ti_id in hub_tasks:
+            self.submit_hub_task(ti_id)
+        with transaction(self.sessions) as session:
+            busy |= self._redeliver(session, now)
+        with transaction(self.sessions) as session:
+            self._mark_silent_agents(session, now)
+        if busy:
+            self.events.emit(ev.OUTBOX_WRITTEN)
+        return busy
+
+    # --- steps -------------------------------------------------------------
+
+    def parse_dags(self, now: datetime, force: bool = False) -> bool:
+        moment = now.timestamp()
+        if not force and moment - self._last_parse < self.dag_reparse_interval:
+            return False
+        self._last_parse = moment
+        if not self.dagbag.collect() and not force:
+            return False
+        with transaction(self.sessions) as session:
+            self.dagbag.sync_to_db(session, now)
+        return True
+
+    def _create_scheduled_runs(self, session: Session, now: datetime) -> bool:
+        created = False
+        stmt = skip_locked(select(Dag).where(Dag.schedule.is_not(None), Dag.is_active.is_(True), Dag.is_paused.is_(False)), session)
+        for dag in session.scalars(stmt):
+            expr = cron_expression(dag.schedule or "")
+            if dag.next_run_at is None:
+                dag.next_run_at = croniter(expr, now).get_next(datetime)
+                continue
+            if dag.next_run_at > now:
+                continue
+            # Without catchup (the spine's behaviour) missed intervals collapse
+            # into one run at the latest due time.
+            due = dag.next_run_at
+            following = croniter(expr, due).get_next(datetime)
+            while following <= now:
+                due, following = following, croniter(expr, following).get_next(datetime)
+            trigger_run(session, dag.dag_id, {}, now, run_type="scheduled", logical_date=due)
+            dag.next_run_at = following
+            created = True
+        return created
+
+    def _bring_back_retries(self, session: Session, now: datetime) -> bool:
+        stmt = skip_locked(select(TaskInstance).where(TaskInstance.state == TaskState.UP_FOR_RETRY, TaskInstance.next_try_at <= now), session)
+        due = list(session.scalars(stmt))
+        for ti in due:
+            ti.state = TaskState.SCHEDULED
+            ti.next_try_at = None
+        return bool(due)
+
+    def _advance_runs(self, session: Session, now: datetime) -> tuple[list[int], bool]:
+        runs = list(session.scalars(skip_locked(select(DagRun).where(DagRun.state == RunState.RUNNING), session)))
+        if not runs:
+            return [], False
+        dags = {d.dag_id: d for d in session.scalars(select(Dag).where(Dag.dag_id.in_({r.dag_id for r in runs})))}
+        tis_by_run: dict[int, list[TaskInstance]] = defaultdict(list)
+        for ti in session.scalars(select(TaskInstance).where(TaskInstance.run_pk.in_([r.id for r in runs]))):
+            tis_by_run[ti.run_pk].append(ti)
+        fleet = None
+        hub_tasks: list[int] = []
+        changed = False
+        for run in runs:
+            tasks = {t["task_id"]: t for t in dags[run.dag_id].structure.get("tasks", [])} if run.dag_id in dags else {}
+            tis = tis_by_run[run.id]
+            by_task: dict[str, list[TaskInstance]] = defaultdict(list)
+            for ti in tis:
+                by_task[ti.task_id].append(ti)
+            for ti in sorted(tis, key=lambda t: (t.task_id, t.map_index)):
+                if ti.state not in (TaskState.NONE, TaskState.SCHEDULED):
+                    continue
+                task = tasks.get(ti.task_id)
+                if task is None:
+                    ti.state = TaskState.REMOVED
+                    changed = True
+                    continue
+                upstream = [u.state for up in task.get("upstream", []) for u in by_task.get(up, [])]
+                decision = Decision.RUN if ti.state == TaskState.SCHEDULED else decide(task.get("trigger_rule", "all_success"), upstream)
+                if decision == Decision.WAIT:
+                    continue
+                if decision in (Decision.SKIP, Decision.UPSTREAM_FAILED):
+                    ti.state = TaskState(decision.value)
+                    ti.ended_at = now
+                    changed = True
+                    continue
+                if ti.kind == "hub":
+                    ti.try_number += 1
+                    ti.state = TaskState.QUEUED
+                    ti.queued_at = now
+                    hub_tasks.append(ti.id)
+                    changed = True
+                    continue
+                if fleet is None:
+                    fleet = self.dispatcher.fleet_snapshot(session)
+                changed |= self._dispatch_agent_task(session, run, ti, task, fleet, by_task, now)
+            changed |= self._finish_run_if_done(run, tis, tasks, now)
+        return hub_tasks, changed
+
+    def _dispatch_agent_task(self, session: Session, run: DagRun, ti: TaskInstance, task: dict[str, Any], fleet: list[Any], by_task: dict[str, list[TaskInstance]], now: datetime) -> bool:
+        target = task.get("target") or {"mode": "any"}
+        mode = target.get("mode", "any")
+        if ti.agent_id is not None and (mode != "any" or ti.map_index >= 0):
+            agents = [ti.agent_id]  # a retry of a pinned or fanned-out instance stays on its device
+        else:
+            agents = choose(mode, ti.job_type or "", fleet, agent_id=target.get("agent_id"), labels=target.get("labels") or {})
+        if not agents:
+            if mode == "all":
+                ti.state = TaskState.SKIPPED  # Airflow: a zero-length mapped task is skipped
+                ti.ended_at = now
+                ti.error = {"code": "no_matching_agents", "message": "no online agent matched the target", "retryable": False}
+                return True
+            if ti.state != TaskState.SCHEDULED:
+                ti.state = TaskState.SCHEDULED  # waits for a matching agent to come online
+                return True
+            return False
+        instances = [ti]
+        if mode == "all" and ti.map_index < 0:
+            ti.map_index = 0
+            for index, _agent in enumerate(agents[1:], start=1):
+                clone = TaskInstance(
+                    run_pk=ti.run_pk, dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, map_index=index, kind=ti.kind,
+                    state=TaskState.NONE, try_number=0, max_tries=ti.max_tries, retry_delay=ti.retry_delay,
+                    execution_timeout=ti.execution_timeout, job_type=ti.job_type, params=dict(ti.params or {}),
+                )
+                session.add(clone)
+                instances.append(clone)
+                by_task[ti.task_id].append(clone)
+            session.flush()
+        for instance, agent_id in zip(instances, agents):
+            try:
+                self.dispatcher.assign(session, instance, agent_id, now, timeout=instance.execution_timeout)
+            except PayloadTooLarge as exc:
+                instance.state = TaskState.FAILED
+                instance.ended_at = now
+                instance.error = {"code": exc.code, "message": str(exc), "retryable": False}
+        return True
+
+    def _finish_run_if_done(self, run: DagRun, tis: list[TaskInstance], tasks: dict[str, Any], now: datetime) -> bool:
+        if not tis or any(ti.state not in FINISHED for ti in tis):
+            return False
+        # Airflow's rule: the leaves decide. A failed task whose failure was
+        # handled downstream (say, by an all_done cleanup) does not fail the run.
+        downstream = {up for t in tasks.values() for up in t.get("upstream", [])}
+        leaves = [ti for ti in tis if ti.task_id not in downstream]
+        failed = any(ti.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for ti in leaves)
+        run.state = RunState.FAILED if failed else RunState.SUCCESS
+        run.ended_at = now
+        self.events.emit(ev.RUN_FINISHED, dag_id=run.dag_id, run_pk=run.id, state=str(run.state))
+        return True
+
+    def _redeliver(self, session: Session, now: datetime) -> bool:
+        """Re-send assignments that were sent but never accepted in time. The
+        agent's inbox is keyed by assignment id, so a copy never runs twice."""
+        cutoff = now - timedelta(seconds=self.redeliver_after)
+        stmt = skip_locked(
+            select(Assignment).where(Assignment.state == "sent", Assignment.last_sent_at < cutoff).order_by(Assignment.last_sent_at).limit(500),
+            session,
+        )
+        stale = list(session.scalars(stmt))
+        for assignment in stale:
+            ti = session.get(TaskInstance, assignment.ti_id)
+            if ti is None or ti.try_number != assignment.try_number or ti.state in FINISHED:
+                assignment.state = "cancelled"
+                continue
+            assignment.state = "pending"
+            session.add(self.dispatcher.outbox_row(ti, assignment, now, ti.execution_timeout))
+        return bool(stale)
+
+    def _mark_silent_agents(self, session: Session, now: datetime) -> None:
+        cutoff = now - timedelta(seconds=self.agent_offline_after)
+        for agent in session.scalars(select(Agent).where(Agent.state == "online", Agent.last_seen < cutoff)):
+            log.info("agent %s silent since %s: marking offline", agent.agent_id, agent.last_seen.isoformat())
+            agent.state = "offline"
+            self.events.emit(ev.AGENT_CHANGED, agent_id=agent.agent_id, state="offline")
+

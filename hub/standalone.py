@@ -1,0 +1,213 @@
+"""Everything on one machine: a private broker, the hub, and N local agents.
+
+``outpost-hub standalone`` is the first thing a newcomer runs. It starts a
+private Mosquitto on a free loopback port (its data in the state folder),
+one hub process (scheduler, ingestion, publisher, API, dashboard) and N
+agents as separate ``python -m agent`` processes, each with its own state
+folder and queue files. Agents are never imported here: the hub must not
+depend on agent code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from hub import events as ev
+from hub.config import HubSettings
+from hub.db import transaction
+from hub.models import Agent, DagRun, TaskInstance
+from hub.runtime import HubRuntime
+from hub.scheduler import trigger_run
+from shared.clock import utcnow
+from shared.states import RunState
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class BrokerMissing(RuntimeError):
+    pass
+
+
+@dataclass
+class PrivateBroker:
+    """A Mosquitto of our own on loopback, data kept in ``folder``."""
+
+    folder: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+        if binary is None:
+            raise BrokerMissing("mosquitto is not installed. Install it (Debian/Ubuntu: apt-get install mosquitto; macOS: brew install mosquitto) or run ./dev demo, which installs it.")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        conf = self.folder / "mosquitto.conf"
+        conf.write_text(
+            "# Written by outpost-hub standalone: a private development broker on loopback.\n"
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.folder}/\n"
+            "autosave_interval 5\n"
+            "max_queued_messages 100000\n"
+            f"log_dest file {self.folder}/mosquitto.log\n"
+        )
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}; see {self.folder / 'mosquitto.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+@dataclass
+class LocalAgent:
+    agent_id: str
+    folder: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, broker_port: int, labels: dict[str, str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "agent.toml"
+        label_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in labels.items())
+        config.write_text(
+            "# Written by outpost-hub standalone.\n"
+            f'agent_id = "{self.agent_id}"\n'
+            f"state_dir = {json.dumps(str(self.folder))}\n"
+            'broker_host = "127.0.0.1"\n'
+            f"broker_port = {broker_port}\n"
+            "heartbeat_interval = 5.0\n"
+            "sqlite_synchronous = \"NORMAL\"\n"
+            'command_allowlist = ["uptime", "df", "hostname"]\n'
+            f"\n[labels]\n{label_lines}\n"
+        )
+        log_file = open(self.folder / "agent.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Standalone:
+    state_dir: Path
+    agents: int = 3
+    api_port: int = 8080
+    config_file: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.state_dir = self.state_dir.resolve()
+        self.broker = PrivateBroker(self.state_dir / "broker")
+        self.local_agents = [LocalAgent(f"agent-{i}", self.state_dir / "agents" / f"agent-{i}") for i in range(1, self.agents + 1)]
+        self.runtime: HubRuntime | None = None
+
+    def start(self) -> HubRuntime:
+        self.broker.start()
+        port = self.api_port
+        if port and not port_free("127.0.0.1", port):
+            log.warning("port %d is taken; the dashboard will use another one", port)
+            port = free_port()
+        settings = HubSettings.load(self.config_file, **{"state_dir": self.state_dir / "hub", "broker_port": self.broker.port, "api_port": port, **self.overrides})
+        self.runtime = HubRuntime(settings)
+        self.runtime.start()
+        for i, agent in enumerate(self.local_agents):
+            agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"})
+        return self.runtime
+
+    def stop(self) -> None:
+        for agent in self.local_agents:
+            agent.stop()
+        if self.runtime is not None:
+            self.runtime.stop()
+        self.broker.stop()
+
+    def wait_for_agents(self, timeout: float = 60.0) -> int:
+        assert self.runtime is not None
+        deadline = time.monotonic() + timeout
+        online = 0
+        while time.monotonic() < deadline:
+            with self.runtime.sessions() as session:
+                online = session.scalar(select(func.count()).select_from(Agent).where(Agent.state == "online", Agent.agent_id.in_([a.agent_id for a in self.local_agents]))) or 0
+            if online >= len(self.local_agents):
+                return online
+            for agent in self.local_agents:
+                if agent.proc is not None and agent.proc.poll() is not None:
+                    raise RuntimeError(f"{agent.agent_id} exited with {agent.proc.returncode}; see {agent.folder / 'agent.log'}")
+            time.sleep(0.2)
+        return online
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> int:
+        assert self.runtime is not None
+        with transaction(self.runtime.sessions) as session:
+            run = trigger_run(session, dag_id, conf or {}, utcnow(self.runtime.clock))
+            run_pk = run.id
+        self.runtime.events.emit(ev.RUN_TRIGGERED, dag_id=dag_id, run_pk=run_pk)
+        return run_pk
+
+    def wait_for_run(self, run_pk: int, timeout: float = 120.0) -> DagRun:
+        assert self.runtime is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.runtime.sessions() as session:
+                run = session.get(DagRun, run_pk)
+                assert run is not None
+                if run.state in (RunState.SUCCESS, RunState.FAILED) or time.monotonic() > deadline:
+                    return run
+            time.sleep(0.1)
+
+    def describe_run(self, run_pk: int) -> list[TaskInstance]:
+        assert self.runtime is not None
+        with self.runtime.sessions() as session:
+            return list(session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk).order_by(TaskInstance.task_id, TaskInstance.map_index)))
