@@ -1,0 +1,217 @@
+"""``outpost-agent``: run the agent, check its configuration, look at its queues.
+
+Library errors become one-line messages here and nowhere else; exit codes
+are the named constants of :class:`ExitCode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any
+
+from agent import __version__
+from agent.config import ENV_PREFIX, AgentSettings, ConfigError, load_settings
+from agent.queues import Entry, Inbox, Outbox, QueueError
+
+
+class ExitCode(IntEnum):
+    """Every exit status ``outpost-agent`` uses."""
+
+    OK = 0
+    FAILURE = 1  # an unexpected error; the log has the traceback
+    CONFIG_ERROR = 2  # bad configuration or command-line usage
+    BROKER_UNREACHABLE = 3  # check --connect could not reach the broker
+    STATE_ERROR = 4  # the queue files in state_dir cannot be opened
+
+
+_ENV_NOTE = f"Every setting can also be set as an environment variable {ENV_PREFIX}<KEY> (e.g. {ENV_PREFIX}BROKER_HOST); flags win over the environment, which wins over the file."
+
+_RUN_EXAMPLE = """example:
+  outpost-agent run --config /etc/outpost/agent.toml
+  outpost-agent run --config agent.toml --agent-id pump-7 --broker mqtt.local:1883 --label site=north
+"""
+_CHECK_EXAMPLE = """example:
+  outpost-agent check --config /etc/outpost/agent.toml
+  outpost-agent check --config agent.toml --connect    # also try the broker (exit 3 if unreachable)
+"""
+_QUEUE_EXAMPLE = """example:
+  outpost-agent queue ls --config /etc/outpost/agent.toml
+  outpost-agent queue ls --config agent.toml -o json
+"""
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"label {text!r} is not key=value")
+    return key, value
+
+
+def _broker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"broker {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outpost-agent",
+        description="The Outpost edge agent: runs assigned jobs from a durable local queue and syncs results to the hub.",
+        epilog="example:\n  outpost-agent run --config /etc/outpost/agent.toml\n\n" + _ENV_NOTE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"outpost-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, example: str, parent: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(
+            name, help=help, description=help, epilog=example + "\n" + _ENV_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        return sub
+
+    run = command("run", "Run the agent until SIGTERM or SIGINT.", _RUN_EXAMPLE)
+    run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    run.add_argument("--agent-id", metavar="ID", help="this device's id (overrides agent_id)")
+    run.add_argument("--state-dir", metavar="DIR", help="folder for queues and work folders (overrides state_dir)")
+    run.add_argument("--broker", type=_broker, metavar="HOST:PORT", help="MQTT broker (overrides broker_host and broker_port)")
+    run.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE", help="add a label (repeatable; added to the file's labels)")
+    run.add_argument("--stop-timeout", type=float, default=20.0, metavar="SECONDS", help="how long running jobs get to finish on stop (default 20)")
+
+    check_help = "Validate the configuration; exit 0 when it is good, 2 with the key and reason when not."
+    config = command("config", "Configuration commands (config check is the same as check).", _CHECK_EXAMPLE.replace("agent check", "agent config check"))
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    for check in (command("check", check_help, _CHECK_EXAMPLE), command("check", check_help, _CHECK_EXAMPLE, config_commands)):
+        check.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+        check.add_argument("--connect", action="store_true", help="also open a TCP connection to the broker (credentials are not tried, so a running agent is not disturbed)")
+
+    queue = command("queue", "Inspect the agent's queues.", _QUEUE_EXAMPLE)
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
+    ls = command("ls", "List inbox and outbox depth and items.", _QUEUE_EXAMPLE, queue_commands)
+    ls.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (default table)")
+    ls.add_argument("--limit", type=int, default=100, help="at most this many items per queue (default 100)")
+    return parser
+
+
+def setup_logging(level: str, agent_id: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{agent_id}] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if getattr(args, "agent_id", None):
+        values["agent_id"] = args.agent_id
+    if getattr(args, "state_dir", None):
+        values["state_dir"] = args.state_dir
+    if getattr(args, "broker", None):
+        values["broker_host"], values["broker_port"] = args.broker
+    if getattr(args, "label", None):
+        values["labels"] = dict(args.label)
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"outpost-agent: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    if args.command in ("check", "config"):
+        return _check(settings, args.connect)
+    if args.command == "queue":
+        return _queue_ls(settings, args.output, args.limit)
+    return _run(settings, args.stop_timeout)
+
+
+def _run(settings: AgentSettings, stop_timeout: float) -> int:
+    setup_logging(settings.log_level, settings.agent_id)
+    from agent.daemon import Agent  # imported here: check and queue ls need no MQTT client
+
+    try:
+        agent = Agent(settings)
+    except QueueError as exc:
+        logging.getLogger("agent").error("%s", exc)
+        return ExitCode.STATE_ERROR
+    agent.run_forever(stop_timeout)
+    return ExitCode.OK
+
+
+def _check(settings: AgentSettings, connect: bool) -> int:
+    print(f"configuration OK: agent {settings.agent_id}, broker {settings.broker_host}:{settings.broker_port}, state in {settings.state_dir}")
+    if connect:
+        try:
+            with socket.create_connection((settings.broker_host, settings.broker_port), timeout=5.0):
+                pass
+        except OSError as exc:
+            print(f"outpost-agent: broker {settings.broker_host}:{settings.broker_port} is unreachable: {exc}", file=sys.stderr)
+            return ExitCode.BROKER_UNREACHABLE
+        print(f"broker {settings.broker_host}:{settings.broker_port} accepts connections")
+    return ExitCode.OK
+
+
+_OUTBOX_STATUS = {"ready": "waiting", "claimed": "in_flight", "done": "acked", "failed": "failed"}
+
+
+def _inbox_row(entry: Entry) -> dict[str, Any]:
+    return {"assignment_id": entry.key, "status": entry.status, "job_type": entry.data.get("job_type"),
+            "not_before": entry.data.get("not_before"), "deadline": entry.data.get("deadline")}
+
+
+def _outbox_row(entry: Entry) -> dict[str, Any]:
+    result = entry.data.get("result", {})
+    error = result.get("error") or {}
+    return {"assignment_id": entry.key, "status": _OUTBOX_STATUS[entry.status], "result": result.get("status"),
+            "error": error.get("code"), "hlc": entry.data.get("hlc")}
+
+
+def _queue_ls(settings: AgentSettings, output: str, limit: int) -> int:
+    report: dict[str, Any] = {}
+    for name, cls, row in (("inbox", Inbox, _inbox_row), ("outbox", Outbox, _outbox_row)):
+        path = settings.inbox_path if name == "inbox" else settings.outbox_path
+        if not path.exists():  # do not create queue files just by looking
+            report[name] = {"path": str(path), "depth": 0, "items": []}
+            continue
+        try:
+            queue = cls(path, settings.sqlite_synchronous)
+            try:
+                report[name] = {"path": str(path), "depth": queue.depth(), "items": [row(e) for e in queue.items(limit)]}
+            finally:
+                queue.close()
+        except QueueError as exc:
+            print(f"outpost-agent: {exc}", file=sys.stderr)
+            return ExitCode.STATE_ERROR
+    if output == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        _print_tables(report)
+    return ExitCode.OK
+
+
+def _print_tables(report: dict[str, Any]) -> None:
+    titles = {"inbox": "not finished", "outbox": "not acknowledged"}
+    for name in ("inbox", "outbox"):
+        section = report[name]
+        print(f"{name}: {section['depth']} {titles[name]} ({section['path']})")
+        items = section["items"]
+        if not items:
+            print("  (empty)\n")
+            continue
+        columns = list(items[0])
+        cells = [[("-" if item[c] is None else str(item[c])) for c in columns] for item in items]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+        print("  " + "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for row in cells:
+            print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print()

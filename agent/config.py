@@ -1,0 +1,244 @@
+"""``AgentSettings``: the agent's one typed configuration object.
+
+Sources, later ones winning: a TOML file, then ``OUTPOST_AGENT_<KEY>``
+environment variables, then command-line flags. Unknown keys (in the file or
+as ``OUTPOST_AGENT_*`` variables) are errors, and every bad value stops
+start-up with a :class:`ConfigError` naming the key, the value and the reason.
+
+This is a frozen dataclass, not pydantic-settings as STYLE.md suggests: the
+agent must stay under ~40 MB RSS on a device, and pydantic (with its compiled
+core) costs more memory and install size than the whole check below.
+``deploy/agent.example.toml`` documents every key; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import OutpostError
+from shared.topics import check_agent_id
+
+ENV_PREFIX = "OUTPOST_AGENT_"
+_SECRET_KEYS = frozenset({"broker_password"})
+
+
+class ConfigError(OutpostError):
+    """A configuration value is missing or invalid."""
+
+    code = "config_error"
+
+    def __init__(self, key: str, value: Any, reason: str, source: str = "") -> None:
+        shown = "***" if key in _SECRET_KEYS and value is not None else repr(value)
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key} = {shown}: {reason}")
+        self.key = key
+        self.value = value
+        self.reason = reason
+        self.source = source
+
+
+Check = Callable[[Any], str | None]
+
+
+def _setting(kind: str, doc: str, default: Any = dataclasses.MISSING, check: Check | None = None, **kw: Any) -> Any:
+    """A field with its value kind, its documentation and an optional check
+    returning the reason a value is bad (``None`` when it is fine)."""
+    return field(default=default, metadata={"kind": kind, "doc": doc, "check": check}, **kw)
+
+
+def _between(low: float, high: float) -> Check:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _agent_id(v: str) -> str | None:
+    try:
+        check_agent_id(v)
+    except ValueError:
+        return "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return None
+
+
+def _existing_file(v: str | None) -> str | None:
+    return None if v is None or Path(v).is_file() else "no such file"
+
+
+def _not_empty(v: Any) -> str | None:
+    return None if str(v) else "must not be empty"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything one agent process is configured with; valid once built."""
+
+    agent_id: str = _setting("str", "This device's id: its MQTT client id and part of its topics.", check=_agent_id)
+    state_dir: Path = _setting("path", "Folder for the inbox, the outbox and job work folders.", Path("/var/lib/outpost-agent"), _not_empty)
+    broker_host: str = _setting("str", "MQTT broker host name or address.", "127.0.0.1", _not_empty)
+    broker_port: int = _setting("int", "MQTT broker port.", 1883, _between(1, 65535))
+    broker_username: str | None = _setting("optstr", "MQTT user name (none: anonymous).", None)
+    broker_password: str | None = _setting("optstr", "MQTT password.", None)
+    tls_ca: str | None = _setting("optstr", "CA bundle file; setting it turns TLS on.", None, _existing_file)
+    tls_cert: str | None = _setting("optstr", "Client certificate file for mutual TLS.", None, _existing_file)
+    tls_key: str | None = _setting("optstr", "Client private key file for mutual TLS.", None, _existing_file)
+    keepalive: int = _setting("int", "MQTT keepalive in seconds.", 30, _between(5, 65535))
+    session_expiry: int = _setting("int", "Seconds the broker keeps this agent's session and queued messages.", 604800, _between(0, 4294967295))
+    labels: dict[str, str] = _setting("labels", "Labels the hub targets devices by (table of string to string).", default_factory=dict)
+    heartbeat_interval: float = _setting("float", "Seconds between heartbeats.", 10.0, _positive)
+    result_resend_after: float = _setting("float", "Seconds to wait for the hub's ack before sending a result again.", 10.0, _positive)
+    concurrency: int = _setting("int", "How many jobs run at the same time.", 2, _between(1, 64))
+    command_allowlist: tuple[str, ...] = _setting("strlist", "Programs command.run may start (exact argv[0] match).", ())
+    max_message_bytes: int = _setting("int", "Largest envelope accepted or sent, in bytes.", 262144, _between(1024, 268435455))
+    inbox_retention: float = _setting("float", "Seconds a finished assignment is remembered, so a redelivery never runs twice.", 604800.0, _between(0, 10 * 365 * 86400))
+    sqlite_synchronous: str = _setting("choice", "SQLite synchronous mode for the queues: FULL survives power loss, NORMAL only process crashes.", "FULL", _one_of("NORMAL", "FULL"))
+    log_level: str = _setting("choice", "Logging level.", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            # Accept the obvious spellings (an int for a float, a str for a
+            # path, a list for a tuple) so code and tests can build settings too.
+            value = _coerce(f.name, getattr(self, f.name), "")
+            object.__setattr__(self, f.name, value)
+            check = f.metadata["check"]
+            reason = check(value) if check is not None else None
+            if reason is not None:
+                raise ConfigError(f.name, value, reason)
+
+    @property
+    def inbox_path(self) -> Path:
+        return self.state_dir / "inbox.sqlite3"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.state_dir / "outbox.sqlite3"
+
+    @property
+    def work_dir(self) -> Path:
+        """Parent of the per-assignment work folders."""
+        return self.state_dir / "work"
+
+
+_KIND_TYPES = {
+    "str": "a string", "optstr": "a string", "choice": "a string", "path": "a path", "int": "an integer",
+    "float": "a number", "strlist": "a list of strings", "labels": "a table of string to string",
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind in ("str", "choice"):
+        return isinstance(value, str)
+    if kind == "optstr":
+        return value is None or isinstance(value, str)
+    if kind == "path":
+        return isinstance(value, Path)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, float)
+    if kind == "strlist":
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(AgentSettings)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """A TOML (or flag) value turned into the field's type, or ConfigError."""
+    if key not in FIELDS:
+        raise ConfigError(key, value, f"unknown setting; known: {', '.join(FIELDS)}", source)
+    kind = FIELDS[key].metadata["kind"]
+    if kind == "path" and isinstance(value, str | Path):
+        return Path(value)
+    if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind == "strlist" and isinstance(value, list | tuple):
+        value = tuple(value)
+    if kind == "labels" and isinstance(value, dict):
+        value = dict(value)
+    if not _is_kind(value, kind):
+        raise ConfigError(key, value, f"must be {_KIND_TYPES[kind]}", source)
+    if kind == "choice":
+        value = value.upper()
+    return value
+
+
+def _parse_env(key: str, text: str, source: str) -> Any:
+    """An environment string turned into the field's TOML-like value."""
+    kind = FIELDS[key].metadata["kind"] if key in FIELDS else "str"
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(key, text, f"must be {_KIND_TYPES[kind]}", source) from None
+    if kind == "optstr":
+        return text or None
+    if kind == "strlist":
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if kind == "labels":
+        pairs = [item.strip() for item in text.split(",") if item.strip()]
+        if not all("=" in p for p in pairs):
+            raise ConfigError(key, text, "must be comma-separated key=value pairs", source)
+        return dict(p.split("=", 1) for p in pairs)
+    return text
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentSettings:
+    """Build settings from ``path`` (TOML), ``env`` (default ``os.environ``)
+    and ``overrides`` (command-line flags). Labels from ``overrides`` are
+    added to the file's labels rather than replacing them. Raises ConfigError."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        source = str(path)
+        try:
+            document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("config", source, f"cannot read the file: {exc.strerror}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", source, f"not valid TOML: {exc}") from exc
+        for key, value in document.items():
+            values[key], sources[key] = _coerce(key, value, source), source
+    for name, text in sorted((os.environ if env is None else env).items()):
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower()
+            values[key], sources[key] = _coerce(key, _parse_env(key, text, name), name), name
+    for key, value in (overrides or {}).items():
+        value = _coerce(key, value, "command line")
+        values[key] = {**values.get(key, {}), **value} if key == "labels" else value
+        sources[key] = "command line"
+    if "agent_id" not in values:
+        raise ConfigError("agent_id", None, f"is required: set it in the config file, {ENV_PREFIX}AGENT_ID or --agent-id")
+    try:
+        return AgentSettings(**values)
+    except ConfigError as exc:
+        # The range checks run in the dataclass, which cannot know where a
+        # value came from; say it here so the user knows what to edit.
+        raise ConfigError(exc.key, exc.value, exc.reason, sources.get(exc.key, "")) from None
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, documentation) of every setting, for docs and checks."""
+    out = []
+    for f in dataclasses.fields(AgentSettings):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out.append((f.name, None if default is dataclasses.MISSING else default, f.metadata["doc"]))
+    return out

@@ -1,0 +1,209 @@
+"""This device's MQTT session: subscriptions, status, inbound dispatch, events.
+
+Built on :class:`shared.mqtt.MqttLink` (persistent MQTT 5 session, manual
+PUBACK). The link only moves bytes: a consumer thread takes each inbound
+message, decodes it (with the configured size limit), asks the daemon's
+``admit`` whether it may be acted on, and hands it to the daemon's handlers.
+
+Acknowledgement rule (STYLE-EXAMPLES.md rule 5): an ``assign`` message is
+PUBACKed by ``on_assign`` itself, after the inbox commit. Cancel and ack
+messages are PUBACKed here once their handler returned. Anything refused
+(undecodable, oversized, unknown type, wrong sender, expired...) is logged,
+counted as ``rejected.<code>``, reported as a ``rejected`` event and PUBACKed
+so the broker does not redeliver it forever. A handler that raises leaves its
+message unacknowledged; the broker redelivers it with the next session.
+
+The status topic carries a retained ``online`` status, published on every
+connect, and the MQTT Will is a retained ``offline`` status; a graceful
+:meth:`AgentLink.stop` publishes ``offline`` itself before disconnecting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent.config import AgentSettings
+from shared.envelope import Envelope, decode, encode
+from shared.errors import PayloadTooLarge, ProtocolError
+from shared.hlc import HLC, HybridClock
+from shared.messages import Ack, Assign, Cancel, Message, Rejected, Status
+from shared.mqtt import Inbound, MqttLink, MqttSettings, Will
+from shared.topics import ack_topic, assign_topic, events_topic, parse, status_topic
+
+log = logging.getLogger(__name__)
+
+_MQTT_OK = 0  # paho's MQTT_ERR_SUCCESS; the enum lives in paho, which only shared.mqtt imports
+_DETAIL_MAX = 500
+
+
+class Refusal(Protocol):
+    """What ``admit`` returns for a message that may not be acted on."""
+
+    code: str
+    detail: str
+    assignment_id: str | None
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """What the daemon plugs into the link.
+
+    ``admit(envelope, topic_kind)`` returns None or a Refusal.
+    ``on_assign(envelope, inbound)`` must call ``inbound.ack()`` once the
+    assignment is durably stored. ``on_connect`` runs on the network thread
+    after every (re)connect: keep it short.
+    """
+
+    admit: Callable[[Envelope, str], Refusal | None]
+    on_assign: Callable[[Envelope, Inbound], None]
+    on_cancel: Callable[[Cancel], None]
+    on_ack: Callable[[Ack], None]
+    on_connect: Callable[[], None]
+    count: Callable[[str], None]
+
+
+class AgentLink:
+    """The agent's MQTT session and its inbound consumer thread."""
+
+    def __init__(self, settings: AgentSettings, hlc: HybridClock, handlers: Handlers, online: Status) -> None:
+        self.agent_id = settings.agent_id
+        self.limit = settings.max_message_bytes
+        self._hlc = hlc
+        self._handlers = handlers
+        self._online = online
+        self._events_topic = events_topic(self.agent_id)
+        self._status_topic = status_topic(self.agent_id)
+        self._stopping = threading.Event()
+        self._consumer: threading.Thread | None = None
+        will = Will(self._status_topic, self._envelope(Status("offline")), qos=1, retain=True)
+        self.mqtt = MqttLink(
+            MqttSettings(
+                host=settings.broker_host,
+                port=settings.broker_port,
+                client_id=self.agent_id,
+                username=settings.broker_username,
+                password=settings.broker_password,
+                keepalive=settings.keepalive,
+                session_expiry=settings.session_expiry,
+                tls_ca=settings.tls_ca,
+                tls_cert=settings.tls_cert,
+                tls_key=settings.tls_key,
+            ),
+            subscriptions=[(assign_topic(self.agent_id), 1), (ack_topic(self.agent_id), 1)],
+            will=will,
+            on_connect=self._connected,
+        )
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (reconnecting forever) and start consuming."""
+        self._stopping.clear()
+        self._consumer = threading.Thread(target=self._consume, name=f"link-{self.agent_id}", daemon=True)
+        self._consumer.start()
+        self.mqtt.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop consuming, publish the offline status, disconnect. Messages
+        received but not handled stay unacknowledged and come back later."""
+        self._stopping.set()
+        if self._consumer is not None:
+            self._consumer.join(timeout)
+        self.mqtt.stop(last_words=(self._status_topic, self._envelope(Status("offline"))), timeout=timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self.mqtt.connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.mqtt.wait_connected(timeout)
+
+    # --- outbound ------------------------------------------------------------
+
+    def send_event(self, message: Message, hlc: HLC | None = None) -> bool:
+        """Publish an event (QoS 1) stamped with ``hlc`` (default: now).
+        Returns False, sending nothing, while disconnected: paho would
+        otherwise queue stale events in memory; durable things (results) are
+        the outbox's job, the rest is best effort."""
+        if not self.connected:
+            return False
+        try:
+            data = self._envelope(message, hlc)
+        except PayloadTooLarge as exc:
+            log.error("%s event for %s not sent: %s", message.TYPE, getattr(message, "assignment_id", "-"), exc)
+            return False
+        return self.mqtt.publish(self._events_topic, data, qos=1).rc == _MQTT_OK
+
+    def _envelope(self, message: Message, hlc: HLC | None = None) -> bytes:
+        return encode(Envelope(message, sender=self.agent_id, hlc=hlc or self._hlc.now()), self.limit)
+
+    def _connected(self) -> None:
+        self.mqtt.publish(self._status_topic, self._envelope(self._online), qos=1, retain=True)
+        self._handlers.on_connect()
+
+    # --- inbound -------------------------------------------------------------
+
+    def _consume(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                inbound = self.mqtt.inbound.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._handle(inbound)
+            except Exception:
+                # The agent never dies on one message; unacked, it comes back.
+                log.exception("handling a message on %s failed; it stays unacknowledged", inbound.topic)
+                self._handlers.count("errors.inbound")
+
+    def _handle(self, inbound: Inbound) -> None:
+        try:
+            kind = parse(inbound.topic).kind
+        except ValueError:
+            kind = ""
+        try:
+            envelope = decode(inbound.payload, self.limit)
+        except ProtocolError as exc:
+            self._refuse(inbound, exc.code, str(exc), _peek_id(inbound.payload, self.limit))
+            return
+        refusal = self._handlers.admit(envelope, kind)
+        if refusal is not None:
+            self._refuse(inbound, refusal.code, refusal.detail, envelope.id, refusal.assignment_id)
+            return
+        self._hlc.update(envelope.hlc)
+        body = envelope.body
+        if isinstance(body, Assign):
+            self._handlers.on_assign(envelope, inbound)
+            return
+        if isinstance(body, Cancel):
+            self._handlers.on_cancel(body)
+        elif isinstance(body, Ack):
+            self._handlers.on_ack(body)
+        else:
+            self._refuse(inbound, "unexpected_type", f"no handler for {envelope.type!r} messages", envelope.id)
+            return
+        inbound.ack()
+
+    def _refuse(self, inbound: Inbound, code: str, detail: str, message_id: str | None, assignment_id: str | None = None) -> None:
+        log.warning("rejected message %s on %s: %s: %s", message_id or "(no id)", inbound.topic, code, detail)
+        self._handlers.count(f"rejected.{code}")
+        self.send_event(Rejected(code, detail[:_DETAIL_MAX], message_id, assignment_id))
+        inbound.ack()
+
+
+def _peek_id(payload: bytes, limit: int) -> str | None:
+    """The envelope id of a message that failed to decode, when readable."""
+    if len(payload) > limit:
+        return None
+    try:
+        doc: Any = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    value = doc.get("id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None

@@ -1,0 +1,227 @@
+"""Fixtures for agent tests: a hub played by a raw paho client, agents to drive.
+
+``HubPeer`` speaks the hub's side of the wire contract: it publishes assign,
+cancel and ack envelopes with sender ``"hub"`` and collects what the agent
+publishes on its events and status topics. ``make_agent`` builds an
+in-process :class:`agent.daemon.Agent` on the test's ``mosquitto`` broker and
+real SQLite files under ``state_dir``; ``spawn_agent`` runs ``python -m agent
+run`` as a subprocess for kill tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import AgentSettings
+from agent.daemon import Agent
+from shared.clock import Clock, SystemClock
+from shared.envelope import Envelope, decode, encode
+from shared.hlc import HybridClock
+from shared.messages import Ack, Assign, Cancel, Message
+from shared.topics import ack_topic, assign_topic, events_topic, status_topic
+
+AGENT_ID = "dev-1"
+REPO = Path(__file__).resolve().parents[2]
+
+
+class HubPeer:
+    """The hub's side of one agent's topics, for tests."""
+
+    def __init__(self, port: int, agent_id: str = AGENT_ID) -> None:
+        self.agent_id = agent_id
+        self.hlc = HybridClock("hub", lambda: int(SystemClock().now() * 1000))
+        self.events: list[Envelope] = []
+        self.statuses: list[tuple[Envelope, bool]] = []  # (status, retained)
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"hub-test-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe([(events_topic(agent_id), 1), (status_topic(agent_id), 1)])
+        assert self._subscribed.wait(5), "hub test client could not subscribe"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
+        envelope = decode(msg.payload)
+        with self._cond:
+            if msg.topic.endswith("/status"):
+                self.statuses.append((envelope, bool(msg.retain)))
+            else:
+                self.events.append(envelope)
+            self._cond.notify_all()
+
+    # --- sending -------------------------------------------------------------
+
+    def publish(self, body: Message | None = None, *, topic: str = "assign", sender: str = "hub",
+                expires_at: float | None = None, raw: bytes | None = None) -> str:
+        """Publish an envelope (or ``raw`` bytes) on the agent's assign or ack
+        topic; returns the envelope id."""
+        envelope_id = uuid.uuid4().hex
+        if raw is None:
+            assert body is not None
+            raw = encode(Envelope(body, sender=sender, hlc=self.hlc.now(), id=envelope_id, expires_at=expires_at))
+        target = assign_topic(self.agent_id) if topic == "assign" else ack_topic(self.agent_id)
+        self.client.publish(target, raw, qos=1).wait_for_publish(5)
+        return envelope_id
+
+    def assign(self, assignment_id: str, job_type: str = "noop", params: dict[str, Any] | None = None, **fields: Any) -> Assign:
+        body = Assign(assignment_id, "dag", "run-1", "task", fields.pop("try_number", 1), job_type, params or {}, **fields)
+        self.publish(body)
+        return body
+
+    def cancel(self, assignment_id: str, reason: str = "") -> None:
+        self.publish(Cancel(assignment_id, reason))
+
+    def ack(self, *assignment_ids: str) -> None:
+        self.publish(Ack(tuple(assignment_ids)), topic="ack")
+
+    # --- observing -----------------------------------------------------------
+
+    def of(self, kind: str, assignment_id: str | None = None) -> list[Any]:
+        """Bodies of the events of type ``kind`` received so far."""
+        with self._cond:
+            return [e.body for e in self.events if e.type == kind and (assignment_id is None or getattr(e.body, "assignment_id", None) == assignment_id)]
+
+    def envelopes(self, kind: str) -> list[Envelope]:
+        with self._cond:
+            return [e for e in self.events if e.type == kind]
+
+    def wait_for(self, kind: str, assignment_id: str | None = None, count: int = 1, timeout: float = 10.0) -> list[Any]:
+        """Wait until ``count`` events of type ``kind`` arrived; returns them."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while len(found := self.of(kind, assignment_id)) < count:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"waited {timeout}s for {count} {kind!r} event(s) for {assignment_id}; got {[e.type for e in self.events]}")
+                self._cond.wait(left)
+            return found
+
+    def wait_status(self, state: str, timeout: float = 10.0) -> Envelope:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for envelope, _ in reversed(self.statuses):
+                    if envelope.body.state == state:  # type: ignore[attr-defined]
+                        return envelope
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {state!r} status within {timeout}s; got {[e.body for e, _ in self.statuses]}")
+                self._cond.wait(left)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def read_retained(port: int, topic: str, timeout: float = 5.0) -> bytes | None:
+    """What the broker retains on ``topic`` (None when nothing)."""
+    got: list[bytes] = []
+    done = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"peek-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+
+    def on_message(c: Any, u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.retain:
+            got.append(msg.payload)
+        done.set()
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: threading.Timer(0.5, done.set).start()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(topic, qos=1)
+    done.wait(timeout)
+    client.disconnect()
+    client.loop_stop()
+    return got[-1] if got else None
+
+
+@pytest.fixture
+def hub(mosquitto: Any) -> Iterator[HubPeer]:
+    peer = HubPeer(mosquitto.port)
+    yield peer
+    peer.close()
+
+
+@pytest.fixture
+def settings_for(mosquitto: Any, state_dir: Path) -> Callable[..., AgentSettings]:
+    def build(**overrides: Any) -> AgentSettings:
+        values: dict[str, Any] = {
+            "agent_id": AGENT_ID, "state_dir": state_dir, "broker_port": mosquitto.port,
+            "heartbeat_interval": 0.5, "result_resend_after": 0.5, "sqlite_synchronous": "NORMAL",
+        }
+        values.update(overrides)
+        return AgentSettings(**values)
+
+    return build
+
+
+@pytest.fixture
+def make_agent(settings_for: Callable[..., AgentSettings]) -> Iterator[Callable[..., Agent]]:
+    """Build and start agents; each is stopped at teardown if still running."""
+    started: list[Agent] = []
+
+    def build(clock: Clock | None = None, registry: Any = None, connect: bool = True, **overrides: Any) -> Agent:
+        agent = Agent(settings_for(**overrides), clock=clock, registry=registry)
+        agent.start()
+        started.append(agent)
+        if connect:
+            assert agent.link.wait_connected(5), "agent did not connect to the test broker"
+        return agent
+
+    yield build
+    for agent in started:
+        if not agent._stopping.is_set():
+            agent.stop(timeout=2)
+
+
+@pytest.fixture
+def spawn_agent(mosquitto: Any, state_dir: Path, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``python -m agent run`` subprocesses; killed at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Any] = []
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'agent_id = "{AGENT_ID}"\nstate_dir = "{state_dir}"\nbroker_port = {mosquitto.port}\n'
+        'heartbeat_interval = 0.5\nresult_resend_after = 0.5\nlog_level = "DEBUG"\n'
+    )
+
+    def spawn() -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_AGENT_")}
+        log = open(tmp_path / f"agent-{len(procs)}.log", "wb")  # noqa: SIM115 - closed at teardown
+        logs.append(log)
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+    for log in logs:
+        log.close()
