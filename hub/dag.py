@@ -242,7 +242,7 @@ class DAG:
                 return
             if state.get(task_id) == 1:
                 cycle = path[path.index(task_id):] + [task_id]
-                raise InvalidDag(f"DAG {self.dag_id!r} has a cycle: {' >> '.join(cycle)}")
+                raise InvalidDag(f"DAG {self.dag_id!r} has a cycle: {' >> '.join(reversed(cycle))}")
             state[task_id] = 1
             for upstream in sorted(self.tasks[task_id].upstream_task_ids):
                 visit(upstream, [*path, task_id])

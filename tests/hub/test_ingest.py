@@ -1,0 +1,112 @@
+"""Event ingestion: results applied exactly once, acknowledged after commit,
+bad input recorded and survived."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from hub.models import Agent, RejectedMessage, TaskResult
+from shared.messages import Heartbeat, Result, Status
+from shared.topics import events_topic, status_topic
+
+DAG = """
+from hub.dag import DAG, AgentOperator, on_agent
+with DAG("d") as dag:
+    AgentOperator(task_id="t", job_type="noop", target=on_agent("a1"))
+"""
+
+
+def setup(make_hub: Any) -> tuple[Any, int, Any]:
+    hub = make_hub({"d.py": DAG})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("d")
+    hub.tick()
+    return hub, run_pk, hub.assignments_sent()[0].body
+
+
+def rejected_codes(hub: Any) -> list[str]:
+    with hub.sessions() as session:
+        return [r.code for r in session.scalars(select(RejectedMessage).order_by(RejectedMessage.id))]
+
+
+def test_duplicate_result_is_applied_once_and_acknowledged_each_time(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    result = Result(assign.assignment_id, 1, "success", {"n": 1})
+    hub.send("a1", result)
+    hub.send("a1", result)
+    with hub.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(TaskResult)) == 1
+    assert [a.body.assignment_ids for a in hub.acks()] == [(assign.assignment_id,), (assign.assignment_id,)]
+    assert hub.ingester.counters["result.duplicate"] == 1
+    assert hub.tis(run_pk)[0].output == {"n": 1}
+
+
+def test_bad_messages_are_recorded_and_the_good_ones_still_apply(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    topic = events_topic("a1")
+    good = Result(assign.assignment_id, 1, "success", "ok")
+    from shared.envelope import Envelope, encode
+
+    good_payload = encode(Envelope(good, "a1", hub.agent_clocks["a1"].now()))
+    batch = [
+        (topic, b"{not json"),
+        (topic, b"x" * 300_000),
+        (topic, b'{"v":1,"type":"reboot","id":"1","from":"a1","hlc":"0000000000001.00000@a1","body":{}}'),
+        (topic, b'{"v":9,"type":"result","id":"1","from":"a1","hlc":"0000000000001.00000@a1","body":{}}'),
+        (topic, b'{"v":1,"type":"result","id":"1","from":"a1","hlc":"0000000000001.00000@a1","body":{"assignment_id":5}}'),
+        ("outpost/v1/agents/a2/events", good_payload),  # a1's envelope on a2's topic
+        ("some/other/topic", b"hello"),
+        (topic, good_payload),
+    ]
+    from shared.mqtt import Inbound
+
+    acked: list[int] = []
+
+    class Tracking(Inbound):
+        def ack(self) -> None:
+            acked.append(self.mid)
+
+    hub.ingester.process([Tracking(t, p, 1, False, i) for i, (t, p) in enumerate(batch)])
+    assert rejected_codes(hub) == ["decode_error", "payload_too_large", "unknown_type", "unsupported_version", "invalid_message", "sender_mismatch", "bad_topic"]
+    assert sorted(acked) == list(range(len(batch)))  # nothing is left to be redelivered forever
+    assert hub.tis(run_pk)[0].state == "success"
+    assert hub.ingester.counters["rejected.decode_error"] == 1
+
+
+def test_result_for_an_unknown_assignment_is_rejected_but_acknowledged(make_hub: Any) -> None:
+    hub, _run_pk, _assign = setup(make_hub)
+    hub.send("a1", Result("f" * 32, 1, "success"))
+    assert rejected_codes(hub) == ["unknown_assignment"]
+
+
+def test_result_from_another_agent_is_refused(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    hub.agent_online("a2")
+    hub.send("a2", Result(assign.assignment_id, 1, "success"))
+    assert rejected_codes(hub) == ["foreign_assignment"]
+    assert hub.tis(run_pk)[0].state == "queued"
+
+
+def test_a_stale_status_never_overrides_a_newer_one(make_hub: Any) -> None:
+    hub, _run_pk, _assign = setup(make_hub)
+    clock = hub.agent_clocks["a1"]
+    from shared.envelope import Envelope, encode
+
+    old = encode(Envelope(Status("offline"), "a1", clock.now()))
+    new = encode(Envelope(Status("online", "0.1.0", "h", {}, ()), "a1", clock.now()))
+    hub.send_raw(status_topic("a1"), new)
+    hub.send_raw(status_topic("a1"), old)
+    with hub.sessions() as session:
+        assert session.get(Agent, "a1").state == "online"
+
+
+def test_heartbeat_updates_last_seen_and_queue_depths(make_hub: Any) -> None:
+    hub, _run_pk, _assign = setup(make_hub)
+    hub.clock.advance(5)
+    hub.send("a1", Heartbeat("0.1.0", inbox_depth=3, outbox_depth=1, counters={"rejected.decode_error": 2}))
+    with hub.sessions() as session:
+        agent = session.get(Agent, "a1")
+        assert agent.last_heartbeat["inbox_depth"] == 3
+        assert agent.last_seen.timestamp() == hub.clock.now()
