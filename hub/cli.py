@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.command == "standalone":
             return _standalone(args)
@@ -86,7 +87,9 @@ def _settings(args: argparse.Namespace, **overrides: object):  # type: ignore[no
     return HubSettings.load(args.config, **overrides)
 
 
-def _stop_on_signals(stop: object) -> None:
+def _stop_on_signals() -> None:
+    """SIGTERM (systemd, kill) stops as cleanly as Ctrl-C does."""
+
     def handler(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
@@ -98,7 +101,7 @@ def _standalone(args: argparse.Namespace) -> int:
 
     overrides = {"dags_folder": args.dags_folder} if args.dags_folder else {}
     app = Standalone(args.state_dir, agents=args.agents, api_port=args.port, config_file=args.config, overrides=overrides)
-    _stop_on_signals(app)
+    _stop_on_signals()
     try:
         try:
             runtime = app.start()
@@ -148,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {"api_host": args.host, "api_port": args.port}
     runtime = HubRuntime(_settings(args, **overrides), run_scheduler=args.command == "scheduler", run_api=args.command == "api")
-    _stop_on_signals(runtime)
+    _stop_on_signals()
     try:
         runtime.start()
         if args.command == "api":

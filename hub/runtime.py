@@ -124,9 +124,12 @@ class HubRuntime:
 
     def _start_http(self) -> None:
         from hub.api.app import create_app
-        from hub.web.views import router as web_router
+        from hub.web import views
 
-        app = create_app(self.settings, self.sessions, self.events, self.clock, self.readiness, extra_routers=[web_router])
+        app = create_app(
+            self.settings, self.sessions, self.events, self.clock, self.readiness,
+            extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()},
+        )
         config = uvicorn.Config(app, host=self.settings.api_host, port=self.settings.api_port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         thread = threading.Thread(target=self.server.run, name="hub-http", daemon=True)

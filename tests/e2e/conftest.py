@@ -1,0 +1,166 @@
+"""Real processes: a private Mosquitto, the hub's scheduler and API processes,
+agents as ``python -m agent`` processes. Kill them with -9, restart them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from hub.db import make_engine, make_sessionmaker
+from hub.models import TaskInstance, TaskResult
+from hub.standalone import LocalAgent
+from tests.conftest import Broker, free_port, wait_port
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Fleet:
+    root: Path
+    broker: Broker
+    dags: Path
+    api_port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    agents: dict[str, LocalAgent] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config = self.root / "hub.toml"
+        self.config.write_text(
+            f'state_dir = "{self.root / "hub"}"\n'
+            f'dags_folder = "{self.dags}"\n'
+            f"broker_port = {self.broker.port}\n"
+            f"api_port = {self.api_port}\n"
+            "redeliver_after = 3.0\n"
+            "scheduler_interval = 0.2\n"
+        )
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        self.db_url = f"sqlite:///{self.root / 'hub' / 'hub.db'}"
+
+    # --- processes ---------------------------------------------------------
+
+    def start_hub(self) -> None:
+        self.start_hub_role("scheduler")
+        self.start_hub_role("api")
+        wait_port(self.api_port, 20)
+
+    def start_hub_role(self, role: str) -> None:
+        log = open(self.root / f"hub-{role}.log", "ab")
+        self.procs[role] = subprocess.Popen([sys.executable, "-m", "hub", role, "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if role == "scheduler":
+            self._wait_for_schema()
+
+    _connects: int = 0
+
+    def _wait_for_schema(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.log("scheduler").count("mqtt connected") > self._connects:
+                self._connects += 1
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"scheduler did not connect:\n{self.log('scheduler')}")
+
+    def kill(self, role: str) -> None:
+        proc = self.procs.pop(role)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def log(self, role: str) -> str:
+        path = self.root / f"hub-{role}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_agent(self, agent_id: str, **labels: str) -> LocalAgent:
+        agent = self.agents.get(agent_id) or LocalAgent(agent_id, self.root / "agents" / agent_id)
+        agent.start(self.broker.port, labels or {"site": "test"})
+        self.agents[agent_id] = agent
+        return agent
+
+    def kill_agent(self, agent_id: str) -> None:
+        proc = self.agents[agent_id].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop(timeout=5)
+        for proc in self.procs.values():
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    # --- API ---------------------------------------------------------------
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = httpx.request(method, f"{self.url}/api/v1{path}", timeout=10, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_agents_online(self, count: int, timeout: float = 30) -> None:
+        self.wait(lambda: len(self.api("GET", "/agents", params={"state": "online"})["items"]) >= count, timeout, "agents online")
+
+    def trigger(self, dag_id: str) -> int:
+        return int(self.api("POST", f"/dags/{dag_id}/runs", json={"conf": {}})["id"])
+
+    def wait_run(self, run_pk: int, timeout: float = 60) -> dict[str, Any]:
+        self.wait(lambda: self.api("GET", f"/runs/{run_pk}")["state"] in ("success", "failed"), timeout, f"run {run_pk} to finish")
+        return self.api("GET", f"/runs/{run_pk}")
+
+    def wait(self, condition: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if condition():
+                    return
+            except (httpx.HTTPError, KeyError) as exc:
+                last_error = exc
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what} (last error: {last_error})\n--- scheduler log tail ---\n{self.log('scheduler')[-3000:]}")
+
+    # --- the database, read directly for exactly-once checks ---------------
+
+    def results(self, run_pk: int) -> tuple[list[TaskInstance], list[TaskResult]]:
+        engine = make_engine(self.db_url)
+        try:
+            with make_sessionmaker(engine)() as session:
+                tis = list(session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk)))
+                results = list(session.scalars(select(TaskResult).where(TaskResult.ti_id.in_([t.id for t in tis]))))
+        finally:
+            engine.dispose()
+        return tis, results
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, mosquitto: Broker) -> Iterator[Any]:
+    def build(dags: dict[str, str] | None = None) -> Fleet:
+        folder = tmp_path / "dags"
+        folder.mkdir(exist_ok=True)
+        for name, text in (dags or {}).items():
+            (folder / name).write_text(text)
+        if not dags:
+            examples = Path(__file__).resolve().parents[2] / "hub" / "example_dags"
+            for path in examples.glob("*.py"):
+                (folder / path.name).write_text(path.read_text())
+        made = Fleet(tmp_path, mosquitto, folder)
+        fleets.append(made)
+        return made
+
+    fleets: list[Fleet] = []
+    yield build
+    for made in fleets:
+        made.stop()

@@ -1,0 +1,118 @@
+"""End to end: hub processes, agent processes and a broker, all real."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SLOW_FLEET = """
+from hub.dag import DAG, AgentOperator, PythonOperator, every_agent
+
+def count(ti):
+    return len([o for o in ti.xcom_pull("work") if o is not None])
+
+with DAG("slow_fleet") as dag:
+    work = AgentOperator(task_id="work", job_type="noop", params={"echo": "hi", "sleep": 2}, target=every_agent())
+    work >> PythonOperator(task_id="count", python_callable=count)
+"""
+
+
+def assert_exactly_once(fleet: Any, run_pk: int) -> None:
+    """One applied result per agent task instance, for the try that decided it."""
+    tis, results = fleet.results(run_pk)
+    agent_tis = [t for t in tis if t.kind == "agent"]
+    keys = [(r.ti_id, r.try_number, r.agent_id) for r in results]
+    assert len(keys) == len(set(keys))
+    for ti in agent_tis:
+        applied = [r for r in results if r.ti_id == ti.id and r.applied]
+        assert len(applied) == 1, f"{ti.task_id}[{ti.map_index}] has {len(applied)} applied results"
+
+
+def test_fleet_health_runs_on_three_agents_and_shows_in_api_and_cli(fleet: Any) -> None:
+    f = fleet()
+    f.start_hub()
+    for i in (1, 2, 3):
+        f.start_agent(f"agent-{i}")
+    f.wait_agents_online(3)
+    run_pk = f.trigger("fleet_health")
+    run = f.wait_run(run_pk)
+    assert run["state"] == "success", run
+    tasks = run["task_instances"]
+    collect = sorted((t["map_index"], t["agent_id"], t["state"]) for t in tasks if t["task_id"] == "collect")
+    assert collect == [(0, "agent-1", "success"), (1, "agent-2", "success"), (2, "agent-3", "success")]
+    summary = next(t for t in tasks if t["task_id"] == "summarise")
+    assert summary["output"]["devices"] == 3
+    assert_exactly_once(f, run_pk)
+    cli = subprocess.run([str(Path(sys.executable).parent / "outpost"), "--hub", f.url, "runs", "show", str(run_pk), "-o", "json"], capture_output=True, text=True, timeout=30)
+    assert cli.returncode == 0, cli.stderr
+    assert '"success"' in cli.stdout and "agent-3" in cli.stdout
+
+
+def test_agent_killed_mid_task_comes_back_and_the_run_completes_once(fleet: Any) -> None:
+    f = fleet({"slow.py": SLOW_FLEET})
+    f.start_hub()
+    for i in (1, 2, 3):
+        f.start_agent(f"agent-{i}")
+    f.wait_agents_online(3)
+    run_pk = f.trigger("slow_fleet")
+    f.wait(lambda: any(t["agent_id"] == "agent-2" and t["state"] == "running" for t in f.api("GET", f"/runs/{run_pk}")["task_instances"]), 20, "agent-2 to start")
+    f.kill_agent("agent-2")
+    time.sleep(0.5)
+    f.start_agent("agent-2")
+    run = f.wait_run(run_pk)
+    assert run["state"] == "success", run
+    assert next(t for t in run["task_instances"] if t["task_id"] == "count")["output"] == 3
+    assert_exactly_once(f, run_pk)
+
+
+def test_hub_killed_mid_run_loses_nothing_and_applies_nothing_twice(fleet: Any) -> None:
+    f = fleet({"slow.py": SLOW_FLEET})
+    f.start_hub()
+    for i in (1, 2, 3):
+        f.start_agent(f"agent-{i}")
+    f.wait_agents_online(3)
+    run_pk = f.trigger("slow_fleet")
+    f.wait(lambda: sum(t["state"] == "running" for t in f.api("GET", f"/runs/{run_pk}")["task_instances"]) >= 1, 20, "work to start")
+    f.kill("scheduler")  # results arrive while the hub's ingestion is dead
+    time.sleep(3)
+    f.start_hub_role("scheduler")
+    run = f.wait_run(run_pk)
+    assert run["state"] == "success", run
+    assert_exactly_once(f, run_pk)
+
+
+def test_broker_killed_and_restarted_mid_run(fleet: Any) -> None:
+    f = fleet({"slow.py": SLOW_FLEET})
+    f.start_hub()
+    for i in (1, 2, 3):
+        f.start_agent(f"agent-{i}")
+    f.wait_agents_online(3)
+    run_pk = f.trigger("slow_fleet")
+    f.wait(lambda: sum(t["state"] in ("delivered", "running") for t in f.api("GET", f"/runs/{run_pk}")["task_instances"]) >= 1, 20, "work to be delivered")
+    f.broker.restart(kill=True)
+    run = f.wait_run(run_pk, timeout=90)
+    assert run["state"] == "success", run
+    assert_exactly_once(f, run_pk)
+
+
+def test_hub_keeps_running_through_malformed_messages_and_records_them(fleet: Any) -> None:
+    f = fleet()
+    f.start_hub()
+    f.start_agent("agent-1")
+    f.wait_agents_online(1)
+    topic = "outpost/v1/agents/agent-1/events"
+    for payload in (b"{garbage", b'{"v":1,"type":"selfdestruct","id":"x","from":"agent-1","hlc":"0000000000001.00000@agent-1","body":{}}', b"A" * 400_000):
+        # a foreign peer: the broker's own client, not our code
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(f.broker.port), "-q", "1", "-t", topic, "-s"], input=payload, check=True, timeout=10)
+    f.wait(lambda: f.api("GET", "/rejected")["total"] >= 3, 20, "rejections to be recorded")
+    codes = sorted(r["code"] for r in f.api("GET", "/rejected")["items"])
+    assert codes == ["decode_error", "payload_too_large", "unknown_type"]
+    run = f.wait_run(f.trigger("fleet_health"))
+    assert run["state"] == "success"
