@@ -14,6 +14,7 @@ before parsing, so an oversized payload costs no parse.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,13 +67,16 @@ def decode(data: bytes, limit: int = MAX_ENVELOPE_BYTES) -> Envelope:
     if len(data) > limit:
         raise PayloadTooLarge(len(data), limit)
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        doc = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        # and overflowing floats such as 1e400 (refused below), and integers
+        # longer than Python's 4300-digit limit.
         raise DecodeError(f"not JSON: {exc}", data) from exc
     if not isinstance(doc, dict):
         raise DecodeError("envelope must be a JSON object", data)
     version = doc.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {version!r} is not supported (this build speaks {PROTOCOL_VERSION})")
     kind = doc.get("type")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
@@ -97,3 +101,14 @@ def decode(data: bytes, limit: int = MAX_ENVELOPE_BYTES) -> Envelope:
         expires_at=None if expires is None else float(expires),
         version=version,
     )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value

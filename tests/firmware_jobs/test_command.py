@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,7 +18,8 @@ from firmware_jobs import command, registry
 from firmware_jobs.base import JobAborted, JobError
 from shared.errors import InvalidParams
 
-from job_context import RecordingContext
+if TYPE_CHECKING:  # the ctx fixture's type
+    from tests.firmware_jobs.conftest import RecordingContext
 
 
 def run(ctx: RecordingContext, allow: list[str], **params: Any) -> dict[str, Any]:

@@ -6,13 +6,15 @@ import json
 import platform
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from firmware_jobs import diagnostics, registry
 from firmware_jobs.base import JobError
 
-from job_context import RecordingContext
+if TYPE_CHECKING:  # the ctx fixture's type
+    from tests.firmware_jobs.conftest import RecordingContext
 
 
 def collect(ctx: RecordingContext, **params: object) -> dict:

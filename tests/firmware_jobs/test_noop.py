@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -11,7 +12,8 @@ from firmware_jobs import registry
 from firmware_jobs.base import JobAborted
 from shared.errors import InvalidParams
 
-from job_context import RecordingContext
+if TYPE_CHECKING:  # the ctx fixture's type
+    from tests.firmware_jobs.conftest import RecordingContext
 
 
 def test_noop_echoes_any_json_value(ctx: RecordingContext) -> None:
