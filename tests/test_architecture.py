@@ -70,6 +70,7 @@ def test_wall_clock_is_read_only_in_shared_clock() -> None:
         "import time\nx = time.gmtime()",
         "from time import time",
     ],
+    ids=lambda source: source.splitlines()[-1],
 )
 def test_the_wall_clock_check_catches_each_form(source: str) -> None:
     assert wall_clock_reads(source, "probe.py")
