@@ -60,6 +60,12 @@ class _Batch:
     rejections: list[RejectedMessage] = field(default_factory=list)
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
+    def merge(self, other: _Batch) -> None:
+        for agent_id, ids in other.acks.items():
+            self.acks[agent_id].extend(ids)
+        self.rejections.extend(other.rejections)
+        self.emitted.extend(other.emitted)
+
 
 @dataclass
 class Ingester:
@@ -109,22 +115,20 @@ class Ingester:
                 decoded.append(item)
         with transaction(self.sessions) as session:
             now = utcnow(self.clock)
-            for msg, agent_id, envelope in decoded:
-                try:
-                    with session.begin_nested():
-                        self._apply(session, agent_id, envelope, now, out)
-                except Reject as exc:
-                    self._reject(out, msg, agent_id, exc.code, str(exc))
-                except IntegrityError:
-                    # Another hub process applied the same result first.
-                    if isinstance(envelope.body, Result):
-                        self.counters["result.duplicate"] += 1
-                        out.acks[agent_id].append(envelope.body.assignment_id)
-                except OperationalError:
-                    raise
-                except Exception as exc:  # a bug must cost one message, not the worker
-                    log.exception("ingest: applying %s from %s failed", envelope.type, agent_id)
-                    self._reject(out, msg, agent_id, "apply_error", f"{type(exc).__name__}: {exc}")
+            try:
+                # The fast path: the whole batch in one savepoint.
+                attempt = _Batch()
+                with session.begin_nested():
+                    self._apply_all(session, decoded, now, attempt)
+                out.merge(attempt)
+            except OperationalError:
+                raise
+            except Exception:
+                # Something in the batch failed (another hub process applied
+                # a result first, or a bug): redo it one message at a time so
+                # only the culprit is set aside.
+                for item in decoded:
+                    self._apply_one_isolated(session, item, now, out)
             for record in out.rejections:
                 record.received_at = now
                 session.add(record)
@@ -135,6 +139,41 @@ class Ingester:
             self.events.emit(name, **data)
         for record in out.rejections:
             self.events.emit(ev.MESSAGE_REJECTED, code=record.code, agent_id=record.agent_id)
+
+    def _apply_one_isolated(self, session: Session, item: tuple[Inbound, str, Envelope], now: datetime, out: _Batch) -> None:
+        msg, agent_id, envelope = item
+        attempt = _Batch()
+        try:
+            with session.begin_nested():
+                self._apply_all(session, [item], now, attempt)
+            out.merge(attempt)
+        except IntegrityError:
+            if isinstance(envelope.body, Result):
+                self.counters["result.duplicate"] += 1
+                out.acks[agent_id].append(envelope.body.assignment_id)
+        except OperationalError:
+            raise
+        except Exception as exc:  # a bug must cost one message, not the worker
+            log.exception("ingest: applying %s from %s failed", envelope.type, agent_id)
+            self._reject(out, msg, agent_id, "apply_error", f"{type(exc).__name__}: {exc}")
+
+    def _apply_all(self, session: Session, items: list[tuple[Inbound, str, Envelope]], now: datetime, out: _Batch) -> None:
+        # Load every row the batch touches with three queries, not three per message.
+        ids = {env.body.assignment_id for _m, _a, env in items if isinstance(env.body, Accepted | Started | Result)}
+        assignments = {a.id: a for a in session.scalars(select(Assignment).where(Assignment.id.in_(ids)))} if ids else {}
+        ti_ids = {a.ti_id for a in assignments.values()}
+        tis = {t.id: t for t in session.scalars(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)))} if ti_ids else {}
+        known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
+        seen: set[str] = set()
+        for msg, agent_id, envelope in items:
+            try:
+                self._apply(session, agent_id, envelope, now, out, assignments, tis, known)
+            except Reject as exc:
+                self._reject(out, msg, agent_id, exc.code, str(exc))
+            seen.add(agent_id)
+        for agent_id in seen:
+            fleet.touch(session, agent_id, now)
+        session.flush()
 
     # --- decoding ----------------------------------------------------------
 
@@ -173,7 +212,10 @@ class Ingester:
 
     # --- applying ----------------------------------------------------------
 
-    def _apply(self, session: Session, agent_id: str, envelope: Envelope, now: datetime, out: _Batch) -> None:
+    def _apply(
+        self, session: Session, agent_id: str, envelope: Envelope, now: datetime, out: _Batch,
+        assignments: dict[str, Assignment], tis: dict[int, TaskInstance], known: set[str],
+    ) -> None:
         body = envelope.body
         self.counters[f"received.{envelope.type}"] += 1
         if isinstance(body, Status):
@@ -184,17 +226,16 @@ class Ingester:
             if fleet.apply_heartbeat(session, agent_id, body, now):
                 out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "online"}))
             return
-        fleet.touch(session, agent_id, now)
         if isinstance(body, Rejected):
             self.counters[f"agent_rejected.{body.code}"] += 1
             out.rejections.append(RejectedMessage(source="agent", topic="", agent_id=agent_id, code=body.code, detail=body.detail[:2000], excerpt=body.message_id or ""))
             return
-        assignment = session.get(Assignment, body.assignment_id)
+        assignment = assignments.get(body.assignment_id)
         if assignment is None:
             raise Reject("unknown_assignment", f"{envelope.type} for assignment {body.assignment_id!r}, which this hub never issued")
         if assignment.agent_id != agent_id:
             raise Reject("foreign_assignment", f"assignment {assignment.id} belongs to {assignment.agent_id!r}, not {agent_id!r}")
-        ti = session.get(TaskInstance, assignment.ti_id)
+        ti = tis.get(assignment.ti_id)
         current = ti is not None and ti.try_number == assignment.try_number and ti.state not in FINISHED and ti.state != TaskState.UP_FOR_RETRY
         if isinstance(body, Accepted):
             if assignment.state in ("pending", "sent"):
@@ -209,13 +250,17 @@ class Ingester:
                 ti.state, ti.started_at = TaskState.RUNNING, now
                 out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "running"}))
         elif isinstance(body, Result):
-            self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out)
+            self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out, known)
 
-    def _apply_result(self, session: Session, agent_id: str, envelope: Envelope, body: Result, assignment: Assignment, ti: TaskInstance | None, now: datetime, out: _Batch) -> None:
+    def _apply_result(
+        self, session: Session, agent_id: str, envelope: Envelope, body: Result, assignment: Assignment,
+        ti: TaskInstance | None, now: datetime, out: _Batch, known: set[str],
+    ) -> None:
         out.acks[agent_id].append(body.assignment_id)
-        if session.scalar(select(TaskResult.id).where(TaskResult.assignment_id == body.assignment_id)) is not None:
+        if body.assignment_id in known:
             self.counters["result.duplicate"] += 1
             return
+        known.add(body.assignment_id)
         error = body.error.to_dict() if body.error else None
         session.add(
             TaskResult(
@@ -225,7 +270,6 @@ class Ingester:
                 hlc=str(envelope.hlc), received_at=now, applied=ti is not None,
             )
         )
-        session.flush()  # the unique constraint speaks here, inside the savepoint
         assignment.state, assignment.finished_at = "finished", now
         if ti is None:
             # The hub already decided this try (cancelled, cleared, retried

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -194,49 +194,56 @@ class Scheduler:
         if not runs:
             return [], False
         dags = {d.dag_id: d for d in session.scalars(select(Dag).where(Dag.dag_id.in_({r.dag_id for r in runs})))}
-        tis_by_run: dict[int, list[TaskInstance]] = defaultdict(list)
-        for ti in session.scalars(select(TaskInstance).where(TaskInstance.run_pk.in_([r.id for r in runs]))):
-            tis_by_run[ti.run_pk].append(ti)
+        # States of every task instance as plain rows: cheap even for runs of
+        # thousands of tasks. Only instances that are ready become ORM objects.
+        rows = session.execute(
+            select(TaskInstance.id, TaskInstance.run_pk, TaskInstance.task_id, TaskInstance.state).where(TaskInstance.run_pk.in_([r.id for r in runs]))
+        ).all()
+        states_by_run: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        waiting_by_run: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        for row in rows:
+            states_by_run[row.run_pk][row.task_id].append(row.state)
+            if row.state in (TaskState.NONE, TaskState.SCHEDULED):
+                waiting_by_run[row.run_pk].append((row.id, row.task_id))
         fleet = None
         hub_tasks: list[int] = []
         changed = False
         for run in runs:
             tasks = {t["task_id"]: t for t in dags[run.dag_id].structure.get("tasks", [])} if run.dag_id in dags else {}
-            tis = tis_by_run[run.id]
-            by_task: dict[str, list[TaskInstance]] = defaultdict(list)
-            for ti in tis:
-                by_task[ti.task_id].append(ti)
-            for ti in sorted(tis, key=lambda t: (t.task_id, t.map_index)):
-                if ti.state not in (TaskState.NONE, TaskState.SCHEDULED):
-                    continue
-                task = tasks.get(ti.task_id)
+            by_task = states_by_run[run.id]
+            for ti_id, task_id in sorted(waiting_by_run[run.id], key=lambda item: (item[1], item[0])):
+                task = tasks.get(task_id)
+                ti = None
+                if task is not None:
+                    upstream = [state for up in task.get("upstream", []) for state in by_task.get(up, [])]
+                    decision = decide(task.get("trigger_rule", "all_success"), upstream)
+                    if decision == Decision.WAIT:
+                        continue
+                ti = session.get(TaskInstance, ti_id)
+                assert ti is not None
+                before = ti.state
                 if task is None:
                     ti.state = TaskState.REMOVED
-                    changed = True
-                    continue
-                upstream = [u.state for up in task.get("upstream", []) for u in by_task.get(up, [])]
-                decision = Decision.RUN if ti.state == TaskState.SCHEDULED else decide(task.get("trigger_rule", "all_success"), upstream)
-                if decision == Decision.WAIT:
-                    continue
-                if decision in (Decision.SKIP, Decision.UPSTREAM_FAILED):
-                    ti.state = TaskState(decision.value)
-                    ti.ended_at = now
-                    changed = True
-                    continue
-                if ti.kind == "hub":
+                elif decision in (Decision.SKIP, Decision.UPSTREAM_FAILED):
+                    ti.state, ti.ended_at = TaskState(decision.value), now
+                elif ti.kind == "hub":
                     ti.try_number += 1
-                    ti.state = TaskState.QUEUED
-                    ti.queued_at = now
+                    ti.state, ti.queued_at = TaskState.QUEUED, now
                     hub_tasks.append(ti.id)
-                    changed = True
-                    continue
-                if fleet is None:
-                    fleet = self.dispatcher.fleet_snapshot(session)
-                changed |= self._dispatch_agent_task(session, run, ti, task, fleet, by_task, now)
-            changed |= self._finish_run_if_done(run, tis, tasks, now)
+                else:
+                    if fleet is None:
+                        fleet = self.dispatcher.fleet_snapshot(session)
+                    self._dispatch_agent_task(session, ti, task, fleet, by_task, now)
+                changed |= ti.state != before
+                self._replace_state(by_task[task_id], before, ti.state)
+            changed |= self._finish_run_if_done(run, by_task, tasks, now)
         return hub_tasks, changed
 
-    def _dispatch_agent_task(self, session: Session, run: DagRun, ti: TaskInstance, task: dict[str, Any], fleet: list[Any], by_task: dict[str, list[TaskInstance]], now: datetime) -> bool:
+    @staticmethod
+    def _replace_state(states: list[str], old: str, new: str) -> None:
+        states[states.index(old)] = new
+
+    def _dispatch_agent_task(self, session: Session, ti: TaskInstance, task: dict[str, Any], fleet: list[Any], by_task: dict[str, list[str]], now: datetime) -> None:
         target = task.get("target") or {"mode": "any"}
         mode = target.get("mode", "any")
         if ti.agent_id is not None and (mode != "any" or ti.map_index >= 0):
@@ -248,11 +255,9 @@ class Scheduler:
                 ti.state = TaskState.SKIPPED  # Airflow: a zero-length mapped task is skipped
                 ti.ended_at = now
                 ti.error = {"code": "no_matching_agents", "message": "no online agent matched the target", "retryable": False}
-                return True
-            if ti.state != TaskState.SCHEDULED:
+            else:
                 ti.state = TaskState.SCHEDULED  # waits for a matching agent to come online
-                return True
-            return False
+            return
         instances = [ti]
         if mode == "all" and ti.map_index < 0:
             ti.map_index = 0
@@ -264,25 +269,31 @@ class Scheduler:
                 )
                 session.add(clone)
                 instances.append(clone)
-                by_task[ti.task_id].append(clone)
+                by_task[ti.task_id].append(TaskState.QUEUED)
             session.flush()
         for instance, agent_id in zip(instances, agents):
             try:
                 self.dispatcher.assign(session, instance, agent_id, now, timeout=instance.execution_timeout)
+                # Count it at once, so the next task of this tick sees the new load.
+                for i, view in enumerate(fleet):
+                    if view.agent_id == agent_id:
+                        fleet[i] = replace(view, load=view.load + 1)
             except PayloadTooLarge as exc:
                 instance.state = TaskState.FAILED
                 instance.ended_at = now
                 instance.error = {"code": exc.code, "message": str(exc), "retryable": False}
-        return True
 
-    def _finish_run_if_done(self, run: DagRun, tis: list[TaskInstance], tasks: dict[str, Any], now: datetime) -> bool:
-        if not tis or any(ti.state not in FINISHED for ti in tis):
+    def _finish_run_if_done(self, run: DagRun, by_task: dict[str, list[str]], tasks: dict[str, Any], now: datetime) -> bool:
+        if not by_task or any(state not in FINISHED for states in by_task.values() for state in states):
             return False
         # Airflow's rule: the leaves decide. A failed task whose failure was
         # handled downstream (say, by an all_done cleanup) does not fail the run.
-        downstream = {up for t in tasks.values() for up in t.get("upstream", [])}
-        leaves = [ti for ti in tis if ti.task_id not in downstream]
-        failed = any(ti.state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for ti in leaves)
+        upstream_of_something = {up for t in tasks.values() for up in t.get("upstream", [])}
+        failed = any(
+            state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED)
+            for task_id, states in by_task.items() if task_id not in upstream_of_something
+            for state in states
+        )
         run.state = RunState.FAILED if failed else RunState.SUCCESS
         run.ended_at = now
         self.events.emit(ev.RUN_FINISHED, dag_id=run.dag_id, run_pk=run.id, state=str(run.state))

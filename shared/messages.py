@@ -9,6 +9,7 @@ field must therefore always have a default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class Message:
     def from_dict(cls, data: Any) -> typing.Self:
         if not isinstance(data, dict):
             raise InvalidMessage(f"{cls.TYPE} body must be a JSON object, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in data:
@@ -41,6 +42,12 @@ class Message:
                 continue
             values[f.name] = _check(cls.TYPE, f.name, hints[f.name], data[f.name])
         return cls(**values)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # get_type_hints re-evaluates every annotation string; decoding is hot.
+    return typing.get_type_hints(cls)
 
 
 def _plain(value: Any) -> Any:

@@ -178,3 +178,23 @@ def test_silent_agent_is_marked_offline(make_hub: Any) -> None:
     hub.tick()
     with hub.sessions() as session:
         assert session.get(Agent, "a1").state == "offline"
+
+
+SPREAD_DAG = """
+from hub.dag import DAG, AgentOperator, any_agent
+with DAG("spread") as dag:
+    for i in range(9):
+        AgentOperator(task_id=f"t{i}", job_type="noop", target=any_agent())
+"""
+
+
+def test_many_ready_tasks_are_spread_over_the_agents_in_one_tick(make_hub: Any) -> None:
+    hub = make_hub({"spread.py": SPREAD_DAG})
+    for agent in ("a1", "a2", "a3"):
+        hub.agent_online(agent)
+    run_pk = hub.trigger("spread")
+    hub.tick()
+    per_agent: dict[str, int] = {}
+    for ti in hub.tis(run_pk):
+        per_agent[ti.agent_id] = per_agent.get(ti.agent_id, 0) + 1
+    assert per_agent == {"a1": 3, "a2": 3, "a3": 3}
