@@ -141,6 +141,7 @@ class Sync:
             entry.sent_at = now
             entry.sends += 1
             self._count("results.sent" if entry.sends == 1 else "results.resent")
+            log.debug("result %s sent (send %d)", entry.item.assignment_id, entry.sends)
 
     def _fill_window(self) -> None:
         while True:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 _MAX_LOGICAL = 99_999
-_WIRE = re.compile(r"([0-9]{13})\.([0-9]{5})@(\S{1,200})")
+_WIRE = re.compile(r"([0-9]{13})\.([0-9]{5})@(.+)", re.DOTALL)
 
 
 @dataclass(frozen=True, order=True, slots=True)

@@ -24,6 +24,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import AgentSettings
 from agent.daemon import Agent
@@ -50,9 +52,15 @@ class HubPeer:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"hub-test-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.connect("127.0.0.1", port)
+        # Subscribe on every connect: after a broker restart the session is new.
+        self.client.on_connect = lambda *args: self.client.subscribe([(events_topic(agent_id), 1), (status_topic(agent_id), 1)])
+        self.client.reconnect_delay_set(1, 1)
+        # A persistent session, like the real hub's: what the agent publishes
+        # while this client reconnects (after a broker restart) waits for it.
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.client.loop_start()
-        self.client.subscribe([(events_topic(agent_id), 1), (status_topic(agent_id), 1)])
         assert self._subscribed.wait(5), "hub test client could not subscribe"
 
     def close(self) -> None:
@@ -115,11 +123,12 @@ class HubPeer:
                 self._cond.wait(left)
             return found
 
-    def wait_status(self, state: str, timeout: float = 10.0) -> Envelope:
+    def wait_status(self, state: str, timeout: float = 10.0, since: int = 0) -> Envelope:
+        """The latest ``state`` status among those received after the first ``since``."""
         end = time.monotonic() + timeout
         with self._cond:
             while True:
-                for envelope, _ in reversed(self.statuses):
+                for envelope, _ in reversed(self.statuses[since:]):
                     if envelope.body.state == state:  # type: ignore[attr-defined]
                         return envelope
                 left = end - time.monotonic()
@@ -181,16 +190,20 @@ def settings_for(mosquitto: Any, state_dir: Path) -> Callable[..., AgentSettings
 
 
 @pytest.fixture
-def make_agent(settings_for: Callable[..., AgentSettings]) -> Iterator[Callable[..., Agent]]:
-    """Build and start agents; each is stopped at teardown if still running."""
+def make_agent(settings_for: Callable[..., AgentSettings], hub: HubPeer) -> Iterator[Callable[..., Agent]]:
+    """Build and start agents; each is stopped at teardown if still running.
+
+    Returns once the hub saw the agent's new online status: the agent
+    publishes it after subscribing, so from then on nothing the hub sends
+    can arrive before the agent's subscriptions exist."""
     started: list[Agent] = []
 
-    def build(clock: Clock | None = None, registry: Any = None, connect: bool = True, **overrides: Any) -> Agent:
+    def build(clock: Clock | None = None, registry: Any = None, **overrides: Any) -> Agent:
         agent = Agent(settings_for(**overrides), clock=clock, registry=registry)
+        seen = len(hub.statuses)
         agent.start()
         started.append(agent)
-        if connect:
-            assert agent.link.wait_connected(5), "agent did not connect to the test broker"
+        hub.wait_status("online", since=seen)
         return agent
 
     yield build
