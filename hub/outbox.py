@@ -69,7 +69,7 @@ class OutboxPublisher:
         No transaction is held while waiting for PUBACKs, so ingestion and
         the scheduler keep writing meanwhile. Two hub processes may then
         both send a row now and then; the receiving inbox deduplicates."""
-        with transaction(self.sessions) as session:
+        with self.sessions() as session:
             stmt = select(OutboxMessage.id, OutboxMessage.topic, OutboxMessage.payload, OutboxMessage.qos, OutboxMessage.retain, OutboxMessage.assignment_id)
             rows = session.execute(stmt.where(OutboxMessage.published_at.is_(None)).order_by(OutboxMessage.id).limit(self.batch_size)).all()
         if not rows:

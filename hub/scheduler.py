@@ -136,16 +136,18 @@ class Scheduler:
             busy |= self._bring_back_retries(session, now)
         with transaction(self.sessions) as session:
             hub_tasks, changed = self._advance_runs(session, now)
-            busy |= changed
+        if changed:
+            self.events.emit(ev.OUTBOX_WRITTEN)  # wake the publisher before the slower steps
         for ti_id in hub_tasks:
             self.submit_hub_task(ti_id)
+        busy |= changed
         with transaction(self.sessions) as session:
-            busy |= self._redeliver(session, now)
+            redelivered = self._redeliver(session, now)
+        if redelivered:
+            self.events.emit(ev.OUTBOX_WRITTEN)
         with transaction(self.sessions) as session:
             self._mark_silent_agents(session, now)
-        if busy:
-            self.events.emit(ev.OUTBOX_WRITTEN)
-        return busy
+        return busy or redelivered
 
     # --- steps -------------------------------------------------------------
 

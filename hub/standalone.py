@@ -79,6 +79,7 @@ class PrivateBroker:
             f"persistence_location {self.folder}/\n"
             "autosave_interval 5\n"
             "max_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"
             f"log_dest file {self.folder}/mosquitto.log\n"
         )
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_socket_open = self._handle_socket_open
         self.client = client
         self._started = False
 
@@ -183,6 +185,13 @@ class MqttLink:
     def _handle_disconnect(self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, properties: object) -> None:
         self.connected.clear()
         log.info("mqtt disconnected from %s:%s: %s", self.settings.host, self.settings.port, reason)
+
+    @staticmethod
+    def _handle_socket_open(client: paho.Client, userdata: object, sock: object) -> None:
+        # Small QoS 1 exchanges (PUBLISH, PUBACK) otherwise meet Nagle's
+        # algorithm and delayed ACKs: a 40 ms stall per round trip.
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self.inbound.put(Inbound(msg.topic, msg.payload, msg.qos, msg.retain, msg.mid, client))

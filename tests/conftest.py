@@ -66,6 +66,7 @@ class Broker:
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"
             "max_inflight_messages 100\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
