@@ -4,7 +4,9 @@ published); the real broker path is covered in tests/e2e."""
 
 from __future__ import annotations
 
+import secrets
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +99,43 @@ class HubHarness:
         return [decode(p) for t, p in self.link.published if t.endswith("/ack")]
 
 
+@contextmanager
+def fresh_pg_database(prefix: str = "outpost_test") -> Iterator[str]:
+    """A new PostgreSQL database, dropped afterwards. No server is a failure."""
+    import psycopg
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432 as user postgres ({exc})")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
-def make_hub(tmp_path: Path, manual_clock: ManualClock) -> Iterator[Any]:
+def pg_db_url() -> Iterator[str]:
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def hub_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The scheduler and ingestion contract runs on both stores: SQLite (the
+    embedded default) and PostgreSQL (production); a fresh database per test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'hub.db'}"
+    else:
+        with fresh_pg_database("outpost_sched") as url:
+            yield url
+
+
+@pytest.fixture
+def make_hub(tmp_path: Path, manual_clock: ManualClock, hub_db_url: str) -> Iterator[Any]:
     engines = []
 
     def build(dags: dict[str, str], **scheduler_options: Any) -> HubHarness:
@@ -106,7 +143,7 @@ def make_hub(tmp_path: Path, manual_clock: ManualClock) -> Iterator[Any]:
         folder.mkdir(exist_ok=True)
         for name, text in dags.items():
             (folder / name).write_text(text)
-        url = f"sqlite:///{tmp_path / 'hub.db'}"
+        url = hub_db_url
         upgrade(url)
         engine = make_engine(url)
         engines.append(engine)
