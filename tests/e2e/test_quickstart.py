@@ -1,0 +1,67 @@
+"""The README's first command: ``outpost-hub standalone`` brings up a broker,
+the hub and three agents, runs fleet_health, and Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def standalone(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hub", "standalone", "--state-dir", str(tmp_path / "state"), "--port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_standalone_runs_the_fleet_demo_and_reports_success(tmp_path: Path) -> None:
+    proc = standalone(tmp_path, "--exit-after-demo")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Dashboard: http://127.0.0.1:" in out
+    assert "3 agent(s) online" in out
+    assert out.count(": success") >= 4  # three collect instances and the summary
+    assert "Run 1 of fleet_health: success" in out
+    for agent in ("agent-1", "agent-2", "agent-3"):
+        folder = tmp_path / "state" / "agents" / agent
+        assert (folder / "inbox.sqlite3").exists() and (folder / "outbox.sqlite3").exists()
+
+
+def test_ctrl_c_stops_broker_hub_and_agents(tmp_path: Path) -> None:
+    proc = standalone(tmp_path, "--no-demo")
+    assert proc.stdout is not None
+    url = None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if "Dashboard:" in line:
+            url = line.split("Dashboard: ")[1].split()[0].rstrip("/")
+        if "Press Ctrl-C" in line or time.monotonic() > deadline:
+            break
+    assert url is not None
+    assert httpx.get(f"{url}/api/v1/healthz", timeout=5).status_code == 200
+    children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    assert len(children) >= 4  # mosquitto and three agents
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, rest
+    assert "Stopping agents, hub and broker" in rest
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in children), [p for p in children if alive(p)]
