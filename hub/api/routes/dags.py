@@ -1,0 +1,59 @@
+"""DAGs: list, show, pause, trigger, their runs; DAG file import errors."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from hub import actions, queries
+from hub.api.deps import Events, HubClock, PageParams, ReadSession, Sessions
+from hub.api.schemas import DagDetail, DagPatch, DagSummary, ErrorResponse, ImportErrorOut, Page, RunDetail, RunSummary, TriggerRequest
+from shared.states import RunState
+
+router = APIRouter(tags=["dags"])
+_404 = {404: {"model": ErrorResponse, "description": "No such DAG."}}
+
+
+@router.get("/dags", response_model=Page[DagSummary])
+def list_dags(
+    session: ReadSession,
+    page: PageParams,
+    is_paused: Annotated[bool | None, Query(description="Only paused (true) or unpaused (false) DAGs.")] = None,
+    is_active: Annotated[bool | None, Query(description="Only DAGs still in (true) or gone from (false) the DAG folder.")] = None,
+) -> dict[str, Any]:
+    """DAGs by id, with their last run and next scheduled run."""
+    return queries.list_dags(session, is_paused=is_paused, is_active=is_active, limit=page.limit, offset=page.offset)
+
+
+@router.get("/dags/{dag_id}", response_model=DagDetail, responses=_404)
+def get_dag(dag_id: str, session: ReadSession) -> dict[str, Any]:
+    """One DAG with its structure: tasks, upstream task ids, targets."""
+    return queries.get_dag(session, dag_id)
+
+
+@router.patch("/dags/{dag_id}", response_model=DagDetail, responses=_404)
+def patch_dag(dag_id: str, body: DagPatch, sessions: Sessions, session: ReadSession) -> dict[str, Any]:
+    """Pause or unpause a DAG."""
+    actions.set_paused(sessions, dag_id, body.is_paused)
+    return queries.get_dag(session, dag_id)
+
+
+@router.post("/dags/{dag_id}/runs", status_code=201, response_model=RunDetail, responses=_404)
+def trigger_dag(dag_id: str, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock, body: TriggerRequest | None = None) -> dict[str, Any]:
+    """Trigger a manual run; the body may be omitted (``conf`` = {})."""
+    run_pk = actions.trigger(sessions, events, clock, dag_id, (body or TriggerRequest()).conf)
+    return queries.get_run(session, run_pk)
+
+
+@router.get("/dags/{dag_id}/runs", response_model=Page[RunSummary], responses=_404)
+def list_dag_runs(dag_id: str, session: ReadSession, page: PageParams, state: Annotated[RunState | None, Query(description="Only runs in this state.")] = None) -> dict[str, Any]:
+    """Runs of one DAG, newest first."""
+    queries.get_dag(session, dag_id)  # 404 rather than an empty page
+    return queries.list_runs(session, dag_id=dag_id, state=state, limit=page.limit, offset=page.offset)
+
+
+@router.get("/import-errors", response_model=Page[ImportErrorOut])
+def list_import_errors(session: ReadSession, page: PageParams) -> dict[str, Any]:
+    """DAG files the hub could not load, with the reason."""
+    return queries.list_import_errors(session, limit=page.limit, offset=page.offset)

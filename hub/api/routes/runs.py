@@ -1,0 +1,38 @@
+"""Runs and their task instances."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from hub import queries
+from hub.api.deps import PageParams, ReadSession
+from hub.api.schemas import ErrorResponse, Page, RunDetail, RunSummary, TaskInstanceOut
+from shared.states import RunState
+
+router = APIRouter(tags=["runs"])
+_404 = {404: {"model": ErrorResponse, "description": "No such run."}}
+
+
+@router.get("/runs", response_model=Page[RunSummary], responses={422: {"model": ErrorResponse, "description": "Unknown dag_id or bad filter."}})
+def list_runs(
+    session: ReadSession,
+    page: PageParams,
+    dag_id: Annotated[str | None, Query(description="Only runs of this DAG (it must exist).")] = None,
+    state: Annotated[RunState | None, Query(description="Only runs in this state.")] = None,
+) -> dict[str, Any]:
+    """Runs of every DAG, newest first."""
+    return queries.list_runs(session, dag_id=dag_id, state=state, limit=page.limit, offset=page.offset)
+
+
+@router.get("/runs/{run_pk}", response_model=RunDetail, responses=_404)
+def get_run(run_pk: int, session: ReadSession) -> dict[str, Any]:
+    """One run with every task instance (fan-out instances have map_index >= 0)."""
+    return queries.get_run(session, run_pk)
+
+
+@router.get("/runs/{run_pk}/tasks", response_model=Page[TaskInstanceOut], responses=_404)
+def list_run_tasks(run_pk: int, session: ReadSession, page: PageParams) -> dict[str, Any]:
+    """The task instances of one run, paginated (large fan-outs)."""
+    return queries.list_task_instances(session, run_pk, limit=page.limit, offset=page.offset)

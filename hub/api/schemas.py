@@ -1,0 +1,175 @@
+"""API models: what the REST API accepts and answers, kept apart from the
+tables in ``hub.models`` so the schema can change without breaking clients.
+
+Names are the domain's: ``dag_id``, a run's numeric ``id`` (``run_pk`` where
+another object points at a run), ``run_id`` (the Airflow-style string),
+``task_id``, ``map_index``, ``try_number``, ``agent_id``, ``state``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. dag_not_found.")
+    message: str = Field(description="What went wrong and what to do.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer of the API."""
+
+    error: ErrorDetail
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int = Field(description="Number of matching items over all pages.")
+    limit: int
+    offset: int
+
+
+# --- requests -----------------------------------------------------------------
+
+
+class DagPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    is_paused: bool = Field(description="True: the scheduler creates no scheduled runs of this DAG.")
+
+
+class TriggerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    conf: dict[str, Any] = Field(default_factory=dict, description="Run configuration, a JSON object the tasks can read.")
+
+
+# --- DAGs -----------------------------------------------------------------------
+
+
+class LastRun(BaseModel):
+    id: int
+    run_id: str
+    state: str
+    logical_date: datetime
+
+
+class DagSummary(BaseModel):
+    dag_id: str
+    description: str | None
+    fileloc: str = Field(description="The DAG file the hub parsed this DAG from.")
+    schedule: str | None
+    tags: list[str]
+    is_paused: bool
+    is_active: bool = Field(description="False once the DAG disappeared from the DAG folder.")
+    task_count: int
+    last_run: LastRun | None
+    next_run_at: datetime | None
+    last_parsed_at: datetime | None
+
+
+class DagDetail(DagSummary):
+    structure: dict[str, Any] = Field(description='Serialized DAG: {"tasks": [{"task_id", "kind", "upstream", ...}]}, upstream first.')
+
+
+class ImportErrorOut(BaseModel):
+    id: int
+    fileloc: str
+    kind: str = Field(description="syntax, cycle, ... : what kind of problem the DAG file has.")
+    error: str
+    recorded_at: datetime
+
+
+# --- runs and task instances --------------------------------------------------
+
+
+class TaskInstanceOut(BaseModel):
+    id: int
+    task_id: str
+    map_index: int = Field(description="-1 for an unmapped task; 0..n-1 for each device of a fleet fan-out.")
+    state: str
+    try_number: int
+    max_tries: int
+    kind: str = Field(description='"hub" (Python callable on the hub) or "agent" (a job type on a device).')
+    job_type: str | None
+    agent_id: str | None
+    output: Any | None
+    error: dict[str, Any] | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+class RunSummary(BaseModel):
+    id: int = Field(description="Numeric run id, used in /runs/{id}.")
+    dag_id: str
+    run_id: str
+    run_type: str
+    state: str
+    logical_date: datetime
+    conf: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    task_counts: dict[str, int] = Field(description="Task instances per state.")
+
+
+class RunDetail(RunSummary):
+    task_instances: list[TaskInstanceOut]
+
+
+# --- agents ---------------------------------------------------------------------
+
+
+class AgentSummary(BaseModel):
+    agent_id: str
+    hostname: str
+    version: str
+    state: str = Field(description='"online" or "offline".')
+    labels: dict[str, Any]
+    job_types: list[Any] = Field(description='[{"name": ..., "version": ...}] as advertised by the agent.')
+    first_seen: datetime
+    last_seen: datetime
+
+
+class AgentTaskInstance(TaskInstanceOut):
+    dag_id: str
+    run_pk: int
+    run_id: str
+
+
+class AgentDetail(AgentSummary):
+    last_heartbeat: dict[str, Any] = Field(description="The last heartbeat body: queue depths, running jobs, counters.")
+    recent_task_instances: list[AgentTaskInstance]
+
+
+# --- rejected messages and health -----------------------------------------------
+
+
+class RejectedOut(BaseModel):
+    id: int
+    source: str
+    code: str
+    topic: str
+    agent_id: str | None
+    detail: str
+    excerpt: str
+    received_at: datetime
+
+
+class RejectedPage(Page[RejectedOut]):
+    counts: dict[str, int] = Field(description="Rejections per code, over all rejected messages.")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description='"ready" or "not_ready".')
+    checks: dict[str, bool] = Field(description="Each check's result; database is always there.")

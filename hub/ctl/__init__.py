@@ -1,0 +1,58 @@
+"""``outpost``: the operator CLI, a thin client of the hub's REST API.
+
+Commands are ``outpost NOUN VERB``: ``dags`` (``dags.py``), ``runs``
+(``runs.py``), ``agents`` and ``import-errors`` (``agents.py``). Shared
+parts: ``output`` (``-o table|json``), ``http`` (the client), ``errors``
+(exit codes), ``parsing`` (help, examples, ``--hub``). It imports no
+SQLAlchemy or FastAPI, so it runs anywhere httpx does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from hub.ctl import agents, dags, runs
+from hub.ctl.errors import CtlError, ExitCode
+from hub.ctl.http import HubClient
+from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, epilog
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outpost",
+        description="Operate an Outpost hub: DAGs, runs, agents. Talks to the hub's REST API.",
+        epilog=epilog(["outpost dags list", "outpost dags trigger fleet_health --conf '{\"reason\": \"audit\"}'", "outpost runs show 12 --wait", "outpost --hub http://hub.example:8080 agents list --state online -o json"]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--hub", metavar="URL", default=os.environ.get(ENV_HUB_URL) or DEFAULT_HUB_URL, help=f"hub base URL (env {ENV_HUB_URL}, default {DEFAULT_HUB_URL})")
+    parser.add_argument("--version", action="version", version=f"outpost {_version()}")
+    nouns = parser.add_subparsers(title="commands", dest="noun", metavar="COMMAND", required=True)
+    dags.register(nouns)
+    runs.register(nouns)
+    agents.register(nouns)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (see ``hub.ctl.errors.ExitCode``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        with HubClient(args.hub) as client:
+            return int(args.handler(client, args) or ExitCode.OK)
+    except CtlError as exc:
+        print(f"outpost: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("outpost: interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    try:
+        return version("outpost")
+    except PackageNotFoundError:
+        return "unknown"

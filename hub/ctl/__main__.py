@@ -1,0 +1,7 @@
+"""``python -m hub.ctl`` is ``outpost``."""
+
+import sys
+
+from hub.ctl import main
+
+sys.exit(main())

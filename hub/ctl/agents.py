@@ -1,0 +1,89 @@
+"""``outpost agents list|show`` and ``outpost import-errors``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+from urllib.parse import quote
+
+from hub.ctl.http import HubClient
+from hub.ctl.output import emit, fields, output_parent, page_note, table, when
+from hub.ctl.parsing import add_command, add_noun, paging_parent
+
+
+def register(nouns: Any) -> None:
+    verbs = add_noun(nouns, "agents", "List and inspect agents (edge devices).", ["outpost agents list --state online", "outpost agents show edge-1"])
+    out, paging = output_parent(), paging_parent()
+
+    cmd = add_command(verbs, "list", "List agents with their state and when they were last seen.", list_agents,
+                      ["outpost agents list", "outpost agents list --state online --label site=berlin", "outpost agents list -o json"], [out, paging])
+    cmd.add_argument("--state", choices=("online", "offline"), help="only online or offline agents")
+    cmd.add_argument("--label", action="append", metavar="KEY=VALUE", help="only agents with this label; repeat to require several")
+
+    cmd = add_command(verbs, "show", "Show one agent: labels, job types, last heartbeat, recent task instances.", show_agent,
+                      ["outpost agents show edge-1", "outpost agents show edge-1 -o json"], [out])
+    cmd.add_argument("agent_id", metavar="AGENT_ID")
+
+    add_command(nouns, "import-errors", "List DAG files the hub could not load, with the reason.", list_import_errors,
+                ["outpost import-errors", "outpost import-errors -o json"], [out, paging])
+
+
+def list_agents(client: HubClient, args: argparse.Namespace) -> None:
+    page = client.get("/agents", state=args.state, label=args.label, limit=args.limit, offset=args.offset)
+    emit(args, page, lambda p: table(p["items"], [
+        ("AGENT_ID", lambda a: a["agent_id"]),
+        ("HOSTNAME", lambda a: a["hostname"]),
+        ("STATE", lambda a: a["state"]),
+        ("LAST_SEEN", lambda a: when(a["last_seen"])),
+        ("VERSION", lambda a: a["version"]),
+        ("LABELS", lambda a: ",".join(f"{k}={v}" for k, v in a["labels"].items())),
+    ]) if p["items"] else "")
+    if args.output == "table":
+        page_note(page, "agents")
+
+
+def show_agent(client: HubClient, args: argparse.Namespace) -> None:
+    emit(args, client.get(f"/agents/{quote(args.agent_id, safe='')}"), _agent_text)
+
+
+def list_import_errors(client: HubClient, args: argparse.Namespace) -> None:
+    page = client.get("/import-errors", limit=args.limit, offset=args.offset)
+    emit(args, page, lambda p: "\n\n".join(
+        fields(e, [("fileloc", lambda e: e["fileloc"]), ("kind", lambda e: e["kind"]), ("recorded_at", lambda e: when(e["recorded_at"])), ("error", lambda e: e["error"])])
+        for e in p["items"]
+    ))
+    if args.output == "table":
+        page_note(page, "import errors")
+
+
+def _agent_text(agent: dict[str, Any]) -> str:
+    head = fields(agent, [
+        ("agent_id", lambda a: a["agent_id"]),
+        ("hostname", lambda a: a["hostname"]),
+        ("state", lambda a: a["state"]),
+        ("version", lambda a: a["version"]),
+        ("labels", lambda a: ", ".join(f"{k}={v}" for k, v in a["labels"].items())),
+        ("job_types", lambda a: ", ".join(_job_type(j) for j in a["job_types"])),
+        ("first_seen", lambda a: when(a["first_seen"])),
+        ("last_seen", lambda a: when(a["last_seen"])),
+        ("last_heartbeat", lambda a: a["last_heartbeat"] or None),
+    ])
+    recent = agent["recent_task_instances"]
+    if not recent:
+        return head + "\n\nno task instances yet"
+    tis = table(recent, [
+        ("RUN", lambda t: t["run_pk"]),
+        ("DAG_ID", lambda t: t["dag_id"]),
+        ("TASK_ID", lambda t: t["task_id"]),
+        ("MAP_INDEX", lambda t: None if t["map_index"] < 0 else t["map_index"]),
+        ("STATE", lambda t: t["state"]),
+        ("TRY", lambda t: f"{t['try_number']}/{t['max_tries']}"),
+        ("ENDED", lambda t: when(t["ended_at"])),
+    ])
+    return f"{head}\n\n{tis}"
+
+
+def _job_type(job: Any) -> str:
+    if isinstance(job, dict):
+        return f"{job.get('name')} {job.get('version', '')}".strip()
+    return str(job)

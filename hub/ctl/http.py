@@ -1,0 +1,63 @@
+"""The REST client: one ``httpx.Client`` per command, API errors turned
+into ``CtlError`` with an actionable message and a named exit code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from hub.ctl.errors import CtlError, ExitCode
+
+API = "/api/v1"
+START_HINT = "start one with 'outpost-hub standalone' (or 'outpost-hub api'), or point --hub / OUTPOST_HUB_URL at a running hub"
+
+
+class HubClient:
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise CtlError(f"--hub {base_url!r} is not an http:// or https:// URL, e.g. http://127.0.0.1:8080", ExitCode.USAGE)
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url + API, timeout=timeout, headers={"User-Agent": "outpost-ctl"})
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
+    def get(self, path: str, **params: Any) -> Any:
+        clean = {k: v for k, v in params.items() if v is not None}
+        return self._request("GET", path, params=clean)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self._request("POST", path, json=body)
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self._request("PATCH", path, json=body)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else str(exc) or type(exc).__name__
+            raise CtlError(f"cannot reach the hub at {self.base_url} ({reason}); {START_HINT}", ExitCode.HUB_UNREACHABLE) from None
+        except httpx.TimeoutException:
+            raise CtlError(f"the hub at {self.base_url} did not answer in time; check that it is running and not overloaded", ExitCode.HUB_UNREACHABLE) from None
+        except httpx.HTTPError as exc:
+            raise CtlError(f"talking to the hub at {self.base_url} failed: {exc}", ExitCode.HUB_UNREACHABLE) from None
+        if response.is_success:
+            return response.json()
+        raise self._api_error(response)
+
+    def _api_error(self, response: httpx.Response) -> CtlError:
+        try:
+            error = response.json()["error"]
+            code, message = str(error["code"]), str(error["message"])
+        except (ValueError, KeyError, TypeError):
+            return CtlError(
+                f"{self.base_url} answered HTTP {response.status_code} without an Outpost error body; is --hub pointing at an Outpost hub?",
+                ExitCode.API_ERROR,
+            )
+        exit_code = ExitCode.NOT_FOUND if response.status_code == 404 else ExitCode.API_ERROR
+        return CtlError(f"{code}: {message}", exit_code)

@@ -1,0 +1,108 @@
+"""``outpost runs list|show``, and waiting for a run to finish."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from hub.ctl.errors import CtlError, ExitCode
+from hub.ctl.http import HubClient
+from hub.ctl.output import counts, emit, fields, output_parent, page_note, table, when
+from hub.ctl.parsing import add_command, add_noun, paging_parent
+from shared.states import RunState
+
+FINISHED = frozenset({RunState.SUCCESS.value, RunState.FAILED.value})
+
+
+def register(nouns: Any) -> None:
+    verbs = add_noun(nouns, "runs", "List and inspect DAG runs.", ["outpost runs list --state running", "outpost runs show 12 --wait"])
+    out = output_parent()
+
+    cmd = add_command(verbs, "list", "List runs, newest first.", list_runs,
+                      ["outpost runs list", "outpost runs list --dag fleet_health --state failed", "outpost runs list -o json --limit 1000"],
+                      [out, paging_parent()])
+    cmd.add_argument("--dag", metavar="DAG_ID", help="only runs of this DAG")
+    cmd.add_argument("--state", choices=[s.value for s in RunState], help="only runs in this state")
+
+    cmd = add_command(verbs, "show", "Show a run and its task instances; --wait follows it to the end.", show_run,
+                      ["outpost runs show 12", "outpost runs show 12 --wait --timeout 600 && echo deployed", "outpost runs show 12 -o json"], [out])
+    cmd.add_argument("run", type=int, metavar="RUN", help="the run's numeric id (the ID column of 'outpost runs list')")
+    add_wait_options(cmd, "poll until the run finishes; exit 0 on success, 1 on failure")
+
+
+def add_wait_options(cmd: argparse.ArgumentParser, wait_help: str) -> None:
+    cmd.add_argument("--wait", action="store_true", help=wait_help)
+    cmd.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after SECONDS (exit 6); default: wait forever")
+    cmd.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="with --wait: seconds between polls (default 2)")
+
+
+def list_runs(client: HubClient, args: argparse.Namespace) -> None:
+    page = client.get("/runs", dag_id=args.dag, state=args.state, limit=args.limit, offset=args.offset)
+    emit(args, page, lambda p: table(p["items"], [
+        ("ID", lambda r: r["id"]),
+        ("DAG_ID", lambda r: r["dag_id"]),
+        ("STATE", lambda r: r["state"]),
+        ("TYPE", lambda r: r["run_type"]),
+        ("LOGICAL_DATE", lambda r: when(r["logical_date"])),
+        ("ENDED", lambda r: when(r["ended_at"])),
+        ("TASKS", lambda r: counts(r["task_counts"])),
+    ]) if p["items"] else "")
+    if args.output == "table":
+        page_note(page, "runs")
+
+
+def show_run(client: HubClient, args: argparse.Namespace) -> int:
+    if args.wait:
+        return wait_and_show(client, args, args.run)
+    emit(args, client.get(f"/runs/{args.run}"), run_text)
+    return ExitCode.OK
+
+
+def wait_and_show(client: HubClient, args: argparse.Namespace, run_pk: int) -> int:
+    """Poll the run until it finishes (progress on stderr), print it, and
+    return OK or RUN_FAILED; WAIT_TIMEOUT as a ``CtlError`` after --timeout."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    last: tuple[str, dict[str, int]] | None = None
+    while True:
+        run = client.get(f"/runs/{run_pk}")
+        progress = (run["state"], run["task_counts"])
+        if progress != last:
+            print(f"run {run_pk} {run['state']}: {counts(run['task_counts'])}", file=sys.stderr)
+            last = progress
+        if run["state"] in FINISHED:
+            emit(args, run, run_text)
+            return ExitCode.OK if run["state"] == RunState.SUCCESS else ExitCode.RUN_FAILED
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CtlError(f"run {run_pk} is still {run['state']} after {args.timeout:g} s; wait longer with --timeout or check it with 'outpost runs show {run_pk}'", ExitCode.WAIT_TIMEOUT)
+        pause = max(0.05, args.interval)
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.monotonic()))
+        time.sleep(pause)
+
+
+def run_text(run: dict[str, Any]) -> str:
+    head = fields(run, [
+        ("id", lambda r: r["id"]),
+        ("dag_id", lambda r: r["dag_id"]),
+        ("run_id", lambda r: r["run_id"]),
+        ("state", lambda r: r["state"]),
+        ("run_type", lambda r: r["run_type"]),
+        ("logical_date", lambda r: when(r["logical_date"])),
+        ("started_at", lambda r: when(r["started_at"])),
+        ("ended_at", lambda r: when(r["ended_at"])),
+        ("conf", lambda r: r["conf"] or None),
+        ("tasks", lambda r: counts(r["task_counts"])),
+    ])
+    tis = table(run["task_instances"], [
+        ("TASK_ID", lambda t: t["task_id"]),
+        ("MAP_INDEX", lambda t: None if t["map_index"] < 0 else t["map_index"]),
+        ("STATE", lambda t: t["state"]),
+        ("TRY", lambda t: f"{t['try_number']}/{t['max_tries']}"),
+        ("AGENT_ID", lambda t: t["agent_id"]),
+        ("STARTED", lambda t: when(t["started_at"])),
+        ("ENDED", lambda t: when(t["ended_at"])),
+        ("ERROR", lambda t: t["error"] and (t["error"].get("message") or t["error"])),
+    ])
+    return f"{head}\n\n{tis}" if run["task_instances"] else head

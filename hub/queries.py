@@ -1,0 +1,223 @@
+"""Read models shared by the REST API and the dashboard.
+
+Every function takes an open ``Session``, reads, and returns plain dicts
+(datetimes stay aware ``datetime`` objects; callers format them). Nothing
+here writes. Lists come back as a page: ``{"items", "total", "limit",
+"offset"}``, newest first for runs, by id for everything named.
+
+Names follow the API: a run's numeric primary key is ``id`` on the run and
+``run_pk`` wherever another object refers to it; ``run_id`` is the
+Airflow-style string (``manual__2026-01-01T00:00:00+00:00``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from hub.errors import AgentNotFound, DagNotFound, InvalidRequest, RunNotFound
+from hub.models import Agent, Dag, DagImportError, DagRun, RejectedMessage, TaskInstance
+
+Page = dict[str, Any]
+
+
+def list_dags(session: Session, *, is_paused: bool | None = None, is_active: bool | None = None, limit: int = 100, offset: int = 0) -> Page:
+    stmt = select(Dag).order_by(Dag.dag_id)
+    if is_paused is not None:
+        stmt = stmt.where(Dag.is_paused.is_(is_paused))
+    if is_active is not None:
+        stmt = stmt.where(Dag.is_active.is_(is_active))
+    dags, total = _page(session, stmt, limit, offset)
+    last_runs = _last_runs(session, [d.dag_id for d in dags])
+    items = [_dag_summary(d, last_runs.get(d.dag_id)) for d in dags]
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def get_dag(session: Session, dag_id: str) -> dict[str, Any]:
+    """One DAG with its serialized structure (tasks, upstreams, targets)."""
+    dag = session.get(Dag, dag_id)
+    if dag is None:
+        raise DagNotFound(f"DAG {dag_id!r} not found; list DAGs with GET /api/v1/dags")
+    return {**_dag_summary(dag, _last_runs(session, [dag_id]).get(dag_id)), "structure": dag.structure}
+
+
+def list_import_errors(session: Session, *, limit: int = 100, offset: int = 0) -> Page:
+    rows, total = _page(session, select(DagImportError).order_by(DagImportError.fileloc), limit, offset)
+    items = [{"id": e.id, "fileloc": e.fileloc, "kind": e.kind, "error": e.error, "recorded_at": e.recorded_at} for e in rows]
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def list_runs(session: Session, *, dag_id: str | None = None, state: str | None = None, limit: int = 100, offset: int = 0) -> Page:
+    """Runs, newest first. A ``dag_id`` that names no DAG is an error rather
+    than an empty page, so a typo does not look like "no runs yet"."""
+    stmt = select(DagRun).order_by(DagRun.id.desc())
+    if dag_id is not None:
+        if session.get(Dag, dag_id) is None:
+            raise InvalidRequest(f"unknown dag_id {dag_id!r}; list DAGs with GET /api/v1/dags")
+        stmt = stmt.where(DagRun.dag_id == dag_id)
+    if state is not None:
+        stmt = stmt.where(DagRun.state == state)
+    runs, total = _page(session, stmt, limit, offset)
+    counts = _task_counts(session, [r.id for r in runs])
+    items = [{**_run(r), "task_counts": counts.get(r.id, {})} for r in runs]
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def get_run(session: Session, run_pk: int) -> dict[str, Any]:
+    """One run with all its task instances, in creation order."""
+    run = _run_row(session, run_pk)
+    tis = session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk).order_by(TaskInstance.id)).all()
+    counts = _task_counts(session, [run_pk]).get(run_pk, {})
+    return {**_run(run), "task_counts": counts, "task_instances": [_task_instance(t) for t in tis]}
+
+
+def list_task_instances(session: Session, run_pk: int, *, limit: int = 100, offset: int = 0) -> Page:
+    _run_row(session, run_pk)
+    stmt = select(TaskInstance).where(TaskInstance.run_pk == run_pk).order_by(TaskInstance.id)
+    tis, total = _page(session, stmt, limit, offset)
+    return {"items": [_task_instance(t) for t in tis], "total": total, "limit": limit, "offset": offset}
+
+
+def list_agents(session: Session, *, state: str | None = None, labels: dict[str, str] | None = None, limit: int = 100, offset: int = 0) -> Page:
+    """Agents by id; ``labels`` must all match (string equality)."""
+    stmt = select(Agent).order_by(Agent.agent_id)
+    if state is not None:
+        stmt = stmt.where(Agent.state == state)
+    for key, value in (labels or {}).items():
+        stmt = stmt.where(Agent.labels[key].as_string() == value)
+    agents, total = _page(session, stmt, limit, offset)
+    return {"items": [_agent(a) for a in agents], "total": total, "limit": limit, "offset": offset}
+
+
+def get_agent(session: Session, agent_id: str, *, recent: int = 20) -> dict[str, Any]:
+    """One agent with its ``recent`` latest task instances."""
+    agent = session.get(Agent, agent_id)
+    if agent is None:
+        raise AgentNotFound(f"agent {agent_id!r} not found; list agents with GET /api/v1/agents")
+    stmt = select(TaskInstance).where(TaskInstance.agent_id == agent_id).order_by(TaskInstance.id.desc()).limit(recent)
+    tis = [{"dag_id": t.dag_id, "run_pk": t.run_pk, "run_id": t.run_id, **_task_instance(t)} for t in session.scalars(stmt)]
+    return {**_agent(agent), "last_heartbeat": agent.last_heartbeat, "recent_task_instances": tis}
+
+
+def list_rejected(session: Session, *, code: str | None = None, agent_id: str | None = None, limit: int = 100, offset: int = 0) -> Page:
+    """Rejected wire messages, newest first, plus ``counts``: the number
+    of rejections per code over all of them (filters do not apply)."""
+    stmt = select(RejectedMessage).order_by(RejectedMessage.id.desc())
+    if code is not None:
+        stmt = stmt.where(RejectedMessage.code == code)
+    if agent_id is not None:
+        stmt = stmt.where(RejectedMessage.agent_id == agent_id)
+    rows, total = _page(session, stmt, limit, offset)
+    items = [
+        {"id": r.id, "source": r.source, "code": r.code, "topic": r.topic, "agent_id": r.agent_id, "detail": r.detail, "excerpt": r.excerpt, "received_at": r.received_at}
+        for r in rows
+    ]
+    counts = dict(session.execute(select(RejectedMessage.code, func.count()).group_by(RejectedMessage.code).order_by(RejectedMessage.code)).all())
+    return {"items": items, "total": total, "limit": limit, "offset": offset, "counts": counts}
+
+
+# --- rows to dicts ------------------------------------------------------------
+
+
+def _dag_summary(dag: Dag, last_run: DagRun | None) -> dict[str, Any]:
+    return {
+        "dag_id": dag.dag_id,
+        "description": dag.description,
+        "fileloc": dag.fileloc,
+        "schedule": dag.schedule,
+        "tags": list(dag.tags or []),
+        "is_paused": dag.is_paused,
+        "is_active": dag.is_active,
+        "task_count": len((dag.structure or {}).get("tasks", [])),
+        "last_run": None if last_run is None else {"id": last_run.id, "run_id": last_run.run_id, "state": last_run.state, "logical_date": last_run.logical_date},
+        "next_run_at": dag.next_run_at,
+        "last_parsed_at": dag.last_parsed_at,
+    }
+
+
+def _run(run: DagRun) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "dag_id": run.dag_id,
+        "run_id": run.run_id,
+        "run_type": run.run_type,
+        "state": run.state,
+        "logical_date": run.logical_date,
+        "conf": run.conf,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "ended_at": run.ended_at,
+    }
+
+
+def _task_instance(ti: TaskInstance) -> dict[str, Any]:
+    return {
+        "id": ti.id,
+        "task_id": ti.task_id,
+        "map_index": ti.map_index,
+        "state": ti.state,
+        "try_number": ti.try_number,
+        "max_tries": ti.max_tries,
+        "kind": ti.kind,
+        "job_type": ti.job_type,
+        "agent_id": ti.agent_id,
+        "output": ti.output,
+        "error": ti.error,
+        "queued_at": ti.queued_at,
+        "started_at": ti.started_at,
+        "ended_at": ti.ended_at,
+    }
+
+
+def _agent(agent: Agent) -> dict[str, Any]:
+    return {
+        "agent_id": agent.agent_id,
+        "hostname": agent.hostname,
+        "version": agent.agent_version,
+        "state": agent.state,
+        "labels": agent.labels,
+        "job_types": agent.job_types,
+        "first_seen": agent.first_seen,
+        "last_seen": agent.last_seen,
+    }
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _page(session: Session, stmt: Select[Any], limit: int, offset: int) -> tuple[list[Any], int]:
+    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+    rows = list(session.scalars(stmt.limit(limit).offset(offset)))
+    return rows, total
+
+
+def _run_row(session: Session, run_pk: int) -> DagRun:
+    run = session.get(DagRun, run_pk)
+    if run is None:
+        raise RunNotFound(f"run {run_pk} not found; list runs with GET /api/v1/runs")
+    return run
+
+
+def _last_runs(session: Session, dag_ids: list[str]) -> dict[str, DagRun]:
+    if not dag_ids:
+        return {}
+    newest = select(func.max(DagRun.id)).where(DagRun.dag_id.in_(dag_ids)).group_by(DagRun.dag_id)
+    return {run.dag_id: run for run in session.scalars(select(DagRun).where(DagRun.id.in_(newest)))}
+
+
+def _task_counts(session: Session, run_pks: list[int]) -> dict[int, dict[str, int]]:
+    """Task instances per state, per run."""
+    counts: dict[int, dict[str, int]] = {}
+    if not run_pks:
+        return counts
+    stmt = (
+        select(TaskInstance.run_pk, TaskInstance.state, func.count())
+        .where(TaskInstance.run_pk.in_(run_pks))
+        .group_by(TaskInstance.run_pk, TaskInstance.state)
+        .order_by(TaskInstance.run_pk, TaskInstance.state)
+    )
+    for run_pk, state, n in session.execute(stmt):
+        counts.setdefault(run_pk, {})[state] = n
+    return counts

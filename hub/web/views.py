@@ -1,0 +1,291 @@
+"""The dashboard: server-rendered pages over ``hub.queries``.
+
+Pages: ``/`` (DAGs and import errors), ``/dags/{dag_id}``, ``/runs``,
+``/runs/{run_pk}``, ``/agents``, ``/agents/{agent_id}``; one action,
+``POST /dags/{dag_id}/trigger`` (303 to the new run). Jinja2 autoescapes
+every value, so device-supplied strings (hostnames, labels, outputs) are
+text, never markup. No inline script or style and no CDN: every response
+carries ``Content-Security-Policy: default-src 'self'`` and the JS/CSS come
+from ``/static``. ``static/app.js`` keeps pages live by re-fetching the
+page and swapping its ``<main>``.
+
+The composition root wires it (``hub.api`` may not import this package)::
+
+    app = create_app(..., extra_routers=[views.router],
+                     mounts={views.STATIC_PATH: views.static_files()})
+
+The views use ``app.state.sessions``, ``.events`` and ``.clock``, which
+``create_app`` sets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jinja2
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hub import actions, queries
+from hub.errors import HubError, InvalidRequest
+from shared.clock import utcnow
+
+STATIC_PATH = "/static"
+_MAX_FORM_BYTES = 64 * 1024
+_HERE = Path(__file__).parent
+
+#: Sent with every dashboard response, pages and static files alike.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+#: Task-instance, run and agent states that have a badge colour; others look neutral.
+_BADGE_STATES = frozenset(
+    {
+        "none", "scheduled", "queued", "delivered", "running", "success", "failed", "up_for_retry", "skipped",
+        "upstream_failed", "removed", "device_offline", "online", "offline", "paused", "active", "inactive",
+    }
+)
+
+router = APIRouter(include_in_schema=False)
+
+
+def static_files() -> ASGIApp:
+    """The dashboard's JS/CSS, to mount at ``STATIC_PATH``."""
+    return _WithHeaders(StaticFiles(directory=str(_HERE / "static")))
+
+
+# --- pages ----------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+def dag_list(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        dags = queries.list_dags(session, is_active=True, limit=1000)
+        errors = queries.list_import_errors(session, limit=1000)
+    return _render(request, "dags.html", nav="dags", dags=dags, import_errors=errors)
+
+
+@router.get("/dags/{dag_id}", response_class=HTMLResponse)
+def dag_detail(request: Request, dag_id: str) -> Response:
+    try:
+        with request.app.state.sessions() as session:
+            dag = queries.get_dag(session, dag_id)
+            runs = queries.list_runs(session, dag_id=dag_id, limit=25)
+    except HubError as exc:
+        return _error_page(request, exc)
+    return _render(request, "dag.html", nav="dags", dag=dag, tasks=dag["structure"].get("tasks", []), runs=runs)
+
+
+@router.post("/dags/{dag_id}/trigger")
+async def trigger(request: Request, dag_id: str) -> Response:
+    """Trigger a manual run and go to its page (303, so reload does not re-post).
+    The form's optional ``conf`` field is a JSON object."""
+    if not _same_origin(request):
+        return _error_page(request, InvalidRequest("cross-site form posts are refused"), status=403)
+    state = request.app.state
+    try:
+        conf = _parse_conf(await _form_field(request, "conf"))
+        run_pk = await run_in_threadpool(actions.trigger, state.sessions, state.events, state.clock, dag_id, conf)
+    except HubError as exc:
+        return _error_page(request, exc)
+    return _secure(RedirectResponse(f"/runs/{run_pk}", status_code=303))
+
+
+@router.get("/runs", response_class=HTMLResponse)
+def run_list(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        runs = queries.list_runs(session, limit=100)
+    return _render(request, "runs.html", nav="runs", runs=runs)
+
+
+@router.get("/runs/{run_pk}", response_class=HTMLResponse)
+def run_detail(request: Request, run_pk: int) -> Response:
+    try:
+        with request.app.state.sessions() as session:
+            run = queries.get_run(session, run_pk)
+            structure = queries.get_dag(session, run["dag_id"])["structure"]
+    except HubError as exc:
+        return _error_page(request, exc)
+    return _render(request, "run.html", nav="runs", run=run, groups=task_groups(run["task_instances"], structure))
+
+
+@router.get("/agents", response_class=HTMLResponse)
+def agent_list(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        agents = queries.list_agents(session, limit=1000)
+    online = sum(1 for a in agents["items"] if a["state"] == "online")
+    return _render(request, "agents.html", nav="agents", agents=agents, online=online)
+
+
+@router.get("/agents/{agent_id}", response_class=HTMLResponse)
+def agent_detail(request: Request, agent_id: str) -> Response:
+    try:
+        with request.app.state.sessions() as session:
+            agent = queries.get_agent(session, agent_id)
+    except HubError as exc:
+        return _error_page(request, exc)
+    return _render(request, "agent.html", nav="agents", agent=agent)
+
+
+# --- view logic -------------------------------------------------------------------
+
+
+def task_groups(task_instances: list[dict[str, Any]], structure: dict[str, Any]) -> list[dict[str, Any]]:
+    """Task instances grouped under their task, in the DAG's order (upstream
+    first); a fan-out's instances sorted by map index. Tasks that no longer
+    exist in the DAG come last, in the order they were created."""
+    specs = {t["task_id"]: t for t in structure.get("tasks", [])}
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for ti in task_instances:
+        by_task.setdefault(ti["task_id"], []).append(ti)
+    order = [t for t in specs if t in by_task] + [t for t in by_task if t not in specs]
+    groups = []
+    for task_id in order:
+        instances = sorted(by_task[task_id], key=lambda ti: ti["map_index"])
+        groups.append(
+            {
+                "task_id": task_id,
+                "spec": specs.get(task_id, {}),
+                "instances": instances,
+                "mapped": any(ti["map_index"] >= 0 for ti in instances),
+                "counts": dict(sorted(Counter(ti["state"] for ti in instances).items())),
+            }
+        )
+    return groups
+
+
+async def _form_field(request: Request, name: str) -> str:
+    """One field of an urlencoded form post (the dashboard's only kind)."""
+    body = await request.body()
+    if len(body) > _MAX_FORM_BYTES:
+        raise InvalidRequest(f"form is larger than {_MAX_FORM_BYTES} bytes")
+    values = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).get(name, [""])
+    return values[0]
+
+
+def _parse_conf(text: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"conf is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(conf, dict):
+        raise InvalidRequest(f"conf must be a JSON object, not {type(conf).__name__}")
+    return conf
+
+
+def _same_origin(request: Request) -> bool:
+    """Refuse form posts from other sites (CSRF): browsers send Origin and
+    Sec-Fetch-Site with every POST; clients without them are not browsers."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return origin != "null" and urlsplit(origin).netloc == request.headers.get("host")
+
+
+# --- rendering ------------------------------------------------------------------
+
+
+def _ago(value: datetime | None, now: datetime) -> str:
+    if value is None:
+        return "never"
+    seconds = int((now - value).total_seconds())
+    future = seconds < 0
+    seconds = abs(seconds)
+    if seconds < 60:
+        text = f"{seconds} s"
+    elif seconds < 3600:
+        text = f"{seconds // 60} min"
+    elif seconds < 86400:
+        hours, minutes = divmod(seconds // 60, 60)
+        text = f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    else:
+        days, hours = divmod(seconds // 3600, 24)
+        text = f"{days} d {hours} h" if hours else f"{days} d"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def _absolute(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _iso(value: datetime | None) -> str:
+    return "" if value is None else value.isoformat()
+
+
+def _duration(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return ""
+    seconds = (end - start).total_seconds()
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def _pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _badge(state: str | None) -> str:
+    """CSS class for a state badge; unknown states (from a newer hub or a
+    device) get the neutral class rather than reaching the markup."""
+    return f"badge badge-{state}" if state in _BADGE_STATES else "badge badge-other"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(absolute=_absolute, iso=_iso, pretty_json=_pretty_json, badge=_badge)
+    env.globals.update(ago=_ago, duration=_duration)
+    return env
+
+
+_templates = Jinja2Templates(env=_environment())
+
+
+def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+    context.setdefault("nav", "")
+    context["now"] = utcnow(request.app.state.clock)
+    return _secure(_templates.TemplateResponse(request, template, context, status_code=status))
+
+
+def _error_page(request: Request, exc: HubError, status: int | None = None) -> Response:
+    return _render(request, "error.html", status=status or exc.status, code=exc.code, message=str(exc))
+
+
+def _secure(response: Response) -> Response:
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+class _WithHeaders:
+    """ASGI wrapper adding ``SECURITY_HEADERS`` to every response of ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(SECURITY_HEADERS)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
