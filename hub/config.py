@@ -37,8 +37,6 @@ class HubSettings(BaseSettings):
     agent_offline_after: float = Field(35.0, gt=0, description="Mark an agent offline after this many seconds without a heartbeat.")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest MQTT envelope accepted or sent.")
     executor_workers: int = Field(4, ge=1, le=64, description="Threads for hub tasks (Python callables in DAG files).")
-    default_retries: int = Field(0, ge=0, description="Retries of a task that does not set its own.")
-    default_retry_delay: float = Field(10.0, ge=0, description="Seconds before a retry, for tasks that do not set their own.")
 
     _toml_path: ClassVar[Path | None] = None
 
