@@ -145,7 +145,7 @@ class Agent:
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            while not stop.wait(1.0):
+            while not stop.wait(0.2):
                 pass
             self.stop(stop_timeout)
         finally:

@@ -52,7 +52,7 @@ from shared.errors import InvalidParams, OutpostError, PayloadTooLarge, UnknownJ
 from shared.files import atomic_write
 from shared.hlc import HLC
 from shared.messages import JobError as ErrorBody
-from shared.messages import Message, Result, Started
+from shared.messages import Assign, Message, Result, Started
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class JobContextImpl:
         return self._run.abort_flag.is_set()
 
 
-def failed(assign: Any, code: str, message: str, retryable: bool, started_at: float | None = None, finished_at: float | None = None) -> Result:
+def failed(assign: Assign, code: str, message: str, retryable: bool, started_at: float | None = None, finished_at: float | None = None) -> Result:
     """A failed Result for ``assign``."""
     return Result(assign.assignment_id, assign.try_number, "failed", None, ErrorBody(code, message, retryable), started_at, finished_at)
 
@@ -309,7 +309,7 @@ class Runner:
             with self._cv:
                 del self._running[aid]
 
-    def _attempt(self, assign: Any, run: _Run) -> Result | None:
+    def _attempt(self, assign: Assign, run: _Run) -> Result | None:
         """Run one assignment; its Result, or None when the agent is stopping."""
         if assign.deadline is not None and self.clock.now() > assign.deadline:
             return failed(assign, "deadline_passed", f"deadline {assign.deadline:.3f} passed before the job could start", False)
@@ -331,7 +331,7 @@ class Runner:
             marker.unlink(missing_ok=True)
         return result
 
-    def _call(self, job: Job, params: dict[str, Any], assign: Any, run: _Run, work_dir: Path, started_at: float) -> Result | None:
+    def _call(self, job: Job, params: dict[str, Any], assign: Assign, run: _Run, work_dir: Path, started_at: float) -> Result | None:
         work_dir.mkdir(parents=True, exist_ok=True)
         ctx = JobContextImpl(run, work_dir, self.clock, self.job_settings)
         box: dict[str, Any] = {}
