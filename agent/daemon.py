@@ -81,7 +81,11 @@ class Agent:
         self.hlc = HybridClock(settings.agent_id, lambda: int(self.clock.now() * 1000))
         self.counters = Counters()
         self.inbox = Inbox(settings.inbox_path, settings.sqlite_synchronous)
-        self.outbox = Outbox(settings.outbox_path, settings.sqlite_synchronous)
+        try:
+            self.outbox = Outbox(settings.outbox_path, settings.sqlite_synchronous)
+        except BaseException:
+            self.inbox.close()
+            raise
         count = self.counters.incr
         handlers = Handlers(self._admit, self._on_assign, self._on_cancel, self._on_ack, self._on_connect, count)
         self.link = AgentLink(settings, self.hlc, handlers, self._online_status())
