@@ -159,7 +159,7 @@ class Ingester:
 
     def _apply_all(self, session: Session, items: list[tuple[Inbound, str, Envelope]], now: datetime, out: _Batch) -> None:
         # Load every row the batch touches with three queries, not three per message.
-        ids = {env.body.assignment_id for _m, _a, env in items if isinstance(env.body, Accepted | Started | Result)}
+        ids = {env.body.assignment_id for _m, _a, env in items if isinstance(env.body, Accepted | Started | Result | Rejected) and env.body.assignment_id}
         assignments = {a.id: a for a in session.scalars(select(Assignment).where(Assignment.id.in_(ids)))} if ids else {}
         ti_ids = {a.ti_id for a in assignments.values()}
         tis = {t.id: t for t in session.scalars(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)))} if ti_ids else {}
@@ -229,6 +229,8 @@ class Ingester:
         if isinstance(body, Rejected):
             self.counters[f"agent_rejected.{body.code}"] += 1
             out.rejections.append(RejectedMessage(source="agent", topic="", agent_id=agent_id, code=body.code, detail=body.detail[:2000], excerpt=body.message_id or ""))
+            if body.assignment_id:
+                self._apply_refusal(agent_id, body, assignments, tis, now, out)
             return
         assignment = assignments.get(body.assignment_id)
         if assignment is None:
@@ -251,6 +253,20 @@ class Ingester:
                 out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "running"}))
         elif isinstance(body, Result):
             self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out, known)
+
+    def _apply_refusal(self, agent_id: str, body: Rejected, assignments: dict[str, Assignment], tis: dict[int, TaskInstance], now: datetime, out: _Batch) -> None:
+        """The device refused an assignment (its deadline passed before it
+        arrived, say): that try is over and will not be run there."""
+        assignment = assignments.get(body.assignment_id or "")
+        if assignment is None or assignment.agent_id != agent_id or assignment.state == "finished":
+            return
+        assignment.state, assignment.finished_at = "finished", now
+        ti = tis.get(assignment.ti_id)
+        if ti is None or ti.try_number != assignment.try_number or ti.state in FINISHED or ti.state == TaskState.UP_FOR_RETRY:
+            return
+        error = {"code": body.code, "message": f"{agent_id} refused the assignment: {body.detail}", "retryable": False}
+        state = finish_try(ti, success=False, now=now, error=error)
+        out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
 
     def _apply_result(
         self, session: Session, agent_id: str, envelope: Envelope, body: Result, assignment: Assignment,

@@ -57,8 +57,12 @@ def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: dateti
         raise InvalidRequest(f"conf is larger than {_MAX_CONF_BYTES} bytes; pass references, not data")
     when = logical_date or now
     run_id = f"{run_type}__{when.isoformat(timespec='microseconds')}"
-    if session.scalar(select(DagRun.id).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)) is not None:
-        raise InvalidRequest(f"run {run_id!r} of {dag_id!r} already exists")
+    taken = set(session.scalars(select(DagRun.run_id).where(DagRun.dag_id == dag_id, DagRun.run_id.startswith(run_id, autoescape=True))))
+    if run_id in taken:
+        if run_type == "scheduled":
+            raise InvalidRequest(f"run {run_id!r} of {dag_id!r} already exists")
+        # Two manual triggers in the same microsecond are two runs, not an error.
+        run_id = next(f"{run_id}.{n}" for n in range(1, len(taken) + 2) if f"{run_id}.{n}" not in taken)
     run = DagRun(dag_id=dag_id, run_id=run_id, run_type=run_type, state=RunState.RUNNING, logical_date=when, conf=conf, created_at=now, started_at=now)
     session.add(run)
     session.flush()

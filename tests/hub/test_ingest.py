@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from hub.models import Agent, RejectedMessage, TaskResult
-from shared.messages import Heartbeat, Result, Status
+from shared.messages import Heartbeat, Rejected, Result, Status
 from shared.topics import events_topic, status_topic
 
 DAG = """
@@ -110,3 +110,19 @@ def test_heartbeat_updates_last_seen_and_queue_depths(make_hub: Any) -> None:
         agent = session.get(Agent, "a1")
         assert agent.last_heartbeat["inbox_depth"] == 3
         assert agent.last_seen.timestamp() == hub.clock.now()
+
+
+def test_an_assignment_the_device_refused_fails_that_try_for_good(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    hub.send("a1", Rejected("deadline_passed", "deadline 12:00 passed before delivery", assignment_id=assign.assignment_id))
+    [ti] = hub.tis(run_pk)
+    assert ti.state == "failed"
+    assert ti.error["code"] == "deadline_passed"
+    assert rejected_codes(hub) == ["deadline_passed"]
+
+
+def test_two_manual_triggers_in_the_same_instant_make_two_runs(make_hub: Any) -> None:
+    hub, first, _assign = setup(make_hub)
+    second = hub.trigger("d")
+    third = hub.trigger("d")
+    assert len({first, second, third}) == 3
