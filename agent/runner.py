@@ -319,15 +319,18 @@ class Runner:
         except (UnknownJobType, InvalidParams) as exc:
             return failed(assign, exc.code, str(exc), False)
         name = _dir_name(assign.assignment_id)
-        marker = self.work_root / f"{name}.started"
-        if marker.exists() and not job.rerunnable:
-            marker.unlink()
-            return failed(assign, "interrupted", f"the agent stopped while this ran and {assign.job_type!r} is not safe to re-run", True)
-        atomic_write(marker, b"")
+        # Only a job that is not safe to re-run needs to know it was cut off;
+        # the marker costs two fsyncs, so re-runnable jobs go without.
+        marker = None if job.rerunnable else self.work_root / f"{name}.started"
+        if marker is not None:
+            if marker.exists():
+                marker.unlink()
+                return failed(assign, "interrupted", f"the agent stopped while this ran and {assign.job_type!r} is not safe to re-run", True)
+            atomic_write(marker, b"")
         started_at = self.clock.now()
         self._on_event(Started(assign.assignment_id, started_at))
         result = self._call(job, params, assign, run, self.work_root / name, started_at)
-        if result is not None:
+        if result is not None and marker is not None:
             marker.unlink(missing_ok=True)
         return result
 
