@@ -321,16 +321,18 @@ class Runner:
         name = _dir_name(assign.assignment_id)
         # Only a job that is not safe to re-run needs to know it was cut off;
         # the marker costs two fsyncs, so re-runnable jobs go without.
-        marker = None if job.rerunnable else self.work_root / f"{name}.started"
-        if marker is not None:
-            if marker.exists():
-                marker.unlink()
-                return failed(assign, "interrupted", f"the agent stopped while this ran and {assign.job_type!r} is not safe to re-run", True)
+        marker = self.work_root / f"{name}.started"
+        if job.rerunnable:
+            marker.unlink(missing_ok=True)  # one left by an older run means nothing here
+        elif marker.exists():
+            marker.unlink()
+            return failed(assign, "interrupted", f"the agent stopped while this ran and {assign.job_type!r} is not safe to re-run", True)
+        else:
             atomic_write(marker, b"")
         started_at = self.clock.now()
         self._on_event(Started(assign.assignment_id, started_at))
         result = self._call(job, params, assign, run, self.work_root / name, started_at)
-        if result is not None and marker is not None:
+        if result is not None and not job.rerunnable:
             marker.unlink(missing_ok=True)
         return result
 
