@@ -87,11 +87,18 @@ class JobContextImpl:
 
     def __init__(self, run: _Run, work_dir: Path, clock: Clock, settings: Mapping[str, Any]) -> None:
         self.assignment_id = run.assignment_id
-        self.work_dir = work_dir
+        self._work_dir = work_dir
         self.clock = clock
         self.settings = settings
         self.last_progress: tuple[float, str] = (0.0, "")
         self._run = run
+
+    @property
+    def work_dir(self) -> Path:
+        """This assignment's own folder, made on first use (most jobs never
+        need one, and making and removing it is most of a no-op job's cost)."""
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        return self._work_dir
 
     def progress(self, fraction: float, message: str = "") -> None:
         self.last_progress = (min(1.0, max(0.0, float(fraction))), message)
@@ -337,7 +344,6 @@ class Runner:
         return result
 
     def _call(self, job: Job, params: dict[str, Any], assign: Assign, run: _Run, work_dir: Path, started_at: float) -> Result | None:
-        work_dir.mkdir(parents=True, exist_ok=True)
         ctx = JobContextImpl(run, work_dir, self.clock, self.job_settings)
         box: dict[str, Any] = {}
 
@@ -347,7 +353,8 @@ class Runner:
             except BaseException as exc:
                 box["error"] = exc
             finally:
-                shutil.rmtree(work_dir, ignore_errors=True)
+                if work_dir.exists():
+                    shutil.rmtree(work_dir, ignore_errors=True)
 
         thread = threading.Thread(target=target, name=f"job-{assign.assignment_id}", daemon=True)
         thread.start()

@@ -94,6 +94,9 @@ def _stop_on_signals() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    # Also SIGINT: a process started in the background by a shell inherits
+    # SIGINT ignored, and Python then installs no Ctrl-C handler of its own.
+    signal.signal(signal.SIGINT, handler)
 
 
 def _standalone(args: argparse.Namespace) -> int:

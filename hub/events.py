@@ -17,6 +17,8 @@ Handler = Callable[[str, dict[str, Any]], None]
 RUN_TRIGGERED = "run_triggered"
 RUN_FINISHED = "run_finished"
 TASK_STATE_CHANGED = "task_state_changed"
+#: A hub task finished (the local executor); downstream tasks may be ready.
+HUB_TASK_FINISHED = "hub_task_finished"
 RESULT_APPLIED = "result_applied"
 MESSAGE_REJECTED = "message_rejected"
 AGENT_CHANGED = "agent_changed"

@@ -116,7 +116,7 @@ class LocalExecutor:
         finally:
             with self._lock:
                 self._running.discard(ti_id)
-            self.events.emit(ev.TASK_STATE_CHANGED, ti_id=ti_id)
+            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=ti_id)
 
     def _run_one(self, ti_id: int) -> None:
         with transaction(self.sessions) as session:

@@ -171,8 +171,8 @@ class Ingester:
             except Reject as exc:
                 self._reject(out, msg, agent_id, exc.code, str(exc))
             seen.add(agent_id)
-        for agent_id in seen:
-            fleet.touch(session, agent_id, now)
+        if seen:
+            fleet.touch(session, seen, now)
         session.flush()
 
     # --- decoding ----------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -105,7 +106,9 @@ class Scheduler:
     _last_parse: float = float("-inf")
 
     def __post_init__(self) -> None:
-        for name in (ev.RUN_TRIGGERED, ev.RESULT_APPLIED, ev.TASK_STATE_CHANGED, ev.AGENT_CHANGED):
+        # Only events that can make a task ready wake the scheduler; a task
+        # that was merely delivered or started changes no decision.
+        for name in (ev.RUN_TRIGGERED, ev.RESULT_APPLIED, ev.HUB_TASK_FINISHED, ev.AGENT_CHANGED):
             self.events.subscribe(name, lambda _n, _d: self._wake.set())
 
     def wake(self) -> None:
@@ -114,14 +117,20 @@ class Scheduler:
     # --- loop drivers ------------------------------------------------------
 
     def run_forever(self, stop: threading.Event) -> None:
+        last_full = float("-inf")
         while not stop.is_set():
+            # A wake-up by an event only advances runs; the housekeeping steps
+            # (cron, retries, redelivery, silent agents) run every ``interval``.
+            full = time.monotonic() - last_full >= self.interval
             try:
-                busy = self.tick()
+                busy = self.tick(full=full)
             except Exception:
                 log.exception("scheduler tick failed; retrying")
                 busy = False
+            if full:
+                last_full = time.monotonic()
             if not busy:
-                self._wake.wait(self.interval)
+                self._wake.wait(max(0.0, self.interval - (time.monotonic() - last_full)))
             self._wake.clear()
 
     def run_until_idle(self, max_ticks: int = 1000) -> None:
@@ -130,14 +139,17 @@ class Scheduler:
                 return
         raise RuntimeError(f"scheduler still busy after {max_ticks} ticks")
 
-    def tick(self) -> bool:
-        """One scheduling pass. Returns True if it changed anything."""
+    def tick(self, full: bool = True) -> bool:
+        """One scheduling pass. Returns True if it changed anything. A pass
+        that is not ``full`` only advances runs (dispatch and decisions)."""
         now = utcnow(self.clock)
-        busy = self.parse_dags(now)
-        with transaction(self.sessions) as session:
-            busy |= self._create_scheduled_runs(session, now)
-        with transaction(self.sessions) as session:
-            busy |= self._bring_back_retries(session, now)
+        busy = False
+        if full:
+            busy |= self.parse_dags(now)
+            with transaction(self.sessions) as session:
+                busy |= self._create_scheduled_runs(session, now)
+            with transaction(self.sessions) as session:
+                busy |= self._bring_back_retries(session, now)
         with transaction(self.sessions) as session:
             hub_tasks, changed = self._advance_runs(session, now)
         if changed:
@@ -145,6 +157,8 @@ class Scheduler:
         for ti_id in hub_tasks:
             self.submit_hub_task(ti_id)
         busy |= changed
+        if not full:
+            return busy
         with transaction(self.sessions) as session:
             redelivered = self._redeliver(session, now)
         if redelivered:

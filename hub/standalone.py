@@ -10,6 +10,7 @@ depend on agent code.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -35,6 +36,18 @@ from shared.clock import utcnow
 from shared.states import RunState
 
 log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: on Linux, ask for SIGTERM when the
+    standalone process dies, even by kill -9, so no broker or agent is left
+    behind holding ports and files."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,6 +87,8 @@ class PrivateBroker:
         conf.write_text(
             "# Written by outpost-hub standalone: a private development broker on loopback.\n"
             f"listener {self.port} 127.0.0.1\n"
+            # Stay the user we are: the broker's files live in our state folder.
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.folder}/\n"
@@ -82,7 +97,7 @@ class PrivateBroker:
             "set_tcp_nodelay true\n"
             f"log_dest file {self.folder}/mosquitto.log\n"
         )
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -126,7 +141,10 @@ class LocalAgent:
             f"\n[labels]\n{label_lines}\n"
         )
         log_file = open(self.folder / "agent.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+        )
         log_file.close()
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -6,6 +6,7 @@ Mosquitto when it can, and says what to install when it cannot.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -61,6 +62,7 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
