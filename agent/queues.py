@@ -117,6 +117,15 @@ class _KeyedQueue:
         """Return claims older than ``lease_seconds`` to ready. With 0 at
         start-up, every claim a dead process held becomes ready again."""
         with _errors(self.path, "releasing claims"):
+            if lease_seconds <= 0:
+                # Not retry_expired(0): it compares claim times with the wall
+                # clock, and a device that boots with its clock behind (no RTC,
+                # NTP not synced yet) would keep every claim locked.
+                with self._q.transaction("IMMEDIATE"):
+                    cursor = self._q.conn.execute(
+                        'UPDATE "Queue" SET status = ?, lock_time = NULL WHERE status = ?', (MessageStatus.READY.value, MessageStatus.LOCKED.value)
+                    )
+                return cursor.rowcount
             return self._q.retry_expired(lease_seconds)
 
     def get(self, key: str) -> Entry | None:
@@ -250,12 +259,20 @@ class Outbox(_KeyedQueue):
 
     def claim(self) -> PendingResult | None:
         """Claim the oldest result not yet in flight, or None."""
-        with _errors(self.path, "claiming"):
-            message = self._q.pop()
-        if message is None:
-            return None
-        doc = json.loads(message.data)
-        return PendingResult(Result.from_dict(doc["result"]), HLC.parse(doc["hlc"]), message.message_id, message.claim_id)
+        while True:
+            with _errors(self.path, "claiming"):
+                message = self._q.pop()
+            if message is None:
+                return None
+            try:
+                doc = json.loads(message.data)
+                return PendingResult(Result.from_dict(doc["result"]), HLC.parse(doc["hlc"]), message.message_id, message.claim_id)
+            except (ValueError, KeyError, TypeError, OutpostError) as exc:
+                # Set aside (status failed, kept for inspection), never retried
+                # forever in front of the results behind it.
+                log.error("outbox item %s is unreadable and is set aside: %s", message.message_id, exc)
+                with _errors(self.path, "setting aside"):
+                    self._q.mark_failed(message.message_id, claim_id=message.claim_id)
 
     def ack(self, assignment_ids: Iterable[str], now: float) -> int:
         """Mark these results acknowledged (done), whether in flight or not;

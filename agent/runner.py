@@ -247,8 +247,9 @@ class Runner:
             try:
                 self._release_due()
                 self._claim_more()
-            except QueueError:
+            except Exception:  # this thread must outlive any one bad item or error
                 log.exception("claiming from the inbox failed; retrying")
+                self._count("errors.claim")
                 self._stopping.wait(1.0)
 
     def _release_due(self) -> None:
@@ -310,11 +311,29 @@ class Runner:
             run = self._running[aid] = _Run(aid)
         try:
             result = self._attempt(claimed.assign, run)
-            if result is not None:
-                self._finish(claimed, result)
+            if result is not None and self._finish_durably(claimed, result):
+                # Only now: a crash before the outbox commit must still find
+                # the marker, or a job that is not safe to re-run runs twice.
+                (self.work_root / f"{_dir_name(aid)}.started").unlink(missing_ok=True)
         finally:
             with self._cv:
                 del self._running[aid]
+
+    def _finish_durably(self, claimed: Claimed, result: Result) -> bool:
+        """Store the result, retrying while the queue fails (a full disk, a
+        locked database): a computed result is never dropped. False only if
+        the agent stops first; the claim then returns at the next start."""
+        delay = 0.5
+        while True:
+            try:
+                self._finish(claimed, result)
+                return True
+            except QueueError:
+                log.exception("%s: storing the result failed; retrying in %.1fs", claimed.assignment_id, delay)
+                self._count("errors.outbox_write")
+                if self._stopping.wait(delay):
+                    return False
+                delay = min(delay * 2, 30.0)
 
     def _attempt(self, assign: Assign, run: _Run) -> Result | None:
         """Run one assignment; its Result, or None when the agent is stopping."""
@@ -338,10 +357,7 @@ class Runner:
             atomic_write(marker, b"")
         started_at = self.clock.now()
         self._on_event(Started(assign.assignment_id, started_at))
-        result = self._call(job, params, assign, run, self.work_root / name, started_at)
-        if result is not None and not job.rerunnable:
-            marker.unlink(missing_ok=True)
-        return result
+        return self._call(job, params, assign, run, self.work_root / name, started_at)
 
     def _call(self, job: Job, params: dict[str, Any], assign: Assign, run: _Run, work_dir: Path, started_at: float) -> Result | None:
         ctx = JobContextImpl(run, work_dir, self.clock, self.job_settings)

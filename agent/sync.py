@@ -119,8 +119,9 @@ class Sync:
             self._wake.clear()
             try:
                 self._step()
-            except QueueError:
-                log.exception("reading the outbox failed; retrying")
+            except Exception:  # this thread must outlive any one bad item or error
+                log.exception("sending the outbox failed; retrying")
+                self._count("errors.sync")
                 self._stopping.wait(1.0)
 
     def _step(self) -> None:

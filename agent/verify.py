@@ -55,11 +55,13 @@ def admit(envelope: Envelope, topic_kind: str, now: float) -> Rejection | None:
     body = envelope.body
     assignment_id = getattr(body, "assignment_id", None)
     if envelope.sender != HUB_SENDER:
-        return Rejection("wrong_sender", f"sender {envelope.sender!r} is not {HUB_SENDER!r}", assignment_id)
+        # No assignment id on a refusal the hub could mistake for "will not
+        # run": a forged or misrouted copy says nothing about the real one.
+        return Rejection("wrong_sender", f"sender {envelope.sender!r} is not {HUB_SENDER!r}")
     allowed = ALLOWED.get(topic_kind, ())
     if not isinstance(body, allowed):
         names = ", ".join(t.TYPE for t in allowed) or "nothing"
-        return Rejection("unexpected_type", f"a {envelope.type!r} message on the {topic_kind!r} topic (expected {names})", assignment_id)
+        return Rejection("unexpected_type", f"a {envelope.type!r} message on the {topic_kind!r} topic (expected {names})")
     if envelope.expires_at is not None and envelope.expires_at < now:
         return Rejection("expired", f"envelope expired at {envelope.expires_at:.3f}, {now - envelope.expires_at:.3f}s ago", assignment_id)
     if isinstance(body, Assign) and body.deadline is not None and body.deadline < now:
