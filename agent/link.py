@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from agent.config import AgentSettings
 from shared.envelope import Envelope, decode, encode
-from shared.errors import PayloadTooLarge, ProtocolError
+from shared.errors import ClockSkew, PayloadTooLarge, ProtocolError
 from shared.hlc import HLC, HybridClock
 from shared.messages import Ack, Assign, Cancel, Message, Rejected, Status
 from shared.mqtt import Inbound, MqttLink, MqttSettings, Will
@@ -176,7 +176,10 @@ class AgentLink:
         if refusal is not None:
             self._refuse(inbound, refusal.code, refusal.detail, envelope.id, refusal.assignment_id)
             return
-        self._hlc.update(envelope.hlc)
+        try:
+            self._hlc.update(envelope.hlc)
+        except ClockSkew as exc:
+            log.warning("not merging the clock of %s: %s", envelope.sender, exc)
         body = envelope.body
         if isinstance(body, Assign):
             self._handlers.on_assign(envelope, inbound)

@@ -425,6 +425,6 @@ class Runner:
 
 def _dir_name(assignment_id: str) -> str:
     """A file-name-safe folder name for an assignment id from the wire."""
-    if _SAFE_NAME.match(assignment_id):
+    if _SAFE_NAME.fullmatch(assignment_id):
         return assignment_id
     return "h-" + hashlib.sha256(assignment_id.encode()).hexdigest()[:32]

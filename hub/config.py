@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -25,6 +25,7 @@ class HubSettings(BaseSettings):
     state_dir: Path = Field(Path(".outpost/hub"), description="Folder for the SQLite database and hub state.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite in state_dir (hub.db). PostgreSQL: postgresql+psycopg://user@host/db.")
     dags_folder: Path = Field(EXAMPLE_DAGS, description="Folder of DAG files (*.py).")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field("FULL", description="SQLite commit durability: FULL survives power loss (results are acknowledged after commit); NORMAL only process crashes, and is faster.")
     broker_host: str = Field("127.0.0.1", description="MQTT broker host.")
     broker_port: int = Field(1883, ge=1, le=65535, description="MQTT broker port.")
     broker_username: str | None = Field(None, description="MQTT user name of the hub.")
@@ -35,6 +36,7 @@ class HubSettings(BaseSettings):
     scheduler_interval: float = Field(0.5, gt=0, description="Seconds between scheduler ticks when idle.")
     redeliver_after: float = Field(30.0, gt=0, description="Re-send an assignment when no 'accepted' came back after this many seconds.")
     agent_offline_after: float = Field(35.0, gt=0, description="Mark an agent offline after this many seconds without a heartbeat.")
+    max_clock_skew: float = Field(300.0, gt=0, description="Seconds a device's clock may run ahead of the hub's before its stamps are no longer merged into the hub's clock (counted as clock_skew).")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest MQTT envelope accepted or sent.")
     executor_workers: int = Field(4, ge=1, le=64, description="Threads for hub tasks (Python callables in DAG files).")
 

@@ -82,7 +82,7 @@ class BaseOperator:
         execution_timeout: timedelta | float | None = None,
         doc_md: str | None = None,
     ) -> None:
-        if not isinstance(task_id, str) or not _ID_RE.match(task_id):
+        if not isinstance(task_id, str) or not _ID_RE.fullmatch(task_id):
             raise InvalidDag(f"invalid task_id {task_id!r}: use letters, digits, '_', '.', '-' (max 250)")
         if trigger_rule not in TRIGGER_RULES:
             raise InvalidDag(f"task {task_id!r}: unknown trigger_rule {trigger_rule!r}; one of {', '.join(sorted(TRIGGER_RULES))}")
@@ -201,7 +201,7 @@ class DAG:
         is_paused_upon_creation: bool = False,
         doc_md: str | None = None,
     ) -> None:
-        if not isinstance(dag_id, str) or not _ID_RE.match(dag_id):
+        if not isinstance(dag_id, str) or not _ID_RE.fullmatch(dag_id):
             raise InvalidDag(f"invalid dag_id {dag_id!r}: use letters, digits, '_', '.', '-' (max 250)")
         if start_date is not None and start_date.tzinfo is None:
             raise InvalidDag(f"DAG {dag_id!r}: start_date must be timezone-aware")

@@ -6,7 +6,9 @@ Nothing here or in the models is SQLite-only: the same migrations run on both.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,26 +19,35 @@ from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
 _WRITE = "outpost_write"
+#: One write lock per SQLite engine (see _serialize_sqlite_writers).
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine; for SQLite, create the folder and set WAL pragmas."""
+def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) -> Engine:
+    """Create an engine; for SQLite, create the folder and set WAL pragmas.
+
+    ``sqlite_synchronous`` FULL makes every commit survive power loss; the
+    hub acknowledges results after commit and the agent then forgets them,
+    so NORMAL (safe against process crashes only) could lose a result when
+    the hub machine loses power."""
+    if sqlite_synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, not {sqlite_synchronous!r}")
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", lambda conn, record: _sqlite_pragmas(conn, sqlite_synchronous))
         _serialize_sqlite_writers(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, synchronous: str) -> None:
     dbapi_conn.isolation_level = None  # let the "begin" listener issue BEGIN
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
@@ -45,36 +56,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _serialize_sqlite_writers(engine: Engine) -> None:
     """SQLite has one writer at a time. Write transactions (those opened by
     :func:`transaction`) take the write lock up front (``BEGIN IMMEDIATE``),
-    so a read-then-write never fails half way, and queue on a lock in this
-    process first, so threads of one hub wait in line instead of in SQLite's
-    busy handler, whose back-off sleeps cost tens of milliseconds. Reads use
-    a plain ``BEGIN`` and, thanks to WAL, never wait for writers."""
-    lock = threading.Lock()
+    so a read-then-write never fails half way, and queue on a lock of this
+    process first (held from before BEGIN to after COMMIT), so threads of one
+    hub wait in line instead of in SQLite's busy handler, whose back-off
+    sleeps cost tens of milliseconds. Reads use a plain ``BEGIN`` and, thanks
+    to WAL, never wait for writers."""
+    _WRITE_LOCKS[engine] = threading.RLock()
 
     def begin(conn: Connection) -> None:
-        if conn.get_execution_options().get(_WRITE):
-            lock.acquire()
-            conn.info[_WRITE] = True
-            try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            except BaseException:
-                _release(conn)
-                raise
-        else:
-            conn.exec_driver_sql("BEGIN")
-
-    def _release(conn: Connection) -> None:
-        if conn.info.pop(_WRITE, False):
-            lock.release()
-
-    def checkin(dbapi_conn: Any, record: Any) -> None:
-        if record.info.pop(_WRITE, False):  # a transaction that never ended cleanly
-            lock.release()
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
     event.listen(engine, "begin", begin)
-    event.listen(engine, "commit", _release)
-    event.listen(engine, "rollback", _release)
-    event.listen(engine.pool, "checkin", checkin)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -85,9 +77,12 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work that writes: commit on success, roll back on any
     exception. Reads need no transaction helper: use ``factory()``."""
-    with factory() as session, session.begin():
-        session.connection(execution_options={_WRITE: True})
-        yield session
+    engine = factory.kw.get("bind")
+    lock = _WRITE_LOCKS.get(engine) if engine is not None else None
+    with lock or contextlib.nullcontext():
+        with factory() as session, session.begin():
+            session.connection(execution_options={_WRITE: True})
+            yield session
 
 
 def skip_locked(stmt: Select[Any], session: Session) -> Select[Any]:
@@ -96,6 +91,16 @@ def skip_locked(stmt: Select[Any], session: Session) -> Select[Any]:
     transaction already excludes the others."""
     if session.get_bind().dialect.name == "postgresql":
         return stmt.with_for_update(skip_locked=True)
+    return stmt
+
+
+def for_update(stmt: Select[Any], session: Session) -> Select[Any]:
+    """Lock the selected rows until commit (PostgreSQL), waiting for other
+    hub processes that hold them: used where two processes may change the
+    same rows (ingestion of one agent's events through a shared
+    subscription). Sort ``stmt`` by primary key so lock order is stable."""
+    if session.get_bind().dialect.name == "postgresql":
+        return stmt.with_for_update()
     return stmt
 
 

@@ -111,8 +111,9 @@ class LocalExecutor:
     def _execute(self, ti_id: int) -> None:
         try:
             self._run_one(ti_id)
-        except Exception:
+        except Exception as exc:
             log.exception("hub task %s: executor failure", ti_id)
+            self._fail_after_crash(ti_id, exc)
         finally:
             with self._lock:
                 self._running.discard(ti_id)
@@ -143,6 +144,17 @@ class LocalExecutor:
                 return  # cleared or marked meanwhile: the operator's decision stands
             finish_try(ti, success=success, now=utcnow(self.clock), output=output, error=error)
 
+    def _fail_after_crash(self, ti_id: int, exc: Exception) -> None:
+        """Never leave a try running: record the executor's own failure."""
+        try:
+            with transaction(self.sessions) as session:
+                ti = session.get(TaskInstance, ti_id)
+                if ti is not None and ti.state == TaskState.RUNNING:
+                    error = {"code": "executor_error", "message": f"{type(exc).__name__}: {exc}", "retryable": True}
+                    finish_try(ti, success=False, now=utcnow(self.clock), error=error)
+        except Exception:
+            log.exception("hub task %s: could not record the failure; it is adopted at the next start", ti_id)
+
     @staticmethod
     def _call(fn: Callable[..., Any], available: dict[str, Any]) -> tuple[bool, Any, dict[str, Any] | None]:
         try:
@@ -150,12 +162,12 @@ class LocalExecutor:
             takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
             kwargs = available if takes_all else {k: v for k, v in available.items() if k in signature.parameters}
             output = fn(**kwargs)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # DAG code may even call sys.exit(); the task fails, the hub stays
             log.warning("hub task raised %s: %s", type(exc).__name__, exc)
             return False, None, {"code": "exception", "message": f"{type(exc).__name__}: {exc}", "retryable": True}
         try:
             size = len(json.dumps(output))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             return False, None, {"code": "output_not_json", "message": f"the return value is not JSON: {exc}", "retryable": False}
         if size > MAX_OUTPUT_BYTES:
             return False, None, {"code": "output_too_large", "message": f"the return value is {size} bytes, over {MAX_OUTPUT_BYTES}", "retryable": False}

@@ -3,8 +3,11 @@
 Online state comes from two sources: heartbeats (``last_seen``; the
 scheduler marks an agent offline after ``agent_offline_after`` seconds of
 silence) and the retained status topic, whose ``offline`` value the broker
-publishes as the agent's last will. A status older (by HLC) than the one
-already applied is ignored, so a stale retained message never wins.
+publishes as the agent's last will. Status messages apply in the order the
+broker delivers them, not by their HLC stamps: the will is stamped when the
+agent starts, before every ``online`` it publishes later, yet it is the
+newest news when the broker sends it. A retained status is the last one the
+broker saw, so a hub that (re)subscribes gets the truth.
 """
 
 from __future__ import annotations
@@ -28,10 +31,9 @@ def _agent(session: Session, agent_id: str, now: datetime) -> Agent:
 
 
 def apply_status(session: Session, agent_id: str, status: Status, stamp: HLC, now: datetime) -> bool:
-    """Apply a status message; returns False if it was stale."""
+    """Apply a status message; returns True if the online state changed."""
     agent = _agent(session, agent_id, now)
-    if agent.status_hlc and HLC.parse(agent.status_hlc) >= stamp:
-        return False
+    changed = agent.state != status.state
     agent.status_hlc = str(stamp)
     agent.state = status.state
     if status.state == "online":
@@ -40,7 +42,7 @@ def apply_status(session: Session, agent_id: str, status: Status, stamp: HLC, no
         agent.agent_version = status.agent_version
         agent.labels = dict(status.labels)
         agent.job_types = [j.to_dict() for j in status.job_types]
-    return True
+    return changed
 
 
 def apply_heartbeat(session: Session, agent_id: str, beat: Heartbeat, now: datetime) -> bool:

@@ -22,7 +22,7 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -30,13 +30,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hub import events as ev
 from hub import fleet
-from hub.db import transaction
+from hub.db import for_update, transaction
 from hub.events import EventBus
 from hub.lifecycle import finish_try
 from hub.models import Assignment, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
-from shared.errors import OutpostError, ProtocolError
+from shared.errors import ClockSkew, OutpostError, ProtocolError
 from shared.hlc import HybridClock
 from shared.messages import Accepted, Ack, Heartbeat, Rejected, Result, Started, Status
 from shared.mqtt import Inbound, MqttLink
@@ -44,6 +44,10 @@ from shared.states import FINISHED, TaskState
 from shared.topics import ack_topic, parse
 
 log = logging.getLogger(__name__)
+
+
+#: Agent refusal codes that end the try: the device will not run it.
+FINAL_REFUSALS = frozenset({"deadline_passed"})
 
 
 class Reject(OutpostError):
@@ -93,17 +97,41 @@ class Ingester:
             self._process_with_retry(batch, stop)
 
     def _process_with_retry(self, batch: list[Inbound], stop: threading.Event) -> None:
+        if not self._retry_while_db_down(lambda: self.process(batch), stop):
+            # Something in the batch breaks every attempt: apply its messages
+            # one by one so a single poison message holds up nothing else.
+            for msg in batch:
+                if not self._retry_while_db_down(lambda m=msg: self.process([m]), stop):  # type: ignore[misc]
+                    self._set_aside(msg)
+
+    def _retry_while_db_down(self, attempt: Callable[[], None], stop: threading.Event) -> bool:
+        """Run ``attempt``, retrying while the DB is unreachable or locked
+        (nothing was acknowledged, so holding the messages loses nothing).
+        False if it failed for any other reason."""
         delay = 0.2
         while not stop.is_set():
             try:
-                self.process(batch)
-                return
-            except Exception:
-                # The DB is unreachable or locked: nothing was acknowledged,
-                # so holding the batch and retrying loses nothing.
-                log.exception("ingest: batch failed; retrying %d messages in %.1fs", len(batch), delay)
+                attempt()
+                return True
+            except OperationalError:
+                log.exception("ingest: database error; retrying in %.1fs", delay)
                 stop.wait(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception:
+                log.exception("ingest: processing failed")
+                return False
+        return True  # stopping: the broker redelivers what was not acknowledged
+
+    def _set_aside(self, msg: Inbound) -> None:
+        """A message that cannot be processed at all: recorded (if even that
+        works), counted, and acknowledged so it is not redelivered forever."""
+        self.counters["rejected.unprocessable"] += 1
+        try:
+            with transaction(self.sessions) as session:
+                session.add(_rejection(msg.topic, None, "unprocessable", "the message failed every attempt to apply it; see the hub log", msg.payload, utcnow(self.clock)))
+        except Exception:
+            log.exception("ingest: could not even record the unprocessable message on %s", msg.topic)
+        msg.ack()
 
     def process(self, batch: list[Inbound]) -> None:
         """Apply a batch of inbound messages, then acknowledge them."""
@@ -160,9 +188,12 @@ class Ingester:
     def _apply_all(self, session: Session, items: list[tuple[Inbound, str, Envelope]], now: datetime, out: _Batch) -> None:
         # Load every row the batch touches with three queries, not three per message.
         ids = {env.body.assignment_id for _m, _a, env in items if isinstance(env.body, Accepted | Started | Result | Rejected) and env.body.assignment_id}
-        assignments = {a.id: a for a in session.scalars(select(Assignment).where(Assignment.id.in_(ids)))} if ids else {}
+        # Row locks (PostgreSQL): another hub process may be applying this
+        # agent's other events right now; without them a late "accepted"
+        # could overwrite a committed "success".
+        assignments = {a.id: a for a in session.scalars(for_update(select(Assignment).where(Assignment.id.in_(ids)).order_by(Assignment.id), session))} if ids else {}
         ti_ids = {a.ti_id for a in assignments.values()}
-        tis = {t.id: t for t in session.scalars(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)))} if ti_ids else {}
+        tis = {t.id: t for t in session.scalars(for_update(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
         known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
         seen: set[str] = set()
         for msg, agent_id, envelope in items:
@@ -200,15 +231,20 @@ class Ingester:
         if not isinstance(envelope.body, expected):
             self._reject(out, msg, topic.agent_id, "unexpected_type", f"{envelope.type!r} is not valid on a {topic.kind} topic")
             return None
-        self.hlc.update(envelope.hlc)
+        try:
+            self.hlc.update(envelope.hlc)
+        except ClockSkew as exc:
+            # Reported, never trusted: the message still applies, but its
+            # stamp does not move the hub's clock (and so every agent's).
+            self.counters["clock_skew"] += 1
+            if self.counters["clock_skew"] % 100 == 1:
+                log.warning("agent %s: %s", topic.agent_id, exc)
         return msg, topic.agent_id, envelope
 
     def _reject(self, out: _Batch, msg: Inbound, agent_id: str | None, code: str, detail: str) -> None:
         self.counters[f"rejected.{code}"] += 1
         log.warning("rejected message on %s (%s): %s", msg.topic, code, detail)
-        out.rejections.append(
-            RejectedMessage(source="mqtt", topic=msg.topic[:300], agent_id=agent_id, code=code, detail=detail[:2000], excerpt=msg.payload[:512].decode("utf-8", "replace"))
-        )
+        out.rejections.append(_rejection(msg.topic, agent_id, code, detail, msg.payload))
 
     # --- applying ----------------------------------------------------------
 
@@ -219,8 +255,9 @@ class Ingester:
         body = envelope.body
         self.counters[f"received.{envelope.type}"] += 1
         if isinstance(body, Status):
-            if fleet.apply_status(session, agent_id, body, envelope.hlc, now):
-                out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": body.state}))
+            fleet.apply_status(session, agent_id, body, envelope.hlc, now)
+            # Always an event: a reconnect may bring new labels or job types.
+            out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": body.state}))
             return
         if isinstance(body, Heartbeat):
             if fleet.apply_heartbeat(session, agent_id, body, now):
@@ -228,7 +265,7 @@ class Ingester:
             return
         if isinstance(body, Rejected):
             self.counters[f"agent_rejected.{body.code}"] += 1
-            out.rejections.append(RejectedMessage(source="agent", topic="", agent_id=agent_id, code=body.code, detail=body.detail[:2000], excerpt=body.message_id or ""))
+            out.rejections.append(_rejection("", agent_id, body.code, body.detail, (body.message_id or "").encode(), source="agent"))
             if body.assignment_id:
                 self._apply_refusal(agent_id, body, assignments, tis, now, out)
             return
@@ -258,7 +295,10 @@ class Ingester:
         """The device refused an assignment (its deadline passed before it
         arrived, say): that try is over and will not be run there."""
         assignment = assignments.get(body.assignment_id or "")
-        if assignment is None or assignment.agent_id != agent_id or assignment.state == "finished":
+        # Only a refusal that means "this device will never run it", and only
+        # before the device accepted it: a refused stray copy of an assignment
+        # the device already holds must not fail the real one.
+        if body.code not in FINAL_REFUSALS or assignment is None or assignment.agent_id != agent_id or assignment.state not in ("pending", "sent"):
             return
         assignment.state, assignment.finished_at = "finished", now
         ti = tis.get(assignment.ti_id)
@@ -306,6 +346,19 @@ class Ingester:
                 # Not through the DB outbox: an ack that gets lost is simply
                 # sent again when the agent re-sends the result.
                 self.link.publish(ack_topic(agent_id), encode(envelope, self.max_message_bytes), qos=1)
+
+
+def _text(value: str, limit: int) -> str:
+    # PostgreSQL text cannot hold NUL; a device's strings can. Keep them visible.
+    return value.replace("\x00", "\\x00")[:limit]
+
+
+def _rejection(topic: str, agent_id: str | None, code: str, detail: str, payload: bytes, now: datetime | None = None, source: str = "mqtt") -> RejectedMessage:
+    """A rejection record whose every field fits its column on any backend."""
+    return RejectedMessage(
+        source=source, topic=_text(topic, 300), agent_id=_text(agent_id, 128) if agent_id else None, code=_text(code, 50),
+        detail=_text(detail, 2000), excerpt=_text(payload[:512].decode("utf-8", "backslashreplace"), 2048), received_at=now,
+    )
 
 
 def _device_time(value: float | None) -> datetime | None:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.db import transaction
@@ -92,11 +92,10 @@ class OutboxPublisher:
                     message.published_at = now
             sent_ids = [row.assignment_id for row in confirmed if row.assignment_id]
             if sent_ids:
-                for assignment in session.scalars(select(Assignment).where(Assignment.id.in_(sent_ids))):
-                    assignment.send_count += 1
-                    assignment.last_sent_at = now
-                    if assignment.state == "pending":
-                        assignment.state = "sent"
+                # Conditional updates: ingestion may have moved an assignment
+                # on (accepted, finished) since it was read; never move it back.
+                session.execute(update(Assignment).where(Assignment.id.in_(sent_ids)).values(send_count=Assignment.send_count + 1, last_sent_at=now))
+                session.execute(update(Assignment).where(Assignment.id.in_(sent_ids), Assignment.state == "pending").values(state="sent"))
         if len(confirmed) < len(rows):
             log.warning("outbox: %d of %d messages not confirmed by the broker; will retry", len(rows) - len(confirmed), len(rows))
         return len(confirmed)

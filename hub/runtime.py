@@ -45,9 +45,9 @@ class HubRuntime:
     def __post_init__(self) -> None:
         s = self.settings
         self.events = EventBus()
-        self.engine = make_engine(s.db_url)
+        self.engine = make_engine(s.db_url, sqlite_synchronous=s.sqlite_synchronous)
         self.sessions = make_sessionmaker(self.engine)
-        self.hlc = HybridClock("hub", lambda: int(self.clock.now() * 1000))
+        self.hlc = HybridClock("hub", lambda: int(self.clock.now() * 1000), max_ahead_ms=int(s.max_clock_skew * 1000))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.link = MqttLink(

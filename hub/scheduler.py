@@ -19,13 +19,14 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from croniter import croniter
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import events as ev
@@ -104,6 +105,8 @@ class Scheduler:
     dag_reparse_interval: float = 5.0
     _wake: threading.Event = field(default_factory=threading.Event)
     _last_parse: float = float("-inf")
+    #: Events of the current step, emitted once its transaction committed.
+    _after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Only events that can make a task ready wake the scheduler; a task
@@ -139,6 +142,16 @@ class Scheduler:
                 return
         raise RuntimeError(f"scheduler still busy after {max_ticks} ticks")
 
+    @contextmanager
+    def _step(self) -> Iterator[Session]:
+        """One step's transaction; its events go out after the commit."""
+        self._after_commit.clear()
+        with transaction(self.sessions) as session:
+            yield session
+        events, self._after_commit = self._after_commit, []
+        for name, data in events:
+            self.events.emit(name, **data)
+
     def tick(self, full: bool = True) -> bool:
         """One scheduling pass. Returns True if it changed anything. A pass
         that is not ``full`` only advances runs (dispatch and decisions)."""
@@ -146,11 +159,11 @@ class Scheduler:
         busy = False
         if full:
             busy |= self.parse_dags(now)
-            with transaction(self.sessions) as session:
+            with self._step() as session:
                 busy |= self._create_scheduled_runs(session, now)
-            with transaction(self.sessions) as session:
+            with self._step() as session:
                 busy |= self._bring_back_retries(session, now)
-        with transaction(self.sessions) as session:
+        with self._step() as session:
             hub_tasks, changed = self._advance_runs(session, now)
         if changed:
             self.events.emit(ev.OUTBOX_WRITTEN)  # wake the publisher before the slower steps
@@ -159,11 +172,11 @@ class Scheduler:
         busy |= changed
         if not full:
             return busy
-        with transaction(self.sessions) as session:
+        with self._step() as session:
             redelivered = self._redeliver(session, now)
         if redelivered:
             self.events.emit(ev.OUTBOX_WRITTEN)
-        with transaction(self.sessions) as session:
+        with self._step() as session:
             self._mark_silent_agents(session, now)
         return busy or redelivered
 
@@ -316,31 +329,46 @@ class Scheduler:
         )
         run.state = RunState.FAILED if failed else RunState.SUCCESS
         run.ended_at = now
-        self.events.emit(ev.RUN_FINISHED, dag_id=run.dag_id, run_pk=run.id, state=str(run.state))
+        self._after_commit.append((ev.RUN_FINISHED, {"dag_id": run.dag_id, "run_pk": run.id, "state": str(run.state)}))
         return True
 
     def _redeliver(self, session: Session, now: datetime) -> bool:
         """Re-send assignments that were sent but never accepted in time. The
-        agent's inbox is keyed by assignment id, so a copy never runs twice."""
+        agent's inbox is keyed by assignment id, so a copy never runs twice.
+
+        Only to online agents (the broker's session already holds a copy for
+        an offline one), and backing off: after the n-th copy the next waits
+        ``redeliver_after * 2**(n-1)``, at most 32 times as long."""
         cutoff = now - timedelta(seconds=self.redeliver_after)
+        online = select(Agent.agent_id).where(Agent.state == "online")
         stmt = skip_locked(
-            select(Assignment).where(Assignment.state == "sent", Assignment.last_sent_at < cutoff).order_by(Assignment.last_sent_at).limit(500),
+            select(Assignment)
+            .where(Assignment.state == "sent", Assignment.last_sent_at < cutoff, Assignment.agent_id.in_(online))
+            .order_by(Assignment.last_sent_at)
+            .limit(500),
             session,
         )
-        stale = list(session.scalars(stmt))
-        for assignment in stale:
+        resent = False
+        for assignment in session.scalars(stmt):
+            backoff = self.redeliver_after * 2 ** min(max(assignment.send_count - 1, 0), 5)
+            if assignment.last_sent_at is not None and assignment.last_sent_at > now - timedelta(seconds=backoff):
+                continue
             ti = session.get(TaskInstance, assignment.ti_id)
             if ti is None or ti.try_number != assignment.try_number or ti.state in FINISHED:
                 assignment.state = "cancelled"
                 continue
             assignment.state = "pending"
             session.add(self.dispatcher.outbox_row(ti, assignment, now, ti.execution_timeout))
-        return bool(stale)
+            resent = True
+        return resent
 
     def _mark_silent_agents(self, session: Session, now: datetime) -> None:
         cutoff = now - timedelta(seconds=self.agent_offline_after)
-        for agent in session.scalars(select(Agent).where(Agent.state == "online", Agent.last_seen < cutoff)):
-            log.info("agent %s silent since %s: marking offline", agent.agent_id, agent.last_seen.isoformat())
-            agent.state = "offline"
-            self.events.emit(ev.AGENT_CHANGED, agent_id=agent.agent_id, state="offline")
-
+        silent = list(session.scalars(select(Agent.agent_id).where(Agent.state == "online", Agent.last_seen < cutoff)))
+        if not silent:
+            return
+        # Conditional: a heartbeat committed meanwhile by ingestion wins.
+        session.execute(update(Agent).where(Agent.agent_id.in_(silent), Agent.state == "online", Agent.last_seen < cutoff).values(state="offline"))
+        for agent_id in silent:
+            log.info("agent %s silent for %ss: marking offline", agent_id, self.agent_offline_after)
+            self._after_commit.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "offline"}))

@@ -38,16 +38,14 @@ from shared.states import RunState
 log = logging.getLogger(__name__)
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: on Linux, ask for SIGTERM when the
-    standalone process dies, even by kill -9, so no broker or agent is left
-    behind holding ports and files."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent() -> list[str]:
+    """A command prefix that has Linux send the child SIGTERM when its parent
+    dies, even by kill -9, so no broker or agent is left behind holding ports
+    and files (util-linux ``setpriv``; nothing where it is missing). An exec
+    wrapper, not ``preexec_fn``, which is unsafe once threads run. The signal
+    follows the spawning *thread*: spawn from the main thread."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv and sys.platform.startswith("linux") else []
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,7 +95,7 @@ class PrivateBroker:
             "set_tcp_nodelay true\n"
             f"log_dest file {self.folder}/mosquitto.log\n"
         )
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen([*_die_with_parent(), binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -142,8 +140,8 @@ class LocalAgent:
         )
         log_file = open(self.folder / "agent.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            [*_die_with_parent(), sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log_file.close()
 

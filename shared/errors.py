@@ -67,6 +67,12 @@ class InvalidMessage(ProtocolError):
     code = "invalid_message"
 
 
+class ClockSkew(ProtocolError):
+    """A peer's clock stamp is further ahead of ours than the allowed skew."""
+
+    code = "clock_skew"
+
+
 class UnknownJobType(OutpostError):
     """An assignment names a job type that is not installed on this agent."""
 

@@ -16,7 +16,10 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from shared.errors import ClockSkew
+
 _MAX_LOGICAL = 99_999
+_MAX_WALL = 9_999_999_999_999
 _WIRE = re.compile(r"([0-9]{13})\.([0-9]{5})@(.+)", re.DOTALL)
 
 
@@ -45,9 +48,13 @@ class HybridClock:
     parameter so the clock is pure under test.
     """
 
-    def __init__(self, node: str, physical_ms: Callable[[], int]) -> None:
+    def __init__(self, node: str, physical_ms: Callable[[], int], max_ahead_ms: int | None = None) -> None:
         self.node = node
         self._physical_ms = physical_ms
+        #: A received stamp further ahead of our physical clock than this is
+        #: refused (``ClockSkew``) instead of dragging our clock, and every
+        #: clock that hears from us, into the future.
+        self.max_ahead_ms = max_ahead_ms
         self._last = HLC(0, 0, node)
         self._lock = threading.Lock()
 
@@ -67,6 +74,9 @@ class HybridClock:
         """Merge a received stamp; returns the stamp of the receive event."""
         with self._lock:
             physical = self._physical_ms()
+            ahead = received.wall_ms - physical
+            if self.max_ahead_ms is not None and ahead > self.max_ahead_ms:
+                raise ClockSkew(f"stamp {received} from {received.node!r} is {ahead / 1000:.1f}s ahead of this clock (limit {self.max_ahead_ms / 1000:.0f}s); not merged")
             wall = max(self._last.wall_ms, received.wall_ms, physical)
             if wall == self._last.wall_ms == received.wall_ms:
                 logical = max(self._last.logical, received.logical) + 1
@@ -83,5 +93,7 @@ class HybridClock:
         # The counter is bounded so the wire format keeps its width; running
         # out of counter borrows a millisecond rather than breaking order.
         if logical > _MAX_LOGICAL:
-            return HLC(wall + 1, 0, self.node)
+            wall, logical = wall + 1, 0
+        if wall > _MAX_WALL:
+            raise ClockSkew(f"HLC wall time {wall} is past the wire format's range")
         return HLC(wall, logical, self.node)

@@ -27,7 +27,7 @@ HUB_GROUP = "outpost-hub"
 
 
 def check_agent_id(agent_id: str) -> str:
-    if not AGENT_ID_RE.match(agent_id):
+    if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
         raise ValueError(f"invalid agent id {agent_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return agent_id
 

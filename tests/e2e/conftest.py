@@ -72,6 +72,13 @@ class Fleet:
             time.sleep(0.1)
         raise AssertionError(f"scheduler did not connect:\n{self.log('scheduler')}")
 
+    def start_all(self, agents: int = 3) -> None:
+        """Hub processes and ``agents`` agents (agent-1...), all online."""
+        self.start_hub()
+        for i in range(1, agents + 1):
+            self.start_agent(f"agent-{i}")
+        self.wait_agents_online(agents)
+
     def kill(self, role: str) -> None:
         proc = self.procs.pop(role)
         proc.send_signal(signal.SIGKILL)

@@ -37,10 +37,7 @@ def assert_exactly_once(fleet: Any, run_pk: int) -> None:
 
 def test_fleet_health_runs_on_three_agents_and_shows_in_api_and_cli(fleet: Any) -> None:
     f = fleet()
-    f.start_hub()
-    for i in (1, 2, 3):
-        f.start_agent(f"agent-{i}")
-    f.wait_agents_online(3)
+    f.start_all(3)
     run_pk = f.trigger("fleet_health")
     run = f.wait_run(run_pk)
     assert run["state"] == "success", run
@@ -57,10 +54,7 @@ def test_fleet_health_runs_on_three_agents_and_shows_in_api_and_cli(fleet: Any) 
 
 def test_agent_killed_mid_task_comes_back_and_the_run_completes_once(fleet: Any) -> None:
     f = fleet({"slow.py": SLOW_FLEET})
-    f.start_hub()
-    for i in (1, 2, 3):
-        f.start_agent(f"agent-{i}")
-    f.wait_agents_online(3)
+    f.start_all(3)
     run_pk = f.trigger("slow_fleet")
     f.wait(lambda: any(t["agent_id"] == "agent-2" and t["state"] == "running" for t in f.api("GET", f"/runs/{run_pk}")["task_instances"]), 20, "agent-2 to start")
     f.kill_agent("agent-2")
@@ -74,10 +68,7 @@ def test_agent_killed_mid_task_comes_back_and_the_run_completes_once(fleet: Any)
 
 def test_hub_killed_mid_run_loses_nothing_and_applies_nothing_twice(fleet: Any) -> None:
     f = fleet({"slow.py": SLOW_FLEET})
-    f.start_hub()
-    for i in (1, 2, 3):
-        f.start_agent(f"agent-{i}")
-    f.wait_agents_online(3)
+    f.start_all(3)
     run_pk = f.trigger("slow_fleet")
     f.wait(lambda: sum(t["state"] == "running" for t in f.api("GET", f"/runs/{run_pk}")["task_instances"]) >= 1, 20, "work to start")
     f.kill("scheduler")  # results arrive while the hub's ingestion is dead
@@ -90,10 +81,7 @@ def test_hub_killed_mid_run_loses_nothing_and_applies_nothing_twice(fleet: Any) 
 
 def test_broker_killed_and_restarted_mid_run(fleet: Any) -> None:
     f = fleet({"slow.py": SLOW_FLEET})
-    f.start_hub()
-    for i in (1, 2, 3):
-        f.start_agent(f"agent-{i}")
-    f.wait_agents_online(3)
+    f.start_all(3)
     run_pk = f.trigger("slow_fleet")
     f.wait(lambda: sum(t["state"] in ("delivered", "running") for t in f.api("GET", f"/runs/{run_pk}")["task_instances"]) >= 1, 20, "work to be delivered")
     f.broker.restart(kill=True)
@@ -104,9 +92,7 @@ def test_broker_killed_and_restarted_mid_run(fleet: Any) -> None:
 
 def test_hub_keeps_running_through_malformed_messages_and_records_them(fleet: Any) -> None:
     f = fleet()
-    f.start_hub()
-    f.start_agent("agent-1")
-    f.wait_agents_online(1)
+    f.start_all(1)
     topic = "outpost/v1/agents/agent-1/events"
     for payload in (b"{garbage", b'{"v":1,"type":"selfdestruct","id":"x","from":"agent-1","hlc":"0000000000001.00000@agent-1","body":{}}', b"A" * 400_000):
         # a foreign peer: the broker's own client, not our code

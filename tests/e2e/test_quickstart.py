@@ -65,3 +65,19 @@ def test_ctrl_c_stops_broker_hub_and_agents(tmp_path: Path) -> None:
     while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in children), [p for p in children if alive(p)]
+
+
+def test_kill_9_of_standalone_leaves_no_broker_or_agent_behind(tmp_path: Path) -> None:
+    proc = standalone(tmp_path, "--no-demo")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Press Ctrl-C" in line:
+            break
+    children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    assert len(children) >= 4
+    proc.kill()
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in children)

@@ -164,17 +164,10 @@ def _ti(s: Session, run: DagRun, task_id: str, state: str, *, kind: str = "agent
 def pg_url() -> Iterator[str]:
     """A throwaway PostgreSQL database for this test session; dropped after.
     No server is a failure: the PostgreSQL tests never skip."""
-    name = f"outpost_test_{secrets.token_hex(4)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432 as user postgres ({exc}); start it or run the tests with -m 'not postgres'")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    from tests.hub.conftest import fresh_pg_database
+
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

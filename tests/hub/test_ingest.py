@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 
 from hub.models import Agent, RejectedMessage, TaskResult
 from shared.messages import Heartbeat, Rejected, Result, Status
+from shared.mqtt import Inbound
 from shared.topics import events_topic, status_topic
 
 DAG = """
@@ -89,17 +90,19 @@ def test_result_from_another_agent_is_refused(make_hub: Any) -> None:
     assert hub.tis(run_pk)[0].state == "queued"
 
 
-def test_a_stale_status_never_overrides_a_newer_one(make_hub: Any) -> None:
+def test_the_last_will_marks_the_agent_offline_although_stamped_earlier(make_hub: Any) -> None:
+    """The will is stamped when the agent starts, before its later "online"
+    messages; the broker sends it last, and it must win."""
     hub, _run_pk, _assign = setup(make_hub)
     clock = hub.agent_clocks["a1"]
     from shared.envelope import Envelope, encode
 
-    old = encode(Envelope(Status("offline"), "a1", clock.now()))
-    new = encode(Envelope(Status("online", "0.1.0", "h", {}, ()), "a1", clock.now()))
-    hub.send_raw(status_topic("a1"), new)
-    hub.send_raw(status_topic("a1"), old)
+    will = encode(Envelope(Status("offline"), "a1", clock.now()))
+    online = encode(Envelope(Status("online", "0.1.0", "h", {}, ()), "a1", clock.now()))
+    hub.send_raw(status_topic("a1"), online)
+    hub.send_raw(status_topic("a1"), will)
     with hub.sessions() as session:
-        assert session.get(Agent, "a1").state == "online"
+        assert session.get(Agent, "a1").state == "offline"
 
 
 def test_heartbeat_updates_last_seen_and_queue_depths(make_hub: Any) -> None:
@@ -126,3 +129,32 @@ def test_two_manual_triggers_in_the_same_instant_make_two_runs(make_hub: Any) ->
     second = hub.trigger("d")
     third = hub.trigger("d")
     assert len({first, second, third}) == 3
+
+
+def test_nul_bytes_and_oversized_fields_from_a_device_are_recorded_not_fatal(make_hub: Any) -> None:
+    """PostgreSQL text refuses NUL; a hostile payload must still be recorded
+    and must not hold up the good message next to it."""
+    hub, run_pk, assign = setup(make_hub)
+    from shared.envelope import Envelope, encode
+
+    good = encode(Envelope(Result(assign.assignment_id, 1, "success", "ok"), "a1", hub.agent_clocks["a1"].now()))
+    hub.ingester.process([
+        Inbound(events_topic("a1"), b"\x00\x01\x02 not json", 1, False, 1),
+        Inbound(events_topic("a1"), encode(Envelope(Rejected("x" * 80, "nul \x00 inside", "m\x00"), "a1", hub.agent_clocks["a1"].now())), 1, False, 2),
+        Inbound(events_topic("a1"), good, 1, False, 3),
+    ])
+    assert rejected_codes(hub) == ["decode_error", "x" * 50]
+    assert hub.tis(run_pk)[0].state == "success"
+
+
+def test_a_device_clock_far_ahead_is_counted_and_not_merged(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    hub.ingester.hlc.max_ahead_ms = 300_000
+    from shared.envelope import Envelope, encode
+    from shared.hlc import HLC
+
+    future = HLC(int((hub.clock.now() + 86_400) * 1000), 0, "a1")
+    hub.send_raw(events_topic("a1"), encode(Envelope(Result(assign.assignment_id, 1, "success", "ok"), "a1", future)))
+    assert hub.tis(run_pk)[0].state == "success"  # the report still counts
+    assert hub.ingester.counters["clock_skew"] == 1
+    assert hub.ingester.hlc.now().wall_ms < future.wall_ms

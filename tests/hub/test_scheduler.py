@@ -198,3 +198,52 @@ def test_many_ready_tasks_are_spread_over_the_agents_in_one_tick(make_hub: Any) 
     for ti in hub.tis(run_pk):
         per_agent[ti.agent_id] = per_agent.get(ti.agent_id, 0) + 1
     assert per_agent == {"a1": 3, "a2": 3, "a3": 3}
+
+
+HOSTILE_HUB_TASKS = """
+import sys
+from hub.dag import DAG, PythonOperator
+
+def leave():
+    sys.exit(1)
+
+def nested():
+    out = []
+    for _ in range(100_000):
+        out = [out]
+    return out
+
+with DAG("hostile") as dag:
+    PythonOperator(task_id="exits", python_callable=leave)
+    PythonOperator(task_id="nests", python_callable=nested)
+"""
+
+
+def test_a_hub_task_that_exits_or_returns_unserialisable_output_fails_cleanly(make_hub: Any) -> None:
+    hub = make_hub({"hostile.py": HOSTILE_HUB_TASKS})
+    run_pk = hub.trigger("hostile")
+    hub.tick()
+    states = {ti.task_id: (ti.state, ti.error["code"]) for ti in hub.tis(run_pk)}
+    assert states == {"exits": ("failed", "exception"), "nests": ("failed", "output_not_json")}
+    assert run_state(hub, run_pk) == "failed"
+
+
+def test_redelivery_backs_off_and_skips_offline_agents(make_hub: Any) -> None:
+    hub = make_hub({"fleet.py": FLEET_DAG}, redeliver_after=30, agent_offline_after=1000)
+    hub.agent_online("a1")
+    hub.trigger("fleet")
+    hub.tick()
+    _mark_published(hub)
+    sends = []
+    for _ in range(8):  # ticks every 31 s; copies at 31 s, then 60 s later (93 s), then 120 s later (217 s)
+        hub.clock.advance(31)
+        hub.tick()
+        _mark_published(hub)
+        sends.append(len(hub.assignments_sent()))
+    assert sends == [2, 2, 3, 3, 3, 3, 4, 4]
+    from shared.messages import Status
+
+    hub.send("a1", Status("offline"), topic="outpost/v1/agents/a1/status")
+    hub.clock.advance(10_000)
+    hub.tick()
+    assert len(hub.assignments_sent()) == 4  # the broker's session holds a copy for it
