@@ -45,6 +45,7 @@ from shared.states import FINISHED, RunState, TaskState
 log = logging.getLogger(__name__)
 
 _MAX_CONF_BYTES = 64 * 1024
+_WAITING = frozenset({TaskState.NONE.value, TaskState.SCHEDULED.value})
 
 
 def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: datetime, run_type: str = "manual", logical_date: datetime | None = None) -> DagRun:
@@ -105,6 +106,7 @@ class Scheduler:
     dag_reparse_interval: float = 5.0
     _wake: threading.Event = field(default_factory=threading.Event)
     _last_parse: float = float("-inf")
+    _structure_cache: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     #: Events of the current step, emitted once its transaction committed.
     _after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -226,23 +228,23 @@ class Scheduler:
         runs = list(session.scalars(skip_locked(select(DagRun).where(DagRun.state == RunState.RUNNING), session)))
         if not runs:
             return [], False
-        dags = {d.dag_id: d for d in session.scalars(select(Dag).where(Dag.dag_id.in_({r.dag_id for r in runs})))}
+        structures = self._structures(session, {r.dag_id for r in runs})
         # States of every task instance as plain rows: cheap even for runs of
         # thousands of tasks. Only instances that are ready become ORM objects.
         rows = session.execute(
             select(TaskInstance.id, TaskInstance.run_pk, TaskInstance.task_id, TaskInstance.state).where(TaskInstance.run_pk.in_([r.id for r in runs]))
-        ).all()
+        )
         states_by_run: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         waiting_by_run: dict[int, list[tuple[int, str]]] = defaultdict(list)
-        for row in rows:
-            states_by_run[row.run_pk][row.task_id].append(row.state)
-            if row.state in (TaskState.NONE, TaskState.SCHEDULED):
-                waiting_by_run[row.run_pk].append((row.id, row.task_id))
+        for ti_id, run_pk, task_id, state in rows:
+            states_by_run[run_pk][task_id].append(state)
+            if state in _WAITING:
+                waiting_by_run[run_pk].append((ti_id, task_id))
         fleet = None
         hub_tasks: list[int] = []
         changed = False
         for run in runs:
-            tasks = {t["task_id"]: t for t in dags[run.dag_id].structure.get("tasks", [])} if run.dag_id in dags else {}
+            tasks = structures.get(run.dag_id, {})
             by_task = states_by_run[run.id]
             for ti_id, task_id in sorted(waiting_by_run[run.id], key=lambda item: (item[1], item[0])):
                 task = tasks.get(task_id)
@@ -271,6 +273,16 @@ class Scheduler:
                 self._replace_state(by_task[task_id], before, ti.state)
             changed |= self._finish_run_if_done(run, by_task, tasks, now)
         return hub_tasks, changed
+
+    def _structures(self, session: Session, dag_ids: set[str]) -> dict[str, dict[str, Any]]:
+        """Each DAG's tasks by id, parsed once per DAG version rather than on
+        every tick (the JSON is most of a tick's cost for a large DAG)."""
+        stamps = dict(session.execute(select(Dag.dag_id, Dag.last_parsed_at).where(Dag.dag_id.in_(dag_ids))).all())
+        stale = [d for d, stamp in stamps.items() if self._structure_cache.get(d, (None, None))[0] != stamp]
+        if stale:
+            for dag_id, stamp, structure in session.execute(select(Dag.dag_id, Dag.last_parsed_at, Dag.structure).where(Dag.dag_id.in_(stale))):
+                self._structure_cache[dag_id] = (stamp, {t["task_id"]: t for t in structure.get("tasks", [])})
+        return {d: self._structure_cache[d][1] for d in stamps}
 
     @staticmethod
     def _replace_state(states: list[str], old: str, new: str) -> None:
