@@ -93,6 +93,25 @@ def test_claims_of_a_dead_process_return_to_ready_at_startup(state_dir):
         second.close()
 
 
+def test_claims_return_at_startup_even_when_the_device_clock_went_back(state_dir):
+    """A device without a real-time clock may boot with its clock behind the
+    time it claimed work; the claims must come back all the same."""
+    import sqlite3
+
+    first = Inbox(state_dir / "inbox.sqlite3")
+    first.put(assign("a-1"))
+    assert first.claim() is not None
+    first.close()
+    with sqlite3.connect(state_dir / "inbox.sqlite3") as conn:  # claimed "in the future"
+        conn.execute('UPDATE "Queue" SET lock_time = lock_time + 3600000000000 WHERE status = 1')
+    second = Inbox(state_dir / "inbox.sqlite3")
+    try:
+        assert second.release_expired_claims(0) == 1
+        assert second.claim() is not None
+    finally:
+        second.close()
+
+
 def test_stale_claim_cannot_finish_an_item_claimed_again(inbox):
     inbox.put(assign())
     old = inbox.claim()
