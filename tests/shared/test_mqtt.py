@@ -92,7 +92,7 @@ def spawn(processes: list[subprocess.Popen[bytes]], code: str, *args: object) ->
     return proc
 
 
-def expect_line(proc: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> str:
+def expect_line(proc: subprocess.Popen[bytes], timeout: float = 3 * TIMEOUT) -> str:  # a cold interpreter on a loaded machine is slow
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     assert ready, f"client process said nothing in {timeout}s (exit code {proc.poll()})"
