@@ -22,9 +22,11 @@ from croniter import croniter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hub.dag import DAG
+from firmware_jobs import registry as job_registry
+from hub.dag import DAG, AgentOperator
 from hub.errors import InvalidDag
 from hub.models import Dag, DagImportError
+from shared.errors import InvalidParams, UnknownJobType
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,24 @@ def cron_expression(schedule: str) -> str:
     if not croniter.is_valid(expr):
         raise InvalidDag(f"schedule {schedule!r} is not a cron expression or preset ({', '.join(CRON_PRESETS)})")
     return expr
+
+
+def check_job_params(dag: DAG) -> None:
+    """Agent tasks of job types this hub knows get their parameters checked
+    against the job's schema now, not on a device at 3 a.m. A job type the
+    hub does not know may still be installed on devices: it passes, and the
+    device reports ``unknown_job_type`` if it is not."""
+    for task in dag.tasks.values():
+        if not isinstance(task, AgentOperator):
+            continue
+        try:
+            job = job_registry.get(task.job_type)
+        except UnknownJobType:
+            continue
+        try:
+            job.validate(task.params)
+        except InvalidParams as exc:
+            raise InvalidDag(f"DAG {dag.dag_id!r}, task {task.task_id!r} ({task.job_type}): {exc}") from None
 
 
 @dataclass
@@ -113,6 +133,7 @@ class DagBag:
                 dag.validate()
                 if dag.schedule:
                     cron_expression(dag.schedule)
+                check_job_params(dag)
             except InvalidDag as exc:
                 kind = "cycle" if "cycle" in str(exc) else "invalid"
                 return self._fail(fileloc, kind, str(exc))

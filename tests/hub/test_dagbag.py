@@ -111,3 +111,22 @@ def test_removed_file_marks_its_dag_inactive(tmp_path: Path) -> None:
         bag.sync_to_db(session, now)
     with sessions() as session:
         assert session.get(Dag, "good").is_active is False  # type: ignore[union-attr]
+
+
+def test_agent_task_params_are_checked_against_the_job_schema_at_parse_time(tmp_path: Path) -> None:
+    write(tmp_path, "bad_params.py", """
+from hub.dag import DAG, AgentOperator
+with DAG("bad_params") as dag:
+    AgentOperator(task_id="run", job_type="command.run", params={"argv": [], "timeout": 99999})
+""")
+    write(tmp_path, "custom_job.py", """
+from hub.dag import DAG, AgentOperator
+with DAG("custom_job") as dag:
+    AgentOperator(task_id="x", job_type="acme.calibrate", params={"anything": 1})  # only on some devices
+""")
+    bag = DagBag(tmp_path)
+    bag.collect()
+    assert set(bag.dags) == {"custom_job"}
+    [err] = bag.errors.values()
+    assert err.kind == "invalid"
+    assert "task 'run' (command.run)" in err.error and "argv" in err.error
