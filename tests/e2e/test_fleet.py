@@ -102,3 +102,26 @@ def test_hub_keeps_running_through_malformed_messages_and_records_them(fleet: An
     assert codes == ["decode_error", "payload_too_large", "unknown_type"]
     run = f.wait_run(f.trigger("fleet_health"))
     assert run["state"] == "success"
+
+
+PINNED = """
+from hub.dag import DAG, AgentOperator, on_agent
+with DAG("pinned") as dag:
+    AgentOperator(task_id="work", job_type="noop", params={"echo": "late"}, target=on_agent("agent-2"))
+"""
+
+
+def test_work_for_an_offline_device_runs_when_it_returns(fleet: Any) -> None:
+    f = fleet({"pinned.py": PINNED})
+    f.start_all(2)
+    f.agents["agent-2"].stop()  # a clean stop: it publishes offline, its broker session stays
+    f.wait(lambda: f.api("GET", "/agents/agent-2")["state"] == "offline", 20, "agent-2 offline")
+    run_pk = f.trigger("pinned")
+    f.wait(lambda: f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["state"] == "queued", 20, "the task to be queued")
+    time.sleep(4)  # longer than redeliver_after: the hub must not pile copies on an offline device
+    assert f.api("GET", f"/runs/{run_pk}")["state"] == "running"
+    f.start_agent("agent-2")
+    run = f.wait_run(run_pk)
+    assert run["state"] == "success"
+    assert run["task_instances"][0]["output"] == {"echo": "late"}
+    assert_exactly_once(f, run_pk)
