@@ -66,9 +66,13 @@ def list_runs(session: Session, *, dag_id: str | None = None, state: str | None 
 
 
 def get_run(session: Session, run_pk: int) -> dict[str, Any]:
-    """One run with all its task instances, in creation order."""
+    """One run with all its task instances, upstream tasks first (the DAG's
+    order), a fan-out's instances by map index."""
     run = _run_row(session, run_pk)
-    tis = session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk).order_by(TaskInstance.id)).all()
+    tis = list(session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk).order_by(TaskInstance.id)))
+    structure = session.scalar(select(Dag.structure).where(Dag.dag_id == run.dag_id)) or {}
+    position = {t["task_id"]: i for i, t in enumerate(structure.get("tasks", []))}
+    tis.sort(key=lambda t: (position.get(t.task_id, len(position)), t.task_id, t.map_index))
     counts = _task_counts(session, [run_pk]).get(run_pk, {})
     return {**_run(run), "task_counts": counts, "task_instances": [_task_instance(t) for t in tis]}
 
