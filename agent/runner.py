@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import heapq
 import itertools
 import logging
-import re
 import shutil
 import threading
 import time
@@ -44,6 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.context import JobContextImpl, Run, dir_name, failed
 from agent.queues import Claimed, Inbox, Outbox, QueueError
 from firmware_jobs.base import Job, JobAborted, JobError
 from shared.clock import Clock
@@ -60,60 +59,10 @@ log = logging.getLogger(__name__)
 POLL = 0.1
 #: How long a job gets to stop after its abort flag is set.
 ABORT_GRACE = 2.0
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class Registry(Protocol):
     def get(self, name: str) -> Job: ...
-
-
-class _Run:
-    """A started assignment: its abort flag and why it was set."""
-
-    def __init__(self, assignment_id: str) -> None:
-        self.assignment_id = assignment_id
-        self.abort_flag = threading.Event()
-        self.reason: str | None = None
-        self.detail = ""
-
-    def abort(self, reason: str, detail: str = "") -> None:
-        if self.reason is None:
-            self.reason, self.detail = reason, detail
-        self.abort_flag.set()
-
-
-class JobContextImpl:
-    """What a running job gets (the ``firmware_jobs.base.JobContext`` protocol)."""
-
-    def __init__(self, run: _Run, work_dir: Path, clock: Clock, settings: Mapping[str, Any]) -> None:
-        self.assignment_id = run.assignment_id
-        self._work_dir = work_dir
-        self.clock = clock
-        self.settings = settings
-        self.last_progress: tuple[float, str] = (0.0, "")
-        self._run = run
-
-    @property
-    def work_dir(self) -> Path:
-        """This assignment's own folder, made on first use (most jobs never
-        need one, and making and removing it is most of a no-op job's cost)."""
-        self._work_dir.mkdir(parents=True, exist_ok=True)
-        return self._work_dir
-
-    def progress(self, fraction: float, message: str = "") -> None:
-        self.last_progress = (min(1.0, max(0.0, float(fraction))), message)
-        log.debug("[%s] progress %.0f%% %s", self.assignment_id, self.last_progress[0] * 100, message)
-
-    def log(self, line: str) -> None:
-        log.info("[%s] %s", self.assignment_id, str(line)[:2000])
-
-    def should_abort(self) -> bool:
-        return self._run.abort_flag.is_set()
-
-
-def failed(assign: Assign, code: str, message: str, retryable: bool, started_at: float | None = None, finished_at: float | None = None) -> Result:
-    """A failed Result for ``assign``."""
-    return Result(assign.assignment_id, assign.try_number, "failed", None, ErrorBody(code, message, retryable), started_at, finished_at)
 
 
 class Runner:
@@ -147,7 +96,7 @@ class Runner:
         self._held: list[tuple[float, int, Claimed]] = []
         self._seq = itertools.count()
         self._busy = 0
-        self._running: dict[str, _Run] = {}
+        self._running: dict[str, Run] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -308,13 +257,13 @@ class Runner:
             if self.outbox.has(aid):
                 self.inbox.done(claimed)
                 return
-            run = self._running[aid] = _Run(aid)
+            run = self._running[aid] = Run(aid)
         try:
             result = self._attempt(claimed.assign, run)
             if result is not None and self._finish_durably(claimed, result):
                 # Only now: a crash before the outbox commit must still find
                 # the marker, or a job that is not safe to re-run runs twice.
-                (self.work_root / f"{_dir_name(aid)}.started").unlink(missing_ok=True)
+                (self.work_root / f"{dir_name(aid)}.started").unlink(missing_ok=True)
         finally:
             with self._cv:
                 del self._running[aid]
@@ -335,7 +284,7 @@ class Runner:
                     return False
                 delay = min(delay * 2, 30.0)
 
-    def _attempt(self, assign: Assign, run: _Run) -> Result | None:
+    def _attempt(self, assign: Assign, run: Run) -> Result | None:
         """Run one assignment; its Result, or None when the agent is stopping."""
         if assign.deadline is not None and self.clock.now() > assign.deadline:
             return failed(assign, "deadline_passed", f"deadline {assign.deadline:.3f} passed before the job could start", False)
@@ -344,7 +293,7 @@ class Runner:
             params = job.validate(assign.params)
         except (UnknownJobType, InvalidParams) as exc:
             return failed(assign, exc.code, str(exc), False)
-        name = _dir_name(assign.assignment_id)
+        name = dir_name(assign.assignment_id)
         # Only a job that is not safe to re-run needs to know it was cut off;
         # the marker costs two fsyncs, so re-runnable jobs go without.
         marker = self.work_root / f"{name}.started"
@@ -359,7 +308,7 @@ class Runner:
         self._on_event(Started(assign.assignment_id, started_at))
         return self._call(job, params, assign, run, self.work_root / name, started_at)
 
-    def _call(self, job: Job, params: dict[str, Any], assign: Assign, run: _Run, work_dir: Path, started_at: float) -> Result | None:
+    def _call(self, job: Job, params: dict[str, Any], assign: Assign, run: Run, work_dir: Path, started_at: float) -> Result | None:
         ctx = JobContextImpl(run, work_dir, self.clock, self.job_settings)
         box: dict[str, Any] = {}
 
@@ -421,10 +370,3 @@ class Runner:
         except (TypeError, ValueError) as exc:
             error = ErrorBody("invalid_output", f"the job's output is not JSON: {exc}", False)
         return dataclasses.replace(result, status="failed", output=None, error=error)
-
-
-def _dir_name(assignment_id: str) -> str:
-    """A file-name-safe folder name for an assignment id from the wire."""
-    if _SAFE_NAME.fullmatch(assignment_id):
-        return assignment_id
-    return "h-" + hashlib.sha256(assignment_id.encode()).hexdigest()[:32]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from agent.queues import Outbox, PendingResult, QueueError
+from agent.queues import Outbox, PendingResult
 from shared.clock import Clock
 
 log = logging.getLogger(__name__)
