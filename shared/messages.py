@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -27,27 +28,36 @@ class Message:
     TYPE: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {name: _plain(getattr(self, name)) for name in _field_names(type(self))}
 
     @classmethod
     def from_dict(cls, data: Any) -> typing.Self:
         if not isinstance(data, dict):
             raise InvalidMessage(f"{cls.TYPE} body must be a JSON object, got {type(data).__name__}")
-        hints = _hints(cls)
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise InvalidMessage(f"{cls.TYPE} body lacks required field {f.name!r}")
-                continue
-            values[f.name] = _check(cls.TYPE, f.name, hints[f.name], data[f.name])
+        for name, required, check in _validators(cls):
+            if name in data:
+                values[name] = check(data[name])
+            elif required:
+                raise InvalidMessage(f"{cls.TYPE} body lacks required field {name!r}")
         return cls(**values)
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    # get_type_hints re-evaluates every annotation string; decoding is hot.
-    return typing.get_type_hints(cls)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _validators(cls: type[Message]) -> tuple[tuple[str, bool, Callable[[Any], Any]], ...]:
+    """Per field: name, whether it is required, and its checker, built once
+    per class: interpreting the annotations on every decode cost more than
+    the JSON parse."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, _checker(cls.TYPE, f.name, hints[f.name]))
+        for f in dataclasses.fields(cls)
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -58,44 +68,104 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check(type_name: str, name: str, hint: Any, value: Any) -> Any:
-    """Check ``value`` against a field's annotation; convert nested records."""
+def _checker(type_name: str, name: str, hint: Any) -> Callable[[Any], Any]:
+    """A function that checks a value against a field's annotation and
+    converts nested records, raising ``InvalidMessage`` naming the field."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+
+    def invalid(value: Any) -> InvalidMessage:
+        return InvalidMessage(f"{type_name}.{name}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
     if hint is Any:
-        return value
+        return _identity
     if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _check(type_name, name, arg, value)
-            except InvalidMessage:
-                continue
-        raise InvalidMessage(f"{type_name}.{name}: {value!r} does not match {hint}")
+        nullable = type(None) in args
+        options = [_checker(type_name, name, arg) for arg in args if arg is not type(None)]
+
+        def check_union(value: Any) -> Any:
+            # Only Any or NoneType itself could accept None, and both return it.
+            if value is None and nullable:
+                return None
+            for option in options:
+                try:
+                    return option(value)
+                except InvalidMessage:
+                    continue
+            raise InvalidMessage(f"{type_name}.{name}: {value!r} does not match {hint}")
+
+        return check_union
     if hint is type(None):
-        if value is None:
-            return None
-    elif origin is Literal:
-        if value in args:
-            return value
-    elif origin is tuple:
-        if isinstance(value, list):
-            return tuple(_check(type_name, name, args[0], v) for v in value)
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            if args:
-                return {k: _check(type_name, name, args[1], v) for k, v in value.items()}
-            return value
-    elif isinstance(hint, type) and issubclass(hint, Message):
-        return hint.from_dict(value)
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise InvalidMessage(f"{type_name}.{name}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+        def check_none(value: Any) -> Any:
+            if value is None:
+                return None
+            raise invalid(value)
+
+        return check_none
+    if origin is Literal:
+
+        def check_literal(value: Any) -> Any:
+            if value in args:
+                return value
+            raise invalid(value)
+
+        return check_literal
+    if origin is tuple:
+        item = _checker(type_name, name, args[0])
+
+        def check_tuple(value: Any) -> Any:
+            if isinstance(value, list):
+                return tuple(item(v) for v in value)
+            raise invalid(value)
+
+        return check_tuple
+    if origin is dict or hint is dict:
+        member = _checker(type_name, name, args[1]) if args else None
+
+        def check_dict(value: Any) -> Any:
+            if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+                if member is not None:
+                    return {k: member(v) for k, v in value.items()}
+                return value
+            raise invalid(value)
+
+        return check_dict
+    if isinstance(hint, type) and issubclass(hint, Message):
+        return hint.from_dict
+    if hint is float:
+
+        def check_float(value: Any) -> Any:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            raise invalid(value)
+
+        return check_float
+    if hint is int:
+
+        def check_int(value: Any) -> Any:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise invalid(value)
+
+        return check_int
+    if isinstance(hint, type):
+
+        def check_instance(value: Any) -> Any:
+            if isinstance(value, hint):
+                return value
+            raise invalid(value)
+
+        return check_instance
+
+    def check_nothing(value: Any) -> Any:
+        raise invalid(value)
+
+    return check_nothing
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 # --- hub to agent ----------------------------------------------------------
