@@ -85,19 +85,21 @@ class OutboxPublisher:
                 confirmed.append(row)
         with transaction(self.sessions) as session:
             now = utcnow(self.clock)
-            # Plain UPDATEs: loading the rows as ORM objects to bump two
-            # columns cost more than the rest of the step.
-            session.execute(update(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in rows])).values(attempts=OutboxMessage.attempts + 1))
+            # Plain UPDATEs on the tables: loading the rows as ORM objects, or
+            # ORM-enabled updates (which also search the identity map), cost
+            # more than the rest of the step.
+            outbox, assignments = OutboxMessage.__table__.c, Assignment.__table__.c
+            session.execute(update(OutboxMessage.__table__).where(outbox.id.in_([r.id for r in rows])).values(attempts=outbox.attempts + 1))
             if confirmed:
-                session.execute(update(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in confirmed])).values(published_at=now))
+                session.execute(update(OutboxMessage.__table__).where(outbox.id.in_([r.id for r in confirmed])).values(published_at=now))
             sent_ids = [row.assignment_id for row in confirmed if row.assignment_id]
             if sent_ids:
-                # Conditional updates: ingestion may have moved an assignment
-                # on (accepted, finished) since it was read; never move it back.
+                # Conditional: ingestion may have moved an assignment on
+                # (accepted, finished) since it was read; never move it back.
                 session.execute(
-                    update(Assignment)
-                    .where(Assignment.id.in_(sent_ids))
-                    .values(send_count=Assignment.send_count + 1, last_sent_at=now, state=case((Assignment.state == "pending", "sent"), else_=Assignment.state))
+                    update(Assignment.__table__)
+                    .where(assignments.id.in_(sent_ids))
+                    .values(send_count=assignments.send_count + 1, last_sent_at=now, state=case((assignments.state == "pending", "sent"), else_=assignments.state))
                 )
         if len(confirmed) < len(rows):
             log.warning("outbox: %d of %d messages not confirmed by the broker; will retry", len(rows) - len(confirmed), len(rows))
