@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hub.models import Agent
@@ -61,5 +61,5 @@ def touch(session: Session, agent_ids: set[str], now: datetime) -> None:
     """Any event from an agent proves it is alive. ``last_seen`` moves at most
     once a second per agent: under load this saves a row update per batch."""
     cutoff = now - timedelta(seconds=1)
-    table = Agent.__table__
-    session.execute(update(table).where(table.c.agent_id.in_(agent_ids), table.c.last_seen < cutoff).values(last_seen=now))
+    for agent in session.scalars(select(Agent).where(Agent.agent_id.in_(agent_ids), Agent.last_seen < cutoff)):
+        agent.last_seen = now

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,32 +56,6 @@ class Reject(OutpostError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class _Row:
-    """One row's columns as attributes. Like the ORM, only columns set to a
-    value different from the loaded one are written back (``changes``), so
-    an unchanged JSON NULL is not rewritten as JSON ``null``."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-        self.__dict__["_loaded"] = dict(values)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name not in self._loaded:
-            raise AttributeError(f"column {name!r} was not loaded")  # it would be written blind
-        self.__dict__[name] = value
-
-    def changes(self) -> dict[str, Any]:
-        return {name: self.__dict__[name] for name, old in self._loaded.items() if self.__dict__[name] != old}
-
-
-#: What applying a message reads or writes of these rows (see also hub.lifecycle.finish_try).
-_ASSIGNMENT_COLUMNS = (Assignment.id, Assignment.ti_id, Assignment.try_number, Assignment.agent_id, Assignment.state, Assignment.accepted_at, Assignment.finished_at)
-_TI_COLUMNS = (
-    TaskInstance.id, TaskInstance.try_number, TaskInstance.max_tries, TaskInstance.retry_delay, TaskInstance.state,
-    TaskInstance.started_at, TaskInstance.ended_at, TaskInstance.output, TaskInstance.error, TaskInstance.next_try_at,
-)
 
 
 @dataclass
@@ -167,27 +141,25 @@ class Ingester:
             item = self._decode(msg, out)
             if item is not None:
                 decoded.append(item)
-        now: datetime | None = None
-        try:
-            # The fast path: the whole batch in one transaction. No savepoint:
-            # its two extra statements cost more than redoing a failed batch.
-            attempt = _Batch()
-            with transaction(self.sessions) as session:
-                now = utcnow(self.clock)
-                self._apply_all(session, decoded, now, attempt)
-                self._add_rejections(session, out.rejections + attempt.rejections, now)
-            out.merge(attempt)
-        except OperationalError:
-            raise
-        except Exception:
-            # Something in the batch failed (another hub process applied a
-            # result first, or a bug) and nothing of it was committed: redo it
-            # one message at a time so only the culprit is set aside.
-            with transaction(self.sessions) as session:
-                now = now or utcnow(self.clock)
+        with transaction(self.sessions) as session:
+            now = utcnow(self.clock)
+            try:
+                # The fast path: the whole batch in one savepoint.
+                attempt = _Batch()
+                with session.begin_nested():
+                    self._apply_all(session, decoded, now, attempt)
+                out.merge(attempt)
+            except OperationalError:
+                raise
+            except Exception:
+                # Something in the batch failed (another hub process applied
+                # a result first, or a bug): redo it one message at a time so
+                # only the culprit is set aside.
                 for item in decoded:
                     self._apply_one_isolated(session, item, now, out)
-                self._add_rejections(session, out.rejections, now)
+            for record in out.rejections:
+                record.received_at = now
+                session.add(record)
         self._send_acks(out.acks)
         for msg in batch:
             msg.ack()
@@ -195,12 +167,6 @@ class Ingester:
             self.events.emit(name, **data)
         for record in out.rejections:
             self.events.emit(ev.MESSAGE_REJECTED, code=record.code, agent_id=record.agent_id)
-
-    @staticmethod
-    def _add_rejections(session: Session, records: list[RejectedMessage], now: datetime) -> None:
-        for record in records:
-            record.received_at = now
-            session.add(record)
 
     def _apply_one_isolated(self, session: Session, item: tuple[Inbound, str, Envelope], now: datetime, out: _Batch) -> None:
         msg, agent_id, envelope = item
@@ -225,32 +191,17 @@ class Ingester:
         # Row locks (PostgreSQL): another hub process may be applying this
         # agent's other events right now; without them a late "accepted"
         # could overwrite a committed "success".
-        assignments = {r.id: _Row(r._asdict()) for r in session.execute(for_update(select(*_ASSIGNMENT_COLUMNS).where(Assignment.id.in_(ids)).order_by(Assignment.id), session))} if ids else {}
+        assignments = {a.id: a for a in session.scalars(for_update(select(Assignment).where(Assignment.id.in_(ids)).order_by(Assignment.id), session))} if ids else {}
         ti_ids = {a.ti_id for a in assignments.values()}
-        tis = {r.id: _Row(r._asdict()) for r in session.execute(for_update(select(*_TI_COLUMNS).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
-        # Only a result can be a duplicate; "accepted" and "started" need no lookup.
-        result_ids = {env.body.assignment_id for _m, _a, env in items if isinstance(env.body, Result)}
-        known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(result_ids)))) if result_ids else set()
-        results: list[dict[str, Any]] = []
+        tis = {t.id: t for t in session.scalars(for_update(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
+        known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
         seen: set[str] = set()
         for msg, agent_id, envelope in items:
             try:
-                self._apply(session, agent_id, envelope, now, out, assignments, tis, known, results)
+                self._apply(session, agent_id, envelope, now, out, assignments, tis, known)
             except Reject as exc:
                 self._reject(out, msg, agent_id, exc.code, str(exc))
             seen.add(agent_id)
-        # Plain statements instead of the ORM's unit of work (which cost more
-        # than the rest of applying a message), batched like its flush was:
-        # one executemany per table and set of changed columns.
-        if results:
-            session.execute(insert(TaskResult.__table__), results)
-        for table, rows in ((Assignment.__table__, assignments), (TaskInstance.__table__, tis)):
-            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-            for pk, row in rows.items():
-                if changes := row.changes():
-                    by_columns[tuple(sorted(changes))].append({"pk_": pk, **changes})
-            for params in by_columns.values():
-                session.execute(update(table).where(table.c.id == bindparam("pk_")), params)
         if seen:
             fleet.touch(session, seen, now)
         session.flush()
@@ -299,7 +250,7 @@ class Ingester:
 
     def _apply(
         self, session: Session, agent_id: str, envelope: Envelope, now: datetime, out: _Batch,
-        assignments: dict[str, _Row], tis: dict[int, _Row], known: set[str], results: list[dict[str, Any]],
+        assignments: dict[str, Assignment], tis: dict[int, TaskInstance], known: set[str],
     ) -> None:
         body = envelope.body
         self.counters[f"received.{envelope.type}"] += 1
@@ -338,9 +289,9 @@ class Ingester:
                 ti.state, ti.started_at = TaskState.RUNNING, now
                 out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "running"}))
         elif isinstance(body, Result):
-            self._apply_result(agent_id, envelope, body, assignment, ti if current else None, now, out, known, results)
+            self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out, known)
 
-    def _apply_refusal(self, agent_id: str, body: Rejected, assignments: dict[str, _Row], tis: dict[int, _Row], now: datetime, out: _Batch) -> None:
+    def _apply_refusal(self, agent_id: str, body: Rejected, assignments: dict[str, Assignment], tis: dict[int, TaskInstance], now: datetime, out: _Batch) -> None:
         """The device refused an assignment (its deadline passed before it
         arrived, say): that try is over and will not be run there."""
         assignment = assignments.get(body.assignment_id or "")
@@ -358,8 +309,8 @@ class Ingester:
         out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
 
     def _apply_result(
-        self, agent_id: str, envelope: Envelope, body: Result, assignment: _Row,
-        ti: _Row | None, now: datetime, out: _Batch, known: set[str], results: list[dict[str, Any]],
+        self, session: Session, agent_id: str, envelope: Envelope, body: Result, assignment: Assignment,
+        ti: TaskInstance | None, now: datetime, out: _Batch, known: set[str],
     ) -> None:
         out.acks[agent_id].append(body.assignment_id)
         if body.assignment_id in known:
@@ -367,8 +318,8 @@ class Ingester:
             return
         known.add(body.assignment_id)
         error = body.error.to_dict() if body.error else None
-        results.append(
-            dict(
+        session.add(
+            TaskResult(
                 ti_id=assignment.ti_id, try_number=assignment.try_number, agent_id=agent_id, assignment_id=assignment.id,
                 status=body.status, output=body.output, error=error,
                 started_at=_device_time(body.started_at), finished_at=_device_time(body.finished_at),

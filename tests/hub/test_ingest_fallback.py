@@ -1,6 +1,5 @@
-"""A batch whose one-transaction apply fails is redone message by message in
-a new transaction: nothing of the failed attempt survives, and the batch's
-rejections are recorded once."""
+"""A batch whose fast-path apply fails is redone message by message: nothing
+of the failed attempt survives, and the batch's rejections are recorded once."""
 
 from __future__ import annotations
 
