@@ -69,11 +69,24 @@ class BrokerMissing(RuntimeError):
 
 @dataclass
 class PrivateBroker:
-    """A Mosquitto of our own on loopback, data kept in ``folder``."""
+    """A Mosquitto of our own on loopback, data kept in ``folder``. The same
+    port is reused across :meth:`restart`, so clients reconnect to it (the
+    fault tests kill and restart it this way)."""
 
     folder: Path
     port: int = 0
+    #: Seconds between persistence saves; tests that kill -9 the broker use 1.
+    autosave_interval: int = 5
     proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def log(self) -> str:
+        path = self.folder / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self, timeout: float = 10.0) -> None:
         binary = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
@@ -83,17 +96,18 @@ class PrivateBroker:
         self.port = self.port or free_port()
         conf = self.folder / "mosquitto.conf"
         conf.write_text(
-            "# Written by outpost-hub standalone: a private development broker on loopback.\n"
+            "# Written by Outpost: a private broker on loopback.\n"
             f"listener {self.port} 127.0.0.1\n"
             # Stay the user we are: the broker's files live in our state folder.
             f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.folder}/\n"
-            "autosave_interval 5\n"
+            f"autosave_interval {self.autosave_interval}\n"
             "max_queued_messages 100000\n"
             "set_tcp_nodelay true\n"
             f"log_dest file {self.folder}/mosquitto.log\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
         )
         self.proc = subprocess.Popen([*_die_with_parent(), binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -105,16 +119,28 @@ class PrivateBroker:
                     return
             except OSError:
                 time.sleep(0.05)
+        self.stop(kill=True)
         raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port} within {timeout}s")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+    def stop(self, kill: bool = False) -> None:
+        """Stop it (SIGTERM, then SIGKILL after 10 s), or kill -9 it at once."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
         self.proc = None
+
+    def restart(self, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
 
 
 @dataclass
