@@ -58,7 +58,7 @@ class OutboxPublisher:
                 self._wake.wait(idle_wait)
                 self._wake.clear()
 
-    def flush(self, timeout: float = 30.0) -> None:
+    def flush(self) -> None:
         """Publish until no unpublished row is left (tests, shutdown)."""
         while self.flush_once():
             pass
