@@ -87,7 +87,9 @@ def establish_session(links: list[MqttLink], broker: Broker, client_id: str, top
 
 
 def spawn(processes: list[subprocess.Popen[bytes]], code: str, *args: object) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE)
+    # Unbuffered: expect_line selects on the descriptor, and a buffered reader
+    # could pull two lines in one read, leaving the second where select cannot see it.
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, bufsize=0)
     processes.append(proc)
     return proc
 
