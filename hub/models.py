@@ -50,6 +50,29 @@ class Dag(Base):
     structure: Mapped[dict[str, Any]] = mapped_column(default=dict)
     next_run_at: Mapped[datetime | None]
     last_parsed_at: Mapped[datetime | None]
+    #: The data interval of the next scheduled run (its logical date is the start).
+    next_data_interval_start: Mapped[datetime | None]
+    next_data_interval_end: Mapped[datetime | None]
+    max_active_runs: Mapped[int] = mapped_column(Integer, default=16)
+    max_active_tasks: Mapped[int] = mapped_column(Integer, default=16)
+    #: The newest row of ``dag_versions`` for this DAG.
+    latest_version_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class DagVersion(Base):
+    """One structure of a DAG. A parse that changes the structure adds a
+    version; a run keeps the version it started with."""
+
+    __tablename__ = "dag_versions"
+    __table_args__ = (UniqueConstraint("dag_id", "version_number"), Index("ix_dag_versions_hash", "dag_id", "structure_hash"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dag_id: Mapped[str] = mapped_column(ForeignKey("dags.dag_id"))
+    version_number: Mapped[int] = mapped_column(Integer)
+    structure: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    structure_hash: Mapped[str] = mapped_column(String(64))
+    fileloc: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime]
 
 
 class DagImportError(Base):
@@ -76,6 +99,16 @@ class DagRun(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
+    data_interval_start: Mapped[datetime | None]
+    data_interval_end: Mapped[datetime | None]
+    #: The DAG structure this run follows (see ``DagVersion``).
+    dag_version_id: Mapped[int | None] = mapped_column(ForeignKey("dag_versions.id"))
+    backfill_id: Mapped[int | None] = mapped_column(ForeignKey("backfills.id"), index=True)
+    queued_at: Mapped[datetime | None]
+    #: How many times the whole run was cleared to run again.
+    clear_number: Mapped[int] = mapped_column(Integer, default=0)
+    #: What caused the run beyond its run_type: an asset event id, an agent event, a user.
+    triggered_by: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     task_instances: Mapped[list[TaskInstance]] = relationship(back_populates="run", order_by="TaskInstance.id")
 
@@ -107,6 +140,17 @@ class TaskInstance(Base):
     started_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
     next_try_at: Mapped[datetime | None]
+    operator: Mapped[str] = mapped_column(String(100), default="")
+    pool: Mapped[str] = mapped_column(String(256), default="default_pool")
+    pool_slots: Mapped[int] = mapped_column(Integer, default=1)
+    priority_weight: Mapped[int] = mapped_column(Integer, default=1)
+    #: Templated fields as rendered for the current try.
+    rendered_fields: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: A sensor's first poke, from which its timeout counts (reschedules keep it).
+    sensor_started_at: Mapped[datetime | None]
+    #: The worker process running a hub task.
+    pid: Mapped[int | None] = mapped_column(Integer)
+    note: Mapped[str | None] = mapped_column(Text)
 
     run: Mapped[DagRun] = relationship(back_populates="task_instances")
 
@@ -205,3 +249,124 @@ class RejectedMessage(Base):
     detail: Mapped[str] = mapped_column(Text)
     excerpt: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime]
+
+
+class XCom(Base):
+    """Values a task pushed under a key other than ``return_value`` (the
+    return value itself is ``TaskInstance.output``)."""
+
+    __tablename__ = "xcoms"
+    __table_args__ = (UniqueConstraint("run_pk", "task_id", "map_index", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_pk: Mapped[int] = mapped_column(ForeignKey("dag_runs.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[str] = mapped_column(String(250))
+    map_index: Mapped[int] = mapped_column(Integer, default=-1)
+    key: Mapped[str] = mapped_column(String(250))
+    value: Mapped[Any | None] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+
+
+class Pool(Base):
+    """A limit on how many task slots run at once across all DAGs."""
+
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(Text, default="")
+
+
+class Asset(Base):
+    __tablename__ = "assets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    uri: Mapped[str] = mapped_column(String(1000), unique=True)
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+
+
+class AssetEvent(Base):
+    """An asset was updated: by a task's outlet, an agent event or the API."""
+
+    __tablename__ = "asset_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    asset_id: Mapped[int] = mapped_column(ForeignKey("assets.id"), index=True)
+    source_dag_id: Mapped[str | None] = mapped_column(String(250))
+    source_run_id: Mapped[str | None] = mapped_column(String(250))
+    source_task_id: Mapped[str | None] = mapped_column(String(250))
+    source_map_index: Mapped[int] = mapped_column(Integer, default=-1)
+    source_agent_id: Mapped[str | None] = mapped_column(String(128))
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    timestamp: Mapped[datetime]
+
+
+class AssetDagRunQueue(Base):
+    """Asset updates a consuming DAG has seen but not yet run for."""
+
+    __tablename__ = "asset_dag_run_queue"
+
+    asset_id: Mapped[int] = mapped_column(ForeignKey("assets.id"), primary_key=True)
+    target_dag_id: Mapped[str] = mapped_column(ForeignKey("dags.dag_id"), primary_key=True)
+    created_at: Mapped[datetime]
+
+
+class Backfill(Base):
+    __tablename__ = "backfills"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dag_id: Mapped[str] = mapped_column(ForeignKey("dags.dag_id"), index=True)
+    from_date: Mapped[datetime]
+    to_date: Mapped[datetime]
+    run_backwards: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_active_runs: Mapped[int] = mapped_column(Integer, default=10)
+    #: "none" (skip intervals that have a run), "failed" (rerun failed ones) or "completed" (rerun all).
+    reprocess_behavior: Mapped[str] = mapped_column(String(20), default="none")
+    dag_run_conf: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    is_paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+
+
+class DeadlineMiss(Base):
+    """A task or run that was not done by its SLA or deadline."""
+
+    __tablename__ = "deadline_misses"
+    __table_args__ = (UniqueConstraint("run_pk", "task_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_pk: Mapped[int] = mapped_column(ForeignKey("dag_runs.id", ondelete="CASCADE"), index=True)
+    dag_id: Mapped[str] = mapped_column(String(250))
+    run_id: Mapped[str] = mapped_column(String(250))
+    #: Empty for a run-level deadline.
+    task_id: Mapped[str] = mapped_column(String(250), default="")
+    #: "task_sla", "dagrun_timeout" or "deadline".
+    kind: Mapped[str] = mapped_column(String(20))
+    deadline: Mapped[datetime]
+    detected_at: Mapped[datetime]
+    description: Mapped[str] = mapped_column(Text, default="")
+    #: Set once the alert (callback, event) went out.
+    notified_at: Mapped[datetime | None]
+
+
+class CallbackRequest(Base):
+    """A DAG-file callback to run on the hub (on_success, on_failure,
+    on_retry, sla_miss), recorded in the transaction that decided it so a
+    crash between the two cannot lose it."""
+
+    __tablename__ = "callback_requests"
+    __table_args__ = (Index("ix_callback_requests_pending", "finished_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(30))
+    dag_id: Mapped[str] = mapped_column(String(250))
+    run_pk: Mapped[int | None] = mapped_column(ForeignKey("dag_runs.id", ondelete="CASCADE"))
+    ti_id: Mapped[int | None] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"))
+    task_id: Mapped[str | None] = mapped_column(String(250))
+    dag_version_id: Mapped[int | None] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)

@@ -20,6 +20,8 @@ class TaskState(StrEnum):
     REMOVED = "removed"
     #: The target device stopped heartbeating while it held the work.
     DEVICE_OFFLINE = "device_offline"
+    #: A sensor in reschedule mode between two pokes: it holds no worker slot.
+    UP_FOR_RESCHEDULE = "up_for_reschedule"
 
 
 FINISHED = frozenset({TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED, TaskState.UPSTREAM_FAILED, TaskState.REMOVED})
@@ -42,7 +44,8 @@ LEGAL_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     _T.SCHEDULED: frozenset({_T.QUEUED, _T.SKIPPED, _T.UPSTREAM_FAILED, _T.REMOVED, _T.FAILED}),
     _T.QUEUED: frozenset({_T.DELIVERED, _T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE, _T.REMOVED}),
     _T.DELIVERED: frozenset({_T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE}),
-    _T.RUNNING: frozenset({_T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE}),
+    _T.RUNNING: frozenset({_T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE, _T.UP_FOR_RESCHEDULE, _T.SKIPPED}),
+    _T.UP_FOR_RESCHEDULE: frozenset({_T.SCHEDULED, _T.QUEUED, _T.FAILED, _T.SKIPPED}),
     _T.DEVICE_OFFLINE: frozenset({_T.DELIVERED, _T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY}),
     _T.UP_FOR_RETRY: frozenset({_T.SCHEDULED, _T.QUEUED, _T.FAILED}),
     _T.SUCCESS: frozenset({_T.NONE}),
