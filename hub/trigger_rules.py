@@ -66,7 +66,9 @@ def decide(trigger_rule: str, upstream_states: Iterable[str]) -> Decision:
                 return Decision.RUN
             return Decision.SKIP if all_done else Decision.WAIT
         case "one_done":
-            if success or any_failed:
+            # Airflow counts successes and failures only: an upstream that
+            # never ran (upstream_failed) is not "done" for this rule.
+            if success or failed:
                 return Decision.RUN
             return Decision.SKIP if all_done else Decision.WAIT
         case "none_failed":
