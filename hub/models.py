@@ -109,6 +109,9 @@ class DagRun(Base):
     clear_number: Mapped[int] = mapped_column(Integer, default=0)
     #: What caused the run beyond its run_type: an asset event id, an agent event, a user.
     triggered_by: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The DAG's params merged with the conf and validated at trigger time
+    #: (what tasks see as ``params``); the conf itself is kept as given.
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     task_instances: Mapped[list[TaskInstance]] = relationship(back_populates="run", order_by="TaskInstance.id")
 
