@@ -771,7 +771,11 @@ class AgentOperator(BaseOperator):
 
     def serialize(self) -> dict[str, Any]:
         data = super().serialize()
-        return {**data, "job_type": self.job_type, "params": data["templates"]["params"], "target": self.target.to_dict()}
+        return {
+            **data, "job_type": self.job_type, "params": data["templates"]["params"], "target": self.target.to_dict(),
+            # The hub renders these params itself, so it needs the DAG's rendering mode.
+            "render_native": bool(self.dag.render_template_as_native_obj),
+        }
 
 
 # --- sensors ----------------------------------------------------------------------------
