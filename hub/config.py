@@ -38,7 +38,8 @@ class HubSettings(BaseSettings):
     agent_offline_after: float = Field(35.0, gt=0, description="Mark an agent offline after this many seconds without a heartbeat.")
     max_clock_skew: float = Field(300.0, gt=0, description="Seconds a device's clock may run ahead of the hub's before its stamps are no longer merged into the hub's clock (counted as clock_skew).")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest MQTT envelope accepted or sent.")
-    executor_workers: int = Field(4, ge=1, le=64, description="Threads for hub tasks (Python callables in DAG files).")
+    executor_workers: int = Field(4, ge=1, le=64, description="Long-lived worker processes that run hub tasks (Python code in DAG files) and DAG callbacks, one task at a time each.")
+    executor_kill_grace: float = Field(5.0, gt=0, description="Seconds a hub-task worker gets to exit after SIGTERM (a task past its execution_timeout, or shutdown) before SIGKILL.")
 
     _toml_path: ClassVar[Path | None] = None
 

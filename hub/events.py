@@ -19,6 +19,8 @@ RUN_FINISHED = "run_finished"
 TASK_STATE_CHANGED = "task_state_changed"
 #: A hub task finished (the local executor); downstream tasks may be ready.
 HUB_TASK_FINISHED = "hub_task_finished"
+#: Callback requests were committed (``callback_requests``): the executor runs them.
+CALLBACKS_REQUESTED = "callbacks_requested"
 RESULT_APPLIED = "result_applied"
 MESSAGE_REJECTED = "message_rejected"
 AGENT_CHANGED = "agent_changed"

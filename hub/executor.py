@@ -1,176 +1,516 @@
-"""The local worker pool for hub tasks: Python callables from DAG files.
+"""The local executor for hub tasks: Airflow's LocalExecutor, with a pool of
+long-lived worker processes.
 
-This is Airflow's LocalExecutor, kept for orchestration glue (summing fleet
-results, calling an HTTP API). Callables run in threads of the hub process;
-their return value, which must be JSON, becomes the task's output.
+Hub tasks are orchestration glue written in DAG files (summing fleet
+results, calling an HTTP API). The executor starts ``workers`` processes
+once (from a fork server, never a fork of the threaded hub) and reuses them:
+each receives one task instance id at a time over a pipe, imports the DAG
+file itself (hub/worker.py) and answers with the try's outcome, which the
+executor records with ``finish_try`` and only then announces
+(``HUB_TASK_FINISHED`` wakes the scheduler).
+
+Task code cannot take the hub down: a task that outlives its
+``execution_timeout`` fails with ``execution_timeout`` (retryable) and its
+worker is killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; a
+task that kills its worker (``os._exit``, a segfault) fails with
+``worker_died``. Callbacks requested by the scheduler or result ingestion
+(``callback_requests``) run in the same workers.
+
+One thread of the hub drives everything: it hands queued tasks to idle
+workers, waits on the workers' pipes and process sentinels together (no
+polling), and records each batch of finished tries in one transaction.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
+import multiprocessing
+import os
+import signal
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import events as ev
-from hub.dag import PythonOperator
-from hub.dagbag import DagBag
 from hub.db import transaction
 from hub.events import EventBus
 from hub.lifecycle import finish_try
-from hub.models import DagRun, TaskInstance
+from hub.models import CallbackRequest, TaskInstance
+from hub.worker import MAX_CALLBACK_ATTEMPTS, MAX_OUTPUT_BYTES, WorkerRuntime, execute_task, run_callback, worker_main
 from shared.clock import Clock, utcnow
 from shared.states import TaskState
 
 log = logging.getLogger(__name__)
 
-MAX_OUTPUT_BYTES = 1024 * 1024
+__all__ = ["MAX_OUTPUT_BYTES", "LocalExecutor"]
 
-
-class TaskContext:
-    """What a hub task sees as ``ti``: its identity and its upstreams' outputs."""
-
-    def __init__(self, sessions: sessionmaker[Session], ti: TaskInstance) -> None:
-        self._sessions = sessions
-        self.dag_id, self.run_id, self.task_id = ti.dag_id, ti.run_id, ti.task_id
-        self.map_index, self.try_number = ti.map_index, ti.try_number
-        self._run_pk = ti.run_pk
-
-    def xcom_pull(self, task_ids: str | list[str]) -> Any:
-        """The output of ``task_ids``. A fanned-out task gives the list of its
-        instances' outputs in device order (``None`` where one did not succeed);
-        a list of task ids gives a list of those."""
-        if isinstance(task_ids, list):
-            return [self.xcom_pull(t) for t in task_ids]
-        with self._sessions() as session:
-            rows = session.execute(
-                select(TaskInstance.map_index, TaskInstance.state, TaskInstance.output)
-                .where(TaskInstance.run_pk == self._run_pk, TaskInstance.task_id == task_ids)
-                .order_by(TaskInstance.map_index)
-            ).all()
-        outputs = [r.output if r.state == TaskState.SUCCESS else None for r in rows]
-        if len(rows) == 1 and rows[0].map_index < 0:
-            return outputs[0]
-        return outputs
-
-    def xcom_pull_agents(self, task_id: str) -> dict[str, Any]:
-        """Outputs of a fanned-out agent task keyed by agent id."""
-        with self._sessions() as session:
-            rows = session.execute(
-                select(TaskInstance.agent_id, TaskInstance.state, TaskInstance.output).where(TaskInstance.run_pk == self._run_pk, TaskInstance.task_id == task_id)
-            ).all()
-        return {r.agent_id: r.output for r in rows if r.state == TaskState.SUCCESS and r.agent_id}
+#: Seconds a callback may run before its worker is killed.
+CALLBACK_TIMEOUT = 60.0
+#: Seconds between looks for callback requests written by other processes.
+CALLBACK_POLL_INTERVAL = 5.0
 
 
 @dataclass
+class _Job:
+    kind: str  # "task" or "callback"
+    key: int  # task instance id or callback request id
+    try_number: int
+    deadline: float | None  # time.monotonic() after which the worker is killed
+
+
+class _Worker:
+    def __init__(self, process: Any, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.job: _Job | None = None
+        self.kill_at: float | None = None  # set once SIGTERM was sent
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+
 class LocalExecutor:
-    sessions: sessionmaker[Session]
-    dagbag: DagBag
-    clock: Clock
-    events: EventBus
-    workers: int = 4
-    _pool: ThreadPoolExecutor | None = None
-    _running: set[int] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        clock: Clock,
+        events: EventBus,
+        workers: int = 4,
+        *,
+        kill_grace: float = 5.0,
+        sqlite_synchronous: str = "FULL",
+        callback_timeout: float = CALLBACK_TIMEOUT,
+    ) -> None:
+        self.sessions = sessions
+        self.clock = clock
+        self.events = events
+        self.workers = workers
+        self.kill_grace = kill_grace
+        self.callback_timeout = callback_timeout
+        self.sqlite_synchronous = sqlite_synchronous
+        engine = sessions.kw["bind"]
+        self.db_url = engine.url.render_as_string(hide_password=False)
+        self._lock = threading.Lock()
+        self._pending: deque[int] = deque()
+        self._known: set[int] = set()  # submitted and not yet recorded
+        self._callbacks: deque[int] = deque()
+        self._callbacks_known: set[int] = set()
+        self._callbacks_due = True
+        self._pool: list[_Worker] = []
+        #: A worker that died between tasks is replaced no sooner than this
+        #: (time.monotonic()), so a worker that cannot start does not spin.
+        self._respawn_after = 0.0
+        self._dying: list[_Worker] = []
+        self._unrecorded: list[tuple[int, int, dict[str, Any]]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = -1, -1
+        self._inline: WorkerRuntime | None = None
+        self._ctx: Any = None
+        events.subscribe(ev.CALLBACKS_REQUESTED, lambda _n, _d: self._callbacks_wanted())
+
+    # --- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hub-task")
+        if self._thread is not None:
+            return
+        self._ctx = multiprocessing.get_context("forkserver")
+        # The fork server imports the worker's modules once; each worker is
+        # then a cheap fork of it, so replacing a killed worker takes
+        # milliseconds, and no worker inherits the hub's threads or locks.
+        self._ctx.set_forkserver_preload(["hub.worker"])
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping.clear()
+        self._pool = [self._spawn() for _ in range(self.workers)]
+        self._thread = threading.Thread(target=self._loop, name="hub-executor", daemon=True)
+        self._thread.start()
 
-    def stop(self, wait: bool = True) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+    def stop(self, wait: bool = False) -> None:
+        """Stop the workers and reap them. A task still running is
+        interrupted; it stays running in the DB and is adopted (run again as
+        a new try) when a hub starts. ``wait`` is accepted for compatibility:
+        interrupted tasks are never waited for."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._wake()
+        self._thread.join(30)
+        self._thread = None
+        workers, self._pool, dying, self._dying = self._pool, [], self._dying, []
+        for worker in workers:
+            try:
+                if worker.job is None:
+                    worker.conn.send(None)
+                else:
+                    os.kill(worker.pid, signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + self.kill_grace
+        for worker in [*workers, *dying]:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(5)
+            worker.conn.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r, self._wake_w = -1, -1
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the live worker processes (for the dashboard and tests)."""
+        return [w.pid for w in self._pool]
 
     def submit(self, ti_id: int) -> None:
-        if self._pool is None:
+        """Run hub task instance ``ti_id``, committed as queued."""
+        if self._thread is None:
             raise RuntimeError("executor is not started")
         with self._lock:
-            if ti_id in self._running:
+            if ti_id in self._known:
                 return
-            self._running.add(ti_id)
-        self._pool.submit(self._execute, ti_id)
+            self._known.add(ti_id)
+            self._pending.append(ti_id)
+        self._wake()
 
     def adopt_orphans(self) -> int:
-        """Hub tasks left queued or running by a dead hub process go back to
-        the scheduler, which starts them again as a new try."""
+        """Hub tasks left queued or running by a dead hub process (whose
+        workers died with it) go back to the scheduler, which starts them
+        again as a new try."""
         with transaction(self.sessions) as session:
             result = session.execute(
                 update(TaskInstance)
                 .where(TaskInstance.kind == "hub", TaskInstance.state.in_([TaskState.QUEUED, TaskState.RUNNING]))
-                .values(state=TaskState.SCHEDULED)
+                .values(state=TaskState.SCHEDULED, pid=None)
             )
             return result.rowcount or 0  # type: ignore[attr-defined]
 
-    def _execute(self, ti_id: int) -> None:
+    # --- in-process execution for the tick-by-tick harness -----------------
+
+    def run_inline(self, ti_id: int) -> None:
+        """Run one queued hub task in this process and record it, with this
+        executor's clock: for tests that drive the hub tick by tick. No
+        ``execution_timeout`` here; the worker processes enforce it."""
+        marked = self._mark_running({ti_id: os.getpid()})
+        if ti_id not in marked:
+            return
+        try_number, _timeout = marked[ti_id]
         try:
-            self._run_one(ti_id)
+            outcome = execute_task(self._inline_runtime(), ti_id, try_number)
         except Exception as exc:
             log.exception("hub task %s: executor failure", ti_id)
-            self._fail_after_crash(ti_id, exc)
-        finally:
-            with self._lock:
-                self._running.discard(ti_id)
-            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=ti_id)
+            outcome = {"kind": "failed", "error": {"code": "executor_error", "message": f"{type(exc).__name__}: {exc}", "retryable": True}}
+        self._record_tasks([(ti_id, try_number, outcome)])
 
-    def _run_one(self, ti_id: int) -> None:
-        with transaction(self.sessions) as session:
-            ti = session.get(TaskInstance, ti_id)
-            if ti is None or ti.state != TaskState.QUEUED:
-                return
-            run = session.get(DagRun, ti.run_pk)
-            assert run is not None
-            ti.state, ti.started_at = TaskState.RUNNING, utcnow(self.clock)
-            context = TaskContext(self.sessions, ti)
-            kwargs = {"ti": context, "dag_run": {"run_id": run.run_id, "dag_id": run.dag_id, "conf": dict(run.conf)},
-                      "conf": dict(run.conf), "params": dict(run.conf), "run_id": run.run_id, "dag_id": run.dag_id,
-                      "logical_date": run.logical_date, "ds": run.logical_date.date().isoformat()}
-        task = self.dagbag.dags.get(context.dag_id)
-        operator = task.tasks.get(context.task_id) if task else None
-        success, output, error = False, None, None
-        if not isinstance(operator, PythonOperator):
-            error = {"code": "task_not_loaded", "message": f"hub task {context.dag_id}.{context.task_id} is not in the loaded DAG files (see import errors)", "retryable": False}
-        else:
-            success, output, error = self._call(operator.python_callable, {**kwargs, **operator.op_kwargs})
-        with transaction(self.sessions) as session:
-            ti = session.get(TaskInstance, ti_id)
-            if ti is None or ti.state != TaskState.RUNNING or ti.try_number != context.try_number:
-                return  # cleared or marked meanwhile: the operator's decision stands
-            finish_try(ti, success=success, now=utcnow(self.clock), output=output, error=error)
+    def run_callbacks_inline(self) -> int:
+        """Run every pending callback request in this process; returns how
+        many ran."""
+        ran = 0
+        for callback_id in self._pending_callbacks():
+            if self._claim_callback(callback_id):
+                error = run_callback(self._inline_runtime(), callback_id)
+                self._record_callback(callback_id, error)
+                ran += 1
+        return ran
 
-    def _fail_after_crash(self, ti_id: int, exc: Exception) -> None:
-        """Never leave a try running: record the executor's own failure."""
-        try:
-            with transaction(self.sessions) as session:
-                ti = session.get(TaskInstance, ti_id)
-                if ti is not None and ti.state == TaskState.RUNNING:
-                    error = {"code": "executor_error", "message": f"{type(exc).__name__}: {exc}", "retryable": True}
-                    finish_try(ti, success=False, now=utcnow(self.clock), error=error)
-        except Exception:
-            log.exception("hub task %s: could not record the failure; it is adopted at the next start", ti_id)
+    def _inline_runtime(self) -> WorkerRuntime:
+        if self._inline is None:
+            self._inline = WorkerRuntime(self.sessions, self.clock)
+        return self._inline
+
+    # --- the executor thread -----------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the loop is awake anyway
+
+    def _callbacks_wanted(self) -> None:
+        self._callbacks_due = True
+        self._wake()
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=worker_main, args=(child, self.db_url, self.sqlite_synchronous), name="outpost-hub-worker", daemon=True)
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _loop(self) -> None:
+        next_callback_poll = 0.0
+        while not self._stopping.is_set():
+            try:
+                if self._callbacks_due or time.monotonic() >= next_callback_poll:
+                    self._callbacks_due = False
+                    next_callback_poll = time.monotonic() + CALLBACK_POLL_INTERVAL
+                    self._queue_callbacks()
+                self._fill_pool()
+                self._dispatch()
+                self._wait_and_collect(min(self._timeout(), max(0.0, next_callback_poll - time.monotonic())))
+            except Exception:
+                log.exception("hub executor loop failed; continuing")
+                self._stopping.wait(0.5)
+
+    def _fill_pool(self) -> None:
+        while len(self._pool) < self.workers and time.monotonic() >= self._respawn_after and not self._stopping.is_set():
+            try:
+                self._pool.append(self._spawn())
+            except OSError:
+                log.exception("cannot start a hub worker process; retrying in 1 s")
+                self._respawn_after = time.monotonic() + 1.0
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        moments = [w.job.deadline for w in self._pool if w.job is not None and w.job.deadline is not None]
+        moments += [w.kill_at for w in self._dying if w.kill_at is not None]
+        timeout = min((m - now for m in moments), default=CALLBACK_POLL_INTERVAL)
+        if self._unrecorded or len(self._pool) < self.workers:
+            timeout = min(timeout, 1.0)
+        return max(0.0, timeout)
+
+    def _dispatch(self) -> None:
+        idle = [w for w in self._pool if w.job is None]
+        if not idle:
+            return
+        with self._lock:
+            pairs = [(idle.pop(), self._pending.popleft()) for _ in range(min(len(idle), len(self._pending)))]
+        if pairs:
+            marked = self._mark_running({ti_id: worker.pid for worker, ti_id in pairs})
+            for worker, ti_id in pairs:
+                if ti_id not in marked:
+                    with self._lock:
+                        self._known.discard(ti_id)  # no longer queued: cleared or marked meanwhile
+                    idle.append(worker)
+                    continue
+                try_number, timeout = marked[ti_id]
+                worker.job = _Job("task", ti_id, try_number, None if timeout is None else time.monotonic() + timeout)
+                self._send(worker, ("task", ti_id, try_number))
+        while idle and self._callbacks:
+            callback_id = self._callbacks.popleft()
+            if not self._claim_callback(callback_id):
+                self._callbacks_known.discard(callback_id)
+                continue
+            worker = idle.pop()
+            worker.job = _Job("callback", callback_id, 0, time.monotonic() + self.callback_timeout)
+            self._send(worker, ("callback", callback_id))
 
     @staticmethod
-    def _call(fn: Callable[..., Any], available: dict[str, Any]) -> tuple[bool, Any, dict[str, Any] | None]:
+    def _send(worker: _Worker, message: Any) -> None:
         try:
-            signature = inspect.signature(fn)
-            takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-            kwargs = available if takes_all else {k: v for k, v in available.items() if k in signature.parameters}
-            output = fn(**kwargs)
-        except (Exception, SystemExit) as exc:  # DAG code may even call sys.exit(); the task fails, the hub stays
-            log.warning("hub task raised %s: %s", type(exc).__name__, exc)
-            return False, None, {"code": "exception", "message": f"{type(exc).__name__}: {exc}", "retryable": True}
+            worker.conn.send(message)
+        except (OSError, ValueError):
+            pass  # the worker just died: its sentinel reports it, with the job
+
+    def _wait_and_collect(self, timeout: float) -> None:
+        watched: list[Any] = [self._wake_r]
+        for worker in self._pool:
+            watched += [worker.conn, worker.process.sentinel]
+        watched += [w.process.sentinel for w in self._dying]
+        ready = set(wait(watched, timeout))
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        tasks: list[tuple[int, int, dict[str, Any]]] = self._unrecorded
+        self._unrecorded = []
+        callbacks: list[tuple[int, str | None]] = []
+        dead: list[_Worker] = []
+        for worker in self._pool:
+            if worker.conn in ready or worker.process.sentinel in ready:
+                try:
+                    while worker.conn.poll():
+                        self._take_message(worker, worker.conn.recv(), tasks, callbacks)
+                except (EOFError, OSError):
+                    dead.append(worker)
+                    continue
+                if worker.process.sentinel in ready and worker not in dead:
+                    dead.append(worker)
+        now = time.monotonic()
+        for worker in self._pool:
+            job = worker.job
+            if worker in dead or job is None or job.deadline is None or now < job.deadline:
+                continue
+            if job.kind == "task":
+                error = {"code": "execution_timeout", "message": f"the task ran longer than its execution_timeout; its worker (pid {worker.pid}) was killed", "retryable": True}
+                tasks.append((job.key, job.try_number, {"kind": "failed", "error": error}))
+            else:
+                callbacks.append((job.key, f"the callback ran longer than {self.callback_timeout:g} s; its worker was killed"))
+            log.warning("hub %s %s timed out: killing worker %s", job.kind, job.key, worker.pid)
+            worker.job = None
+            self._terminate(worker, now)
+            dead.append(worker)
+        for worker in dead:
+            job, worker.job = worker.job, None
+            if job is not None:
+                if worker.process.exitcode is None and worker.kill_at is None:
+                    worker.process.join(1.0)  # its pipe closed first; the exit status follows
+                code = worker.process.exitcode
+                how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code is not None else "its pipe closed"
+                log.warning("hub worker %s died running %s %s (%s)", worker.pid, job.kind, job.key, how)
+                message = f"the worker process (pid {worker.pid}) running the task died ({how}); a new worker replaced it"
+                if job.kind == "task":
+                    tasks.append((job.key, job.try_number, {"kind": "failed", "error": {"code": "worker_died", "message": message, "retryable": True}}))
+                else:
+                    callbacks.append((job.key, message))
+            elif worker.kill_at is None:
+                log.warning("hub worker %s exited between tasks (exit code %s)", worker.pid, worker.process.exitcode)
+                self._respawn_after = now + 1.0
+            if worker.kill_at is None:
+                self._terminate(worker, now)
+            self._pool.remove(worker)
+        self._fill_pool()
+        self._reap(ready, now)
+        if tasks:
+            self._record_tasks(tasks)
+        for callback_id, error in callbacks:
+            self._record_callback(callback_id, error)
+
+    def _take_message(self, worker: _Worker, message: Any, tasks: list[Any], callbacks: list[Any]) -> None:
+        job = worker.job
+        if message[0] == "task":
+            _, ti_id, try_number, outcome = message
+            if job is not None and job.kind == "task" and job.key == ti_id and job.try_number == try_number:
+                worker.job = None
+                tasks.append((ti_id, try_number, outcome))
+        elif message[0] == "callback":
+            _, callback_id, error = message
+            if job is not None and job.kind == "callback" and job.key == callback_id:
+                worker.job = None
+                callbacks.append((callback_id, error))
+
+    def _terminate(self, worker: _Worker, now: float) -> None:
+        if worker.process.is_alive():
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        worker.kill_at = now + self.kill_grace
+        self._dying.append(worker)
+
+    def _reap(self, ready: set[Any], now: float) -> None:
+        for worker in list(self._dying):
+            if worker.process.sentinel in ready or not worker.process.is_alive():
+                worker.process.join(0.1)
+                worker.conn.close()
+                self._dying.remove(worker)
+            elif worker.kill_at is not None and now >= worker.kill_at:
+                log.warning("hub worker %s ignored SIGTERM for %ss: SIGKILL", worker.pid, self.kill_grace)
+                worker.process.kill()
+                worker.kill_at = None
+
+    # --- the DB side -------------------------------------------------------
+
+    def _mark_running(self, pids: dict[int, int]) -> dict[int, tuple[int, float | None]]:
+        """Move queued task instances to running on the given worker pids, in
+        one transaction. Returns ``{ti_id: (try_number, execution_timeout)}``
+        for those that were still queued."""
+        now = utcnow(self.clock)
+        marked: dict[int, tuple[int, float | None]] = {}
+        with transaction(self.sessions) as session:
+            for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_(list(pids)))):
+                if ti.state != TaskState.QUEUED:
+                    continue
+                ti.state, ti.started_at, ti.pid = TaskState.RUNNING, now, pids[ti.id]
+                marked[ti.id] = (ti.try_number, ti.execution_timeout)
+        return marked
+
+    def _record_tasks(self, results: list[tuple[int, int, dict[str, Any]]]) -> None:
+        """Record finished tries in one transaction, then announce them. A try
+        that is no longer current (cleared or marked meanwhile) is left as
+        the operator decided."""
+        now = utcnow(self.clock)
+        callbacks_added = False
         try:
-            size = len(json.dumps(output))
-        except (TypeError, ValueError, RecursionError) as exc:
-            return False, None, {"code": "output_not_json", "message": f"the return value is not JSON: {exc}", "retryable": False}
-        if size > MAX_OUTPUT_BYTES:
-            return False, None, {"code": "output_too_large", "message": f"the return value is {size} bytes, over {MAX_OUTPUT_BYTES}", "retryable": False}
-        return True, output, None
+            with transaction(self.sessions) as session:
+                rows = {ti.id: ti for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_([r[0] for r in results])))}
+                for ti_id, try_number, outcome in results:
+                    ti = rows.get(ti_id)
+                    if ti is None or ti.state != TaskState.RUNNING or ti.try_number != try_number or outcome.get("kind") == "stale":
+                        continue
+                    apply_outcome(ti, outcome, now)
+                session.flush()
+                callbacks_added = any(isinstance(o, CallbackRequest) for o in session.identity_map.values())
+        except Exception:
+            log.exception("could not record %d hub task result(s); retrying", len(results))
+            self._unrecorded.extend(results)
+            return
+        with self._lock:
+            self._known.difference_update(r[0] for r in results)
+        for ti_id, _try, _outcome in results:
+            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=ti_id)
+        if callbacks_added:
+            self._callbacks_wanted()
+
+    def _pending_callbacks(self) -> list[int]:
+        with self.sessions() as session:
+            return list(session.scalars(select(CallbackRequest.id).where(CallbackRequest.finished_at.is_(None)).order_by(CallbackRequest.id).limit(500)))
+
+    def _queue_callbacks(self) -> None:
+        for callback_id in self._pending_callbacks():
+            if callback_id not in self._callbacks_known:
+                self._callbacks_known.add(callback_id)
+                self._callbacks.append(callback_id)
+
+    def _claim_callback(self, callback_id: int) -> bool:
+        """Count an attempt before running it, so a callback that kills its
+        worker (or the hub) is still given up after MAX_CALLBACK_ATTEMPTS."""
+        with transaction(self.sessions) as session:
+            request = session.get(CallbackRequest, callback_id)
+            if request is None or request.finished_at is not None:
+                return False
+            if request.attempts >= MAX_CALLBACK_ATTEMPTS:
+                request.finished_at = utcnow(self.clock)
+                request.error = (request.error or "") + f" (given up after {request.attempts} attempts)"
+                return False
+            request.attempts += 1
+            return True
+
+    def _record_callback(self, callback_id: int, error: str | None) -> None:
+        self._callbacks_known.discard(callback_id)
+        try:
+            with transaction(self.sessions) as session:
+                request = session.get(CallbackRequest, callback_id)
+                if request is None:
+                    return
+                request.error = error
+                if error is None or request.attempts >= MAX_CALLBACK_ATTEMPTS:
+                    request.finished_at = utcnow(self.clock)
+            if error is not None:
+                log.warning("callback %s (%s of %s) failed, attempt %d of %d: %s", callback_id, request.kind, request.dag_id, request.attempts, MAX_CALLBACK_ATTEMPTS, error)
+        except Exception:
+            log.exception("could not record callback %s", callback_id)
 
 
+def apply_outcome(ti: TaskInstance, outcome: dict[str, Any], now: datetime) -> None:
+    """Record a worker's outcome for ``ti``'s current try (see
+    ``hub.worker.execute_task`` for the outcome's shape)."""
+    kind = outcome["kind"]
+    if outcome.get("rendered_fields") is not None:
+        ti.rendered_fields = outcome["rendered_fields"]
+    if kind == "reschedule":
+        # A sensor between pokes holds no worker, and the poke did not use up
+        # a try; its timeout counts from the try's first poke.
+        ti.state, ti.ended_at, ti.next_try_at = TaskState.UP_FOR_RESCHEDULE, now, outcome["reschedule_at"]
+        ti.try_number = max(0, ti.try_number - 1)
+        if ti.sensor_started_at is None:
+            ti.sensor_started_at = outcome.get("sensor_started_at")
+        return
+    ti.sensor_started_at = None  # the try is over: a retry's sensor times out afresh
+    if kind == "success":
+        finish_try(ti, success=True, now=now, output=outcome.get("output"))
+    elif kind == "skipped":
+        ti.state, ti.ended_at, ti.next_try_at, ti.error = TaskState.SKIPPED, now, None, None
+    else:
+        finish_try(ti, success=False, now=now, error=outcome.get("error"))

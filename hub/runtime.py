@@ -55,7 +55,9 @@ class HubRuntime:
             subscriptions=[(t, 1) for t in hub_subscriptions()],
         )
         self.dagbag = DagBag(s.dags_folder)
-        self.executor = LocalExecutor(self.sessions, self.dagbag, self.clock, self.events, workers=s.executor_workers)
+        self.executor = LocalExecutor(
+            self.sessions, self.clock, self.events, workers=s.executor_workers, kill_grace=s.executor_kill_grace, sqlite_synchronous=s.sqlite_synchronous,
+        )
         self.dispatcher = Dispatcher(self.hlc, s.max_message_bytes)
         self.scheduler = Scheduler(
             self.sessions, self.dagbag, self.dispatcher, self.clock, self.events, self.executor.submit,

@@ -68,7 +68,8 @@ class HubHarness:
         for _ in range(rounds):
             self.scheduler.tick()
             while self.hub_queue:
-                self.executor._run_one(self.hub_queue.pop(0))
+                self.executor.run_inline(self.hub_queue.pop(0))
+            self.executor.run_callbacks_inline()
 
     def agent_online(self, agent_id: str, job_types: tuple[str, ...] = ("noop", "diagnostics.collect"), **labels: str) -> None:
         self.send(agent_id, Status("online", "0.1.0", agent_id, labels, tuple(JobTypeInfo(j, "1.0") for j in job_types)), topic=status_topic(agent_id))
@@ -152,7 +153,7 @@ def make_hub(tmp_path: Path, manual_clock: ManualClock, hub_db_url: str) -> Iter
         hlc = HybridClock("hub", lambda: int(manual_clock.now() * 1000))
         bag = DagBag(folder)
         queue: list[int] = []
-        executor = LocalExecutor(sessions, bag, manual_clock, events)
+        executor = LocalExecutor(sessions, manual_clock, events)
         link = RecordingLink()
         scheduler = Scheduler(sessions, bag, Dispatcher(hlc, 256 * 1024), manual_clock, events, queue.append, **scheduler_options)
         ingester = Ingester(sessions, link, manual_clock, hlc, events)  # type: ignore[arg-type]
