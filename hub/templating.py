@@ -115,7 +115,12 @@ def render(value: Any, context: Mapping[str, Any], env: SandboxedEnvironment | N
         if not is_template(value):
             return value  # also keeps "123" a string in native mode
         try:
-            return env.from_string(value).render(context)
+            result = env.from_string(value).render(context)
+            if isinstance(result, jinja2.Undefined):
+                # Native rendering hands back the bare value of a lone
+                # expression: an undefined (or forbidden) name must still fail.
+                str(result)
+            return result
         except jinja2.TemplateError as exc:
             raise TemplateError(f"{type(exc).__name__}: {exc} (in {value!r})") from None
         except Exception as exc:  # a filter or macro raised: still the template's fault
