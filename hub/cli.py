@@ -177,13 +177,16 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _dags(args: argparse.Namespace) -> int:
-    from hub.dagbag import DagBag
+    from hub.dagprocessor import DagFileProcessor, SerializedDagBag
 
-    folder = args.folder or _settings(args).dags_folder
-    bag = DagBag(folder)
+    settings = _settings(args)
+    folder = args.folder or settings.dags_folder
+    # The same separate-process parse as the hub's, so the verdict is the hub's.
+    processor = DagFileProcessor(timeout=settings.dag_file_processor_timeout, parallelism=settings.dag_parsing_processes, memory_mb=settings.dag_file_processor_memory_mb)
+    bag = SerializedDagBag(folder, processor)
     bag.collect()
     for dag_id, dag in sorted(bag.dags.items()):
-        print(f"ok     {dag_id} ({len(dag.tasks)} tasks) {dag.fileloc}")
+        print(f"ok     {dag_id} ({len(dag.structure.get('tasks', []))} tasks) {dag.fileloc}")
     for err in bag.errors.values():
         print(f"error  {err.fileloc}: {err.kind}: {err.error}")
     return EXIT_FAILED if bag.errors else EXIT_OK

@@ -19,7 +19,7 @@ import uvicorn
 
 from hub import events as ev
 from hub.config import HubSettings
-from hub.dagbag import DagBag
+from hub.dagprocessor import DagFileProcessor, SerializedDagBag
 from hub.db import make_engine, make_sessionmaker, upgrade
 from hub.dispatcher import Dispatcher
 from hub.events import EventBus
@@ -54,7 +54,9 @@ class HubRuntime:
             MqttSettings(host=s.broker_host, port=s.broker_port, client_id=s.mqtt_client_id, username=s.broker_username, password=s.broker_password),
             subscriptions=[(t, 1) for t in hub_subscriptions()],
         )
-        self.dagbag = DagBag(s.dags_folder)
+        # DAG files are parsed in other processes; the hub keeps their serialized DAGs.
+        processor = DagFileProcessor(timeout=s.dag_file_processor_timeout, parallelism=s.dag_parsing_processes, memory_mb=s.dag_file_processor_memory_mb)
+        self.dagbag = SerializedDagBag(s.dags_folder, processor)
         self.executor = LocalExecutor(
             self.sessions, self.clock, self.events, workers=s.executor_workers, kill_grace=s.executor_kill_grace, sqlite_synchronous=s.sqlite_synchronous,
         )
@@ -62,6 +64,7 @@ class HubRuntime:
         self.scheduler = Scheduler(
             self.sessions, self.dagbag, self.dispatcher, self.clock, self.events, self.executor.submit,
             interval=s.scheduler_interval, redeliver_after=s.redeliver_after, agent_offline_after=s.agent_offline_after,
+            dag_reparse_interval=s.dag_reparse_interval, parse_in_tick=False,
         )
         self.ingester = Ingester(self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes)
         self.publisher = OutboxPublisher(self.sessions, self.link, self.clock)
@@ -80,6 +83,7 @@ class HubRuntime:
             self.scheduler.parse_dags(self._now(), force=True)
             self.link.start()
             self._spawn("scheduler", self.scheduler.run_forever)
+            self._spawn("dag-processor", self.scheduler.run_dag_processing)
             self._spawn("ingest", self.ingester.run_forever)
             self._spawn("outbox", self.publisher.run_forever)
         if self.run_api:

@@ -30,12 +30,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import events as ev
-from hub.dagbag import DagBag, cron_expression
+from hub.dagbag import cron_expression
+from hub.dagprocessor import SerializedDagBag
 from hub.db import skip_locked, transaction
 from hub.dispatcher import Dispatcher
 from hub.errors import DagNotFound, InvalidRequest
 from hub.events import EventBus
-from hub.models import Agent, Assignment, Dag, DagRun, TaskInstance
+from hub.models import Agent, Assignment, Dag, DagRun, DagVersion, TaskInstance
 from hub.targeting import choose
 from hub.trigger_rules import Decision, decide
 from shared.clock import Clock, utcnow
@@ -66,7 +67,8 @@ def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: dateti
             raise InvalidRequest(f"run {run_id!r} of {dag_id!r} already exists")
         # Two manual triggers in the same microsecond are two runs, not an error.
         run_id = next(f"{run_id}.{n}" for n in range(1, len(taken) + 2) if f"{run_id}.{n}" not in taken)
-    run = DagRun(dag_id=dag_id, run_id=run_id, run_type=run_type, state=RunState.RUNNING, logical_date=when, conf=conf, created_at=now, started_at=now)
+    run = DagRun(dag_id=dag_id, run_id=run_id, run_type=run_type, state=RunState.RUNNING, logical_date=when, conf=conf, created_at=now, started_at=now,
+                 dag_version_id=dag.latest_version_id)  # the run follows this version to its end
     session.add(run)
     session.flush()
     for task in dag.structure.get("tasks", []):
@@ -94,7 +96,7 @@ def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: dateti
 @dataclass
 class Scheduler:
     sessions: sessionmaker[Session]
-    dagbag: DagBag
+    dagbag: SerializedDagBag
     dispatcher: Dispatcher
     clock: Clock
     events: EventBus
@@ -104,9 +106,16 @@ class Scheduler:
     redeliver_after: float = 30.0
     agent_offline_after: float = 35.0
     dag_reparse_interval: float = 5.0
+    #: False when DAG parsing runs in its own thread (``run_dag_processing``),
+    #: so a slow DAG file never delays a scheduling pass.
+    parse_in_tick: bool = True
     _wake: threading.Event = field(default_factory=threading.Event)
     _last_parse: float = float("-inf")
+    #: A parse whose DB write failed is written again at the next interval.
+    _sync_pending: bool = False
     _structure_cache: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
+    #: Tasks by id of each DAG version seen; versions never change.
+    _version_cache: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     #: Events of the current step, emitted once its transaction committed.
     _after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -160,7 +169,8 @@ class Scheduler:
         now = utcnow(self.clock)
         busy = False
         if full:
-            busy |= self.parse_dags(now)
+            if self.parse_in_tick:
+                busy |= self.parse_dags(now)
             with self._step() as session:
                 busy |= self._create_scheduled_runs(session, now)
             with self._step() as session:
@@ -185,15 +195,30 @@ class Scheduler:
     # --- steps -------------------------------------------------------------
 
     def parse_dags(self, now: datetime, force: bool = False) -> bool:
+        """Parse changed DAG files (in another process) and record the result.
+        A failed round is logged and retried at the next interval; the DAGs
+        already known keep working meanwhile."""
         moment = now.timestamp()
         if not force and moment - self._last_parse < self.dag_reparse_interval:
             return False
         self._last_parse = moment
-        if not self.dagbag.collect() and not force:
+        try:
+            changed = self.dagbag.collect()
+            if not changed and not force and not self._sync_pending:
+                return False
+            self._sync_pending = True
+            with transaction(self.sessions) as session:
+                self.dagbag.sync_to_db(session, now)
+            self._sync_pending = False
+        except Exception:
+            log.exception("DAG processing failed; retrying in %s s", self.dag_reparse_interval)
             return False
-        with transaction(self.sessions) as session:
-            self.dagbag.sync_to_db(session, now)
         return True
+
+    def run_dag_processing(self, stop: threading.Event) -> None:
+        """The DAG processing loop, for a thread of its own."""
+        while not stop.wait(self.dag_reparse_interval):
+            self.parse_dags(utcnow(self.clock))
 
     def _create_scheduled_runs(self, session: Session, now: datetime) -> bool:
         created = False
@@ -228,7 +253,7 @@ class Scheduler:
         runs = list(session.scalars(skip_locked(select(DagRun).where(DagRun.state == RunState.RUNNING), session)))
         if not runs:
             return [], False
-        structures = self._structures(session, {r.dag_id for r in runs})
+        structures = self._structures(session, runs)
         # States of every task instance as plain rows: cheap even for runs of
         # thousands of tasks. Only instances that are ready become ORM objects.
         rows = session.execute(
@@ -244,7 +269,7 @@ class Scheduler:
         hub_tasks: list[int] = []
         changed = False
         for run in runs:
-            tasks = structures.get(run.dag_id, {})
+            tasks = structures.get(run.id, {})
             by_task = states_by_run[run.id]
             for ti_id, task_id in sorted(waiting_by_run[run.id], key=lambda item: (item[1], item[0])):
                 task = tasks.get(task_id)
@@ -274,9 +299,25 @@ class Scheduler:
             changed |= self._finish_run_if_done(run, by_task, tasks, now)
         return hub_tasks, changed
 
-    def _structures(self, session: Session, dag_ids: set[str]) -> dict[str, dict[str, Any]]:
-        """Each DAG's tasks by id, parsed once per DAG version rather than on
-        every tick (the JSON is most of a tick's cost for a large DAG)."""
+    def _structures(self, session: Session, runs: list[DagRun]) -> dict[int, dict[str, dict[str, Any]]]:
+        """Each run's tasks by id (keyed by run pk), from the DAG version the
+        run started with, so a changed file never changes a running run.
+        Versions are immutable, so each is parsed from JSON once and cached
+        for good (the JSON is most of a tick's cost for a large DAG)."""
+        wanted = {r.dag_version_id for r in runs if r.dag_version_id is not None} - self._version_cache.keys()
+        if wanted:
+            for version_id, structure in session.execute(select(DagVersion.id, DagVersion.structure).where(DagVersion.id.in_(wanted))):
+                self._version_cache[version_id] = {t["task_id"]: t for t in structure.get("tasks", [])}
+        unversioned = {r.dag_id for r in runs if r.dag_version_id is None}
+        legacy = self._legacy_structures(session, unversioned) if unversioned else {}
+        return {
+            r.id: self._version_cache.get(r.dag_version_id, {}) if r.dag_version_id is not None else legacy.get(r.dag_id, {})
+            for r in runs
+        }
+
+    def _legacy_structures(self, session: Session, dag_ids: set[str]) -> dict[str, dict[str, Any]]:
+        """Runs from before DAG versions follow the DAG's current structure,
+        parsed once per parse of the DAG."""
         stamps = dict(session.execute(select(Dag.dag_id, Dag.last_parsed_at).where(Dag.dag_id.in_(dag_ids))).all())
         stale = [d for d, stamp in stamps.items() if self._structure_cache.get(d, (None, None))[0] != stamp]
         if stale:

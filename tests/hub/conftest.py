@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import fleet
-from hub.dagbag import DagBag
+from hub.dagprocessor import SerializedDagBag
 from hub.db import make_engine, make_sessionmaker, transaction, upgrade
 from hub.dispatcher import Dispatcher
 from hub.events import EventBus
@@ -151,7 +151,7 @@ def make_hub(tmp_path: Path, manual_clock: ManualClock, hub_db_url: str) -> Iter
         sessions = make_sessionmaker(engine)
         events = EventBus()
         hlc = HybridClock("hub", lambda: int(manual_clock.now() * 1000))
-        bag = DagBag(folder)
+        bag = SerializedDagBag(folder)  # parsed in another process, as in the hub
         queue: list[int] = []
         executor = LocalExecutor(sessions, manual_clock, events)
         link = RecordingLink()

@@ -1,21 +1,18 @@
-"""DAG files: good ones load, broken ones are reported with file and reason,
-and one broken file never stops the others."""
+"""Loading DAG files (what the parsing process does, and what the in-process
+``DagBag`` does for code that needs the Python objects): good files load,
+broken ones are reported with file and reason, one broken file never stops
+the others."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from sqlalchemy import select
-
-from hub.dagbag import DagBag
-from hub.db import make_engine, make_sessionmaker, transaction, upgrade
-from hub.models import Dag, DagImportError
-from shared.clock import ManualClock, utcnow
+from hub.dagbag import DagBag, load_file, parse_file
 
 GOOD = """
 from hub.dag import DAG, AgentOperator, PythonOperator
-with DAG("good") as dag:
+with DAG("good", description="checks", tags=["fleet"]) as dag:
     a = AgentOperator(task_id="a", job_type="noop")
     b = PythonOperator(task_id="b", python_callable=lambda: 1)
     a >> b
@@ -43,43 +40,37 @@ def test_invalid_files_are_reported_and_good_dags_still_load(tmp_path: Path) -> 
     write(tmp_path, "syntax.py", SYNTAX)
     write(tmp_path, "cycle.py", CYCLE)
     write(tmp_path, "raises.py", RAISES)
+    write(tmp_path, "empty.py", "X = 1\n")
+    write(tmp_path, "_helper.py", RAISES)  # '_' files are helpers: never loaded on their own
     bag = DagBag(tmp_path)
     bag.collect()
     assert set(bag.dags) == {"good"}
     errors = {Path(e.fileloc).name: e for e in bag.errors.values()}
+    assert set(errors) == {"syntax.py", "cycle.py", "raises.py", "empty.py"}
     assert errors["syntax.py"].kind == "syntax"
     assert "line 2" in errors["syntax.py"].error
     assert errors["cycle.py"].kind == "cycle"
     assert "a >> b >> c >> a" in errors["cycle.py"].error
     assert errors["raises.py"].kind == "import"
     assert "cannot reach the inventory service" in errors["raises.py"].error
+    assert errors["empty.py"].kind == "no_dag"
 
 
-def test_import_errors_are_stored_and_cleared_when_fixed(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'hub.db'}"
-    upgrade(url)
-    sessions = make_sessionmaker(make_engine(url))
-    folder = tmp_path / "dags"
-    folder.mkdir()
-    write(folder, "good.py", GOOD)
-    broken = write(folder, "cycle.py", CYCLE)
-    bag = DagBag(folder)
-    now = utcnow(ManualClock())
-    bag.collect()
-    with transaction(sessions) as session:
-        bag.sync_to_db(session, now)
-    with sessions() as session:
-        assert [d.dag_id for d in session.scalars(select(Dag))] == ["good"]
-        [err] = session.scalars(select(DagImportError)).all()
-        assert err.fileloc == str(broken) and err.kind == "cycle"
-    broken.write_text(CYCLE.replace("c >> a", "c"))
-    os.utime(broken, (1, 1))  # a new mtime, whatever the file system's resolution
-    assert bag.collect()
-    with transaction(sessions) as session:
-        bag.sync_to_db(session, now)
-    with sessions() as session:
-        assert sorted(d.dag_id for d in session.scalars(select(Dag))) == ["good", "loop"]
-        assert session.scalars(select(DagImportError)).all() == []
+def test_parse_file_answers_serialized_dags_and_the_row_fields(tmp_path: Path) -> None:
+    path = write(tmp_path, "good.py", GOOD)
+    result = parse_file(str(path))
+    assert result["error"] is None and result["duration"] >= 0
+    [dag] = result["dags"]
+    assert dag["dag_id"] == "good"
+    assert [t["task_id"] for t in dag["structure"]["tasks"]] == ["a", "b"]
+    assert dag["fields"] == {"description": "checks", "schedule": None, "tags": ["fleet"], "is_paused_upon_creation": False}
+    assert parse_file(str(write(tmp_path, "cycle.py", CYCLE)))["error"]["kind"] == "cycle"
+
+
+def test_sys_exit_in_a_dag_file_is_an_import_error_not_an_exit(tmp_path: Path) -> None:
+    dags, error = load_file(write(tmp_path, "exits.py", "import sys\nsys.exit('bye')\n"))
+    assert dags == [] and error is not None
+    assert error.kind == "import" and "SystemExit: bye" in error.error
 
 
 def test_a_file_that_breaks_keeps_its_last_good_dag(tmp_path: Path) -> None:
@@ -93,24 +84,32 @@ def test_a_file_that_breaks_keeps_its_last_good_dag(tmp_path: Path) -> None:
     assert bag.errors[str(path)].kind == "syntax"
 
 
-def test_removed_file_marks_its_dag_inactive(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'hub.db'}"
-    upgrade(url)
-    sessions = make_sessionmaker(make_engine(url))
-    folder = tmp_path / "dags"
-    folder.mkdir()
-    path = write(folder, "good.py", GOOD)
-    bag = DagBag(folder)
-    now = utcnow(ManualClock())
+def test_removed_file_forgets_its_dags(tmp_path: Path) -> None:
+    path = write(tmp_path, "good.py", GOOD)
+    bag = DagBag(tmp_path)
     bag.collect()
-    with transaction(sessions) as session:
-        bag.sync_to_db(session, now)
     path.unlink()
+    assert bag.collect()
+    assert bag.dags == {} and bag.errors == {}
+
+
+def test_get_dag_loads_only_the_file_asked_for(tmp_path: Path) -> None:
+    good = write(tmp_path, "good.py", GOOD)
+    write(tmp_path, "raises.py", RAISES)
+    bag = DagBag(tmp_path)
+    dag = bag.get_dag("good", str(good))
+    assert dag is not None and set(dag.tasks) == {"a", "b"}
+    assert bag.errors == {}  # raises.py was never imported
+    assert bag.get_dag("good", str(tmp_path / "elsewhere.py")) is None
+
+
+def test_a_dag_id_defined_twice_keeps_the_first(tmp_path: Path) -> None:
+    first = write(tmp_path, "a.py", GOOD)
+    second = write(tmp_path, "b.py", GOOD)
+    bag = DagBag(tmp_path)
     bag.collect()
-    with transaction(sessions) as session:
-        bag.sync_to_db(session, now)
-    with sessions() as session:
-        assert session.get(Dag, "good").is_active is False  # type: ignore[union-attr]
+    assert bag.dags["good"].fileloc == str(first)
+    assert bag.errors[str(second)].kind == "duplicate"
 
 
 def test_agent_task_params_are_checked_against_the_job_schema_at_parse_time(tmp_path: Path) -> None:

@@ -1,0 +1,255 @@
+"""DAG processing for the hub: parse DAG files in another process, keep the
+serialized DAGs, record them and their versions in the metadata DB.
+
+The hub process never imports a DAG file (Airflow's model): user code
+cannot crash, block or bloat the scheduler. ``DagFileProcessor`` runs one
+parse round in a fresh ``python -m hub.dagbag`` process, which forks a
+child per changed file with a timeout and a memory limit, and answers with
+each file's serialized DAGs or its error (see ``hub.dagbag``).
+``SerializedDagBag`` keeps what the files define: a file that now fails
+keeps its last good DAGs, a removed file's DAGs go inactive, a dag_id
+defined by two files refuses the second. ``sync_to_db`` writes DAG rows,
+import errors and, when a DAG's structure changed, a new ``DagVersion``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from hub.dagbag import FileError, list_dag_files
+from hub.db import for_update
+from hub.models import Dag, DagImportError, DagVersion
+
+log = logging.getLogger(__name__)
+
+
+class DagProcessorError(RuntimeError):
+    """The parse round itself failed (not a DAG file): nothing was applied."""
+
+
+def structure_hash(structure: dict[str, Any]) -> str:
+    """sha256 of the structure's canonical JSON: equal structures, equal hashes."""
+    canonical = json.dumps(structure, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SerializedDag:
+    dag_id: str
+    fileloc: str
+    structure: dict[str, Any]
+    #: Columns of the dags row from the file (see ``hub.dagbag.dag_fields``).
+    fields: dict[str, Any]
+
+
+@dataclass
+class RoundStats:
+    files: int = 0
+    #: Wall time of the whole round, as the hub waited for it.
+    seconds: float = 0.0
+    #: From starting the round's process to its modules being imported.
+    startup: float = 0.0
+    #: Each file's own parse time (its child's import, validation, serialization).
+    per_file: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DagFileProcessor:
+    """Runs parse rounds: one process per round, one forked child per file."""
+
+    timeout: float = 30.0
+    parallelism: int = 2
+    memory_mb: int = 2048
+    last_round: RoundStats = field(default_factory=RoundStats)
+
+    def process(self, files: list[str], folder: Path | None = None) -> dict[str, dict[str, Any]]:
+        """Parse ``files``; returns each file's result (see ``hub.dagbag.parse_file``).
+        Raises ``DagProcessorError`` if the round's process itself failed."""
+        if not files:
+            return {}
+        request = {"files": files, "timeout": self.timeout, "parallelism": self.parallelism, "memory_mb": self.memory_mb, "folder": str(folder) if folder else None, "parent": os.getpid()}
+        # Each child is killed at its own deadline; this bounds the round's
+        # process itself, should it ever hang.
+        guard = self.timeout * math.ceil(len(files) / self.parallelism) + 60
+        started_wall, started = time.time(), time.perf_counter()
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-m", "hub.dagbag"], input=json.dumps(request).encode(), stdout=subprocess.PIPE, stderr=stderr,
+                    timeout=guard, check=False, env=_child_env(),
+                )
+            except subprocess.TimeoutExpired:
+                raise DagProcessorError(f"the DAG parse round did not finish within {guard:g} s") from None
+            if done.returncode != 0:
+                stderr.seek(0)
+                tail = stderr.read()[-2000:].decode("utf-8", "replace").strip()
+                raise DagProcessorError(f"the DAG parse round exited with code {done.returncode}: {tail}")
+        try:
+            answer = json.loads(done.stdout)
+            results = {r["fileloc"]: r for r in answer["results"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DagProcessorError(f"the DAG parse round answered something unreadable: {exc}") from None
+        self.last_round = RoundStats(
+            files=len(files), seconds=time.perf_counter() - started, startup=float(answer.get("ready_at", started_wall)) - started_wall,
+            per_file={f: float(r.get("duration", 0.0)) for f, r in results.items()},
+        )
+        log.info("parsed %d DAG file(s) in %.3f s (process start-up %.3f s)", len(files), self.last_round.seconds, self.last_round.startup)
+        return results
+
+
+def _child_env() -> dict[str, str]:
+    """The hub's environment, with the hub's own code importable in the child
+    wherever the hub was started from."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@dataclass
+class SerializedDagBag:
+    """The DAGs the folder's files define, as serialized structures. The
+    scheduler's view of the DAG folder; it never holds Python DAG objects."""
+
+    folder: Path
+    processor: DagFileProcessor = field(default_factory=DagFileProcessor)
+    errors: dict[str, FileError] = field(default_factory=dict)
+    _by_file: dict[str, list[SerializedDag]] = field(default_factory=dict)
+    _mtimes: dict[str, float] = field(default_factory=dict)
+    #: Answers refused as duplicates, applied again once the other file lets go.
+    _refused: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def dags(self) -> dict[str, SerializedDag]:
+        return {d.dag_id: d for dags in self._by_file.values() for d in dags}
+
+    def collect(self) -> bool:
+        """Parse every file whose modification time changed, in another
+        process. Returns True when anything was parsed or removed."""
+        files = list_dag_files(self.folder)
+        changed = [f for f, m in files.items() if self._mtimes.get(f) != m]
+        gone = [f for f in self._mtimes if f not in files]
+        results, unsettled = self._process(changed)
+        for fileloc in gone:
+            self._by_file.pop(fileloc, None)
+            self.errors.pop(fileloc, None)
+            self._refused.pop(fileloc, None)
+            del self._mtimes[fileloc]
+        for fileloc in changed:
+            self._refused.pop(fileloc, None)
+            result = results.get(fileloc) or {"error": {"kind": "crash", "error": "the parse round gave no answer for this file"}}
+            self._apply(fileloc, result)
+            if fileloc not in unsettled:
+                self._mtimes[fileloc] = files[fileloc]
+        if changed or gone:
+            # A dag_id may have been freed by a file parsed after the one it refused.
+            for fileloc, result in sorted(self._refused.items()):
+                self._apply(fileloc, result)
+        return bool(changed or gone)
+
+    def _process(self, files: list[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """Each file's result, and the files whose round failed as a whole.
+        A failed round is tried again one file per round, so a file that
+        takes its round's process down (it may kill its parent) fails alone;
+        files whose own round failed are parsed again at the next check."""
+        try:
+            return self.processor.process(files, self.folder), set()
+        except DagProcessorError as exc:
+            if len(files) == 1:
+                return {files[0]: {"error": {"kind": "crash", "error": str(exc)}}}, set(files)
+            log.warning("%s; parsing the %d file(s) one by one", exc, len(files))
+        results: dict[str, dict[str, Any]] = {}
+        unsettled: set[str] = set()
+        for fileloc in files:
+            one, failed = self._process([fileloc])
+            results.update(one)
+            unsettled |= failed
+        return results, unsettled
+
+    def _apply(self, fileloc: str, result: dict[str, Any]) -> None:
+        # A file that now fails keeps its last good DAGs, so a typo does not
+        # stop a fleet's schedule; the error is still recorded.
+        error = result.get("error")
+        if error:
+            self._fail(FileError(fileloc, error["kind"], error["error"]))
+            return
+        dags = [SerializedDag(d["dag_id"], fileloc, d["structure"], d.get("fields") or {}) for d in result.get("dags", [])]
+        owners = {d.dag_id: d.fileloc for f, ds in self._by_file.items() if f != fileloc for d in ds}
+        clash = next((d for d in dags if d.dag_id in owners), None)
+        if clash is not None:
+            self._fail(FileError(fileloc, "duplicate", f"dag_id {clash.dag_id!r} is already defined in {owners[clash.dag_id]}"))
+            self._refused[fileloc] = result
+            return
+        self._refused.pop(fileloc, None)
+        self.errors.pop(fileloc, None)
+        self._by_file[fileloc] = dags
+
+    def _fail(self, error: FileError) -> None:
+        log.warning("DAG file %s: %s: %s", error.fileloc, error.kind, error.error)
+        self.errors[error.fileloc] = error
+
+    def sync_to_db(self, session: Session, now: datetime) -> None:
+        """Upsert DAG rows, versions and import errors to match this bag."""
+        existing = {d.dag_id: d for d in session.scalars(for_update(select(Dag).order_by(Dag.dag_id), session))}
+        for dag_id, dag in self.dags.items():
+            row = existing.get(dag_id)
+            if row is None:
+                row = Dag(dag_id=dag_id, is_paused=bool(dag.fields.get("is_paused_upon_creation", False)))
+                session.add(row)
+            row.fileloc = dag.fileloc
+            row.description = dag.fields.get("description")
+            schedule = dag.fields.get("schedule")
+            if row.schedule != schedule:
+                row.next_run_at = None  # recomputed by the scheduler
+            row.schedule = schedule
+            row.tags = list(dag.fields.get("tags") or [])
+            row.structure = dag.structure
+            row.is_active = True
+            row.last_parsed_at = now
+            session.flush()  # a new row before its first version (foreign key)
+            record_version(session, row, dag.structure, dag.fileloc, now)
+        broken_files = set(self.errors)
+        for dag_id, row in existing.items():
+            # A DAG whose file now fails to import keeps its last good
+            # version active: a typo must not stop a fleet's schedule.
+            if dag_id not in self.dags and row.fileloc not in broken_files:
+                row.is_active = False
+        recorded = {e.fileloc: e for e in session.scalars(select(DagImportError))}
+        for fileloc, err in self.errors.items():
+            row_err = recorded.pop(fileloc, None) or DagImportError(fileloc=fileloc)
+            row_err.kind, row_err.error, row_err.recorded_at = err.kind, err.error, now
+            session.add(row_err)
+        for stale in recorded.values():
+            session.delete(stale)
+
+
+def record_version(session: Session, row: Dag, structure: dict[str, Any], fileloc: str, now: datetime) -> DagVersion | None:
+    """Point ``row`` at a new version when ``structure`` differs from its
+    latest one; returns the new version, or None when nothing changed.
+    Versions are immutable: a run keeps following the one it started with."""
+    digest = structure_hash(structure)
+    latest = session.get(DagVersion, row.latest_version_id) if row.latest_version_id is not None else None
+    if latest is not None and latest.structure_hash == digest:
+        return None
+    number = (session.scalar(select(func.max(DagVersion.version_number)).where(DagVersion.dag_id == row.dag_id)) or 0) + 1
+    version = DagVersion(dag_id=row.dag_id, version_number=number, structure=structure, structure_hash=digest, fileloc=fileloc, created_at=now)
+    session.add(version)
+    session.flush()
+    row.latest_version_id = version.id
+    log.info("DAG %s: version %d (structure %s)", row.dag_id, number, digest[:12])
+    return version
