@@ -39,6 +39,7 @@ class HubSettings(BaseSettings):
     max_clock_skew: float = Field(300.0, gt=0, description="Seconds a device's clock may run ahead of the hub's before its stamps are no longer merged into the hub's clock (counted as clock_skew).")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest MQTT envelope accepted or sent.")
     executor_workers: int = Field(4, ge=1, le=64, description="Long-lived worker processes that run hub tasks (Python code in DAG files) and DAG callbacks, one task at a time each.")
+    max_map_length: int = Field(1024, ge=1, description="Most task instances one mapped task (expand()) may create in a run; more fail the task with max_map_length_exceeded.")
     dag_reparse_interval: float = Field(5.0, gt=0, description="Seconds between checks of the DAG folder; new and changed files are parsed then, removed files deactivate their DAGs.")
     dag_file_processor_timeout: float = Field(30.0, gt=0, description="Seconds one DAG file may take to import; past it the file's parsing process is killed and a timeout import error recorded.")
     dag_parsing_processes: int = Field(2, ge=1, le=64, description="DAG files parsed at once, each in its own process.")

@@ -327,6 +327,12 @@ def execute_task(runtime: WorkerRuntime, ti_id: int, try_number: int) -> dict[st
     if task is None:
         message = f"hub task {ti.dag_id}.{ti.task_id} is not in DAG file {fileloc} any more"
         return {"kind": "failed", "error": {"code": "task_not_loaded", "message": message, "retryable": False}}
+    if getattr(task, "mapping", None) is not None and ti.map_index >= 0:
+        try:
+            # A copy with this instance's mapped argument values (hub.mapping; MAP owns this block).
+            task = unmap(task, ti.params or {})
+        except InvalidDag as exc:
+            return {"kind": "failed", "error": {"code": "unmappable_argument", "message": str(exc), "retryable": False}}
     context = build_context(runtime, dag, task, ti, run)
     outcome: dict[str, Any] = {}
     is_sensor = isinstance(task, BaseSensorOperator)

@@ -1,0 +1,375 @@
+"""Dynamic task mapping (``partial().expand()``), checked against Airflow's
+documented semantics: one instance per mapped value, created at run time;
+zero values skip the task; an upstream output must be a list or a dict; a
+cap on the number of instances; downstream tasks see every mapped result in
+map index order. Real SQLite, manual clock, fake agents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from hub.dag import DAG, AgentOperator, PythonOperator, any_agent, every_agent
+from hub.errors import InvalidDag
+from hub.mapping import MappingFailure, resolve_expansion
+from hub.models import Assignment, DagRun
+from shared.messages import Accepted, Result, Started
+
+
+def run_state(hub: Any, run_pk: int) -> str:
+    with hub.sessions() as session:
+        return session.get(DagRun, run_pk).state
+
+
+def instances(hub: Any, run_pk: int, task_id: str) -> list[Any]:
+    return [ti for ti in hub.tis(run_pk) if ti.task_id == task_id]
+
+
+def answer_assignments(hub: Any, output: Any = None) -> list[Any]:
+    """Every device accepts, starts and succeeds with what it sent back
+    (its params by default); returns the assign bodies answered."""
+    bodies = []
+    for env in hub.assignments_sent():
+        body = env.body
+        with hub.sessions() as session:
+            agent_id = session.get(Assignment, body.assignment_id).agent_id
+        hub.send(agent_id, Accepted(body.assignment_id))
+        hub.send(agent_id, Started(body.assignment_id, hub.clock.now()))
+        hub.send(agent_id, Result(body.assignment_id, body.try_number, "success", output if output is not None else body.params))
+        bodies.append(body)
+    return bodies
+
+
+# --- parse time ---------------------------------------------------------------
+
+
+def _add(x: int, y: int = 0) -> int:
+    return x + y
+
+
+def test_expand_serializes_literal_and_upstream_sources() -> None:
+    with DAG("m") as dag:
+        src = PythonOperator(task_id="src", python_callable=_add)
+        PythonOperator.partial(task_id="lit", python_callable=_add).expand(op_kwargs=[{"x": 1}, {"x": 2}])
+        PythonOperator.partial(task_id="up", python_callable=_add).expand(op_kwargs=src.output if hasattr(src, "output") else src)
+        AgentOperator.partial(task_id="ping", job_type="noop", target=any_agent()).expand(params=[{"echo": 1}])
+        PythonOperator.partial(task_id="pairs", python_callable=_add).expand(op_kwargs={"a": 1})
+    tasks = {t["task_id"]: t for t in dag.serialize()["tasks"]}
+    assert tasks["src"]["mapped"] is None
+    assert tasks["lit"]["mapped"] == {"expand": {"op_kwargs": {"literal": [{"x": 1}, {"x": 2}]}}, "group": None}
+    assert tasks["up"]["mapped"] == {"expand": {"op_kwargs": {"xcom": {"task_id": "src", "key": "return_value"}}}, "group": None}
+    assert tasks["up"]["upstream"] == ["src"]  # mapping over an output makes its task an upstream
+    assert tasks["ping"]["mapped"]["expand"] == {"params": {"literal": [{"echo": 1}]}}
+    assert tasks["ping"]["params"] == {}
+    assert tasks["pairs"]["mapped"]["expand"]["op_kwargs"] == {"literal": [["a", 1]]}  # a dict maps over its items
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_kwargs=5), "expand(op_kwargs=...) needs a list, a dict"),
+        (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_kwargz=[{}]), "cannot map over 'op_kwargz'"),
+        (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(), "needs at least one argument"),
+        (lambda: PythonOperator.partial(task_id="bad", python_callable=_add, op_kwargs={}).expand(op_kwargs=[{}]), "given to both partial() and expand()"),
+        (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_kwargs=[object()]), "must be JSON"),
+        (lambda: PythonOperator.partial(task_id="bad", python_callabl=_add), "unknown argument(s) python_callabl"),
+        (lambda: AgentOperator.partial(task_id="bad", params={}).expand(job_type=["a"]), "cannot map over 'job_type'"),
+        (lambda: AgentOperator.partial(task_id="bad", job_type="noop").expand(params=[1, 2]), "each mapped 'params' must be a dict"),
+        (lambda: AgentOperator.partial(task_id="bad", job_type="noop", target=every_agent()).expand(params=[{}]), "cannot also target every_agent()"),
+    ],
+)
+def test_invalid_expand_is_an_invalid_dag_naming_the_task(build: Any, message: str) -> None:
+    with DAG("m"), pytest.raises(InvalidDag) as err:
+        build()
+    assert "'bad'" in str(err.value) and message in str(err.value)
+
+
+def test_partial_needs_a_task_id() -> None:
+    with DAG("m"), pytest.raises(InvalidDag, match=r"PythonOperator.partial\(\) needs task_id="):
+        PythonOperator.partial(python_callable=_add)
+
+
+def test_literal_agent_params_are_checked_against_the_job_schema(make_hub: Any) -> None:
+    hub = make_hub({"bad.py": """
+from hub.dag import DAG, AgentOperator
+with DAG("bad") as dag:
+    AgentOperator.partial(task_id="run", job_type="command.run").expand(params=[{"argv": ["true"]}, {"argv": "not a list"}])
+"""})
+    from hub.models import DagImportError
+
+    with hub.sessions() as session:
+        [error] = session.scalars(select(DagImportError)).all()
+    assert "'run' (mapped params [1])" in error.error
+
+
+def test_cross_product_varies_the_last_argument_fastest() -> None:
+    mapped = {"expand": {"a": {"literal": [1, 2]}, "b": {"literal": ["x", "y", "z"]}}, "group": None}
+    values = resolve_expansion(mapped, lambda t, k: (False, None), 1024)
+    assert values == [{"a": a, "b": b} for a in (1, 2) for b in ("x", "y", "z")]
+    with pytest.raises(MappingFailure) as err:
+        resolve_expansion(mapped, lambda t, k: (False, None), 5)
+    assert err.value.code == "max_map_length_exceeded" and "= 6 instances" in str(err.value)
+
+
+# --- run time: hub tasks --------------------------------------------------------
+
+LITERAL_DAG = """
+from hub.dag import DAG, PythonOperator
+
+def add_one(x):
+    return x + 1
+
+def sum_it(ti):
+    return {"values": ti.xcom_pull(task_ids="add_one"), "total": sum(ti.xcom_pull(task_ids="add_one"))}
+
+with DAG("literal") as dag:
+    added = PythonOperator.partial(task_id="add_one", python_callable=add_one).expand(op_kwargs=[{"x": 1}, {"x": 2}, {"x": 3}])
+    added >> PythonOperator(task_id="sum_it", python_callable=sum_it)
+"""
+
+
+def test_literal_expand_runs_one_instance_per_value_and_the_sum_gets_them_in_order(make_hub: Any) -> None:
+    hub = make_hub({"literal.py": LITERAL_DAG})
+    run_pk = hub.trigger("literal")
+    assert [(ti.map_index, ti.state) for ti in instances(hub, run_pk, "add_one")] == [(-1, "none")]  # expanded at run time
+    hub.tick()
+    added = instances(hub, run_pk, "add_one")
+    assert [(ti.map_index, ti.state, ti.params, ti.output) for ti in added] == [
+        (0, "success", {"op_kwargs": {"x": 1}}, 2),
+        (1, "success", {"op_kwargs": {"x": 2}}, 3),
+        (2, "success", {"op_kwargs": {"x": 3}}, 4),
+    ]
+    [total] = instances(hub, run_pk, "sum_it")
+    assert total.output == {"values": [2, 3, 4], "total": 9}
+    assert run_state(hub, run_pk) == "success"
+
+
+UPSTREAM_DAG = """
+from hub.dag import DAG, PythonOperator
+
+def make_list(dag_run):
+    return dag_run.conf["items"]
+
+def double(item):
+    return item * 2
+
+def collect(ti):
+    return ti.xcom_pull(task_ids="double")
+
+with DAG("upstream") as dag:
+    source = PythonOperator(task_id="make_list", python_callable=make_list)
+    doubled = PythonOperator.partial(task_id="double", python_callable=double).expand(op_kwargs=source)
+    doubled >> PythonOperator(task_id="collect", python_callable=collect)
+"""
+
+
+def test_expand_over_an_upstream_output(make_hub: Any) -> None:
+    hub = make_hub({"upstream.py": UPSTREAM_DAG})
+    run_pk = hub.trigger("upstream", {"items": [{"item": 5}, {"item": 1}, {"item": 7}, {"item": 2}]})
+    hub.tick()
+    assert [(ti.map_index, ti.output) for ti in instances(hub, run_pk, "double")] == [(0, 10), (1, 2), (2, 14), (3, 4)]
+    assert instances(hub, run_pk, "collect")[0].output == [10, 2, 14, 4]
+    assert run_state(hub, run_pk) == "success"
+
+
+def test_a_dict_output_maps_over_its_items_and_a_mapped_output_over_its_instances() -> None:
+    outputs = {"d": {"a": 1, "b": {"c": 2}}, "m": [10, 20]}
+    mapped = {"expand": {"pair": {"xcom": {"task_id": "d", "key": "return_value"}}}, "group": None}
+    assert resolve_expansion(mapped, lambda t, k: (True, outputs[t]), 1024) == [{"pair": ["a", 1]}, {"pair": ["b", {"c": 2}]}]
+    mapped = {"expand": {"x": {"xcom": {"task_id": "m", "key": "return_value"}}}, "group": None}
+    assert resolve_expansion(mapped, lambda t, k: (True, outputs[t]), 1024) == [{"x": 10}, {"x": 20}]
+
+
+ZERO_DAG = """
+from hub.dag import DAG, PythonOperator
+
+def nothing():
+    return []
+
+def work(x):
+    return x
+
+def after():
+    return "ran"
+
+with DAG("zero") as dag:
+    source = PythonOperator(task_id="nothing", python_callable=nothing)
+    mapped = PythonOperator.partial(task_id="work", python_callable=work).expand(op_kwargs=source)
+    mapped >> PythonOperator(task_id="after", python_callable=after)
+    mapped >> PythonOperator(task_id="cleanup", python_callable=after, trigger_rule="all_done")
+"""
+
+
+def test_zero_length_mapping_skips_the_task_and_its_downstream(make_hub: Any) -> None:
+    hub = make_hub({"zero.py": ZERO_DAG})
+    run_pk = hub.trigger("zero")
+    hub.tick()
+    [work] = instances(hub, run_pk, "work")
+    assert (work.map_index, work.state, work.error["code"]) == (-1, "skipped", "empty_mapping")
+    states = {ti.task_id: ti.state for ti in hub.tis(run_pk)}
+    # Airflow's skip propagation: all_success skips, all_done still runs.
+    assert states == {"nothing": "success", "work": "skipped", "after": "skipped", "cleanup": "success"}
+    assert run_state(hub, run_pk) == "success"
+
+
+def test_zero_length_literal_skips_too(make_hub: Any) -> None:
+    hub = make_hub({"z.py": """
+from hub.dag import DAG, PythonOperator
+with DAG("z") as dag:
+    PythonOperator.partial(task_id="work", python_callable=lambda x: x).expand(op_kwargs=[])
+"""})
+    run_pk = hub.trigger("z")
+    hub.tick()
+    assert [(ti.map_index, ti.state) for ti in hub.tis(run_pk)] == [(-1, "skipped")]
+
+
+NOT_A_LIST_DAG = """
+from hub.dag import DAG, PythonOperator
+
+def scalar():
+    return 42
+
+with DAG("scalar") as dag:
+    source = PythonOperator(task_id="scalar", python_callable=scalar)
+    mapped = PythonOperator.partial(task_id="work", python_callable=lambda x: x).expand(op_kwargs=source)
+    mapped >> PythonOperator(task_id="after", python_callable=lambda: 1)
+"""
+
+
+def test_a_non_list_output_fails_the_mapped_task_with_unmappable_xcom(make_hub: Any) -> None:
+    hub = make_hub({"scalar.py": NOT_A_LIST_DAG})
+    run_pk = hub.trigger("scalar")
+    hub.tick()
+    [work] = instances(hub, run_pk, "work")
+    assert (work.map_index, work.state, work.error["code"], work.error["retryable"]) == (-1, "failed", "unmappable_xcom", False)
+    assert "'scalar'" in work.error["message"] and "a number" in work.error["message"]
+    assert instances(hub, run_pk, "after")[0].state == "upstream_failed"
+    assert run_state(hub, run_pk) == "failed"
+
+
+def test_more_values_than_max_map_length_fail_the_task(make_hub: Any) -> None:
+    hub = make_hub({"upstream.py": UPSTREAM_DAG}, max_map_length=3)
+    run_pk = hub.trigger("upstream", {"items": [{"item": i} for i in range(4)]})
+    hub.tick()
+    [double] = instances(hub, run_pk, "double")
+    assert (double.state, double.error["code"]) == ("failed", "max_map_length_exceeded")
+    assert "4 values, over max_map_length 3" in double.error["message"]
+    assert instances(hub, run_pk, "collect")[0].state == "upstream_failed"
+
+
+def test_a_failed_source_marks_the_mapped_task_upstream_failed(make_hub: Any) -> None:
+    hub = make_hub({"upstream.py": UPSTREAM_DAG})
+    run_pk = hub.trigger("upstream", {})  # make_list raises KeyError
+    hub.tick()
+    assert {ti.task_id: (ti.map_index, ti.state) for ti in hub.tis(run_pk)} == {
+        "make_list": (-1, "failed"), "double": (-1, "upstream_failed"), "collect": (-1, "upstream_failed"),
+    }
+
+
+def test_one_failed_mapped_instance_fails_downstream_and_retries_alone(make_hub: Any) -> None:
+    hub = make_hub({"f.py": """
+from hub.dag import DAG, PythonOperator
+
+def check(x):
+    if x == 2:
+        raise ValueError("two")
+    return x
+
+with DAG("f", default_args={"retries": 1, "retry_delay": 60}) as dag:
+    mapped = PythonOperator.partial(task_id="check", python_callable=check).expand(op_kwargs=[{"x": 1}, {"x": 2}, {"x": 3}])
+    mapped >> PythonOperator(task_id="after", python_callable=lambda: 1)
+"""})
+    run_pk = hub.trigger("f")
+    hub.tick()
+    assert [(ti.map_index, ti.state, ti.try_number) for ti in instances(hub, run_pk, "check")] == [
+        (0, "success", 1), (1, "up_for_retry", 1), (2, "success", 1),
+    ]
+    assert instances(hub, run_pk, "after")[0].state == "none"  # trigger rules count every instance
+    hub.clock.advance(61)
+    hub.tick()
+    assert [(ti.map_index, ti.state, ti.try_number) for ti in instances(hub, run_pk, "check")][1] == (1, "failed", 2)
+    assert instances(hub, run_pk, "after")[0].state == "upstream_failed"
+
+
+# --- run time: agent tasks ------------------------------------------------------
+
+AGENT_DAG = """
+from hub.dag import DAG, AgentOperator, PythonOperator, any_agent
+
+def total(ti):
+    return [o["echo"] for o in ti.xcom_pull(task_ids="ping")]
+
+with DAG("pings") as dag:
+    ping = AgentOperator.partial(task_id="ping", job_type="noop", target=any_agent()).expand(
+        params=[{"echo": 1}, {"echo": 2}, {"echo": 3}, {"echo": 4}])
+    ping >> PythonOperator(task_id="total", python_callable=total)
+"""
+
+
+def test_mapped_agent_task_sends_one_assignment_per_value(make_hub: Any) -> None:
+    hub = make_hub({"pings.py": AGENT_DAG})
+    hub.agent_online("a1")
+    hub.agent_online("a2")
+    run_pk = hub.trigger("pings")
+    hub.tick()
+    ping = instances(hub, run_pk, "ping")
+    assert [(ti.map_index, ti.state, ti.params) for ti in ping] == [(i, "queued", {"echo": i + 1}) for i in range(4)]
+    sent = sorted((e.body.map_index, e.body.params["echo"]) for e in hub.assignments_sent())
+    assert sent == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert sorted(ti.agent_id for ti in ping) == ["a1", "a1", "a2", "a2"]  # any_agent spreads the load
+    answer_assignments(hub)
+    hub.tick()
+    assert instances(hub, run_pk, "total")[0].output == [1, 2, 3, 4]  # map index order, not arrival order
+    assert run_state(hub, run_pk) == "success"
+
+
+def test_mapped_agent_task_over_an_upstream_output(make_hub: Any) -> None:
+    hub = make_hub({"hosts.py": """
+from hub.dag import DAG, AgentOperator, PythonOperator, any_agent
+
+def hosts(dag_run):
+    return [{"echo": h} for h in dag_run.conf["hosts"]]
+
+with DAG("hosts") as dag:
+    listed = PythonOperator(task_id="hosts", python_callable=hosts)
+    AgentOperator.partial(task_id="ping", job_type="noop", target=any_agent()).expand(params=listed)
+"""})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("hosts", {"hosts": ["x", "y"]})
+    hub.tick()
+    assert [(ti.map_index, ti.params) for ti in instances(hub, run_pk, "ping")] == [(0, {"echo": "x"}), (1, {"echo": "y"})]
+    answer_assignments(hub)
+    hub.tick()
+    assert run_state(hub, run_pk) == "success"
+
+
+def test_mapped_agent_task_with_a_non_object_value_fails_clearly(make_hub: Any) -> None:
+    hub = make_hub({"hosts.py": """
+from hub.dag import DAG, AgentOperator, PythonOperator, any_agent
+with DAG("hosts") as dag:
+    listed = PythonOperator(task_id="hosts", python_callable=lambda: ["x", "y"])
+    AgentOperator.partial(task_id="ping", job_type="noop", target=any_agent()).expand(params=listed)
+"""})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("hosts")
+    hub.tick()
+    [ping] = instances(hub, run_pk, "ping")
+    assert (ping.state, ping.error["code"]) == ("failed", "unmappable_xcom")
+    assert hub.assignments_sent() == []
+
+
+def test_fleet_fan_out_still_works_next_to_mapping(make_hub: Any) -> None:
+    hub = make_hub({"both.py": """
+from hub.dag import DAG, AgentOperator, any_agent, every_agent
+with DAG("both") as dag:
+    AgentOperator(task_id="fleet", job_type="noop", target=every_agent())
+    AgentOperator.partial(task_id="mapped", job_type="noop", target=any_agent()).expand(params=[{"echo": 1}])
+"""})
+    for agent in ("a1", "a2", "a3"):
+        hub.agent_online(agent)
+    run_pk = hub.trigger("both")
+    hub.tick()
+    assert [(ti.map_index, ti.agent_id) for ti in instances(hub, run_pk, "fleet")] == [(0, "a1"), (1, "a2"), (2, "a3")]
+    assert [(ti.map_index, ti.params) for ti in instances(hub, run_pk, "mapped")] == [(0, {"echo": 1})]
