@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -19,6 +20,11 @@ from typing import Any, ClassVar, Literal
 from shared.errors import InvalidMessage
 
 JSONValue = Any
+
+#: Names of agent events (``battery_low``): safe in asset URIs, logs and URLs.
+AGENT_EVENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: Largest JSON payload of an agent event; bigger data belongs in a job's result.
+MAX_AGENT_EVENT_PAYLOAD_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +215,8 @@ class Ack(Message):
 
     TYPE: ClassVar[str] = "ack"
     assignment_ids: tuple[str, ...]
+    #: Agent events the hub committed (``AgentEvent.event_id``).
+    event_ids: tuple[str, ...] = ()
 
 
 # --- agent to hub ----------------------------------------------------------
@@ -299,6 +307,24 @@ class Status(Message):
     job_types: tuple[JobTypeInfo, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class AgentEvent(Message):
+    """A condition the device reports (``battery_low``), from a job
+    (``ctx.emit_event``) or the command line (``outpost-agent emit``).
+
+    It travels like a result: stored in the agent's outbox, sent until the
+    hub acknowledges ``event_id`` (in ``Ack.event_ids``), applied once. The
+    hub records it as an asset event on ``agent-event://<name>``, which
+    triggers the DAGs scheduled on that asset."""
+
+    TYPE: ClassVar[str] = "agent_event"
+    event_id: str
+    name: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    #: Epoch seconds on the device when the event was emitted.
+    occurred_at: float | None = None
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Assign, Cancel, Ack, Accepted, Started, Result, Rejected, Heartbeat, Status)
+    cls.TYPE: cls for cls in (Assign, Cancel, Ack, Accepted, Started, Result, Rejected, Heartbeat, Status, AgentEvent)
 }

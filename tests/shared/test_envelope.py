@@ -18,6 +18,7 @@ from shared.messages import (
     MESSAGE_TYPES,
     Accepted,
     Ack,
+    AgentEvent,
     Assign,
     Cancel,
     Heartbeat,
@@ -45,6 +46,8 @@ EXAMPLES: list[Message] = [
     Heartbeat("0.1.0", 3, 4, ("as-1",), False, {"rejected.decode_error": 2}),
     Status("online", "0.1.0", "gw-1", {"site": "a"}, (JobTypeInfo("noop", "1.0"), JobTypeInfo("command.run", "1.0"))),
     Status("offline"),
+    AgentEvent("ev-1", "battery_low", {"level": 0.08, "cells": [3.1, 3.0]}, 1_767_225_602.5),
+    Ack(("as-3",), event_ids=("ev-1",)),
 ]
 
 

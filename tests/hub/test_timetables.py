@@ -1,0 +1,251 @@
+"""Timetables: Airflow's data-interval semantics, as tables, including
+daylight-saving changes (Europe/Amsterdam: 2026-03-29 02:00 CET jumps to
+03:00 CEST; 2026-10-25 03:00 CEST falls back to 02:00 CET)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from hub.assets import AgentEvent, Asset, AssetAll, AssetAny, Dataset
+from hub.errors import InvalidDag
+from hub.timetables import (
+    AssetTimetable,
+    CronTimetable,
+    DataInterval,
+    DeltaTimetable,
+    NullTimetable,
+    OnceTimetable,
+    Timetable,
+    dag_schedule_options,
+    from_dict,
+    timetable_for,
+)
+
+AMS = ZoneInfo("Europe/Amsterdam")
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+
+def ams(*args: int) -> datetime:
+    return datetime(*args, tzinfo=AMS)  # type: ignore[misc]
+
+
+def catch_up(tt: Timetable, start: datetime | None, now: datetime, catchup: bool = True, end: datetime | None = None, last: DataInterval | None = None) -> list[tuple[datetime, datetime]]:
+    """The intervals a scheduler creates by ``now``: every one whose
+    run_after has passed, each computed from the previous one."""
+    out: list[tuple[datetime, datetime]] = []
+    while (info := tt.next_dagrun_info(last, now, catchup, start, end)) is not None and info.run_after <= now:
+        assert info.run_after == info.data_interval.end and info.logical_date == info.data_interval.start
+        out.append((info.data_interval.start, info.data_interval.end))
+        last = info.data_interval
+        assert len(out) < 1000
+    return out
+
+
+# --- cron: table of first runs -------------------------------------------------
+
+FIRST_RUN = [
+    # schedule, start_date, now, catchup, expected (start, end) or None
+    ("@daily", utc(2026, 1, 1), utc(2026, 1, 1), True, (utc(2026, 1, 1), utc(2026, 1, 2))),
+    ("@daily", utc(2026, 1, 1, 5), utc(2026, 1, 1), True, (utc(2026, 1, 2), utc(2026, 1, 3))),  # aligned to the next boundary
+    ("@daily", utc(2025, 1, 1), utc(2026, 1, 10, 12), False, (utc(2026, 1, 9), utc(2026, 1, 10))),  # the latest complete interval
+    ("@daily", utc(2025, 1, 1), utc(2026, 1, 10), False, (utc(2026, 1, 9), utc(2026, 1, 10))),  # on a boundary: the one ending now
+    ("@daily", utc(2025, 1, 1), utc(2026, 1, 10), True, (utc(2025, 1, 1), utc(2025, 1, 2))),  # catchup starts at the start date
+    ("@daily", utc(2027, 1, 1), utc(2026, 1, 10), False, (utc(2027, 1, 1), utc(2027, 1, 2))),  # a future start date wins
+    ("@hourly", utc(2026, 1, 1), utc(2026, 1, 1, 3, 30), False, (utc(2026, 1, 1, 2), utc(2026, 1, 1, 3))),
+    ("@weekly", utc(2026, 1, 1), utc(2026, 1, 1), True, (utc(2026, 1, 4), utc(2026, 1, 11))),  # Sundays
+    ("@monthly", utc(2026, 1, 15), utc(2026, 1, 1), True, (utc(2026, 2, 1), utc(2026, 3, 1))),
+    ("@quarterly", utc(2026, 2, 1), utc(2026, 1, 1), True, (utc(2026, 4, 1), utc(2026, 7, 1))),
+    ("@yearly", utc(2026, 1, 1), utc(2026, 1, 1), True, (utc(2026, 1, 1), utc(2027, 1, 1))),
+    ("*/10 * * * *", utc(2026, 1, 1, 0, 3), utc(2026, 1, 1), True, (utc(2026, 1, 1, 0, 10), utc(2026, 1, 1, 0, 20))),
+    ("@daily", None, utc(2026, 1, 1), True, None),  # catchup with no start date: nothing to start from
+    ("@daily", None, utc(2026, 1, 10, 12), False, (utc(2026, 1, 9), utc(2026, 1, 10))),
+]
+
+
+@pytest.mark.parametrize(("schedule", "start", "now", "catchup", "expected"), FIRST_RUN)
+def test_first_cron_interval(schedule: str, start: datetime | None, now: datetime, catchup: bool, expected: tuple[datetime, datetime] | None) -> None:
+    info = timetable_for(schedule).next_dagrun_info(None, now, catchup, start, None)
+    if expected is None:
+        assert info is None
+    else:
+        assert info is not None
+        assert (info.data_interval.start, info.data_interval.end) == expected
+        assert info.run_after == expected[1] and info.logical_date == expected[0]
+
+
+NEXT_RUN = [
+    # schedule, last interval, now, catchup, expected
+    ("@daily", DataInterval(utc(2026, 1, 1), utc(2026, 1, 2)), utc(2026, 1, 2), True, (utc(2026, 1, 2), utc(2026, 1, 3))),
+    ("@daily", DataInterval(utc(2026, 1, 1), utc(2026, 1, 2)), utc(2026, 1, 5, 1), True, (utc(2026, 1, 2), utc(2026, 1, 3))),  # catchup: the very next
+    ("@daily", DataInterval(utc(2026, 1, 1), utc(2026, 1, 2)), utc(2026, 1, 5, 1), False, (utc(2026, 1, 4), utc(2026, 1, 5))),  # no catchup: the latest
+    ("@hourly", DataInterval(utc(2026, 1, 1, 0, 30), utc(2026, 1, 1, 1, 30)), utc(2026, 1, 1, 1, 30), True, (utc(2026, 1, 1, 1), utc(2026, 1, 1, 2))),  # realigned after a schedule change
+]
+
+
+@pytest.mark.parametrize(("schedule", "last", "now", "catchup", "expected"), NEXT_RUN)
+def test_next_cron_interval(schedule: str, last: DataInterval, now: datetime, catchup: bool, expected: tuple[datetime, datetime]) -> None:
+    info = timetable_for(schedule).next_dagrun_info(last, now, catchup, utc(2025, 1, 1), None)
+    assert info is not None and (info.data_interval.start, info.data_interval.end) == expected
+
+
+def test_end_date_stops_the_schedule_after_the_interval_that_starts_on_it() -> None:
+    runs = catch_up(timetable_for("@daily"), utc(2026, 1, 1), utc(2026, 2, 1), end=utc(2026, 1, 3))
+    assert runs == [(utc(2026, 1, 1), utc(2026, 1, 2)), (utc(2026, 1, 2), utc(2026, 1, 3)), (utc(2026, 1, 3), utc(2026, 1, 4))]
+    assert timetable_for("@daily").next_dagrun_info(DataInterval(utc(2026, 1, 3), utc(2026, 1, 4)), utc(2026, 2, 1), True, utc(2026, 1, 1), utc(2026, 1, 3)) is None
+
+
+# --- daylight saving ------------------------------------------------------------
+
+
+def test_daily_cron_keeps_local_time_across_spring_forward() -> None:
+    """02:00 does not exist on 2026-03-29: that day's interval boundary is the
+    first instant after the gap (03:00 CEST = 01:00 UTC). One interval per
+    local day, none lost, none doubled."""
+    tt = timetable_for("0 2 * * *", AMS)
+    runs = catch_up(tt, ams(2026, 3, 27, 2), utc(2026, 4, 1, 0, 0))
+    assert runs == [
+        (utc(2026, 3, 27, 1), utc(2026, 3, 28, 1)),  # 02:00 CET -> 02:00 CET
+        (utc(2026, 3, 28, 1), utc(2026, 3, 29, 1)),  # 02:00 CET -> 03:00 CEST (02:00 skipped)
+        (utc(2026, 3, 29, 1), utc(2026, 3, 30, 0)),  # 03:00 CEST -> 02:00 CEST: 23 h
+        (utc(2026, 3, 30, 0), utc(2026, 3, 31, 0)),
+        (utc(2026, 3, 31, 0), utc(2026, 4, 1, 0)),
+    ]
+    assert [s.astimezone(AMS).hour for s, _ in runs] == [2, 2, 3, 2, 2]
+
+
+def test_daily_cron_keeps_local_time_across_fall_back() -> None:
+    """02:00 happens twice on 2026-10-25: the run is at the first one (CEST)."""
+    tt = timetable_for("0 2 * * *", AMS)
+    runs = catch_up(tt, ams(2026, 10, 23, 2), utc(2026, 10, 28, 1))
+    assert runs == [
+        (utc(2026, 10, 23, 0), utc(2026, 10, 24, 0)),
+        (utc(2026, 10, 24, 0), utc(2026, 10, 25, 0)),  # ends at the first 02:00 (CEST)
+        (utc(2026, 10, 25, 0), utc(2026, 10, 26, 1)),  # 25 h
+        (utc(2026, 10, 26, 1), utc(2026, 10, 27, 1)),
+        (utc(2026, 10, 27, 1), utc(2026, 10, 28, 1)),
+    ]
+    assert all(s.astimezone(AMS).hour == 2 for s, _ in runs)
+
+
+def test_a_fixed_time_inside_the_repeated_hour_runs_once() -> None:
+    tt = timetable_for("30 2 * * *", AMS)
+    runs = catch_up(tt, ams(2026, 10, 24, 2, 30), utc(2026, 10, 26, 2))
+    assert [e for _, e in runs] == [utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)]
+
+
+def test_hourly_cron_keeps_elapsed_spacing_across_both_changes() -> None:
+    tt = timetable_for("@hourly", AMS)
+    spring = catch_up(tt, ams(2026, 3, 29, 0), utc(2026, 3, 29, 3))
+    assert [e for _, e in spring] == [utc(2026, 3, 29, h) for h in range(0, 4)]  # every 60 minutes
+    assert [s.astimezone(AMS).hour for s, _ in spring] == [0, 1, 3, 4]  # 02:00 local never exists
+    fall = catch_up(tt, ams(2026, 10, 25, 0), utc(2026, 10, 25, 3))
+    assert [e for _, e in fall] == [utc(2026, 10, 24, 23)] + [utc(2026, 10, 25, h) for h in range(0, 4)]
+    assert [s.astimezone(AMS).strftime("%H%z") for s, _ in fall] == ["00+0200", "01+0200", "02+0200", "02+0100", "03+0100"]
+
+
+def test_catchup_false_across_the_change_creates_only_the_latest_interval() -> None:
+    tt = timetable_for("0 2 * * *", AMS)
+    runs = catch_up(tt, ams(2026, 1, 1, 2), utc(2026, 3, 29, 1, 30), catchup=False)
+    assert runs == [(utc(2026, 3, 28, 1), utc(2026, 3, 29, 1))]
+    # Two days later, still without catchup: only the newest one again.
+    runs = catch_up(tt, ams(2026, 1, 1, 2), utc(2026, 3, 31, 0, 30), catchup=False, last=DataInterval(*runs[0]))
+    assert runs == [(utc(2026, 3, 30, 0), utc(2026, 3, 31, 0))]
+
+
+# --- timedelta, once, none, assets ---------------------------------------------
+
+
+def test_timedelta_intervals_follow_the_start_date_in_elapsed_time() -> None:
+    tt = timetable_for(timedelta(hours=6))
+    start = ams(2026, 3, 28, 23)  # 22:00 UTC
+    runs = catch_up(tt, start, utc(2026, 3, 29, 16))
+    assert runs == [(utc(2026, 3, 28, 22), utc(2026, 3, 29, 4)), (utc(2026, 3, 29, 4), utc(2026, 3, 29, 10)), (utc(2026, 3, 29, 10), utc(2026, 3, 29, 16))]
+    # Without catchup: the latest complete interval on the start date's grid.
+    info = tt.next_dagrun_info(None, utc(2026, 3, 30, 1), False, start, None)
+    assert info is not None and info.data_interval == DataInterval(utc(2026, 3, 29, 16), utc(2026, 3, 29, 22))
+
+
+def test_once_runs_at_the_start_date_and_never_again() -> None:
+    tt = timetable_for("@once")
+    info = tt.next_dagrun_info(None, utc(2026, 1, 1), False, utc(2026, 2, 1), None)
+    assert info is not None and info.run_after == utc(2026, 2, 1) and info.data_interval == DataInterval(utc(2026, 2, 1), utc(2026, 2, 1))
+    assert tt.next_dagrun_info(info.data_interval, utc(2027, 1, 1), False, utc(2026, 2, 1), None) is None
+    assert tt.next_dagrun_info(None, utc(2026, 1, 1), False, None, None) is None
+
+
+def test_none_and_asset_schedules_never_run_by_the_clock() -> None:
+    assert timetable_for(None).next_dagrun_info(None, utc(2026, 1, 1), True, utc(2020, 1, 1), None) is None
+    tt = timetable_for([Asset("s3://b/x")])
+    assert isinstance(tt, AssetTimetable) and tt.next_dagrun_info(None, utc(2026, 1, 1), True, utc(2020, 1, 1), None) is None
+
+
+@pytest.mark.parametrize("schedule", ["@daily", "*/5 * * * *", "@once", timedelta(minutes=90), None, [Asset("s3://a"), Dataset("s3://b")], Asset("s3://a") | (Asset("s3://b") & AgentEvent("battery_low"))])
+def test_timetables_survive_serialization(schedule: object) -> None:
+    tt = timetable_for(schedule, AMS)
+    again = from_dict(tt.serialize())
+    assert type(again) is type(tt) and again.serialize() == tt.serialize()
+
+
+def test_cron_serializes_with_its_time_zone() -> None:
+    assert timetable_for("@daily", AMS).serialize() == {"kind": "cron", "expression": "0 0 * * *", "timezone": "Europe/Amsterdam"}
+    assert isinstance(timetable_for(None), NullTimetable) and isinstance(timetable_for("@once"), OnceTimetable)
+    assert isinstance(timetable_for(timedelta(days=1)), DeltaTimetable) and isinstance(timetable_for("0 3 * * 1-5"), CronTimetable)
+
+
+def test_backfill_intervals_are_those_whose_logical_date_is_in_the_range() -> None:
+    tt = timetable_for("@daily")
+    got = list(tt.iter_intervals(utc(2026, 1, 1, 12), utc(2026, 1, 4)))
+    assert got == [DataInterval(utc(2026, 1, 2), utc(2026, 1, 3)), DataInterval(utc(2026, 1, 3), utc(2026, 1, 4)), DataInterval(utc(2026, 1, 4), utc(2026, 1, 5))]
+
+
+# --- asset conditions -----------------------------------------------------------
+
+
+def test_asset_conditions() -> None:
+    a, b, c = Asset("s3://a"), Asset("s3://b"), Asset("s3://c")
+    assert AssetAll(a, b).evaluate({"s3://a", "s3://b"}) and not AssetAll(a, b).evaluate({"s3://a"})
+    assert AssetAny(a, b).evaluate({"s3://b"}) and not AssetAny(a, b).evaluate({"s3://c"})
+    cond = a | (b & c)
+    assert cond.evaluate({"s3://a"}) and cond.evaluate({"s3://b", "s3://c"}) and not cond.evaluate({"s3://b"})
+    assert AgentEvent("battery_low") == Asset("agent-event://battery_low")
+    assert Dataset is Asset
+
+
+# --- bad input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"schedule": "every day"}, "is not a cron expression"),
+    ({"schedule": "@continuous"}, "not supported"),
+    ({"schedule": 5}, "is not a cron string"),
+    ({"schedule": timedelta(0)}, "shorter than"),
+    ({"schedule": [Asset("s3://a"), "s3://b"]}, "is not a cron string"),
+    ({"schedule": "@daily", "start_date": "2026-01-01"}, "start_date must be a datetime"),
+    ({"schedule": "@daily", "start_date": utc(2026, 2, 1), "end_date": utc(2026, 1, 1)}, "is before start_date"),
+    ({"schedule": "@daily", "max_active_runs": 0}, "max_active_runs must be a positive integer"),
+    ({"schedule": "@daily", "catchup": "yes"}, "catchup must be True or False"),
+])
+def test_invalid_schedules_are_named(kwargs: dict[str, object], message: str) -> None:
+    args = {"schedule": None, "start_date": None, "end_date": None, "catchup": False, "max_active_runs": None, **kwargs}
+    with pytest.raises(InvalidDag, match=message) as err:
+        dag_schedule_options("d", args["schedule"], args["start_date"], args["end_date"], args["catchup"], args["max_active_runs"], {})
+    assert "'d'" in str(err.value)
+
+
+@pytest.mark.parametrize("uri", ["", "has space", "airflow://x", "x" * 1001, "agent-event://bad name"])
+def test_invalid_asset_uris_are_refused(uri: str) -> None:
+    with pytest.raises(InvalidDag):
+        Asset(uri)
+
+
+def test_naive_start_dates_are_utc_and_default_args_give_the_start_date() -> None:
+    opts = dag_schedule_options("d", "@daily", datetime(2026, 1, 1), None, False, None, {})
+    assert opts["start_date"] == utc(2026, 1, 1) and opts["max_active_runs"] == 16
+    opts = dag_schedule_options("d", "@daily", None, None, True, 3, {"start_date": ams(2026, 1, 1)})
+    assert opts["start_date"] == ams(2026, 1, 1) and opts["timetable"].serialize()["timezone"] == "Europe/Amsterdam"
