@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from hub.errors import AgentNotFound, DagNotFound, InvalidRequest, RunNotFound
-from hub.models import Agent, Dag, DagImportError, DagRun, RejectedMessage, TaskInstance
+from hub.errors import AgentNotFound, DagNotFound, InvalidRequest, NotFound, RunNotFound
+from hub.models import Agent, Dag, DagImportError, DagRun, DagVersion, RejectedMessage, TaskInstance
 
 Page = dict[str, Any]
 
@@ -40,7 +40,37 @@ def get_dag(session: Session, dag_id: str) -> dict[str, Any]:
     dag = session.get(Dag, dag_id)
     if dag is None:
         raise DagNotFound(f"DAG {dag_id!r} not found; list DAGs with GET /api/v1/dags")
-    return {**_dag_summary(dag, _last_runs(session, [dag_id]).get(dag_id)), "structure": dag.structure}
+    latest = session.get(DagVersion, dag.latest_version_id) if dag.latest_version_id is not None else None
+    return {
+        **_dag_summary(dag, _last_runs(session, [dag_id]).get(dag_id)), "structure": dag.structure,
+        "latest_version_number": latest.version_number if latest is not None else None,
+    }
+
+
+def list_dag_versions(session: Session, dag_id: str, *, limit: int = 100, offset: int = 0) -> Page:
+    """A DAG's versions, newest first (each parse that changed its structure)."""
+    dag = session.get(Dag, dag_id)
+    if dag is None:
+        raise DagNotFound(f"DAG {dag_id!r} not found; list DAGs with GET /api/v1/dags")
+    stmt = select(DagVersion).where(DagVersion.dag_id == dag_id).order_by(DagVersion.version_number.desc())
+    rows, total = _page(session, stmt, limit, offset)
+    runs = dict(
+        session.execute(select(DagRun.dag_version_id, func.count()).where(DagRun.dag_version_id.in_([v.id for v in rows])).group_by(DagRun.dag_version_id)).all()
+    )
+    items = [{**_version(v, dag.latest_version_id), "run_count": runs.get(v.id, 0)} for v in rows]
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def get_dag_version(session: Session, dag_id: str, version_number: int) -> dict[str, Any]:
+    """One version of a DAG with the structure its runs follow."""
+    dag = session.get(Dag, dag_id)
+    if dag is None:
+        raise DagNotFound(f"DAG {dag_id!r} not found; list DAGs with GET /api/v1/dags")
+    version = session.scalar(select(DagVersion).where(DagVersion.dag_id == dag_id, DagVersion.version_number == version_number))
+    if version is None:
+        raise NotFound(f"DAG {dag_id!r} has no version {version_number}; list them with GET /api/v1/dags/{dag_id}/versions")
+    runs = session.scalar(select(func.count()).select_from(DagRun).where(DagRun.dag_version_id == version.id)) or 0
+    return {**_version(version, dag.latest_version_id), "run_count": runs, "structure": version.structure}
 
 
 def list_import_errors(session: Session, *, limit: int = 100, offset: int = 0) -> Page:
@@ -61,7 +91,8 @@ def list_runs(session: Session, *, dag_id: str | None = None, state: str | None 
         stmt = stmt.where(DagRun.state == state)
     runs, total = _page(session, stmt, limit, offset)
     counts = _task_counts(session, [r.id for r in runs])
-    items = [{**_run(r), "task_counts": counts.get(r.id, {})} for r in runs]
+    numbers = _version_numbers(session, [r.dag_version_id for r in runs])
+    items = [{**_run(r), "task_counts": counts.get(r.id, {}), "dag_version_number": numbers.get(r.dag_version_id)} for r in runs]
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
@@ -70,11 +101,14 @@ def get_run(session: Session, run_pk: int) -> dict[str, Any]:
     order), a fan-out's instances by map index."""
     run = _run_row(session, run_pk)
     tis = list(session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk).order_by(TaskInstance.id)))
-    structure = session.scalar(select(Dag.structure).where(Dag.dag_id == run.dag_id)) or {}
+    # The order of the DAG version the run follows (runs from before versions: the DAG's).
+    version = session.get(DagVersion, run.dag_version_id) if run.dag_version_id is not None else None
+    structure = version.structure if version is not None else session.scalar(select(Dag.structure).where(Dag.dag_id == run.dag_id)) or {}
     position = {t["task_id"]: i for i, t in enumerate(structure.get("tasks", []))}
     tis.sort(key=lambda t: (position.get(t.task_id, len(position)), t.task_id, t.map_index))
     counts = _task_counts(session, [run_pk]).get(run_pk, {})
-    return {**_run(run), "task_counts": counts, "task_instances": [_task_instance(t) for t in tis]}
+    number = version.version_number if version is not None else None
+    return {**_run(run), "task_counts": counts, "dag_version_number": number, "task_instances": [_task_instance(t) for t in tis]}
 
 
 def list_task_instances(session: Session, run_pk: int, *, limit: int = 100, offset: int = 0) -> Page:
@@ -139,6 +173,26 @@ def _dag_summary(dag: Dag, last_run: DagRun | None) -> dict[str, Any]:
         "next_run_at": dag.next_run_at,
         "last_parsed_at": dag.last_parsed_at,
     }
+
+
+def _version(version: DagVersion, latest_id: int | None) -> dict[str, Any]:
+    return {
+        "id": version.id,
+        "dag_id": version.dag_id,
+        "version_number": version.version_number,
+        "structure_hash": version.structure_hash,
+        "fileloc": version.fileloc,
+        "created_at": version.created_at,
+        "task_count": len((version.structure or {}).get("tasks", [])),
+        "is_latest": version.id == latest_id,
+    }
+
+
+def _version_numbers(session: Session, version_ids: list[int | None]) -> dict[int | None, int]:
+    wanted = {v for v in version_ids if v is not None}
+    if not wanted:
+        return {}
+    return dict(session.execute(select(DagVersion.id, DagVersion.version_number).where(DagVersion.id.in_(wanted))).all())  # type: ignore[arg-type]
 
 
 def _run(run: DagRun) -> dict[str, Any]:

@@ -75,6 +75,23 @@ class DagSummary(BaseModel):
 
 class DagDetail(DagSummary):
     structure: dict[str, Any] = Field(description='Serialized DAG: {"tasks": [{"task_id", "kind", "upstream", ...}]}, upstream first.')
+    latest_version_number: int | None = Field(None, description="The DAG's current version: new runs follow it.")
+
+
+class DagVersionOut(BaseModel):
+    id: int
+    dag_id: str
+    version_number: int = Field(description="1, 2, ...: a new one each time a parse changed the DAG's structure.")
+    structure_hash: str = Field(description="sha256 of the structure's canonical JSON.")
+    fileloc: str = Field(description="The DAG file this version was parsed from.")
+    created_at: datetime
+    task_count: int
+    is_latest: bool = Field(description="True for the version new runs follow.")
+    run_count: int = Field(description="Runs that follow this version.")
+
+
+class DagVersionDetail(DagVersionOut):
+    structure: dict[str, Any] = Field(description="The serialized DAG its runs follow (as in DagDetail).")
 
 
 class ImportErrorOut(BaseModel):
@@ -117,6 +134,7 @@ class RunSummary(BaseModel):
     started_at: datetime | None
     ended_at: datetime | None
     task_counts: dict[str, int] = Field(description="Task instances per state.")
+    dag_version_number: int | None = Field(None, description="The DAG version the run follows (null for runs from before versions).")
 
 
 class RunDetail(RunSummary):

@@ -29,6 +29,10 @@ def register(nouns: Any) -> None:
                       ["outpost dags show fleet_health", "outpost dags show fleet_health -o json"], [out])
     cmd.add_argument("dag_id", metavar="DAG_ID")
 
+    cmd = add_command(verbs, "versions", "List a DAG's versions: one per parse that changed its structure.", list_versions,
+                      ["outpost dags versions fleet_health", "outpost dags versions fleet_health -o json | jq '.items[0].version_number'"], [out, paging])
+    cmd.add_argument("dag_id", metavar="DAG_ID")
+
     cmd = add_command(verbs, "trigger", "Start a manual run of a DAG now.", trigger_dag,
                       ["outpost dags trigger fleet_health", "outpost dags trigger fleet_health --conf '{\"site\": \"berlin\"}' --wait --timeout 600"], [out])
     cmd.add_argument("dag_id", metavar="DAG_ID")
@@ -62,6 +66,20 @@ def show_dag(client: HubClient, args: argparse.Namespace) -> None:
     emit(args, dag, _dag_text)
 
 
+def list_versions(client: HubClient, args: argparse.Namespace) -> None:
+    page = client.get(f"/dags/{_path(args.dag_id)}/versions", limit=args.limit, offset=args.offset)
+    emit(args, page, lambda p: table(p["items"], [
+        ("VERSION", lambda v: f"{v['version_number']}{' (latest)' if v['is_latest'] else ''}"),
+        ("CREATED", lambda v: when(v["created_at"])),
+        ("TASKS", lambda v: v["task_count"]),
+        ("RUNS", lambda v: v["run_count"]),
+        ("HASH", lambda v: v["structure_hash"][:12]),
+        ("FILELOC", lambda v: v["fileloc"]),
+    ]) if p["items"] else "")
+    if args.output == "table":
+        page_note(page, "versions")
+
+
 def trigger_dag(client: HubClient, args: argparse.Namespace) -> int:
     try:
         conf = json.loads(args.conf)
@@ -91,6 +109,7 @@ def _dag_text(dag: dict[str, Any]) -> str:
         ("is_active", lambda d: d["is_active"]),
         ("fileloc", lambda d: d["fileloc"]),
         ("tags", lambda d: ", ".join(d["tags"])),
+        ("version", lambda d: d.get("latest_version_number")),
         ("last_run", lambda d: d["last_run"] and f"{d['last_run']['id']} {d['last_run']['state']} ({when(d['last_run']['logical_date'])})"),
         ("next_run_at", lambda d: when(d["next_run_at"])),
     ])

@@ -89,6 +89,7 @@ def run_text(run: dict[str, Any]) -> str:
         ("run_id", lambda r: r["run_id"]),
         ("state", lambda r: r["state"]),
         ("run_type", lambda r: r["run_type"]),
+        ("dag_version", lambda r: r.get("dag_version_number")),
         ("logical_date", lambda r: when(r["logical_date"])),
         ("started_at", lambda r: when(r["started_at"])),
         ("ended_at", lambda r: when(r["ended_at"])),

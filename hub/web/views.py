@@ -83,9 +83,12 @@ def dag_detail(request: Request, dag_id: str) -> Response:
         with request.app.state.sessions() as session:
             dag = queries.get_dag(session, dag_id)
             runs = queries.list_runs(session, dag_id=dag_id, limit=25)
+            versions = queries.list_dag_versions(session, dag_id, limit=20)
+            # A file that now fails keeps its last good version running: say so here too.
+            file_error = next((e for e in queries.list_import_errors(session, limit=1000)["items"] if e["fileloc"] == dag["fileloc"]), None)
     except HubError as exc:
         return _error_page(request, exc)
-    return _render(request, "dag.html", nav="dags", dag=dag, tasks=dag["structure"].get("tasks", []), runs=runs)
+    return _render(request, "dag.html", nav="dags", dag=dag, tasks=dag["structure"].get("tasks", []), runs=runs, versions=versions, file_error=file_error)
 
 
 @router.post("/dags/{dag_id}/trigger")
@@ -115,7 +118,9 @@ def run_detail(request: Request, run_pk: int) -> Response:
     try:
         with request.app.state.sessions() as session:
             run = queries.get_run(session, run_pk)
-            structure = queries.get_dag(session, run["dag_id"])["structure"]
+            # The structure the run follows: its DAG version's, not the file's latest.
+            number = run.get("dag_version_number")
+            structure = (queries.get_dag_version(session, run["dag_id"], number) if number is not None else queries.get_dag(session, run["dag_id"]))["structure"]
     except HubError as exc:
         return _error_page(request, exc)
     return _render(request, "run.html", nav="runs", run=run, groups=task_groups(run["task_instances"], structure))

@@ -87,6 +87,7 @@ def test_dags_show_lists_tasks_with_their_dependencies(cli: Cli) -> None:
         "is_active:   yes\n"
         "fileloc:     /dags/fleet_health.py\n"
         "tags:        fleet\n"
+        "version:     -\n"
         "last_run:    2 running (2025-12-31 23:55:00Z)\n"
         "next_run_at: 2026-01-01 01:00:00Z\n"
         "\n"

@@ -93,3 +93,53 @@ def test_runs_from_before_versions_follow_the_dag_structure(make_hub: Any) -> No
     states = {t.task_id: t.state for t in hub.tis(run_pk)}
     # Without a version the run follows the DAG as parsed now, as before versions existed.
     assert states["report"] == TaskState.REMOVED
+
+
+def test_versions_are_listed_by_the_api_and_shown_on_the_dashboard(make_hub: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from hub.api.app import create_app
+    from hub.config import HubSettings
+    from hub.events import EventBus
+    from hub.web import views
+
+    hub = make_hub({"fleet.py": TWO_TASKS})
+    first_run = hub.trigger("fleet")
+    rewrite(hub, REWRITTEN, mtime=100)
+    app = create_app(HubSettings(), hub.sessions, EventBus(), hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    with TestClient(app) as client:
+        page = client.get("/api/v1/dags/fleet/versions").json()
+        assert [(v["version_number"], v["is_latest"], v["task_count"], v["run_count"]) for v in page["items"]] == [(2, True, 2, 0), (1, False, 2, 1)]
+        assert page["total"] == 2
+        one = client.get("/api/v1/dags/fleet/versions/1").json()
+        assert [t["task_id"] for t in one["structure"]["tasks"]] == ["collect", "report"]
+        missing = client.get("/api/v1/dags/fleet/versions/9")
+        assert missing.status_code == 404 and "no version 9" in missing.json()["error"]["message"]
+        assert client.get("/api/v1/dags/nope/versions").status_code == 404
+        assert client.get("/api/v1/dags/fleet").json()["latest_version_number"] == 2
+        run = client.get(f"/api/v1/runs/{first_run}").json()
+        assert run["dag_version_number"] == 1
+        # The run's page lists the tasks of its version, "report" included.
+        run_page = client.get(f"/runs/{first_run}").text
+        assert "v1" in run_page and 'data-task-id="report"' in run_page
+        dag_page = client.get("/dags/fleet").text
+        assert "Versions" in dag_page and "v2" in dag_page and "latest" in dag_page
+
+
+def test_the_dag_page_says_when_its_file_now_fails(make_hub: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from hub.api.app import create_app
+    from hub.config import HubSettings
+    from hub.events import EventBus
+    from hub.web import views
+
+    hub = make_hub({"fleet.py": TWO_TASKS})
+    rewrite(hub, TWO_TASKS + "\nraise RuntimeError('inventory service down')\n", mtime=100)
+    app = create_app(HubSettings(), hub.sessions, EventBus(), hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    with TestClient(app) as client:
+        page = client.get("/dags/fleet").text
+        assert "last good version keeps running" in page and "inventory service down" in page
+        errors = client.get("/api/v1/import-errors").json()["items"]
+        assert [(Path(e["fileloc"]).name, e["kind"]) for e in errors] == [("fleet.py", "import")]
+        assert client.get("/api/v1/dags/fleet").json()["is_active"] is True

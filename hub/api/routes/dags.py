@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from hub import actions, queries
 from hub.api.deps import Events, HubClock, PageParams, ReadSession, Sessions
-from hub.api.schemas import DagDetail, DagPatch, DagSummary, ErrorResponse, ImportErrorOut, Page, RunDetail, RunSummary, TriggerRequest
+from hub.api.schemas import DagDetail, DagPatch, DagSummary, DagVersionDetail, DagVersionOut, ErrorResponse, ImportErrorOut, Page, RunDetail, RunSummary, TriggerRequest
 from shared.states import RunState
 
 router = APIRouter(tags=["dags"])
@@ -51,6 +51,18 @@ def list_dag_runs(dag_id: str, session: ReadSession, page: PageParams, state: An
     """Runs of one DAG, newest first."""
     queries.get_dag(session, dag_id)  # 404 rather than an empty page
     return queries.list_runs(session, dag_id=dag_id, state=state, limit=page.limit, offset=page.offset)
+
+
+@router.get("/dags/{dag_id}/versions", response_model=Page[DagVersionOut], responses=_404)
+def list_dag_versions(dag_id: str, session: ReadSession, page: PageParams) -> dict[str, Any]:
+    """A DAG's versions, newest first: one per parse that changed its structure."""
+    return queries.list_dag_versions(session, dag_id, limit=page.limit, offset=page.offset)
+
+
+@router.get("/dags/{dag_id}/versions/{version_number}", response_model=DagVersionDetail, responses={404: {"model": ErrorResponse, "description": "No such DAG or version."}})
+def get_dag_version(dag_id: str, version_number: int, session: ReadSession) -> dict[str, Any]:
+    """One version of a DAG with the structure its runs follow."""
+    return queries.get_dag_version(session, dag_id, version_number)
 
 
 @router.get("/import-errors", response_model=Page[ImportErrorOut])
