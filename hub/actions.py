@@ -7,16 +7,25 @@ written once. Each function runs its own transaction.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import events as ev
-from hub.db import transaction
-from hub.errors import DagNotFound
-from hub.models import Dag
-from hub.scheduler import trigger_run
+from hub.admission import OCCUPYING
+from hub.db import for_update, transaction
+from hub.errors import Conflict, DagNotFound, InvalidRequest, PoolNotFound, RunNotFound
+from hub.lifecycle import cancel_assignments, tasks_spec
+from hub.models import Dag, DagRun, Pool, TaskInstance
+from hub.scheduler import start_queued_runs, trigger_run
+from hub.scheduling_options import DEFAULT_POOL
 from shared.clock import Clock, utcnow
+from shared.hlc import HybridClock
+from shared.states import RunState, TaskState
+
+_POOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
 
 def trigger(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, dag_id: str, conf: dict[str, Any]) -> int:
@@ -39,3 +48,182 @@ def set_paused(sessions: sessionmaker[Session], dag_id: str, is_paused: bool) ->
         if dag is None:
             raise DagNotFound(f"DAG {dag_id!r} not found; list DAGs with GET /api/v1/dags")
         dag.is_paused = is_paused
+
+
+# --- operator actions on runs and task instances ------------------------------
+
+#: States ``only_failed`` clears (Airflow's).
+_FAILED_STATES = (TaskState.FAILED, TaskState.UPSTREAM_FAILED)
+MARKABLE = (TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED)
+
+
+def clear(
+    sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, *,
+    task_ids: list[str] | None = None, map_indexes: list[int] | None = None,
+    include_downstream: bool = False, include_upstream: bool = False, only_failed: bool = False, dry_run: bool = False,
+) -> list[dict[str, Any]]:
+    """Clear task instances of a run so they run again (Airflow's "clear").
+
+    ``task_ids`` None means every task (a rerun of the whole run). Each
+    cleared instance goes back to state ``none`` with its try history kept:
+    its next try gets the next try number, and it gets its task's retries
+    again (``max_tries`` = tries so far + retries + 1). Work still open on
+    an agent is cancelled, so a late result cannot decide the new try. The
+    run goes back to queued and starts again (as soon as ``max_active_runs``
+    allows), with ``clear_number`` one higher. Returns the instances it
+    cleared (``dry_run``: would clear) as ``{id, task_id, map_index, state}``."""
+    now = utcnow(clock)
+    with transaction(sessions) as session:
+        run, tasks, chosen = _select(session, run_pk, task_ids, map_indexes, include_downstream, include_upstream)
+        if only_failed:
+            chosen = [ti for ti in chosen if ti.state in _FAILED_STATES]
+        affected = [_brief(ti) for ti in chosen]
+        if dry_run or not chosen:
+            return affected
+        cancel_assignments(session, [ti.id for ti in chosen if ti.kind == "agent"], now, _hlc(clock), "the task instance was cleared")
+        for ti in chosen:
+            retries = int((tasks.get(ti.task_id) or {}).get("retries", max(ti.max_tries - 1, 0)))
+            ti.max_tries = ti.try_number + retries + 1
+            ti.state = TaskState.NONE
+            ti.next_try_at = ti.queued_at = ti.started_at = ti.ended_at = None
+            ti.sensor_started_at = None
+            ti.output = ti.error = None
+            ti.pid = None
+        run.state, run.ended_at, run.started_at = RunState.QUEUED, None, None
+        run.clear_number += 1
+        start_queued_runs(session, now, {run.dag_id})
+        dag_id = run.dag_id
+    bus.emit(ev.OUTBOX_WRITTEN)
+    bus.emit(ev.RUN_TRIGGERED, dag_id=dag_id, run_pk=run_pk)
+    return affected
+
+
+def mark(
+    sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str, *,
+    task_ids: list[str], map_indexes: list[int] | None = None, include_downstream: bool = False, include_upstream: bool = False,
+) -> list[dict[str, Any]]:
+    """Set task instances to ``success``, ``failed`` or ``skipped`` by hand
+    (Airflow's "mark success/failed"), optionally with their downstream (or
+    upstream) tasks. No try is used and no callback runs; open work on
+    agents is cancelled. In a running run the scheduler carries on from the
+    new states; a finished run keeps its state. Returns the instances
+    changed, with their state before."""
+    try:
+        target = TaskState(state)
+    except ValueError:
+        target = None
+    if target not in MARKABLE:
+        raise InvalidRequest(f"state must be one of {', '.join(MARKABLE)}, got {state!r}")
+    if not task_ids:
+        raise InvalidRequest("name at least one task_id to mark")
+    now = utcnow(clock)
+    with transaction(sessions) as session:
+        run, _tasks, chosen = _select(session, run_pk, task_ids, map_indexes, include_downstream, include_upstream)
+        chosen = [ti for ti in chosen if ti.state != target]
+        affected = [_brief(ti) for ti in chosen]
+        cancel_assignments(session, [ti.id for ti in chosen if ti.kind == "agent"], now, _hlc(clock), f"the task instance was marked {target}")
+        for ti in chosen:
+            ti.state, ti.next_try_at = target, None
+            ti.ended_at = now
+            if ti.started_at is None:
+                ti.started_at = now
+        dag_id = run.dag_id
+    if affected:
+        bus.emit(ev.OUTBOX_WRITTEN)
+        bus.emit(ev.RUN_TRIGGERED, dag_id=dag_id, run_pk=run_pk)
+    return affected
+
+
+def _select(
+    session: Session, run_pk: int, task_ids: list[str] | None, map_indexes: list[int] | None, downstream: bool, upstream: bool,
+) -> tuple[DagRun, dict[str, dict[str, Any]], list[TaskInstance]]:
+    """The run (locked), its tasks and the chosen instances. Unknown task
+    ids are an error naming them."""
+    run = session.scalar(for_update(select(DagRun).where(DagRun.id == run_pk), session))
+    if run is None:
+        raise RunNotFound(f"run {run_pk} not found; list runs with GET /api/v1/runs")
+    tasks = tasks_spec(session, run)
+    instances = list(session.scalars(for_update(select(TaskInstance).where(TaskInstance.run_pk == run_pk).order_by(TaskInstance.id), session)))
+    present = {ti.task_id for ti in instances}
+    if task_ids is None:
+        wanted = present
+    else:
+        unknown = sorted(set(task_ids) - present)
+        if unknown:
+            raise InvalidRequest(f"run {run_pk} has no task {', '.join(repr(t) for t in unknown)}; its tasks: {', '.join(sorted(present))}")
+        wanted = set(task_ids)
+        if downstream:
+            wanted |= _reachable(tasks, wanted, down=True)
+        if upstream:
+            wanted |= _reachable(tasks, wanted, down=False)
+    named = set(task_ids or ())
+    chosen = [
+        ti for ti in instances
+        if ti.task_id in wanted and (map_indexes is None or ti.task_id not in named or ti.map_index in map_indexes)
+    ]
+    return run, tasks, chosen
+
+
+def _reachable(tasks: dict[str, dict[str, Any]], start: set[str], *, down: bool) -> set[str]:
+    edges: dict[str, set[str]] = {t: set() for t in tasks}
+    for task_id, task in tasks.items():
+        for up in task.get("upstream", ()):
+            if down:
+                edges.setdefault(up, set()).add(task_id)
+            else:
+                edges.setdefault(task_id, set()).add(up)
+    seen: set[str] = set()
+    stack = list(start)
+    while stack:
+        for nxt in edges.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _brief(ti: TaskInstance) -> dict[str, Any]:
+    return {"id": ti.id, "task_id": ti.task_id, "map_index": ti.map_index, "state": str(ti.state), "try_number": ti.try_number}
+
+
+def _hlc(clock: Clock) -> HybridClock:
+    # Stamps for Cancel messages written by the API process; agents only
+    # use them to order what they receive from the hub.
+    return HybridClock("hub", lambda: int(clock.now() * 1000))
+
+
+# --- pools --------------------------------------------------------------------
+
+
+def set_pool(sessions: sessionmaker[Session], name: str, slots: int, description: str | None = None, *, create_only: bool = False) -> None:
+    """Create or change a pool. ``slots`` -1 means unlimited. Lowering the
+    slots never stops running work: new work waits until it fits."""
+    if not isinstance(name, str) or not _POOL_NAME.fullmatch(name):
+        raise InvalidRequest(f"invalid pool name {name!r}: use letters, digits, '_', '.', '-' (max 256)")
+    if slots < -1:
+        raise InvalidRequest(f"slots must be -1 (unlimited) or at least 0, got {slots}")
+    with transaction(sessions) as session:
+        pool = session.get(Pool, name)
+        if pool is not None and create_only:
+            raise Conflict(f"pool {name!r} already exists; change it with PATCH /api/v1/pools/{name}")
+        if pool is None:
+            pool = Pool(name=name, slots=slots, description=description or "")
+            session.add(pool)
+        pool.slots = slots
+        if description is not None:
+            pool.description = description
+
+
+def delete_pool(sessions: sessionmaker[Session], name: str) -> None:
+    """Delete a pool; ``default_pool`` cannot be deleted (Airflow's rule),
+    nor a pool that task instances hold slots of right now."""
+    if name == DEFAULT_POOL:
+        raise InvalidRequest("default_pool cannot be deleted; set its slots instead")
+    with transaction(sessions) as session:
+        pool = session.get(Pool, name)
+        if pool is None:
+            raise PoolNotFound(f"pool {name!r} not found; list pools with GET /api/v1/pools")
+        busy = session.scalar(select(func.count()).select_from(TaskInstance).where(TaskInstance.pool == name, TaskInstance.state.in_([str(s) for s in OCCUPYING])))
+        if busy:
+            raise Conflict(f"pool {name!r} has {busy} task instance(s) queued or running; delete it when they are done")
+        session.delete(pool)

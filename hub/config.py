@@ -46,6 +46,8 @@ class HubSettings(BaseSettings):
     dag_file_processor_memory_mb: int = Field(2048, ge=0, description="Memory (MB of data) one DAG file may allocate while being parsed; over it the file fails with a memory import error. 0: no limit.")
     executor_kill_grace: float = Field(5.0, gt=0, description="Seconds a hub-task worker gets to exit after SIGTERM (a task past its execution_timeout, or shutdown) before SIGKILL.")
 
+    default_pool_slots: int = Field(128, ge=-1, description="Slots of default_pool, the pool of every task that names none, until set with 'outpost pools set default_pool N' (-1: unlimited).")
+
     _toml_path: ClassVar[Path | None] = None
 
     @field_validator("database_url")

@@ -52,6 +52,10 @@ class AgentNotFound(NotFound):
     code = "agent_not_found"
 
 
+class PoolNotFound(NotFound):
+    code = "pool_not_found"
+
+
 class ConfigError(HubError):
     """A hub setting is missing or invalid."""
 

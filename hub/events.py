@@ -22,6 +22,8 @@ HUB_TASK_FINISHED = "hub_task_finished"
 #: Callback requests were committed (``callback_requests``): the executor runs them.
 CALLBACKS_REQUESTED = "callbacks_requested"
 RESULT_APPLIED = "result_applied"
+#: A task missed its SLA or a run its dagrun_timeout (a ``deadline_misses`` row).
+DEADLINE_MISSED = "deadline_missed"
 MESSAGE_REJECTED = "message_rejected"
 AGENT_CHANGED = "agent_changed"
 OUTBOX_WRITTEN = "outbox_written"

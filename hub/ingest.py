@@ -275,7 +275,9 @@ class Ingester:
         if assignment.agent_id != agent_id:
             raise Reject("foreign_assignment", f"assignment {assignment.id} belongs to {assignment.agent_id!r}, not {agent_id!r}")
         ti = tis.get(assignment.ti_id)
-        current = ti is not None and ti.try_number == assignment.try_number and ti.state not in FINISHED and ti.state != TaskState.UP_FOR_RETRY
+        # A cancelled assignment (its task was cleared, marked or timed out)
+        # no longer decides anything, even while the try number still matches.
+        current = ti is not None and ti.try_number == assignment.try_number and ti.state not in FINISHED and ti.state != TaskState.UP_FOR_RETRY and assignment.state != "cancelled"
         if isinstance(body, Accepted):
             if assignment.state in ("pending", "sent"):
                 assignment.state, assignment.accepted_at = "accepted", now

@@ -1,16 +1,43 @@
 """How a task instance's try ends: success, failure, or a retry later.
 
 One place for the rule, used by result ingestion (agent tasks) and by the
-local executor (hub tasks).
+hub-task executor. The decision and what it causes commit together: the
+retry time (``retry_delay``, or Airflow's exponential backoff with jitter
+capped by ``max_retry_delay``) and the ``CallbackRequest`` rows of the
+task's ``on_success_callback`` / ``on_retry_callback`` /
+``on_failure_callback``, written in the caller's transaction so a crash
+cannot decide a task and lose its callback.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import threading
 from datetime import datetime, timedelta
 from typing import Any
 
-from hub.models import TaskInstance
+from sqlalchemy import select
+from sqlalchemy.orm import Session, object_session
+
+from hub.models import Assignment, CallbackRequest, Dag, DagRun, DagVersion, OutboxMessage, TaskInstance
+from shared.envelope import Envelope, encode
+from shared.hlc import HybridClock
+from shared.messages import Cancel
 from shared.states import TaskState
+from shared.topics import assign_topic
+
+#: Assignment states in which the agent may still be working on it.
+OPEN_ASSIGNMENT_STATES = ("pending", "sent", "accepted", "started")
+
+#: Airflow's ceiling for an exponential retry delay (core.max_task_retry_delay): a day.
+MAX_RETRY_DELAY = 86400.0
+
+#: CallbackRequest kinds, and the callback attribute each one calls.
+TASK_CALLBACK_KINDS = {"task_success": "on_success_callback", "task_retry": "on_retry_callback", "task_failure": "on_failure_callback"}
+DAG_CALLBACK_KINDS = {"dag_success": "on_success_callback", "dag_failure": "on_failure_callback", "sla_miss": "sla_miss_callback"}
+
+_STATE_CALLBACK = {TaskState.SUCCESS: "task_success", TaskState.UP_FOR_RETRY: "task_retry", TaskState.FAILED: "task_failure"}
 
 
 def finish_try(ti: TaskInstance, *, success: bool, now: datetime, output: Any = None, error: dict[str, Any] | None = None) -> TaskState:
@@ -20,16 +47,160 @@ def finish_try(ti: TaskInstance, *, success: bool, now: datetime, output: Any = 
     ``retryable: false`` (a job that can never succeed, such as an unknown
     job type, is not retried)."""
     ti.ended_at = now
+    session = object_session(ti)
+    task = task_spec(session, ti) if session is not None else {}
     if success:
         ti.state = TaskState.SUCCESS
         ti.output = output
         ti.error = None
-        return TaskState.SUCCESS
-    ti.error = error or {"code": "failed", "message": "the task failed"}
-    retryable = bool((error or {}).get("retryable", True))
-    if retryable and ti.try_number < ti.max_tries:
-        ti.state = TaskState.UP_FOR_RETRY
-        ti.next_try_at = now + timedelta(seconds=ti.retry_delay)
     else:
-        ti.state = TaskState.FAILED
-    return TaskState(ti.state)
+        ti.error = error or {"code": "failed", "message": "the task failed"}
+        retryable = bool((error or {}).get("retryable", True))
+        if retryable and ti.try_number < ti.max_tries:
+            ti.state = TaskState.UP_FOR_RETRY
+            delay = retry_delay_seconds(
+                ti.key, ti.try_number, ti.retry_delay,
+                exponential=bool(task.get("retry_exponential_backoff")), max_retry_delay=task.get("max_retry_delay"),
+            )
+            ti.next_try_at = now + timedelta(seconds=delay)
+        else:
+            ti.state = TaskState.FAILED
+    state = TaskState(ti.state)
+    if session is not None:
+        task_callback(session, ti, state, now, task)
+    return state
+
+
+def retry_delay_seconds(key: str, try_number: int, retry_delay: float, *, exponential: bool = False, max_retry_delay: float | None = None) -> float:
+    """Seconds before the next try after try ``try_number`` failed.
+
+    Without backoff: ``retry_delay``. With ``retry_exponential_backoff``
+    (Airflow's formula): at least ``retry_delay * 2**(try_number - 1)``
+    (rounded up, at least 1 s) plus a jitter below that much again, taken
+    from a hash of the instance and try so it is the same on every hub;
+    at most a day, and at most ``max_retry_delay`` when set."""
+    if not exponential:
+        delay = float(retry_delay)
+    else:
+        # Cap the exponent: past 2**60 the day-long ceiling applies anyway.
+        min_backoff = max(1, math.ceil(float(retry_delay) * 2 ** min(max(try_number - 1, 0), 60)))
+        jitter = int(hashlib.sha1(f"{key}#{try_number}".encode()).hexdigest(), 16) % min_backoff
+        delay = min(float(min_backoff + jitter), MAX_RETRY_DELAY)
+    if max_retry_delay is not None and exponential:
+        delay = min(delay, float(max_retry_delay))
+    return delay
+
+
+def task_callback(session: Session, ti: TaskInstance, state: TaskState, now: datetime, task: dict[str, Any] | None = None, reason: str | None = None) -> CallbackRequest | None:
+    """Record the callback the task has for reaching ``state``, if any."""
+    kind = _STATE_CALLBACK.get(state)
+    if kind is None:
+        return None
+    task = task if task is not None else task_spec(session, ti)
+    if TASK_CALLBACK_KINDS[kind] not in (task.get("callbacks") or ()):
+        return None
+    run = session.get(DagRun, ti.run_pk)
+    payload: dict[str, Any] = {"reason": reason or str(state), "try_number": ti.try_number, "map_index": ti.map_index}
+    if ti.error:
+        payload["exception"] = ti.error
+    request = CallbackRequest(
+        kind=kind, dag_id=ti.dag_id, run_pk=ti.run_pk, ti_id=ti.id, task_id=ti.task_id,
+        dag_version_id=run.dag_version_id if run is not None else None, payload=payload, created_at=now, attempts=0,
+    )
+    session.add(request)
+    return request
+
+
+def dag_callback(session: Session, run: DagRun, kind: str, now: datetime, payload: dict[str, Any], dag: dict[str, Any] | None = None) -> CallbackRequest | None:
+    """Record a DAG-level callback (``dag_success``, ``dag_failure``,
+    ``sla_miss``) if the DAG defines it."""
+    dag = dag if dag is not None else dag_spec(session, run)
+    if DAG_CALLBACK_KINDS[kind] not in (dag.get("callbacks") or ()):
+        return None
+    request = CallbackRequest(
+        kind=kind, dag_id=run.dag_id, run_pk=run.id, ti_id=None, task_id=None,
+        dag_version_id=run.dag_version_id, payload=payload, created_at=now, attempts=0,
+    )
+    session.add(request)
+    return request
+
+
+# --- the structure a run follows --------------------------------------------
+
+_cache: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
+_cache_lock = threading.Lock()
+_CACHE_MAX = 256
+
+
+def task_spec(session: Session, ti: TaskInstance) -> dict[str, Any]:
+    """The serialized task ``ti`` follows (its run's DAG version), or {}."""
+    run = ti.run if "run" in ti.__dict__ else session.get(DagRun, ti.run_pk)
+    if run is None:
+        return {}
+    return _structure(session, run)[1].get(ti.task_id, {})
+
+
+def dag_spec(session: Session, run: DagRun) -> dict[str, Any]:
+    """The serialized DAG ``run`` follows (without its tasks)."""
+    return _structure(session, run)[0]
+
+
+def tasks_spec(session: Session, run: DagRun) -> dict[str, dict[str, Any]]:
+    """The serialized tasks of ``run``'s DAG version, by task id."""
+    return _structure(session, run)[1]
+
+
+def current_dag_spec(session: Session, dag_id: str) -> dict[str, Any]:
+    """The serialized DAG (without tasks) as last parsed: DAG-wide limits
+    such as ``max_active_runs`` follow the DAG's current file, as in Airflow."""
+    row = session.execute(select(Dag.latest_version_id, Dag.last_parsed_at).where(Dag.dag_id == dag_id)).first()
+    if row is None:
+        return {}
+    return _lookup(session, dag_id, row.latest_version_id, row.last_parsed_at)[0]
+
+
+def _structure(session: Session, run: DagRun) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    stamp = None if run.dag_version_id is not None else session.scalar(select(Dag.last_parsed_at).where(Dag.dag_id == run.dag_id))
+    return _lookup(session, run.dag_id, run.dag_version_id, stamp)
+
+
+def _lookup(session: Session, dag_id: str, version_id: int | None, stamp: datetime | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    # A DAG version never changes, so it is parsed once per process; without
+    # one (runs made before versions), the DAG row, once per parse. Keyed by
+    # database too: one process may serve several (tests do).
+    db = str(session.get_bind().engine.url)
+    if version_id is not None:
+        key: tuple[Any, ...] = (db, "version", version_id)
+        found = _cache.get(key)
+        return found or _remember(key, session.scalar(select(DagVersion.structure).where(DagVersion.id == version_id)) or {})
+    key = (db, "dag", dag_id, stamp)
+    found = _cache.get(key)
+    return found or _remember(key, session.scalar(select(Dag.structure).where(Dag.dag_id == dag_id)) or {})
+
+
+def _remember(key: tuple[Any, ...], structure: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    tasks = {t["task_id"]: t for t in structure.get("tasks", []) if isinstance(t, dict) and "task_id" in t}
+    dag = {k: v for k, v in structure.items() if k != "tasks"}
+    with _cache_lock:
+        if len(_cache) >= _CACHE_MAX:
+            _cache.pop(next(iter(_cache)))
+        _cache[key] = (dag, tasks)
+    return dag, tasks
+
+
+# --- stopping work an operator or a deadline took back ------------------------
+
+
+def cancel_assignments(session: Session, ti_ids: list[int], now: datetime, hlc: HybridClock, reason: str) -> int:
+    """Cancel the open assignments of these task instances: each becomes
+    ``cancelled`` and a Cancel message goes to its agent through the outbox,
+    in the caller's transaction. A result that still arrives for one is
+    kept but not applied (ingestion checks the assignment). Returns how many."""
+    if not ti_ids:
+        return 0
+    open_ = list(session.scalars(select(Assignment).where(Assignment.ti_id.in_(ti_ids), Assignment.state.in_(OPEN_ASSIGNMENT_STATES))))
+    for assignment in open_:
+        assignment.state, assignment.finished_at = "cancelled", now
+        payload = encode(Envelope(Cancel(assignment.id, reason[:200]), sender="hub", hlc=hlc.now()))
+        session.add(OutboxMessage(topic=assign_topic(assignment.agent_id), payload=payload, qos=1, retain=False, assignment_id=None, created_at=now, attempts=0))
+    return len(open_)

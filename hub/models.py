@@ -356,7 +356,24 @@ class DeadlineMiss(Base):
 class CallbackRequest(Base):
     """A DAG-file callback to run on the hub (on_success, on_failure,
     on_retry, sla_miss), recorded in the transaction that decided it so a
-    crash between the two cannot lose it."""
+    crash between the two cannot lose it (``hub.lifecycle`` writes them,
+    the hub workers run them).
+
+    ``kind`` and the callback it calls: ``task_success`` /
+    ``task_retry`` / ``task_failure`` → the task's ``on_success_callback``
+    / ``on_retry_callback`` / ``on_failure_callback`` (``ti_id``,
+    ``task_id`` set); ``dag_success`` / ``dag_failure`` → the DAG's
+    ``on_success_callback`` / ``on_failure_callback``; ``sla_miss`` → the
+    DAG's ``sla_miss_callback`` (``ti_id``, ``task_id`` null). ``run_pk``
+    and ``dag_version_id`` name the run and the DAG version it follows.
+    ``payload``: ``reason`` (``success``, ``up_for_retry``, ``failed``,
+    ``task_failure``, ``timed_out``, ``sla_miss``), for task kinds
+    ``try_number`` and ``map_index`` and, after a failure, ``exception``
+    (the instance's error dict: ``code``, ``message``...); for
+    ``sla_miss`` ``task_ids`` and ``deadlines`` ({task_id: ISO time});
+    for ``timed_out`` ``deadline``. A request is only written when the
+    task or DAG has that callback (see the ``callbacks`` lists of the
+    serialized structure)."""
 
     __tablename__ = "callback_requests"
     __table_args__ = (Index("ix_callback_requests_pending", "finished_at"),)

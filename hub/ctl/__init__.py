@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from hub.ctl import agents, dags, runs
+from hub.ctl import agents, dags, operations, runs
 from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
 from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, epilog
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     dags.register(nouns)
     runs.register(nouns)
     agents.register(nouns)
+    operations.register(nouns)
     return parser
 
 

@@ -36,6 +36,9 @@ class HubClient:
     def patch(self, path: str, body: Any) -> Any:
         return self._request("PATCH", path, json=body)
 
+    def delete(self, path: str) -> Any:
+        return self._request("DELETE", path)
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
@@ -47,7 +50,7 @@ class HubClient:
         except httpx.HTTPError as exc:
             raise CtlError(f"talking to the hub at {self.base_url} failed: {exc}", ExitCode.HUB_UNREACHABLE) from None
         if response.is_success:
-            return response.json()
+            return response.json() if response.content else None
         raise self._api_error(response)
 
     def _api_error(self, response: httpx.Response) -> CtlError:

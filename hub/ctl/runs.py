@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from hub.ctl.errors import CtlError, ExitCode
+from hub.ctl import operations
 from hub.ctl.http import HubClient
 from hub.ctl.output import counts, emit, fields, output_parent, page_note, table, when
 from hub.ctl.parsing import add_command, add_noun, paging_parent
@@ -30,6 +31,7 @@ def register(nouns: Any) -> None:
                       ["outpost runs show 12", "outpost runs show 12 --wait --timeout 600 && echo deployed", "outpost runs show 12 -o json"], [out])
     cmd.add_argument("run", type=int, metavar="RUN", help="the run's numeric id (the ID column of 'outpost runs list')")
     add_wait_options(cmd, "poll until the run finishes; exit 0 on success, 1 on failure")
+    operations.register_run_actions(verbs)
 
 
 def add_wait_options(cmd: argparse.ArgumentParser, wait_help: str) -> None:
