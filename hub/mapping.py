@@ -376,3 +376,182 @@ def mapping_input_fetcher(session: Session, run_pk: int) -> XComFetcher:
         return True, [value for _, value in found]
 
     return fetch
+
+
+# --- TaskFlow: @task functions and @task_group functions ----------------------------
+
+
+class TaskFlowPartial:
+    """``my_task.partial(y=1)``: a ``@task`` function with fixed arguments;
+    ``.expand(x=[...])`` maps its other arguments."""
+
+    def __init__(self, decorator: Any, kwargs: dict[str, Any]) -> None:
+        self.decorator = decorator
+        self.name = decorator.function.__name__
+        self.kwargs = dict(kwargs)
+        self.parameters, self.open_ended = _function_arguments(decorator.function)
+        unknown = sorted(set(self.kwargs) - self.parameters)
+        if unknown and not self.open_ended:
+            raise InvalidDag(f"@task function {self.name!r}: partial() got unknown argument(s) {', '.join(unknown)}")
+
+    def expand(self, **mapped: Any) -> Any:
+        if not mapped:
+            raise InvalidDag(f"@task function {self.name!r}: expand() needs at least one argument to map over")
+        self._check_names(mapped)
+        sources = {name: expand_source(self.name, name, value, agent=False) for name, value in mapped.items()}
+        return self._build(Mapping(expand={n: s for n, (s, _) in sources.items()}, into="op_kwargs"), [ref for _, ref in sources.values() if ref is not None])
+
+    def expand_kwargs(self, value: Any) -> Any:
+        source, ref = expand_source(self.name, "expand_kwargs", value, agent=False)
+        if ref is None:
+            for item in source["literal"]:
+                if not isinstance(item, dict):
+                    raise InvalidDag(f"@task function {self.name!r}: expand_kwargs() needs a list of dicts; got an item {_json_type(item)}")
+                self._check_names(item)
+        return self._build(Mapping(expand_kwargs=source, into="op_kwargs"), [ref] if ref is not None else [])
+
+    def _check_names(self, mapped: dict[str, Any]) -> None:
+        for name in mapped:
+            if name in self.kwargs:
+                raise InvalidDag(f"@task function {self.name!r}: argument {name!r} is given to both partial() and expand()")
+            if name not in self.parameters and not self.open_ended:
+                raise InvalidDag(f"@task function {self.name!r}: expand() got {name!r}, which is not one of its arguments ({', '.join(sorted(self.parameters))})")
+
+    def _build(self, mapping: Mapping, refs: list[tuple[BaseOperator, str]]) -> Any:
+        from hub.dag import XComArg  # noqa: PLC0415 - a late import keeps this module's top light
+
+        operator = self.decorator.make_operator((), self.kwargs)
+        attach(operator, mapping, refs)
+        return XComArg(operator)
+
+
+def _function_arguments(function: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+    params = inspect.signature(function).parameters.values()
+    names = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+class MappedArgument(str):
+    """What a mapped task group's function receives for a mapped argument.
+    Passed to a task inside the group (as a ``@task`` argument, an
+    ``op_kwargs`` value or a key of an agent task's ``params``), it becomes
+    that task's per-index value. A ``str`` so that it passes the JSON checks
+    of operator constructors; it is taken out of the task right after the
+    group function returns and never reaches a run."""
+
+    group_name: str
+    name: str
+
+    def __new__(cls, group_name: str, name: str) -> MappedArgument:
+        self = super().__new__(cls, f"<mapped argument {name!r} of task group {group_name!r}>")
+        self.group_name, self.name = group_name, name
+        return self
+
+
+class TaskGroupPartial:
+    """``my_group.partial(...)`` for a ``@task_group`` function; ``.expand()``
+    creates one mapped task group (Airflow 2.5+): every task in it runs once
+    per mapped value, with the group's map index, and instance i of a task
+    waits only for instance i of its upstreams inside the group."""
+
+    def __init__(self, function: Callable[..., Any], group_id: str | None, group_kwargs: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        self.function = function
+        self.label = group_id or function.__name__
+        self.group_kwargs = dict(group_kwargs)
+        self.kwargs = dict(kwargs)
+        self.parameters, self.open_ended = _function_arguments(function)
+        unknown = sorted(set(self.kwargs) - self.parameters)
+        if unknown and not self.open_ended:
+            raise InvalidDag(f"task group {self.label!r}: partial() got unknown argument(s) {', '.join(unknown)}")
+
+    def expand(self, **mapped: Any) -> Any:
+        if not mapped:
+            raise InvalidDag(f"task group {self.label!r}: expand() needs at least one argument to map over")
+        for name in mapped:
+            if name in self.kwargs:
+                raise InvalidDag(f"task group {self.label!r}: argument {name!r} is given to both partial() and expand()")
+            if name not in self.parameters:
+                raise InvalidDag(f"task group {self.label!r}: expand() got {name!r}, which is not one of its arguments ({', '.join(sorted(self.parameters))})")
+        sources = {name: expand_source(self.label, name, value, agent=False) for name, value in mapped.items()}
+        return self._build(Mapping(expand={n: s for n, (s, _) in sources.items()}), [ref for _, ref in sources.values() if ref is not None], list(mapped))
+
+    def _build(self, template: Mapping, refs: list[tuple[BaseOperator, str]], names: list[str]) -> Any:
+        from hub.dag import TaskGroup, _current_dag  # noqa: PLC0415
+
+        options = dict(self.group_kwargs)
+        dag = options.pop("dag", None) or _current_dag.get()
+        if dag is None:
+            raise InvalidDag(f"@task_group function {self.label!r} was called outside a DAG")
+        if "tooltip" not in options and self.function.__doc__:
+            options["tooltip"] = inspect.cleandoc(self.function.__doc__)
+        placeholders = {name: MappedArgument(self.label, name) for name in names}
+        with TaskGroup(self.label, dag=dag, add_suffix_on_collision=True, **options) as group:
+            result = self.function(**self.kwargs, **placeholders)
+        members = list(group.iter_tasks())
+        if not members:
+            raise InvalidDag(f"task group {group.group_id!r}: a mapped task group needs at least one task")
+        ids = {t.task_id for t in members}
+        for task in members:
+            if task.mapping is not None:
+                raise InvalidDag(f"task {task.task_id!r}: a task inside mapped task group {group.group_id!r} cannot be mapped itself")
+            mapping = Mapping(expand=template.expand, group=group.group_id, group_args=_take_mapped_arguments(task))
+            roots_refs = refs if not task.upstream_task_ids & ids else []  # the group's roots wait for the mapped-over outputs
+            attach(task, mapping, roots_refs)
+        # As Airflow: what the function returns (say, its last task's output)
+        # stands for the group, so downstream tasks bind to it; else the group.
+        return group if result is None else result
+
+
+def _take_mapped_arguments(task: BaseOperator) -> dict[str, str]:
+    """Take the group's ``MappedArgument`` placeholders out of ``task`` and
+    return where they go: {"op_kwargs.x" | "params.key" | attribute: group argument}."""
+    found: dict[str, str] = {}
+    op_args = getattr(task, "op_args", None)
+    if op_args and any(isinstance(a, MappedArgument) for a in op_args):
+        # Positional arguments become named ones, so each has a path.
+        signature = inspect.signature(task.python_callable)  # type: ignore[attr-defined]
+        if any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
+            raise InvalidDag(f"task {task.task_id!r}: pass a mapped group argument by name to a function with *args")
+        bound = signature.bind_partial(*op_args).arguments
+        task.op_kwargs = {**task.op_kwargs, **bound}  # type: ignore[attr-defined]
+        task.op_args = []  # type: ignore[attr-defined]
+    for attr, value in list(vars(task).items()):
+        if isinstance(value, MappedArgument):
+            found[attr] = value.name
+            setattr(task, attr, None)
+        elif isinstance(value, dict) and any(isinstance(v, MappedArgument) for v in value.values()):
+            found.update({f"{attr}.{k}": v.name for k, v in value.items() if isinstance(v, MappedArgument)})
+            setattr(task, attr, {k: v for k, v in value.items() if not isinstance(v, MappedArgument)})
+        elif _contains_mapped(value):
+            raise InvalidDag(f"task {task.task_id!r}: a mapped group argument can only be a whole argument or a top-level value of a dict argument ({attr!r})")
+    return found
+
+
+def _contains_mapped(value: Any) -> bool:
+    if isinstance(value, MappedArgument):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_mapped(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_mapped(v) for v in value)
+    return False
+
+
+def mappable_task_group(factory: Any, function: Callable[..., Any], group_id: str | None, group_kwargs: dict[str, Any]) -> Any:
+    """Give a ``@task_group`` function ``.partial()`` and ``.expand()``."""
+    factory.partial = lambda **kwargs: TaskGroupPartial(function, group_id, group_kwargs, kwargs)
+    factory.expand = lambda **mapped: TaskGroupPartial(function, group_id, group_kwargs, {}).expand(**mapped)
+    return factory
+
+
+def same_group_index(task: Any, other_task_id: str, map_index: int) -> int | None:
+    """The map index to read when instance ``map_index`` of ``task`` pulls
+    ``other_task_id`` without naming indexes: inside one mapped task group,
+    instance i sees instance i of the group's other tasks (Airflow 2.5+);
+    None otherwise (all instances, in map index order)."""
+    mapping = getattr(task, "mapping", None)
+    if mapping is None or mapping.group is None or map_index < 0 or getattr(task, "dag", None) is None:
+        return None
+    other = task.dag.tasks.get(other_task_id)
+    other_mapping = getattr(other, "mapping", None)
+    return map_index if other_mapping is not None and other_mapping.group == mapping.group else None

@@ -45,6 +45,7 @@ from hub.dag import (
     call_with_context,
 )
 from hub.errors import InvalidDag
+from hub.mapping import TaskFlowPartial, mappable_task_group
 from hub.params import NOTSET, Param
 
 __all__ = ["dag", "task", "task_group", "PokeReturnValue"]
@@ -97,6 +98,23 @@ class TaskDecorator:
 
     def override(self, **kwargs: Any) -> TaskDecorator:
         return TaskDecorator(self.function, self.operator_class, {**self.kwargs, **kwargs})
+
+    # --- dynamic task mapping (MAP; the logic lives in hub/mapping.py) -----
+
+    def partial(self, **kwargs: Any) -> TaskFlowPartial:
+        """Airflow's ``my_task.partial(y=1).expand(x=[...])``."""
+        return TaskFlowPartial(self, kwargs)
+
+    def expand(self, **mapped: Any) -> XComArg:
+        """One task instance per value of each mapped argument (a list, a
+        dict's items, or an upstream task's output), created at run time."""
+        return TaskFlowPartial(self, {}).expand(**mapped)
+
+    def expand_kwargs(self, value: Any) -> XComArg:
+        """One task instance per dict of arguments."""
+        return TaskFlowPartial(self, {}).expand_kwargs(value)
+
+    # --- end of dynamic task mapping ----------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> XComArg:
         return XComArg(self.make_operator(args, kwargs))
@@ -220,6 +238,6 @@ def task_group(group_id: str | Callable[..., Any] | None = None, **group_kwargs:
                 result = function(*args, **kwargs)
             return group if result is None else result
 
-        return factory
+        return mappable_task_group(factory, function, group_id if isinstance(group_id, str) else None, group_kwargs)  # .partial()/.expand() (MAP)
 
     return decorator

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped
 from hub.db import make_engine, make_sessionmaker, transaction
 from hub.errors import InvalidDag
-from hub.mapping import unmap
+from hub.mapping import same_group_index, unmap
 from hub.models import CallbackRequest, Dag, DagRun, DagVersion, TaskInstance, XCom
 from hub.templating import build_context as template_context
 from shared.clock import Clock, SystemClock, utcnow
@@ -152,7 +152,13 @@ class TaskInstanceProxy:
         single_index = isinstance(map_indexes, int)
         if map_indexes is not None:
             indexes = [map_indexes] if isinstance(map_indexes, int) else list(map_indexes)
-        values = [self._pull_one(task_id, key, indexes, single_index, default) for task_id in ids]
+        values = []
+        for task_id in ids:
+            same = same_group_index(self.task, task_id, self.map_index) if indexes is None else None
+            if same is not None:  # Airflow: inside a mapped task group, the same index's value (MAP)
+                values.append(self._pull_one(task_id, key, [same], True, default))
+            else:
+                values.append(self._pull_one(task_id, key, indexes, single_index, default))
         return values[0] if single else values
 
     def _pull_one(self, task_id: str, key: str, indexes: list[int] | None, single_index: bool, default: Any) -> Any:

@@ -373,3 +373,173 @@ with DAG("both") as dag:
     hub.tick()
     assert [(ti.map_index, ti.agent_id) for ti in instances(hub, run_pk, "fleet")] == [(0, "a1"), (1, "a2"), (2, "a3")]
     assert [(ti.map_index, ti.params) for ti in instances(hub, run_pk, "mapped")] == [(0, {"echo": 1})]
+
+
+# --- TaskFlow -------------------------------------------------------------------
+
+TASKFLOW_DAG = """
+from hub.dag import DAG
+from hub.taskflow import task
+
+@task
+def add(x, y):
+    return x + y
+
+@task
+def numbers():
+    return [10, 20, 30]
+
+@task
+def sum_it(values):
+    return {"values": values, "total": sum(values)}
+
+@task
+def letters():
+    return {"a": 1, "b": 2}
+
+@task
+def show(pair):
+    return f"{pair[0]}={pair[1]}"
+
+with DAG("taskflow") as dag:
+    literal = add.partial(y=1).expand(x=[1, 2, 3])
+    sum_it.override(task_id="sum_literal")(literal)
+    from_upstream = add.partial(y=5).expand(x=numbers())
+    sum_it.override(task_id="sum_upstream")(values=from_upstream)
+    show.expand(pair=letters())
+    add.expand_kwargs([{"x": 1, "y": 100}, {"x": 2, "y": 200}])
+"""
+
+
+def test_taskflow_partial_expand_and_a_summing_task(make_hub: Any) -> None:
+    hub = make_hub({"taskflow.py": TASKFLOW_DAG})
+    run_pk = hub.trigger("taskflow")
+    hub.tick()
+    assert [(ti.map_index, ti.params, ti.output) for ti in instances(hub, run_pk, "add")] == [
+        (0, {"x": 1}, 2), (1, {"x": 2}, 3), (2, {"x": 3}, 4),
+    ]
+    assert instances(hub, run_pk, "sum_literal")[0].output == {"values": [2, 3, 4], "total": 9}
+    assert [ti.output for ti in instances(hub, run_pk, "add__1")] == [15, 25, 35]
+    assert instances(hub, run_pk, "sum_upstream")[0].output == {"values": [15, 25, 35], "total": 75}
+    assert [ti.output for ti in instances(hub, run_pk, "show")] == ["a=1", "b=2"]  # a dict maps over its items
+    assert [ti.output for ti in instances(hub, run_pk, "add__2")] == [101, 202]
+    assert run_state(hub, run_pk) == "success"
+
+
+@pytest.mark.parametrize(
+    ("expand", "message"),
+    [
+        (lambda t: t.expand(z=[1]), "expand() got 'z', which is not one of its arguments"),
+        (lambda t: t.partial(x=1).expand(x=[1]), "'x' is given to both partial() and expand()"),
+        (lambda t: t.partial(q=1), "partial() got unknown argument(s) q"),
+        (lambda t: t.expand(x="abc"), "expand(x=...) needs a list, a dict or an upstream task's output; got str"),
+        (lambda t: t.expand_kwargs([{"x": 1}, 3]), "needs a list of dicts"),
+    ],
+)
+def test_invalid_taskflow_expand_names_the_task(expand: Any, message: str) -> None:
+    from hub.taskflow import task
+
+    @task
+    def add(x: int, y: int = 0) -> int:
+        return x + y
+
+    with DAG("m"), pytest.raises(InvalidDag) as err:
+        expand(add)
+    assert "'add'" in str(err.value) and message in str(err.value)
+
+
+GROUP_DAG = """
+from hub.dag import DAG, PythonOperator
+from hub.taskflow import task, task_group
+
+@task
+def files():
+    return ["a.json", "b.json", "c.json"]
+
+@task
+def convert(name, suffix):
+    if name == "c.json" and suffix == "slow":
+        raise ValueError("c is slow")
+    return name.replace(".json", "." + suffix)
+
+@task
+def size(converted, ti=None):
+    return {"file": converted, "map_index": ti.map_index}
+
+@task
+def report(values):
+    return values
+
+@task_group
+def transform(name, suffix):
+    return size(convert(name, suffix))
+
+with DAG("groups") as dag:
+    sized = transform.partial(suffix="yaml").expand(name=files())
+    report(sized)
+"""
+
+
+def test_mapped_task_group_runs_each_task_once_per_value_with_the_groups_index(make_hub: Any) -> None:
+    hub = make_hub({"groups.py": GROUP_DAG})
+    run_pk = hub.trigger("groups")
+    hub.tick()
+    converted = instances(hub, run_pk, "transform.convert")
+    assert [(ti.map_index, ti.params, ti.output) for ti in converted] == [
+        (0, {"op_kwargs.name": "a.json"}, "a.yaml"), (1, {"op_kwargs.name": "b.json"}, "b.yaml"), (2, {"op_kwargs.name": "c.json"}, "c.yaml"),
+    ]
+    # Inside the group, instance i reads instance i of its upstream.
+    assert [ti.output for ti in instances(hub, run_pk, "transform.size")] == [
+        {"file": "a.yaml", "map_index": 0}, {"file": "b.yaml", "map_index": 1}, {"file": "c.yaml", "map_index": 2},
+    ]
+    assert instances(hub, run_pk, "report")[0].output == [{"file": f"{n}.yaml", "map_index": i} for i, n in enumerate("abc")]
+    assert run_state(hub, run_pk) == "success"
+
+
+def test_in_a_mapped_group_instance_i_waits_only_for_instance_i(make_hub: Any) -> None:
+    hub = make_hub({"groups.py": GROUP_DAG.replace('suffix="yaml"', 'suffix="slow"').replace("def convert(name, suffix):", "def convert(name, suffix):\n    return name if name != 'c.json' else 1 / 0\n")})
+    run_pk = hub.trigger("groups")
+    hub.tick()
+    states = {(ti.task_id, ti.map_index): ti.state for ti in hub.tis(run_pk)}
+    assert states[("transform.convert", 2)] == "failed"
+    assert [states[("transform.size", i)] for i in range(3)] == ["success", "success", "upstream_failed"]
+    assert states[("report", -1)] == "upstream_failed"
+
+
+def test_mapped_group_serializes_its_members(make_hub: Any) -> None:
+    import runpy
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "groups.py"
+        path.write_text(GROUP_DAG)
+        dag = runpy.run_path(str(path))["dag"]
+    tasks = {t["task_id"]: t for t in dag.serialize()["tasks"]}
+    source = {"name": {"xcom": {"task_id": "files", "key": "return_value"}}}
+    assert tasks["transform.convert"]["mapped"] == {"expand": source, "group": "transform", "group_args": {"op_kwargs.name": "name"}}
+    assert tasks["transform.size"]["mapped"] == {"expand": source, "group": "transform", "group_args": {}}
+    assert tasks["transform.convert"]["upstream"] == ["files"]
+    assert tasks["report"]["mapped"] is None
+
+
+def test_invalid_mapped_group_is_an_invalid_dag() -> None:
+    from hub.taskflow import task, task_group
+
+    @task
+    def one(x: int) -> int:
+        return x
+
+    @task_group
+    def grp(x: int) -> None:
+        one(x)
+
+    @task_group
+    def nested(x: int) -> None:
+        one.expand(x=[1, 2])
+
+    with DAG("m"):
+        with pytest.raises(InvalidDag, match=r"task group 'grp': expand\(\) got 'y'"):
+            grp.expand(y=[1])
+        with pytest.raises(InvalidDag, match=r"task 'nested.one': .*cannot be mapped itself"):
+            nested.expand(x=[1])
