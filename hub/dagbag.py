@@ -1,10 +1,10 @@
 """Load DAG files: import, validate, serialize. The parsing side of DAG
 processing; nothing here touches the metadata DB.
 
-The hub never runs this in its own process: ``hub.dagprocessor`` starts
-``python -m hub.dagbag`` for each parse round, which forks one child per
-DAG file (so a file that hangs, exits or eats memory is killed or fails
-alone, and the hub's modules are imported once per round, not per file)
+The hub never runs this in its own process: ``hub.dagprocessor`` keeps a
+``python -m hub.dagbag`` process, which forks one child per DAG file of a
+parse round (so a file that hangs, exits or eats memory is killed or fails
+alone, and the hub's modules are imported once, not per file or round)
 and answers with JSON: each file's serialized DAGs or its error. Error
 kinds: ``syntax`` (with the line), ``import`` (an exception, with the
 traceback's tail), ``cycle`` (naming it), ``invalid``, ``no_dag``,
@@ -77,6 +77,10 @@ def _agent_param_sets(task: AgentOperator) -> list[tuple[str, dict[str, Any]]]:
     if task.mapping is None:
         # Templated params (Jinja, XComArgs) are checked when the hub renders them at dispatch.
         return [("", task.params)] if task.params_are_literal() else []
+    if task.mapping.group is not None:
+        # A task of a mapped task group: keys taken from the group's values are only known per instance.
+        group_params = any(k == "params" or k.startswith("params.") for k in task.mapping.group_args or {})
+        return [] if group_params or not task.params_are_literal() else [("", task.params)]
     sources = [task.mapping.expand.get("params")]
     if task.mapping.expand_kwargs is not None:
         sources.append({"literal": [item.get("params", task.params) for item in task.mapping.expand_kwargs.get("literal", [])]})
@@ -264,7 +268,7 @@ class _Child:
     eof: bool = False
 
 
-def run_round(files: list[str], timeout: float, parallelism: int, memory_mb: int) -> list[dict[str, Any]]:
+def run_round(files: list[str], timeout: float, parallelism: int, memory_mb: int, folder: str | None = None) -> list[dict[str, Any]]:
     """Parse ``files``, each in a forked child of this process, at most
     ``parallelism`` at once. A child past ``timeout`` seconds is killed with
     its process group and recorded as ``timeout``; one that ends without an
@@ -274,7 +278,7 @@ def run_round(files: list[str], timeout: float, parallelism: int, memory_mb: int
     results: list[dict[str, Any]] = []
     while pending or running:
         while pending and len(running) < parallelism:
-            child = _fork(pending.pop(0), timeout, memory_mb)
+            child = _fork(pending.pop(0), timeout, memory_mb, folder)
             running[child.pid] = child
         now = time.monotonic()
         # A child that closed its pipe is about to exit: look again soon.
@@ -304,7 +308,7 @@ def run_round(files: list[str], timeout: float, parallelism: int, memory_mb: int
     return results
 
 
-def _fork(fileloc: str, timeout: float, memory_mb: int) -> _Child:
+def _fork(fileloc: str, timeout: float, memory_mb: int, folder: str | None) -> _Child:
     read_end, write_end = os.pipe()
     output = tempfile.TemporaryFile()
     started = time.monotonic()
@@ -324,6 +328,9 @@ def _fork(fileloc: str, timeout: float, memory_mb: int) -> _Child:
 
                 limit = memory_mb * 1024 * 1024
                 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+            if folder:
+                # Airflow puts the DAG folder on sys.path, so DAG files import their helpers.
+                sys.path.insert(0, folder)
             answer = json.dumps(parse_file(fileloc)).encode()
             view = memoryview(answer)
             while view:
@@ -407,19 +414,24 @@ def _tail(output: Any) -> str:
 
 
 def _main() -> int:
-    """Read ``{"files", "timeout", "parallelism", "memory_mb", "folder"}`` as
-    JSON on stdin; answer ``{"results", "ready_at"}`` as JSON on stdout
-    (``ready_at``: wall-clock time when this process had its modules
-    imported, for the start-up cost)."""
-    request = json.load(sys.stdin)
-    _die_with_parent(request.get("parent"))
-    ready_at = time.time()
-    if request.get("folder"):
-        # Airflow puts the DAG folder on sys.path, so DAG files import their helpers.
-        sys.path.insert(0, request["folder"])
-    results = run_round(list(request["files"]), float(request["timeout"]), int(request.get("parallelism", 1)), int(request.get("memory_mb", 0)))
-    json.dump({"results": results, "ready_at": ready_at}, sys.stdout)
-    sys.stdout.flush()
+    """The parse process: ``python -m hub.dagbag PARENT_PID``. Serves rounds
+    until stdin closes: each request is one JSON line ``{"files", "timeout",
+    "parallelism", "memory_mb", "folder"}``, each answer one JSON line
+    ``{"results", "started_at"}`` (wall-clock time the round began, for the
+    hub's view of the start-up cost). The hub's modules are imported once,
+    here; each file is imported by a fresh fork, so nothing a DAG file does
+    outlives its parse."""
+    _die_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        started_at = time.time()
+        results = run_round(
+            list(request["files"]), float(request["timeout"]), int(request.get("parallelism", 1)), int(request.get("memory_mb", 0)), request.get("folder"),
+        )
+        sys.stdout.write(json.dumps({"results": results, "started_at": started_at}) + "\n")
+        sys.stdout.flush()
     return 0
 
 

@@ -2,8 +2,8 @@
 serialized DAGs, record them and their versions in the metadata DB.
 
 The hub process never imports a DAG file (Airflow's model): user code
-cannot crash, block or bloat the scheduler. ``DagFileProcessor`` runs one
-parse round in a fresh ``python -m hub.dagbag`` process, which forks a
+cannot crash, block or bloat the scheduler. ``DagFileProcessor`` sends each
+parse round to a long-lived ``python -m hub.dagbag`` process, which forks a
 child per changed file with a timeout and a memory limit, and answers with
 each file's serialized DAGs or its error (see ``hub.dagbag``).
 ``SerializedDagBag`` keeps what the files define: a file that now fails
@@ -22,10 +22,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from select import select as wait_readable
 from typing import Any
 
 from sqlalchemy import func, select
@@ -70,55 +72,155 @@ class RoundStats:
 
 @dataclass
 class DagFileProcessor:
-    """Runs parse rounds: one process per round, one forked child per file."""
+    """Runs parse rounds in the parse process (see ``ParseProcess``): one
+    forked child per file, ``parallelism`` at once, each killed at ``timeout``."""
 
     timeout: float = 30.0
     parallelism: int = 2
     memory_mb: int = 2048
+    executable: str = field(default_factory=lambda: sys.executable)
     last_round: RoundStats = field(default_factory=RoundStats)
 
     def process(self, files: list[str], folder: Path | None = None) -> dict[str, dict[str, Any]]:
         """Parse ``files``; returns each file's result (see ``hub.dagbag.parse_file``).
-        Raises ``DagProcessorError`` if the round's process itself failed."""
+        Raises ``DagProcessorError`` if the parse process itself failed."""
         if not files:
             return {}
-        request = {"files": files, "timeout": self.timeout, "parallelism": self.parallelism, "memory_mb": self.memory_mb, "folder": str(folder) if folder else None, "parent": os.getpid()}
-        # Each child is killed at its own deadline; this bounds the round's
+        request = {"files": files, "timeout": self.timeout, "parallelism": self.parallelism, "memory_mb": self.memory_mb, "folder": str(folder) if folder else None}
+        # Each child is killed at its own deadline; this bounds the parse
         # process itself, should it ever hang.
         guard = self.timeout * math.ceil(len(files) / self.parallelism) + 60
         started_wall, started = time.time(), time.perf_counter()
-        with tempfile.TemporaryFile() as stderr:
-            try:
-                done = subprocess.run(
-                    [sys.executable, "-m", "hub.dagbag"], input=json.dumps(request).encode(), stdout=subprocess.PIPE, stderr=stderr,
-                    timeout=guard, check=False, env=_child_env(),
-                )
-            except subprocess.TimeoutExpired:
-                raise DagProcessorError(f"the DAG parse round did not finish within {guard:g} s") from None
-            if done.returncode != 0:
-                stderr.seek(0)
-                tail = stderr.read()[-2000:].decode("utf-8", "replace").strip()
-                raise DagProcessorError(f"the DAG parse round exited with code {done.returncode}: {tail}")
+        answer = ParseProcess.shared(self.executable).round(request, guard)
         try:
-            answer = json.loads(done.stdout)
             results = {r["fileloc"]: r for r in answer["results"]}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DagProcessorError(f"the DAG parse round answered something unreadable: {exc}") from None
+        except (KeyError, TypeError) as exc:
+            raise DagProcessorError(f"the DAG parse process answered something unreadable: {exc!r}") from None
         self.last_round = RoundStats(
-            files=len(files), seconds=time.perf_counter() - started, startup=float(answer.get("ready_at", started_wall)) - started_wall,
+            files=len(files), seconds=time.perf_counter() - started, startup=max(0.0, float(answer.get("started_at", started_wall)) - started_wall),
             per_file={f: float(r.get("duration", 0.0)) for f, r in results.items()},
         )
-        log.info("parsed %d DAG file(s) in %.3f s (process start-up %.3f s)", len(files), self.last_round.seconds, self.last_round.startup)
+        log.info("parsed %d DAG file(s) in %.3f s (waiting for the parse process: %.3f s)", len(files), self.last_round.seconds, self.last_round.startup)
         return results
 
 
+class ParseProcess:
+    """The long-lived ``python -m hub.dagbag`` process: it imports the hub's
+    modules once (about a second: hub.dag brings Jinja and jsonschema) and
+    forks a fresh child per DAG file, so a round costs each file's own import
+    and no interpreter start. One per hub process and Python executable,
+    shared by every ``DagFileProcessor``; started on first use and again
+    after it died (a DAG file may kill its parent)."""
+
+    _shared: dict[str, ParseProcess] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, executable: str) -> None:
+        self.executable = executable
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, executable: str) -> ParseProcess:
+        with cls._shared_lock:
+            found = cls._shared.get(executable)
+            if found is None:
+                found = cls._shared[executable] = cls(executable)
+            return found
+
+    @classmethod
+    def stop_all(cls) -> None:
+        with cls._shared_lock:
+            for process in cls._shared.values():
+                process.stop()
+
+    def round(self, request: dict[str, Any], guard: float) -> dict[str, Any]:
+        with self._lock:
+            proc = self._start()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(json.dumps(request).encode() + b"\n")
+                proc.stdin.flush()
+                line = self._read_line(proc.stdout.fileno(), guard)
+            except (OSError, DagProcessorError) as exc:
+                reason = self._failure(proc, exc)
+                raise DagProcessorError(reason) from None
+        try:
+            answer: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            self.stop()
+            raise DagProcessorError(f"the DAG parse process answered something unreadable: {exc}") from None
+        return answer
+
+    def stop(self) -> None:
+        """Close the process's stdin (it exits when it sees the end) and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, self._stderr):
+            if stream is not None:
+                stream.close()
+        self._stderr = None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        self.stop()
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            [self.executable, "-m", "hub.dagbag", str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            env=_child_env(), close_fds=True,
+        )
+        return self._proc
+
+    @staticmethod
+    def _read_line(fd: int, guard: float) -> bytes:
+        deadline = time.monotonic() + guard
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not wait_readable([fd], [], [], left)[0]:
+                raise DagProcessorError(f"the DAG parse process did not answer within {guard:g} s")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise DagProcessorError("the DAG parse process ended without answering")
+            data += chunk
+        return bytes(data)
+
+    def _failure(self, proc: subprocess.Popen[bytes], exc: BaseException) -> str:
+        """Why the process failed, after ending it for good."""
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait()
+        tail = ""
+        if self._stderr is not None:
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-2000:].decode("utf-8", "replace").strip()
+        self.stop()
+        how = f"exited with code {code}" if code is not None else "failed"
+        return f"the DAG parse process {how} ({exc})" + (f": {tail}" if tail else "")
+
+
 def _child_env() -> dict[str, str]:
-    """The hub's environment, with the hub's own code importable in the child
-    wherever the hub was started from."""
+    """The hub's environment, with the hub's own code importable in the
+    parse process wherever the hub was started from."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def stop_parse_processes() -> None:
+    """End the parse processes of this hub process (at shutdown)."""
+    ParseProcess.stop_all()
 
 
 @dataclass

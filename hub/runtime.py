@@ -19,7 +19,7 @@ import uvicorn
 
 from hub import events as ev
 from hub.config import HubSettings
-from hub.dagprocessor import DagFileProcessor, SerializedDagBag
+from hub.dagprocessor import DagFileProcessor, SerializedDagBag, stop_parse_processes
 from hub.db import make_engine, make_sessionmaker, upgrade
 from hub.dispatcher import Dispatcher
 from hub.events import EventBus
@@ -99,6 +99,7 @@ class HubRuntime:
         if self.run_scheduler:
             self.executor.stop(wait=False)
             self.link.stop()
+            stop_parse_processes()
         self.engine.dispose()
 
     def wait(self) -> None:

@@ -99,14 +99,14 @@ def test_a_file_that_kills_its_parsing_process_fails_alone(tmp_path: Path) -> No
     assert error.fileloc == str(killer) and error.kind == "crash" and "code -9" in error.error
 
 
-def test_a_round_whose_process_fails_applies_nothing_and_tries_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_round_whose_process_fails_applies_nothing_and_tries_again(tmp_path: Path) -> None:
     path = write(tmp_path, "good.py", GOOD)
     dags = bag(tmp_path)
-    with monkeypatch.context() as patch:
-        patch.setattr(sys, "executable", "/bin/false")  # the round's process cannot even start Python
-        with pytest.raises(DagProcessorError, match="exited with code 1"):
-            dags.processor.process([str(path)])
-        dags.collect()
+    dags.processor.executable = "/bin/false"  # the parse process cannot even start Python
+    with pytest.raises(DagProcessorError, match="exited with code 1"):
+        dags.processor.process([str(path)])
+    dags.collect()
+    dags.processor.executable = sys.executable
     assert dags.dags == {} and dags.errors[str(path)].kind == "crash"
     assert dags.collect()  # not settled: parsed again at the next check
     assert set(dags.dags) == {"good"} and dags.errors == {}
@@ -180,3 +180,46 @@ def test_errors_of_every_kind_reach_the_db_and_clear_when_fixed(tmp_path: Path) 
     with sessions() as session:
         assert sorted(d.dag_id for d in session.scalars(select(Dag))) == ["good", "loop"]
         assert session.scalars(select(DagImportError)).all() == []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie waiting for its reaper is gone too
+    except FileNotFoundError:
+        return True
+
+
+def test_a_hub_killed_with_9_leaves_no_parse_behind(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "parsing.pid"
+    write(tmp_path, "sleeps.py", f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(3600)\n")
+    hub = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys; from pathlib import Path\n"
+            "from hub.dagprocessor import DagFileProcessor, SerializedDagBag\n"
+            "bag = SerializedDagBag(Path(sys.argv[1]), DagFileProcessor(timeout=600))\n"
+            "bag.collect()\n"
+        ), str(tmp_path)],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the DAG file never started parsing"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        with open(f"/proc/{child}/stat") as stat:
+            parse_process = int(stat.read().rsplit(")", 1)[1].split()[1])
+        assert parse_process != hub.pid and not _gone(parse_process)
+        hub.send_signal(signal.SIGKILL)
+        hub.wait(10)
+        deadline = time.monotonic() + 10
+        while not (_gone(parse_process) and _gone(child)):
+            assert time.monotonic() < deadline, "the parse process or its child outlived the hub"
+            time.sleep(0.05)
+    finally:
+        if hub.poll() is None:
+            hub.kill()
+            hub.wait()
