@@ -81,6 +81,10 @@ def _agent_param_sets(task: AgentOperator) -> list[tuple[str, dict[str, Any]]]:
         # A task of a mapped task group: keys taken from the group's values are only known per instance.
         group_params = any(k == "params" or k.startswith("params.") for k in task.mapping.group_args or {})
         return [] if group_params or not task.params_are_literal() else [("", task.params)]
+    if task.mapping.group is not None:
+        # A task of a mapped task group: keys taken from the group's values are only known per instance.
+        group_params = any(k == "params" or k.startswith("params.") for k in task.mapping.group_args or {})
+        return [] if group_params or not task.params_are_literal() else [("", task.params)]
     sources = [task.mapping.expand.get("params")]
     if task.mapping.expand_kwargs is not None:
         sources.append({"literal": [item.get("params", task.params) for item in task.mapping.expand_kwargs.get("literal", [])]})

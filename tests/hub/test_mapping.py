@@ -543,3 +543,36 @@ def test_invalid_mapped_group_is_an_invalid_dag() -> None:
             grp.expand(y=[1])
         with pytest.raises(InvalidDag, match=r"task 'nested.one': .*cannot be mapped itself"):
             nested.expand(x=[1])
+
+
+AGENT_GROUP_DAG = """
+from hub.dag import DAG, AgentOperator, any_agent
+from hub.taskflow import task, task_group
+
+@task
+def record(result, ti=None):
+    return [ti.map_index, result["echo"]]
+
+@task_group
+def per_host(host):
+    ping = AgentOperator(task_id="ping", job_type="noop", params={"echo": host, "sleep": 0}, target=any_agent())
+    record(ping.output)
+
+with DAG("agent_groups") as dag:
+    per_host.expand(host=["h1", "h2", "h3"])
+"""
+
+
+def test_agent_task_in_a_mapped_group_gets_the_groups_value_in_its_params(make_hub: Any) -> None:
+    hub = make_hub({"agent_groups.py": AGENT_GROUP_DAG})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("agent_groups")
+    hub.tick()
+    assert sorted((e.body.task_id, e.body.map_index, e.body.params["echo"], e.body.params["sleep"]) for e in hub.assignments_sent()) == [
+        ("per_host.ping", 0, "h1", 0), ("per_host.ping", 1, "h2", 0), ("per_host.ping", 2, "h3", 0),
+    ]
+    assert [ti.state for ti in instances(hub, run_pk, "per_host.record")] == ["none", "none", "none"]
+    answer_assignments(hub)
+    hub.tick()
+    assert [ti.output for ti in instances(hub, run_pk, "per_host.record")] == [[0, "h1"], [1, "h2"], [2, "h3"]]
+    assert run_state(hub, run_pk) == "success"
