@@ -90,8 +90,16 @@ def pull(session: Session, run_pk: int, task_ids: str | list[str] | tuple[str, .
     values by map index (``None`` where an instance left none) unless
     ``map_indexes`` picks some; a list of task ids gives a list. ``None``
     task ids: the latest value of ``key`` from any task of the run."""
+    # Checked before any query: a template may pass anything, and a type
+    # error inside the database would abort the caller's transaction.
+    if not isinstance(key, str):
+        raise TypeError(f"xcom_pull: key must be a string, not {key!r}")
+    if map_indexes is not None and not (isinstance(map_indexes, int) or (isinstance(map_indexes, (list, tuple)) and all(isinstance(i, int) for i in map_indexes))):
+        raise TypeError(f"xcom_pull: map_indexes must be an int or a list of ints, not {map_indexes!r}")
     if isinstance(task_ids, (list, tuple)):
         return [pull(session, run_pk, t, key, map_indexes, default) for t in task_ids]
+    if task_ids is not None and not isinstance(task_ids, str):
+        raise TypeError(f"xcom_pull: task_ids must be a task id or a list of them, not {task_ids!r}")
     if task_ids is None:
         return _latest(session, run_pk, key, default)
     if key == RETURN_KEY:
@@ -232,7 +240,12 @@ def render_agent_task(session: Session, ti: TaskInstance, task: Mapping[str, Any
         yield session
 
     context = run_context(same_session, ti, run, read_only=True)
-    return templating.render_agent_params(task, context, native=native, validate=_validate_job_params)
+    try:
+        return templating.render_agent_params(task, context, native=native, validate=_validate_job_params)
+    except templating.TemplateError:
+        raise
+    except Exception as exc:  # e.g. a bad XCom reference: the task fails, the scheduler goes on
+        raise templating.TemplateError(f"rendering the params of {ti.task_id!r}: {type(exc).__name__}: {exc}") from None
 
 
 def _validate_job_params(job_type: str, params: dict[str, Any]) -> None:

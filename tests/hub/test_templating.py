@@ -179,6 +179,8 @@ with DAG("broken_template", params={"pause": "long"}) as dag:
     AgentOperator(task_id="probe", job_type="noop", target=any_agent(), params={"echo": "{{ no_such_variable }}"})
     # Renders fine, but "long" is not the number noop's schema wants.
     AgentOperator(task_id="sleepy", job_type="noop", target=any_agent(), params={"sleep": "{{ params.pause }}"})
+    # A bad XCom lookup is caught before it reaches the database.
+    AgentOperator(task_id="lookup", job_type="noop", target=any_agent(), params={"echo": "{{ ti.xcom_pull(task_ids=123) }}"})
     PythonOperator(task_id="hub", python_callable=render_me, op_kwargs={"day": "{{ ds.nope.deeper }}"})
 """
 
@@ -236,12 +238,13 @@ def test_template_errors_fail_the_task_with_template_error(make_hub: Any) -> Non
     run_pk = hub.trigger("broken_template")
     hub.tick()
     tis = _tis(hub, run_pk)
-    for task_id in ("probe", "sleepy", "hub"):
+    for task_id in ("probe", "sleepy", "lookup", "hub"):
         assert tis[task_id].state == "failed", task_id
         assert tis[task_id].error["code"] == "template_error"
         assert tis[task_id].error["retryable"] is False
     assert "no_such_variable" in tis["probe"].error["message"]
     assert "not valid for noop" in tis["sleepy"].error["message"]
+    assert "task_ids must be a task id" in tis["lookup"].error["message"]
     assert hub.assignments_sent() == []
 
 
