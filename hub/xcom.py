@@ -177,7 +177,8 @@ class TaskInstanceRef:
 
     def xcom_pull(self, task_ids: str | list[str] | None = None, key: str = RETURN_KEY, map_indexes: int | list[int] | None = None, default: Any = None, **_ignored: Any) -> Any:
         with self._scope() as session:
-            return pull(session, self.run_pk, task_ids, key, map_indexes, default)
+            # Airflow 3 (and the hub workers): no task ids means this task's own XComs.
+            return pull(session, self.run_pk, self.task_id if task_ids is None else task_ids, key, map_indexes, default)
 
     def xcom_push(self, key: str, value: Any) -> None:
         if self._read_only or self._now is None:
