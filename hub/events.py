@@ -25,6 +25,8 @@ RESULT_APPLIED = "result_applied"
 #: A task missed its SLA or a run its dagrun_timeout (a ``deadline_misses`` row).
 DEADLINE_MISSED = "deadline_missed"
 MESSAGE_REJECTED = "message_rejected"
+#: An asset event was committed (a task's outlet, an agent event, the API): asset-scheduled DAGs may be due.
+ASSET_UPDATED = "asset_updated"
 AGENT_CHANGED = "agent_changed"
 OUTBOX_WRITTEN = "outbox_written"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import namedtuple
 import threading
 import time
 from collections import defaultdict
@@ -25,18 +26,25 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from croniter import croniter
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from hub import asset_events, timetables
+from hub import branching, templating
 from hub import events as ev
-from hub.dagbag import cron_expression
+from hub.admission import OCCUPYING, Admission, Candidate, Verdict, effective_weights, ordered
 from hub.dagprocessor import SerializedDagBag
 from hub.db import skip_locked, transaction
 from hub.dispatcher import Dispatcher
-from hub.errors import DagNotFound, InvalidRequest
+from hub.errors import DagNotFound, InvalidDag, InvalidRequest
+from hub.deadlines import check_deadlines
 from hub.events import EventBus
-from hub.models import Agent, Assignment, Dag, DagRun, DagVersion, TaskInstance
+from hub.mapping import DEFAULT_MAX_MAP_LENGTH, MappingFailure, agent_params, mapping_input_fetcher, resolve_expansion, xcom_sources
+from hub.lifecycle import current_dag_spec, dag_callback, task_callback
+from hub.params import resolve_run_params
+from hub.xcom import render_agent_task
+from hub.models import Agent, Assignment, Backfill, Dag, DagRun, DagVersion, Pool, TaskInstance
+from hub.scheduling_options import DEFAULT_MAX_ACTIVE_RUNS, DEFAULT_MAX_ACTIVE_TASKS, DEFAULT_POOL
 from hub.targeting import choose
 from hub.trigger_rules import Decision, decide
 from shared.clock import Clock, utcnow
@@ -49,9 +57,13 @@ _MAX_CONF_BYTES = 64 * 1024
 _WAITING = frozenset({TaskState.NONE.value, TaskState.SCHEDULED.value})
 
 
-def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: datetime, run_type: str = "manual", logical_date: datetime | None = None) -> DagRun:
+def trigger_run(
+    session: Session, dag_id: str, conf: dict[str, Any], now: datetime, run_type: str = "manual", logical_date: datetime | None = None,
+    *, data_interval: tuple[datetime, datetime] | None = None, backfill_id: int | None = None, triggered_by: dict[str, Any] | None = None,
+) -> DagRun:
     """Create a run of ``dag_id`` with one task instance per task, in the
-    caller's transaction. Raises ``DagNotFound`` or ``InvalidRequest``."""
+    caller's transaction. Raises ``DagNotFound`` or ``InvalidRequest``.
+    ``data_interval`` defaults to the logical date alone (a manual run)."""
     dag = session.get(Dag, dag_id)
     if dag is None or not dag.is_active:
         raise DagNotFound(f"DAG {dag_id!r} does not exist (or its file was removed); see 'outpost dags list'")
@@ -59,6 +71,7 @@ def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: dateti
         raise InvalidRequest("conf must be a JSON object")
     if len(json.dumps(conf)) > _MAX_CONF_BYTES:
         raise InvalidRequest(f"conf is larger than {_MAX_CONF_BYTES} bytes; pass references, not data")
+    params = resolve_run_params(dag.structure.get("params") or {}, conf)  # InvalidRequest names each bad param
     when = logical_date or now
     run_id = f"{run_type}__{when.isoformat(timespec='microseconds')}"
     taken = set(session.scalars(select(DagRun.run_id).where(DagRun.dag_id == dag_id, DagRun.run_id.startswith(run_id, autoescape=True))))
@@ -67,10 +80,15 @@ def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: dateti
             raise InvalidRequest(f"run {run_id!r} of {dag_id!r} already exists")
         # Two manual triggers in the same microsecond are two runs, not an error.
         run_id = next(f"{run_id}.{n}" for n in range(1, len(taken) + 2) if f"{run_id}.{n}" not in taken)
-    run = DagRun(dag_id=dag_id, run_id=run_id, run_type=run_type, state=RunState.RUNNING, logical_date=when, conf=conf, created_at=now, started_at=now,
-                 dag_version_id=dag.latest_version_id)  # the run follows this version to its end
+    # Queued first: it starts below, or later when max_active_runs allows.
+    interval_start, interval_end = data_interval or (when, when)
+    run = DagRun(dag_id=dag_id, run_id=run_id, run_type=run_type, state=RunState.QUEUED, logical_date=when, conf=conf, created_at=now, queued_at=now,
+                 dag_version_id=dag.latest_version_id,  # the run follows this version to its end
+                 data_interval_start=interval_start, data_interval_end=interval_end, backfill_id=backfill_id, triggered_by=triggered_by,
+                 params=params)
     session.add(run)
     session.flush()
+    weights = effective_weights({t["task_id"]: t for t in dag.structure.get("tasks", [])})
     for task in dag.structure.get("tasks", []):
         session.add(
             TaskInstance(
@@ -87,10 +105,63 @@ def trigger_run(session: Session, dag_id: str, conf: dict[str, Any], now: dateti
                 execution_timeout=task.get("execution_timeout"),
                 job_type=task.get("job_type"),
                 params=task.get("params") or {},
+                operator=task.get("operator") or "",
+                pool=task.get("pool") or DEFAULT_POOL,
+                pool_slots=int(task.get("pool_slots") or 1),
+                priority_weight=weights[task["task_id"]],
             )
         )
     session.flush()
+    start_queued_runs(session, now, {dag_id})
     return run
+
+
+def start_queued_runs(session: Session, now: datetime, dag_ids: set[str] | None = None) -> list[DagRun]:
+    """Move queued runs to running, oldest logical date first, while their
+    DAG runs fewer than ``max_active_runs`` (a backfill's runs count against
+    the backfill's own limit instead). Runs of a paused DAG or backfill wait."""
+    stmt = select(DagRun).where(DagRun.state == RunState.QUEUED)
+    if dag_ids is not None:
+        stmt = stmt.where(DagRun.dag_id.in_(dag_ids))
+    queued = list(session.scalars(skip_locked(stmt.order_by(DagRun.logical_date, DagRun.id), session)))
+    if not queued:
+        return []
+    involved = {r.dag_id for r in queued}
+    dags = {d.dag_id: d for d in session.scalars(select(Dag).where(Dag.dag_id.in_(involved)))}
+    backfill_ids = {r.backfill_id for r in queued if r.backfill_id is not None}
+    backfills = {b.id: b for b in session.scalars(select(Backfill).where(Backfill.id.in_(backfill_ids)))} if backfill_ids else {}
+    # A backfill with run_backwards starts its latest interval first (Airflow).
+    backwards = {b.id for b in backfills.values() if b.run_backwards}
+    if backwards:
+        newest_first = sorted((r for r in queued if r.backfill_id in backwards), key=lambda r: (r.logical_date, r.id), reverse=True)
+        slots = iter(newest_first)
+        queued = [next(slots) if r.backfill_id in backwards else r for r in queued]
+    running_dag: dict[str, int] = dict(
+        session.execute(
+            select(DagRun.dag_id, func.count()).where(DagRun.state == RunState.RUNNING, DagRun.dag_id.in_(involved), DagRun.backfill_id.is_(None)).group_by(DagRun.dag_id)
+        ).all()
+    )
+    running_backfill: dict[int, int] = dict(
+        session.execute(select(DagRun.backfill_id, func.count()).where(DagRun.state == RunState.RUNNING, DagRun.backfill_id.in_(backfill_ids)).group_by(DagRun.backfill_id)).all()
+    ) if backfill_ids else {}
+    started: list[DagRun] = []
+    for run in queued:
+        dag = dags.get(run.dag_id)
+        if dag is None or dag.is_paused:
+            continue
+        if run.backfill_id is not None:
+            backfill = backfills.get(run.backfill_id)
+            if backfill is None or backfill.is_paused or running_backfill.get(run.backfill_id, 0) >= backfill.max_active_runs:
+                continue
+            running_backfill[run.backfill_id] = running_backfill.get(run.backfill_id, 0) + 1
+        else:
+            limit = int(current_dag_spec(session, run.dag_id).get("max_active_runs") or dag.max_active_runs or DEFAULT_MAX_ACTIVE_RUNS)
+            if running_dag.get(run.dag_id, 0) >= limit:
+                continue
+            running_dag[run.dag_id] = running_dag.get(run.dag_id, 0) + 1
+        run.state, run.started_at = RunState.RUNNING, now
+        started.append(run)
+    return started
 
 
 @dataclass
@@ -106,9 +177,13 @@ class Scheduler:
     redeliver_after: float = 30.0
     agent_offline_after: float = 35.0
     dag_reparse_interval: float = 5.0
+    #: Most instances one mapped task may expand to (Airflow's max_map_length).
+    max_map_length: int = DEFAULT_MAX_MAP_LENGTH
     #: False when DAG parsing runs in its own thread (``run_dag_processing``),
     #: so a slow DAG file never delays a scheduling pass.
     parse_in_tick: bool = True
+    #: Slots of ``default_pool`` unless the pools table sets them.
+    default_pool_slots: int = 128
     _wake: threading.Event = field(default_factory=threading.Event)
     _last_parse: float = float("-inf")
     #: A parse whose DB write failed is written again at the next interval.
@@ -118,11 +193,13 @@ class Scheduler:
     _version_cache: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     #: Events of the current step, emitted once its transaction committed.
     _after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: Each DAG's schedule as last seen, to notice a changed one.
+    _schedule_fingerprints: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Only events that can make a task ready wake the scheduler; a task
         # that was merely delivered or started changes no decision.
-        for name in (ev.RUN_TRIGGERED, ev.RESULT_APPLIED, ev.HUB_TASK_FINISHED, ev.AGENT_CHANGED):
+        for name in (ev.RUN_TRIGGERED, ev.RESULT_APPLIED, ev.HUB_TASK_FINISHED, ev.AGENT_CHANGED, ev.ASSET_UPDATED):
             self.events.subscribe(name, lambda _n, _d: self._wake.set())
 
     def wake(self) -> None:
@@ -175,6 +252,8 @@ class Scheduler:
                 busy |= self._create_scheduled_runs(session, now)
             with self._step() as session:
                 busy |= self._bring_back_retries(session, now)
+            with self._step() as session:
+                busy |= check_deadlines(session, now, self._after_commit, self.dispatcher.hlc)
         with self._step() as session:
             hub_tasks, changed = self._advance_runs(session, now)
         if changed:
@@ -221,83 +300,266 @@ class Scheduler:
             self.parse_dags(utcnow(self.clock))
 
     def _create_scheduled_runs(self, session: Session, now: datetime) -> bool:
+        """Create the runs that are due: each time-based DAG's next data
+        interval once it is over (its ``run_after``), one after another when
+        catching up, while the DAG has fewer than ``max_active_runs`` active
+        (queued or running) non-backfill runs; Airflow likewise stops
+        creating there and goes on as runs finish. Then the runs of DAGs
+        whose asset condition holds, and the bookkeeping of backfills."""
         created = False
         stmt = skip_locked(select(Dag).where(Dag.schedule.is_not(None), Dag.is_active.is_(True), Dag.is_paused.is_(False)), session)
-        for dag in session.scalars(stmt):
-            expr = cron_expression(dag.schedule or "")
-            if dag.next_run_at is None:
-                dag.next_run_at = croniter(expr, now).get_next(datetime)
-                continue
-            if dag.next_run_at > now:
-                continue
-            # Without catchup (the spine's behaviour) missed intervals collapse
-            # into one run at the latest due time.
-            due = dag.next_run_at
-            following = croniter(expr, due).get_next(datetime)
-            while following <= now:
-                due, following = following, croniter(expr, following).get_next(datetime)
-            trigger_run(session, dag.dag_id, {}, now, run_type="scheduled", logical_date=due)
-            dag.next_run_at = following
+        dags = list(session.scalars(stmt))
+        active = dict(
+            session.execute(
+                select(DagRun.dag_id, func.count())
+                .where(DagRun.dag_id.in_([d.dag_id for d in dags]), DagRun.state.in_([RunState.QUEUED, RunState.RUNNING]), DagRun.backfill_id.is_(None))
+                .group_by(DagRun.dag_id)
+            ).all()
+        ) if dags else {}
+        for dag in dags:
+            try:
+                created |= self._schedule_dag(session, dag, now, active.get(dag.dag_id, 0))
+            except InvalidDag as exc:  # a structure stored by another version of the hub
+                log.warning("DAG %s: cannot schedule: %s", dag.dag_id, exc)
+        created |= self._create_asset_triggered_runs(session, now)
+        created |= self._complete_backfills(session, now)
+        return created
+
+    def _schedule_dag(self, session: Session, dag: Dag, now: datetime, active: int) -> bool:
+        structure = dag.structure or {}
+        timetable, start_date, end_date, catchup = timetables.structure_schedule(structure)
+        # A DAG whose schedule changed since its next run was computed gets a
+        # new one (the DAG processor resets next_run_at too, when it can tell).
+        fingerprint = json.dumps([structure.get(k) for k in ("timetable", "start_date", "end_date", "catchup")], sort_keys=True)
+        if self._schedule_fingerprints.get(dag.dag_id, fingerprint) != fingerprint:
+            dag.next_run_at = None
+        self._schedule_fingerprints[dag.dag_id] = fingerprint
+        limit = int(structure.get("max_active_runs") or dag.max_active_runs or DEFAULT_MAX_ACTIVE_RUNS)
+        if dag.max_active_runs != limit:
+            dag.max_active_runs = limit
+        if not timetable.periodic and timetable.kind != "once":
+            if dag.next_run_at is not None:
+                dag.next_run_at = dag.next_data_interval_start = dag.next_data_interval_end = None
+            return False
+        # Recomputed when unknown, and without catchup whenever due: computed
+        # before a pause or a downtime, it may no longer be the latest
+        # complete interval, the only one that runs without catchup.
+        if dag.next_run_at is None or (not catchup and dag.next_run_at <= now):
+            last = self._last_automated_interval(session, dag.dag_id)
+            # Without a start date, the schedule starts when the hub first sees
+            # it (Airflow would run the latest complete interval at once).
+            first = start_date if start_date is not None or last is not None else (dag.next_data_interval_start or now)
+            self._store_next(dag, timetable.next_dagrun_info(last, now, catchup, first, end_date))
+        created = False
+        while dag.next_run_at is not None and dag.next_run_at <= now and active < limit:
+            assert dag.next_data_interval_start is not None and dag.next_data_interval_end is not None
+            interval = timetables.DataInterval(dag.next_data_interval_start, dag.next_data_interval_end)
+            exists = session.scalar(
+                select(DagRun.id).where(DagRun.dag_id == dag.dag_id, DagRun.run_type == "scheduled", DagRun.logical_date == interval.start).limit(1)
+            )
+            if exists is None:
+                run = trigger_run(session, dag.dag_id, {}, now, run_type="scheduled", logical_date=interval.start, data_interval=(interval.start, interval.end))
+                self._after_commit.append((ev.RUN_TRIGGERED, {"dag_id": dag.dag_id, "run_pk": run.id}))
+                active += 1
+                created = True
+            self._store_next(dag, timetable.next_dagrun_info(interval, now, catchup, start_date, end_date))
+        return created
+
+    @staticmethod
+    def _store_next(dag: Dag, info: timetables.DagRunInfo | None) -> None:
+        if info is None:
+            dag.next_run_at = dag.next_data_interval_start = dag.next_data_interval_end = None
+        else:
+            dag.next_run_at = info.run_after
+            dag.next_data_interval_start, dag.next_data_interval_end = info.data_interval.start, info.data_interval.end
+
+    @staticmethod
+    def _last_automated_interval(session: Session, dag_id: str) -> timetables.DataInterval | None:
+        row = session.execute(
+            select(DagRun.logical_date, DagRun.data_interval_start, DagRun.data_interval_end)
+            .where(DagRun.dag_id == dag_id, DagRun.run_type == "scheduled")
+            .order_by(DagRun.logical_date.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        return timetables.DataInterval(row.data_interval_start or row.logical_date, row.data_interval_end or row.logical_date)
+
+    def _create_asset_triggered_runs(self, session: Session, now: datetime) -> bool:
+        """Runs of DAGs whose asset condition holds (hub.asset_events)."""
+        created = False
+        for due in asset_events.due_asset_triggers(session):
+            run = trigger_run(
+                session, due.dag_id, {}, now, run_type=asset_events.ASSET_TRIGGERED, logical_date=now,
+                data_interval=(due.first, due.last), triggered_by={"asset_event_ids": due.event_ids},
+            )
+            asset_events.consumed(session, due.dag_id)
+            self._after_commit.append((ev.RUN_TRIGGERED, {"dag_id": due.dag_id, "run_pk": run.id}))
             created = True
         return created
 
+    @staticmethod
+    def _complete_backfills(session: Session, now: datetime) -> bool:
+        """A backfill is complete once none of its runs is queued or running."""
+        open_ids = list(session.scalars(select(Backfill.id).where(Backfill.completed_at.is_(None))))
+        if not open_ids:
+            return False
+        busy = set(session.scalars(select(DagRun.backfill_id).where(DagRun.backfill_id.in_(open_ids), DagRun.state.in_([RunState.QUEUED, RunState.RUNNING])).distinct()))
+        done = [b for b in open_ids if b not in busy]
+        if done:
+            session.execute(update(Backfill).where(Backfill.id.in_(done), Backfill.completed_at.is_(None)).values(completed_at=now))
+        return False  # bookkeeping only: nothing for the next tick to do
+
     def _bring_back_retries(self, session: Session, now: datetime) -> bool:
-        stmt = skip_locked(select(TaskInstance).where(TaskInstance.state == TaskState.UP_FOR_RETRY, TaskInstance.next_try_at <= now), session)
+        waiting = (TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE)
+        stmt = skip_locked(select(TaskInstance).where(TaskInstance.state.in_(waiting), TaskInstance.next_try_at <= now), session)
         due = list(session.scalars(stmt))
         for ti in due:
+            if ti.state == TaskState.UP_FOR_RESCHEDULE:
+                # next_try_at stays set: it tells the queueing step that this
+                # is the same try (a sensor's next poke), not a new one.
+                ti.state = TaskState.SCHEDULED
+                continue
             ti.state = TaskState.SCHEDULED
             ti.next_try_at = None
+            ti.sensor_started_at = None  # a new try of a sensor counts its timeout afresh
         return bool(due)
 
     def _advance_runs(self, session: Session, now: datetime) -> tuple[list[int], bool]:
+        changed = bool(start_queued_runs(session, now))
         runs = list(session.scalars(skip_locked(select(DagRun).where(DagRun.state == RunState.RUNNING), session)))
         if not runs:
-            return [], False
+            return [], changed
         structures = self._structures(session, runs)
+        # Airflow: the runs of a paused DAG start no new task instances.
+        paused = set(session.scalars(select(Dag.dag_id).where(Dag.dag_id.in_({r.dag_id for r in runs}), Dag.is_paused.is_(True))))
         # States of every task instance as plain rows: cheap even for runs of
         # thousands of tasks. Only instances that are ready become ORM objects.
         rows = session.execute(
-            select(TaskInstance.id, TaskInstance.run_pk, TaskInstance.task_id, TaskInstance.state).where(TaskInstance.run_pk.in_([r.id for r in runs]))
+            select(TaskInstance.id, TaskInstance.run_pk, TaskInstance.task_id, TaskInstance.state, TaskInstance.map_index,
+                   TaskInstance.pool, TaskInstance.pool_slots, TaskInstance.priority_weight)
+            .where(TaskInstance.run_pk.in_([r.id for r in runs]))
         )
         states_by_run: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-        waiting_by_run: dict[int, list[tuple[int, str]]] = defaultdict(list)
-        for ti_id, run_pk, task_id, state in rows:
-            states_by_run[run_pk][task_id].append(state)
-            if state in _WAITING:
-                waiting_by_run[run_pk].append((ti_id, task_id))
-        fleet = None
+        # (task id, map index) -> state: tasks of a mapped task group depend index by index.
+        index_states_by_run: dict[int, dict[tuple[str, int], str]] = defaultdict(dict)
+        waiting_by_run: dict[int, list[Any]] = defaultdict(list)
+        for row in rows:
+            states_by_run[row.run_pk][row.task_id].append(row.state)
+            index_states_by_run[row.run_pk][(row.task_id, row.map_index)] = row.state
+            if row.state in _WAITING:
+                waiting_by_run[row.run_pk].append(row)
         hub_tasks: list[int] = []
-        changed = False
+        ready: list[tuple[Candidate, DagRun]] = []
+        past_ok = _PastChecker(session)
         for run in runs:
             tasks = structures.get(run.id, {})
             by_task = states_by_run[run.id]
-            for ti_id, task_id in sorted(waiting_by_run[run.id], key=lambda item: (item[1], item[0])):
-                task = tasks.get(task_id)
-                ti = None
+            skips = self._branch_skips(session, run.id, tasks, by_task) if waiting_by_run[run.id] else set()
+            index_states = index_states_by_run[run.id]
+            changed |= self._expand_mapped(session, run.id, tasks, by_task, index_states, waiting_by_run[run.id], skips, now)
+            for row in sorted(waiting_by_run[run.id], key=lambda r: (r.task_id, r.id)):
+                task = tasks.get(row.task_id)
                 if task is not None:
-                    upstream = [state for up in task.get("upstream", []) for state in by_task.get(up, [])]
-                    decision = decide(task.get("trigger_rule", "all_success"), upstream)
+                    upstream = self._upstream_states(task, tasks, by_task, index_states, row.map_index)
+                    # A branch or short-circuit skips before any trigger rule is asked (Airflow).
+                    decision = Decision.SKIP if row.task_id in skips else decide(task.get("trigger_rule", "all_success"), upstream)
                     if decision == Decision.WAIT:
                         continue
-                ti = session.get(TaskInstance, ti_id)
+                    if decision == Decision.RUN:
+                        if run.dag_id in paused or (task.get("depends_on_past") and not past_ok(run, row.task_id)):
+                            continue
+                        ready.append((Candidate(row.id, run.dag_id, row.pool, row.pool_slots, row.priority_weight, run.logical_date, run.id, row.task_id, row.map_index), run))
+                        continue
+                ti = session.get(TaskInstance, row.id)
                 assert ti is not None
                 before = ti.state
                 if task is None:
                     ti.state = TaskState.REMOVED
-                elif decision in (Decision.SKIP, Decision.UPSTREAM_FAILED):
-                    ti.state, ti.ended_at = TaskState(decision.value), now
-                elif ti.kind == "hub":
-                    ti.try_number += 1
-                    ti.state, ti.queued_at = TaskState.QUEUED, now
-                    hub_tasks.append(ti.id)
                 else:
-                    if fleet is None:
-                        fleet = self.dispatcher.fleet_snapshot(session)
-                    self._dispatch_agent_task(session, ti, task, fleet, by_task, now)
+                    ti.state, ti.ended_at = TaskState(decision.value), now
                 changed |= ti.state != before
-                self._replace_state(by_task[task_id], before, ti.state)
-            changed |= self._finish_run_if_done(run, by_task, tasks, now)
+                self._replace_state(by_task[row.task_id], before, ti.state)
+                index_states[(row.task_id, ti.map_index)] = ti.state
+        if ready:
+            hub_tasks, started = self._admit(session, ready, structures, states_by_run, now)
+            changed |= started
+        finished = {run.dag_id for run in runs if self._finish_run_if_done(session, run, states_by_run[run.id], structures.get(run.id, {}), now)}
+        if finished:
+            # A finished run makes room under max_active_runs at once.
+            start_queued_runs(session, now, finished)
+        return hub_tasks, changed or bool(finished)
+
+    @staticmethod
+    def _branch_skips(session: Session, run_pk: int, tasks: dict[str, dict[str, Any]], by_task: dict[str, list[str]]) -> set[str]:
+        """Tasks of the run skipped by its successful branch and
+        short-circuit tasks, decided by their output (``hub.branching``)."""
+        done = [t for t in branching.deciders(tasks) if TaskState.SUCCESS in by_task.get(t, ())]
+        if not done:
+            return set()
+        outputs = session.execute(
+            select(TaskInstance.task_id, TaskInstance.output)
+            .where(TaskInstance.run_pk == run_pk, TaskInstance.task_id.in_(done), TaskInstance.map_index == -1, TaskInstance.state == TaskState.SUCCESS)
+        )
+        return {skipped for task_id, output in outputs for skipped in branching.skipped_by(tasks, task_id, output)}
+
+    def _admit(
+        self, session: Session, ready: list[tuple[Candidate, DagRun]], structures: dict[int, dict[str, dict[str, Any]]],
+        states_by_run: dict[int, dict[str, list[str]]], now: datetime,
+    ) -> tuple[list[int], bool]:
+        """Start ready instances by priority within pool slots and each DAG's
+        max_active_tasks (``hub.admission``); the rest wait as ``scheduled``."""
+        admission = self._admission(session, {c.dag_id for c, _ in ready})
+        runs = {c.ti_id: run for c, run in ready}
+        fleet = None
+        hub_tasks: list[int] = []
+        changed = False
+        for candidate in ordered(c for c, _ in ready):
+            run = runs[candidate.ti_id]
+            by_task = states_by_run[run.id]
+            verdict = admission.verdict(candidate)
+            ti = session.get(TaskInstance, candidate.ti_id)
+            assert ti is not None
+            before = ti.state
+            if verdict == Verdict.UNKNOWN_POOL:
+                ti.state, ti.ended_at = TaskState.FAILED, now
+                ti.error = {"code": "unknown_pool", "message": f"pool {candidate.pool!r} does not exist; create it with 'outpost pools set {candidate.pool} SLOTS' or change the task's pool", "retryable": False}
+                if task_callback(session, ti, TaskState.FAILED, now):
+                    self._after_commit.append((ev.CALLBACKS_REQUESTED, {"dag_id": ti.dag_id, "run_pk": ti.run_pk}))
+            elif verdict != Verdict.ADMIT:
+                ti.state = TaskState.SCHEDULED  # its dependencies are met; it waits for a slot
+            elif ti.kind == "hub":
+                if ti.next_try_at is None:
+                    ti.try_number += 1
+                # else a rescheduled sensor pokes again within the same try
+                ti.next_try_at = None
+                ti.state, ti.queued_at = TaskState.QUEUED, now
+                hub_tasks.append(ti.id)
+                admission.charge(candidate.dag_id, candidate.pool, candidate.pool_slots)
+            else:
+                if fleet is None:
+                    fleet = self.dispatcher.fleet_snapshot(session)
+                queued = self._dispatch_agent_task(session, ti, structures[run.id][ti.task_id], fleet, by_task, now)
+                if queued:
+                    admission.charge(candidate.dag_id, candidate.pool, candidate.pool_slots, queued)
+            changed |= ti.state != before
+            self._replace_state(by_task[ti.task_id], before, ti.state)
         return hub_tasks, changed
+
+    def _admission(self, session: Session, dag_ids: set[str]) -> Admission:
+        """Open capacity now: pool sizes, slots held, each DAG's limit and load."""
+        sizes = {DEFAULT_POOL: self.default_pool_slots}
+        sizes.update({name: slots for name, slots in session.execute(select(Pool.name, Pool.slots))})
+        admission = Admission(sizes, {d: int(current_dag_spec(session, d).get("max_active_tasks") or DEFAULT_MAX_ACTIVE_TASKS) for d in dag_ids})
+        held = session.execute(
+            select(TaskInstance.dag_id, TaskInstance.pool, func.count(), func.coalesce(func.sum(TaskInstance.pool_slots), 0))
+            .where(TaskInstance.state.in_([str(s) for s in OCCUPYING]))
+            .group_by(TaskInstance.dag_id, TaskInstance.pool)
+        )
+        for dag_id, pool, count, slots in held:
+            admission.pool_used[pool] += int(slots)
+            admission.dag_used[dag_id] += int(count)
+        return admission
 
     def _structures(self, session: Session, runs: list[DagRun]) -> dict[int, dict[str, dict[str, Any]]]:
         """Each run's tasks by id (keyed by run pk), from the DAG version the
@@ -325,14 +587,104 @@ class Scheduler:
                 self._structure_cache[dag_id] = (stamp, {t["task_id"]: t for t in structure.get("tasks", [])})
         return {d: self._structure_cache[d][1] for d in stamps}
 
+    # --- dynamic task mapping (hub/mapping.py) ------------------------------
+
+    def _expand_mapped(
+        self, session: Session, run_pk: int, tasks: dict[str, Any], by_task: dict[str, list[str]],
+        index_states: dict[tuple[str, int], str], waiting: list[Any], skips: set[str], now: datetime,
+    ) -> bool:
+        """Replace the single instance (map index -1) of each mapped task that
+        may run by one instance per mapped value (0..n-1), each with its own
+        argument values in ``params``; the new instances join ``waiting`` and
+        are decided in this same pass. Zero values skip the task (Airflow);
+        an unusable upstream output or too many values fail it."""
+        changed = False
+        for item in list(waiting):
+            ti_id, task_id, map_index = item.id, item.task_id, item.map_index
+            task = tasks.get(task_id)
+            mapped = task.get("mapped") if task is not None else None
+            if not mapped or map_index >= 0 or task_id in skips:
+                continue
+            upstream = [state for up in task.get("upstream", []) for state in by_task.get(up, [])]
+            decision = decide(task.get("trigger_rule", "all_success"), upstream)
+            if decision in (Decision.SKIP, Decision.UPSTREAM_FAILED):
+                continue  # decided below like any task
+            if decision == Decision.WAIT:
+                # A task of a mapped group expands as soon as its length is
+                # known: its instance i then waits only for instance i of its
+                # upstreams in the group, not for the whole group.
+                sources = xcom_sources(mapped)
+                if mapped.get("group") is None or not all(by_task.get(s) and all(x in FINISHED for x in by_task[s]) for s in sources):
+                    continue
+            ti = session.get(TaskInstance, ti_id)
+            assert ti is not None
+            failure: MappingFailure | None = None
+            try:
+                values = resolve_expansion(mapped, mapping_input_fetcher(session, run_pk), self.max_map_length)
+                params = [agent_params(task, v) if ti.kind == "agent" else v for v in values]
+            except MappingFailure as exc:
+                failure, params = exc, []
+            waiting.remove(item)
+            changed = True
+            if failure is not None or not params:
+                before = ti.state
+                if failure is not None:
+                    ti.state, ti.error = failure.state, failure.as_error()
+                else:
+                    ti.state = TaskState.SKIPPED
+                    ti.error = {"code": "empty_mapping", "message": "the mapped task has zero values to map over", "retryable": False}
+                ti.ended_at = now
+                self._replace_state(by_task[task_id], before, ti.state)
+                index_states[(task_id, -1)] = ti.state
+                continue
+            del index_states[(task_id, -1)]
+            ti.map_index, ti.params = 0, params[0]
+            columns = [c.key for c in TaskInstance.__table__.columns if c.key not in ("id", "map_index", "params")]
+            instances = [ti]
+            for index, value in enumerate(params[1:], start=1):
+                clone = TaskInstance(**{c: getattr(ti, c) for c in columns}, map_index=index, params=value)
+                session.add(clone)
+                instances.append(clone)
+                by_task[task_id].append(ti.state)
+            session.flush()
+            # The new instances join this pass as rows shaped like the caller's.
+            entry = namedtuple("entry", item._fields)  # type: ignore[misc]
+            for instance in instances:
+                index_states[(task_id, instance.map_index)] = instance.state
+                waiting.append(entry(**{**item._asdict(), "id": instance.id, "map_index": instance.map_index}))
+        return changed
+
+    @staticmethod
+    def _upstream_states(
+        task: dict[str, Any], tasks: dict[str, Any], by_task: dict[str, list[str]], index_states: dict[tuple[str, int], str], map_index: int
+    ) -> list[str]:
+        """The states a task's trigger rule counts: every instance of each
+        upstream, except that instance i of a mapped group's task counts only
+        instance i of its upstreams in the same group (Airflow 2.5+)."""
+        group = (task.get("mapped") or {}).get("group")
+        if group is None or map_index < 0:
+            return [state for up in task.get("upstream", []) for state in by_task.get(up, [])]
+        states: list[str] = []
+        for up in task.get("upstream", []):
+            if ((tasks.get(up) or {}).get("mapped") or {}).get("group") == group:
+                state = index_states.get((up, map_index), index_states.get((up, -1)))
+                states.extend([state] if state is not None else [])
+            else:
+                states.extend(by_task.get(up, []))
+        return states
+
+    # --- end of dynamic task mapping ----------------------------------------
+
     @staticmethod
     def _replace_state(states: list[str], old: str, new: str) -> None:
         states[states.index(old)] = new
 
-    def _dispatch_agent_task(self, session: Session, ti: TaskInstance, task: dict[str, Any], fleet: list[Any], by_task: dict[str, list[str]], now: datetime) -> None:
+    def _dispatch_agent_task(self, session: Session, ti: TaskInstance, task: dict[str, Any], fleet: list[Any], by_task: dict[str, list[str]], now: datetime) -> int:
+        """Assign ``ti`` (and, for a fleet fan-out, its copies) to agents;
+        returns how many instances were queued."""
         target = task.get("target") or {"mode": "any"}
         mode = target.get("mode", "any")
-        if ti.agent_id is not None and (mode != "any" or ti.map_index >= 0):
+        if ti.agent_id is not None and (mode != "any" or (ti.map_index >= 0 and not task.get("mapped"))):
             agents = [ti.agent_id]  # a retry of a pinned or fanned-out instance stays on its device
         else:
             agents = choose(mode, ti.job_type or "", fleet, agent_id=target.get("agent_id"), labels=target.get("labels") or {})
@@ -343,7 +695,15 @@ class Scheduler:
                 ti.error = {"code": "no_matching_agents", "message": "no online agent matched the target", "retryable": False}
             else:
                 ti.state = TaskState.SCHEDULED  # waits for a matching agent to come online
-            return
+            return 0
+        if not task.get("mapped") and templating.has_templates((task.get("templates") or {}).get("params")):
+            # Templated params (Jinja, XComArgs) are rendered for each try, from the structure.
+            try:
+                ti.params = render_agent_task(session, ti, task, native=bool(task.get("render_native")))
+            except templating.TemplateError as exc:
+                ti.state, ti.ended_at, ti.error = TaskState.FAILED, now, exc.as_error()
+                return 0
+            ti.rendered_fields = {"params": ti.params}
         instances = [ti]
         if mode == "all" and ti.map_index < 0:
             ti.map_index = 0
@@ -352,6 +712,7 @@ class Scheduler:
                     run_pk=ti.run_pk, dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, map_index=index, kind=ti.kind,
                     state=TaskState.NONE, try_number=0, max_tries=ti.max_tries, retry_delay=ti.retry_delay,
                     execution_timeout=ti.execution_timeout, job_type=ti.job_type, params=dict(ti.params or {}),
+                    pool=ti.pool, pool_slots=ti.pool_slots, priority_weight=ti.priority_weight,
                 )
                 session.add(clone)
                 instances.append(clone)
@@ -368,8 +729,9 @@ class Scheduler:
                 instance.state = TaskState.FAILED
                 instance.ended_at = now
                 instance.error = {"code": exc.code, "message": str(exc), "retryable": False}
+        return sum(1 for instance in instances if instance.state == TaskState.QUEUED)
 
-    def _finish_run_if_done(self, run: DagRun, by_task: dict[str, list[str]], tasks: dict[str, Any], now: datetime) -> bool:
+    def _finish_run_if_done(self, session: Session, run: DagRun, by_task: dict[str, list[str]], tasks: dict[str, Any], now: datetime) -> bool:
         if not by_task or any(state not in FINISHED for states in by_task.values() for state in states):
             return False
         # Airflow's rule: the leaves decide. A failed task whose failure was
@@ -382,6 +744,8 @@ class Scheduler:
         )
         run.state = RunState.FAILED if failed else RunState.SUCCESS
         run.ended_at = now
+        if dag_callback(session, run, "dag_failure" if failed else "dag_success", now, {"reason": "task_failure" if failed else "success"}):
+            self._after_commit.append((ev.CALLBACKS_REQUESTED, {"dag_id": run.dag_id, "run_pk": run.id}))
         self._after_commit.append((ev.RUN_FINISHED, {"dag_id": run.dag_id, "run_pk": run.id, "state": str(run.state)}))
         return True
 
@@ -425,3 +789,29 @@ class Scheduler:
         for agent_id in silent:
             log.info("agent %s silent for %ss: marking offline", agent_id, self.agent_offline_after)
             self._after_commit.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "offline"}))
+
+
+class _PastChecker:
+    """``depends_on_past`` (Airflow's): an instance may start only if the
+    same task in the run before (by logical date) succeeded or was skipped,
+    or there is no such run or task there. Previous runs are looked up once
+    per pass."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._previous: dict[int, int | None] = {}
+
+    def __call__(self, run: DagRun, task_id: str) -> bool:
+        if run.id not in self._previous:
+            self._previous[run.id] = self._session.scalar(
+                select(DagRun.id)
+                .where(DagRun.dag_id == run.dag_id, DagRun.id != run.id,
+                       (DagRun.logical_date < run.logical_date) | ((DagRun.logical_date == run.logical_date) & (DagRun.id < run.id)))
+                .order_by(DagRun.logical_date.desc(), DagRun.id.desc())
+                .limit(1)
+            )
+        previous = self._previous[run.id]
+        if previous is None:
+            return True
+        states = self._session.scalars(select(TaskInstance.state).where(TaskInstance.run_pk == previous, TaskInstance.task_id == task_id)).all()
+        return all(state in (TaskState.SUCCESS, TaskState.SKIPPED) for state in states)

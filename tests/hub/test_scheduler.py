@@ -164,8 +164,9 @@ def test_cron_schedule_creates_one_run_when_due(make_hub: Any) -> None:
     hub.tick()
     with hub.sessions() as session:
         runs = session.scalars(select(DagRun)).all()
-    assert [(r.run_type, r.logical_date.minute) for r in runs] == [("scheduled", 10)]
-    hub.clock.advance(35 * 60)  # missed intervals collapse into one run without catchup
+    # The run for [00:00, 00:10) is created at 00:10; its logical date is the interval's start.
+    assert [(r.run_type, r.logical_date.minute, r.data_interval_end.minute) for r in runs] == [("scheduled", 0, 10)]
+    hub.clock.advance(35 * 60)  # missed intervals collapse into the latest one without catchup
     hub.tick()
     with hub.sessions() as session:
         assert len(session.scalars(select(DagRun)).all()) == 2

@@ -5,12 +5,16 @@ daylight-saving changes (Europe/Amsterdam: 2026-03-29 02:00 CET jumps to
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import select
 
 from hub.assets import AgentEvent, Asset, AssetAll, AssetAny, Dataset
+from hub.db import transaction
 from hub.errors import InvalidDag
+from hub.models import Dag, DagRun
 from hub.timetables import (
     AssetTimetable,
     CronTimetable,
@@ -23,6 +27,8 @@ from hub.timetables import (
     from_dict,
     timetable_for,
 )
+from shared.clock import ManualClock
+from shared.states import RunState
 
 AMS = ZoneInfo("Europe/Amsterdam")
 
@@ -249,3 +255,71 @@ def test_naive_start_dates_are_utc_and_default_args_give_the_start_date() -> Non
     assert opts["start_date"] == utc(2026, 1, 1) and opts["max_active_runs"] == 16
     opts = dag_schedule_options("d", "@daily", None, None, True, 3, {"start_date": ams(2026, 1, 1)})
     assert opts["start_date"] == ams(2026, 1, 1) and opts["timetable"].serialize()["timezone"] == "Europe/Amsterdam"
+
+
+# --- on the hub: the scheduler creates the runs -----------------------------------
+
+SCHEDULED = """
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+from hub.dag import DAG, AgentOperator
+
+AMS = ZoneInfo("Europe/Amsterdam")
+
+with DAG("nightly", schedule="0 2 * * *", start_date=datetime(2026, 3, 27, 2, tzinfo=AMS), catchup=True) as nightly:
+    AgentOperator(task_id="work", job_type="noop")
+
+with DAG("limited", schedule="@daily", start_date=datetime(2026, 3, 20, tzinfo=AMS), catchup=True, max_active_runs=2) as limited:
+    AgentOperator(task_id="work", job_type="noop")
+
+with DAG("latest_only", schedule="@hourly", start_date=datetime(2026, 3, 1, tzinfo=AMS), catchup=False) as latest_only:
+    AgentOperator(task_id="work", job_type="noop")
+"""
+
+
+def scheduled_runs(hub: Any, dag_id: str) -> list[tuple[datetime, datetime, datetime]]:
+    with hub.sessions() as session:
+        rows = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_type == "scheduled").order_by(DagRun.logical_date)).all()
+        return [(r.logical_date, r.data_interval_start, r.data_interval_end) for r in rows]
+
+
+def test_the_hub_catches_up_exactly_the_expected_intervals_across_a_dst_change(make_hub: Any, manual_clock: ManualClock) -> None:
+    manual_clock.set(utc(2026, 3, 28, 12).timestamp())
+    hub = make_hub({"scheduled.py": SCHEDULED})
+    hub.tick(rounds=1)
+    assert scheduled_runs(hub, "nightly") == [(utc(2026, 3, 27, 1), utc(2026, 3, 27, 1), utc(2026, 3, 28, 1))]
+    # The hub is down over the change and comes back on 2026-04-01 at 01:00 UTC.
+    manual_clock.set(utc(2026, 4, 1, 1).timestamp())
+    hub.tick(rounds=1)
+    ends = [e for _, _, e in scheduled_runs(hub, "nightly")]
+    assert ends == [utc(2026, 3, 28, 1), utc(2026, 3, 29, 1), utc(2026, 3, 30, 0), utc(2026, 3, 31, 0), utc(2026, 4, 1, 0)]
+    assert all(start.astimezone(AMS).hour in (2, 3) for start, _, _ in scheduled_runs(hub, "nightly"))
+    with hub.sessions() as session:
+        dag = session.get(Dag, "nightly")
+        assert (dag.next_data_interval_start, dag.next_data_interval_end, dag.next_run_at) == (utc(2026, 4, 1, 0), utc(2026, 4, 2, 0), utc(2026, 4, 2, 0))
+
+
+def test_catching_up_stops_at_max_active_runs_and_goes_on_as_runs_finish(make_hub: Any, manual_clock: ManualClock) -> None:
+    manual_clock.set(utc(2026, 3, 26, 12).timestamp())  # six intervals are due for "limited"
+    hub = make_hub({"scheduled.py": SCHEDULED})
+    hub.tick(rounds=2)
+    first = scheduled_runs(hub, "limited")
+    assert [s.astimezone(AMS).day for s, _, _ in first] == [20, 21]  # no agent runs the work: both stay active
+    with transaction(hub.sessions) as session:
+        for run in session.scalars(select(DagRun).where(DagRun.dag_id == "limited")):
+            run.state = RunState.SUCCESS
+    hub.tick(rounds=2)
+    assert [s.astimezone(AMS).day for s, _, _ in scheduled_runs(hub, "limited")] == [20, 21, 22, 23]
+    with hub.sessions() as session:
+        active = session.scalars(select(DagRun).where(DagRun.dag_id == "limited", DagRun.state.in_(["queued", "running"]))).all()
+        assert len(active) == 2 and session.get(Dag, "limited").max_active_runs == 2
+
+
+def test_without_catchup_a_long_downtime_creates_only_the_latest_interval(make_hub: Any, manual_clock: ManualClock) -> None:
+    manual_clock.set(utc(2026, 3, 29, 0, 30).timestamp())  # 01:30 CET
+    hub = make_hub({"scheduled.py": SCHEDULED})
+    hub.tick(rounds=1)
+    assert scheduled_runs(hub, "latest_only") == [(utc(2026, 3, 28, 23), utc(2026, 3, 28, 23), utc(2026, 3, 29, 0))]
+    manual_clock.set(utc(2026, 3, 29, 5, 10).timestamp())  # across the spring-forward gap
+    hub.tick(rounds=1)
+    assert [e for _, _, e in scheduled_runs(hub, "latest_only")] == [utc(2026, 3, 29, 0), utc(2026, 3, 29, 5)]
