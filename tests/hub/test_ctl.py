@@ -280,7 +280,9 @@ def test_hub_url_from_the_environment_or_after_the_command(live_hub: tuple[Hub, 
 
 def test_every_command_has_help_with_an_example_and_its_environment(capsys: pytest.CaptureFixture[str]) -> None:
     found = commands(build_parser())
-    assert len(found) == 10
+    names = {words for words, _ in found}
+    assert {("dags", "list"), ("runs", "show"), ("runs", "clear"), ("runs", "mark"), ("runs", "rerun"), ("pools", "set"), ("deadline-misses", "list")} <= names
+    assert len(found) >= 18
     for words, _ in found:
         with pytest.raises(SystemExit) as exit_info:
             main([*words, "--help"])
