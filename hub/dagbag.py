@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import resource
 import select
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_jobs import registry as job_registry
-from hub.dag import DAG, AgentOperator
+from hub.dag import DAG, AgentOperator, capture_dags, dags_in_module
 from hub import timetables
 from hub.errors import InvalidDag
 from shared.errors import InvalidParams, UnknownJobType
@@ -77,10 +78,6 @@ def _agent_param_sets(task: AgentOperator) -> list[tuple[str, dict[str, Any]]]:
     if task.mapping is None:
         # Templated params (Jinja, XComArgs) are checked when the hub renders them at dispatch.
         return [("", task.params)] if task.params_are_literal() else []
-    if task.mapping.group is not None:
-        # A task of a mapped task group: keys taken from the group's values are only known per instance.
-        group_params = any(k == "params" or k.startswith("params.") for k in task.mapping.group_args or {})
-        return [] if group_params or not task.params_are_literal() else [("", task.params)]
     if task.mapping.group is not None:
         # A task of a mapped task group: keys taken from the group's values are only known per instance.
         group_params = any(k == "params" or k.startswith("params.") for k in task.mapping.group_args or {})
@@ -132,7 +129,8 @@ def load_file(path: Path) -> tuple[list[DAG], FileError | None]:
             raise ImportError(f"cannot load {path}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        with capture_dags() as created:  # `with DAG(...)` blocks and @dag calls need no module-level name
+            spec.loader.exec_module(module)
     except SyntaxError as exc:
         return [], FileError(fileloc, "syntax", f"{exc.msg} (line {exc.lineno}, column {exc.offset})")
     except InvalidDag as exc:
@@ -142,7 +140,7 @@ def load_file(path: Path) -> tuple[list[DAG], FileError | None]:
     except (Exception, SystemExit) as exc:  # a DAG file may raise anything, even SystemExit; it must not stop the others
         tb = traceback.format_exception(exc)
         return [], FileError(fileloc, "import", "".join(tb[-3:]).strip())
-    found = {id(v): v for v in vars(module).values() if isinstance(v, DAG)}
+    found = {id(v): v for v in dags_in_module(module, created)}
     if not found:
         return [], FileError(fileloc, "no_dag", "the file defines no DAG object at module level")
     seen: dict[str, DAG] = {}
@@ -328,8 +326,6 @@ def _fork(fileloc: str, timeout: float, memory_mb: int, folder: str | None) -> _
             os.dup2(output.fileno(), 1)
             os.dup2(output.fileno(), 2)
             if memory_mb > 0:
-                import resource
-
                 limit = memory_mb * 1024 * 1024
                 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
             if folder:
@@ -426,6 +422,8 @@ def _main() -> int:
     here; each file is imported by a fresh fork, so nothing a DAG file does
     outlives its parse."""
     _die_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+    # Job types load on first use; load them here once, not in every child.
+    job_registry.catalog()
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -143,3 +143,27 @@ def test_the_dag_page_says_when_its_file_now_fails(make_hub: Any) -> None:
         errors = client.get("/api/v1/import-errors").json()["items"]
         assert [(Path(e["fileloc"]).name, e["kind"]) for e in errors] == [("fleet.py", "import")]
         assert client.get("/api/v1/dags/fleet").json()["is_active"] is True
+
+
+def test_outpost_dags_versions_lists_them_newest_first(make_hub: Any, capsys: Any) -> None:
+    from hub.api.app import create_app
+    from hub.config import HubSettings
+    from hub.ctl import main
+    from hub.events import EventBus
+    from tests.hub.api_harness import LiveServer
+
+    hub = make_hub({"fleet.py": TWO_TASKS})
+    run_pk = hub.trigger("fleet")
+    rewrite(hub, REWRITTEN, mtime=100)
+    v1, v2 = versions(hub)
+    with LiveServer(create_app(HubSettings(), hub.sessions, EventBus(), hub.clock)) as server:
+        capsys.readouterr()
+        assert main(["--hub", server.url, "dags", "versions", "fleet"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split() == ["VERSION", "CREATED", "TASKS", "RUNS", "HASH", "FILELOC"]
+        assert lines[1].split()[:3] == ["2", "(latest)", "2026-01-01"] and v2.structure_hash[:12] in lines[1]
+        assert lines[2].split()[0] == "1" and lines[2].split()[4] == "1"  # one run follows version 1
+        assert main(["--hub", server.url, "runs", "show", str(run_pk)]) == 0
+        assert "dag_version:  1" in capsys.readouterr().out
+        assert main(["--hub", server.url, "dags", "versions", "nope"]) != 0
+        assert "nope" in capsys.readouterr().err
