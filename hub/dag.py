@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+from contextlib import contextmanager
 import functools
 import hashlib
 import inspect
@@ -33,7 +34,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +49,7 @@ from shared.clock import SystemClock, utcnow
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 _current_dag: contextvars.ContextVar[DAG | None] = contextvars.ContextVar("outpost_current_dag", default=None)
 _current_group: contextvars.ContextVar[TaskGroup | None] = contextvars.ContextVar("outpost_current_group", default=None)
+_captured: contextvars.ContextVar[list[DAG] | None] = contextvars.ContextVar("outpost_captured_dags", default=None)
 
 TRIGGER_RULES = frozenset(
     {
@@ -985,6 +987,9 @@ class DAG:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        captured = _captured.get()
+        if captured is not None and not any(d is self for d in captured):
+            captured.append(self)
         if self._group_token is not None:
             _current_group.reset(self._group_token)
             self._group_token = None
@@ -1054,6 +1059,30 @@ class DAG:
             **serialize_dag_options(self),
             "tasks": [self.tasks[t].serialize() for t in self.topological_order()],
         }
+
+
+@contextmanager
+def capture_dags() -> Iterator[list[DAG]]:
+    """The DAGs completed (``with DAG(...)`` blocks, ``@dag`` calls) while
+    the block runs: Airflow registers those even when no module-level name
+    holds them, so importers of DAG files look here as well as at the
+    module's globals (see ``dags_in_module``)."""
+    found: list[DAG] = []
+    token = _captured.set(found)
+    try:
+        yield found
+    finally:
+        _captured.reset(token)
+
+
+def dags_in_module(module: Any, captured: Iterable[DAG] = ()) -> list[DAG]:
+    """A DAG file's DAGs: its module-level DAG objects and those it built
+    while ``capture_dags()`` was active, each once."""
+    found: dict[int, DAG] = {}
+    for value in [*vars(module).values(), *captured]:
+        if isinstance(value, DAG):
+            found.setdefault(id(value), value)
+    return list(found.values())
 
 
 def chain(*tasks: Any) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped
+from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped, capture_dags, dags_in_module
 from hub.db import make_engine, make_sessionmaker, transaction
 from hub.errors import InvalidDag
 from hub.mapping import same_group_index, unmap
@@ -88,12 +88,13 @@ class DagFileCache:
                 raise ImportError(f"cannot load {fileloc}")
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
-            spec.loader.exec_module(module)
+            with capture_dags() as created:  # `with DAG(...)` blocks and @dag calls need no module-level name
+                spec.loader.exec_module(module)
         except BaseException as exc:  # DAG file code may raise anything, even SystemExit
             sys.modules.pop(name, None)
             last = "".join(traceback.format_exception_only(exc)).strip()
             raise DagFileError(f"DAG file {fileloc} failed to import in the worker: {last}") from None
-        dags = {v.dag_id: v for v in vars(module).values() if isinstance(v, DAG)}
+        dags = {v.dag_id: v for v in dags_in_module(module, created)}
         for dag in dags.values():
             dag.fileloc = fileloc
         return dags
@@ -175,7 +176,7 @@ class TaskInstanceProxy:
                 stmt_x = select(XCom.map_index, XCom.value).where(XCom.run_pk == self._run_pk, XCom.task_id == task_id, XCom.key == key)
                 if indexes is not None:
                     stmt_x = stmt_x.where(XCom.map_index.in_(indexes))
-                found = dict(session.execute(stmt_x.order_by(XCom.map_index)).tuples().all())
+                found = {int(i): v for i, v in session.execute(stmt_x.order_by(XCom.map_index)).all()}
                 if indexes is None:
                     # A mapped task's instances that pushed nothing still hold a place.
                     mapped = session.scalars(
