@@ -302,3 +302,26 @@ def test_serialization_is_stable_across_parses() -> None:
     first, second = build(), build()
     assert first == second
     assert first["tasks"][0]["templates"]["op_kwargs"] == {"when": "<object>", "n": 1}
+
+
+def test_dags_need_no_module_level_name(tmp_path: Any) -> None:
+    from hub.dagbag import load_file
+
+    path = tmp_path / "unnamed.py"
+    path.write_text(
+        "from hub.sdk import DAG, EmptyOperator, dag, task\n"
+        "with DAG('from_with'):\n"
+        "    EmptyOperator(task_id='t')\n"
+        "@dag()\n"
+        "def from_decorator():\n"
+        "    @task\n"
+        "    def t():\n"
+        "        return 1\n"
+        "    t()\n"
+        "from_decorator()\n"
+        "named = DAG('named')\n"
+        "EmptyOperator(task_id='n', dag=named)\n"
+    )
+    dags, error = load_file(path)
+    assert error is None
+    assert sorted(d.dag_id for d in dags) == ["from_decorator", "from_with", "named"]
