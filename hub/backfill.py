@@ -202,7 +202,7 @@ def run_counts(session: Session, backfill_ids: list[int]) -> dict[int, dict[str,
         rows = session.execute(select(DagRun.backfill_id, DagRun.state, func.count()).where(DagRun.backfill_id.in_(backfill_ids)).group_by(DagRun.backfill_id, DagRun.state))
         for backfill_id, state, n in rows:
             counts[backfill_id][state] = n
-    return counts
+    return {b: dict(sorted(c.items())) for b, c in counts.items()}
 
 
 def to_dict(backfill: Backfill, counts: dict[str, int], skipped: list[Skipped] | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from hub.ctl import agents, dags, operations, runs
+from hub.ctl import agents, backfills, dags, operations, runs
 from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
 from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, epilog
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.register(nouns)
     agents.register(nouns)
     operations.register(nouns)
+    backfills.register(nouns)
     return parser
 
 

@@ -36,6 +36,9 @@ class HubClient:
     def patch(self, path: str, body: Any) -> Any:
         return self._request("PATCH", path, json=body)
 
+    def put(self, path: str, body: Any = None) -> Any:
+        return self._request("PUT", path, json=body)
+
     def delete(self, path: str) -> Any:
         return self._request("DELETE", path)
 

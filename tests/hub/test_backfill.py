@@ -3,6 +3,7 @@ how many run at once, reprocessing, run_backwards, pause and cancel."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,11 +11,14 @@ import pytest
 from sqlalchemy import delete, select
 
 from hub import backfill as backfills
+from hub.ctl import main
+from hub.ctl.errors import ExitCode
 from hub.db import transaction
 from hub.errors import DagNotFound, InvalidRequest
 from hub.models import Backfill, DagRun, TaskInstance
 from shared.clock import utcnow
 from shared.states import RunState
+from tests.hub.api_harness import Hub, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
 
 DAILY = """
 from datetime import datetime, timezone
@@ -171,3 +175,41 @@ def test_nothing_to_backfill_is_an_error_naming_why(make_hub: Any) -> None:
     hub.tick(rounds=6)
     with pytest.raises(InvalidRequest, match="all 5 intervals already have runs"):
         create(hub)
+
+
+# --- through the CLI and the REST API -----------------------------------------------
+
+
+def test_backfills_through_the_cli(live_hub: tuple[Hub, str], capsys: pytest.CaptureFixture[str]) -> None:
+    url = live_hub[1]
+
+    def outpost(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["--hub", url, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    # fleet_health is hourly and already has a run at 22:00 (seeded).
+    code, out, err = outpost("backfills", "create", "fleet_health", "--from", "2025-12-31T20:00", "--to", "2025-12-31T23:00", "--max-active-runs", "1")
+    assert code == 0, err
+    assert "status:          running\n" in out and "runs:            2 queued, 1 running\n" in out
+    assert err == "1 interval(s) skipped: 2025-12-31 22:00:00Z (already_exists)\n"
+    code, out, _ = outpost("backfills", "list", "--active")
+    assert code == 0 and out.splitlines()[1].split()[:2] == ["1", "fleet_health"]
+    code, out, _ = outpost("backfills", "pause", "1", "-o", "json")
+    assert code == 0 and json.loads(out)["is_paused"] is True
+    code, out, _ = outpost("backfills", "cancel", "1", "-o", "json")
+    cancelled = json.loads(out)
+    assert code == 0 and cancelled["run_counts"] == {"failed": 2, "running": 1} and cancelled["completed_at"] is not None
+    code, _, err = outpost("backfills", "cancel", "1")
+    assert code == ExitCode.API_ERROR and "backfill 1 is already complete" in err
+    shown = json.loads(outpost("backfills", "show", "1", "-o", "json")[1])
+    assert (shown["from_date"], shown["to_date"], shown["max_active_runs"]) == ("2025-12-31T20:00:00Z", "2025-12-31T23:00:00Z", 1)
+    code, _, err = outpost("backfills", "create", "reboot_one", "--from", "2025-12-30", "--to", "2025-12-31")
+    assert code == ExitCode.API_ERROR and "no time-based schedule" in err
+    code, _, err = outpost("backfills", "create", "nope", "--from", "2025-12-30", "--to", "2025-12-31")
+    assert code == ExitCode.NOT_FOUND and "dag_not_found" in err
+    code, _, err = outpost("backfills", "create", "fleet_health", "--from", "2025-12-30", "--to", "2025-12-31", "--conf", "[1]")
+    assert code == ExitCode.USAGE and "--conf must be a JSON object" in err
+    code, _, err = outpost("backfills", "show", "99")
+    assert code == ExitCode.NOT_FOUND and "backfill_not_found" in err
