@@ -145,6 +145,9 @@ def attach(operator: BaseOperator, mapping: Mapping, upstream_refs: list[tuple[B
     """Make ``operator`` a mapped task; the tasks whose output it maps over become its upstreams."""
     if getattr(operator, "target", None) is not None and operator.target.mode == "all":  # type: ignore[attr-defined]
         raise InvalidDag(f"task {operator.task_id!r}: a mapped agent task cannot also target every_agent(); map over the agents' parameters instead")
+    if getattr(operator, "is_branch", False) or getattr(operator, "short_circuit", False):
+        # The skips a branch decides come from one output; n outputs would disagree.
+        raise InvalidDag(f"task {operator.task_id!r}: a branch or short-circuit task cannot be mapped")
     for source, _key in upstream_refs:
         if source is operator:
             raise InvalidDag(f"task {operator.task_id!r}: cannot map over its own output")

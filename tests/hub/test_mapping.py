@@ -434,6 +434,7 @@ def test_taskflow_partial_expand_and_a_summing_task(make_hub: Any) -> None:
         (lambda t: t.partial(q=1), "partial() got unknown argument(s) q"),
         (lambda t: t.expand(x="abc"), "expand(x=...) needs a list, a dict or an upstream task's output; got str"),
         (lambda t: t.expand_kwargs([{"x": 1}, 3]), "needs a list of dicts"),
+        (lambda t: __import__("hub.taskflow").taskflow.task.branch(t.function).expand(x=[1]), "a branch or short-circuit task cannot be mapped"),
     ],
 )
 def test_invalid_taskflow_expand_names_the_task(expand: Any, message: str) -> None:
