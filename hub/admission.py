@@ -56,6 +56,8 @@ class Candidate:
     run_pk: int = 0
     task_id: str = ""
     map_index: int = -1
+    #: Its state now: ``none`` or ``scheduled`` (already waiting for room).
+    state: str = ""
 
     def sort_key(self) -> tuple[Any, ...]:
         return (-self.priority_weight, self.logical_date, self.run_pk, self.task_id, self.map_index)

@@ -469,7 +469,7 @@ class Scheduler:
                     if decision == Decision.RUN:
                         if run.dag_id in paused or (task.get("depends_on_past") and not past_ok(run, row.task_id)):
                             continue
-                        ready.append((Candidate(row.id, run.dag_id, row.pool, row.pool_slots, row.priority_weight, run.logical_date, run.id, row.task_id, row.map_index), run))
+                        ready.append((Candidate(row.id, run.dag_id, row.pool, row.pool_slots, row.priority_weight, run.logical_date, run.id, row.task_id, row.map_index, row.state), run))
                         continue
                 ti = session.get(TaskInstance, row.id)
                 assert ti is not None
@@ -514,10 +514,18 @@ class Scheduler:
         fleet = None
         hub_tasks: list[int] = []
         changed = False
+        to_wait: list[int] = []
         for candidate in ordered(c for c, _ in ready):
             run = runs[candidate.ti_id]
             by_task = states_by_run[run.id]
             verdict = admission.verdict(candidate)
+            if verdict in (Verdict.POOL_FULL, Verdict.DAG_FULL):
+                # Its dependencies are met; it waits for a slot. One UPDATE for
+                # all of them, not an object each (a wide DAG has thousands).
+                if candidate.state != TaskState.SCHEDULED:
+                    to_wait.append(candidate.ti_id)
+                    self._replace_state(by_task[candidate.task_id], candidate.state, TaskState.SCHEDULED)
+                continue
             ti = session.get(TaskInstance, candidate.ti_id)
             assert ti is not None
             before = ti.state
@@ -526,8 +534,6 @@ class Scheduler:
                 ti.error = {"code": "unknown_pool", "message": f"pool {candidate.pool!r} does not exist; create it with 'outpost pools set {candidate.pool} SLOTS' or change the task's pool", "retryable": False}
                 if task_callback(session, ti, TaskState.FAILED, now):
                     self._after_commit.append((ev.CALLBACKS_REQUESTED, {"dag_id": ti.dag_id, "run_pk": ti.run_pk}))
-            elif verdict != Verdict.ADMIT:
-                ti.state = TaskState.SCHEDULED  # its dependencies are met; it waits for a slot
             elif ti.kind == "hub":
                 if ti.next_try_at is None:
                     ti.try_number += 1
@@ -544,7 +550,12 @@ class Scheduler:
                     admission.charge(candidate.dag_id, candidate.pool, candidate.pool_slots, queued)
             changed |= ti.state != before
             self._replace_state(by_task[ti.task_id], before, ti.state)
-        return hub_tasks, changed
+        if to_wait:
+            session.execute(
+                update(TaskInstance).where(TaskInstance.id.in_(to_wait), TaskInstance.state == TaskState.NONE).values(state=TaskState.SCHEDULED),
+                execution_options={"synchronize_session": False},
+            )
+        return hub_tasks, changed or bool(to_wait)
 
     def _admission(self, session: Session, dag_ids: set[str]) -> Admission:
         """Open capacity now: pool sizes, slots held, each DAG's limit and load."""
