@@ -43,6 +43,7 @@ from hub.db import transaction
 from hub.events import EventBus
 from hub.lifecycle import finish_try
 from hub.models import CallbackRequest, TaskInstance
+from hub.xcom import XComValueError, record_return
 from hub.worker import MAX_CALLBACK_ATTEMPTS, MAX_OUTPUT_BYTES, WorkerRuntime, execute_task, run_callback, worker_main
 from shared.clock import Clock, utcnow
 from shared.states import TaskState
@@ -502,14 +503,23 @@ def apply_outcome(ti: TaskInstance, outcome: dict[str, Any], now: datetime) -> N
     if kind == "reschedule":
         # A sensor between pokes holds no worker, and the poke did not use up
         # a try; its timeout counts from the try's first poke.
+        # next_try_at also tells the scheduler's queueing step not to count a new try.
         ti.state, ti.ended_at, ti.next_try_at = TaskState.UP_FOR_RESCHEDULE, now, outcome["reschedule_at"]
-        ti.try_number = max(0, ti.try_number - 1)
         if ti.sensor_started_at is None:
             ti.sensor_started_at = outcome.get("sensor_started_at")
         return
     ti.sensor_started_at = None  # the try is over: a retry's sensor times out afresh
     if kind == "success":
-        finish_try(ti, success=True, now=now, output=outcome.get("output"))
+        try:
+            # Checked again here (the worker did), and each key of a
+            # multiple_outputs dict pushed, in the transaction that records the success.
+            session = Session.object_session(ti)
+            assert session is not None
+            output = record_return(session, ti, outcome.get("output"), multiple_outputs=bool(outcome.get("multiple_outputs")), now=now)
+        except XComValueError as exc:
+            finish_try(ti, success=False, now=now, error=exc.as_error())
+            return
+        finish_try(ti, success=True, now=now, output=output)
     elif kind == "skipped":
         ti.state, ti.ended_at, ti.next_try_at, ti.error = TaskState.SKIPPED, now, None, None
     else:
