@@ -138,8 +138,7 @@ def load_file(path: Path) -> tuple[list[DAG], FileError | None]:
     except MemoryError:
         return [], FileError(fileloc, "memory", "MemoryError: the file ran out of memory while being imported (see dag_file_processor_memory_mb)")
     except (Exception, SystemExit) as exc:  # a DAG file may raise anything, even SystemExit; it must not stop the others
-        tb = traceback.format_exception(exc)
-        return [], FileError(fileloc, "import", "".join(tb[-3:]).strip())
+        return [], FileError(fileloc, "import", _traceback_tail(exc))
     found = {id(v): v for v in dags_in_module(module, created)}
     if not found:
         return [], FileError(fileloc, "no_dag", "the file defines no DAG object at module level")
@@ -155,6 +154,14 @@ def load_file(path: Path) -> tuple[list[DAG], FileError | None]:
         seen[dag.dag_id] = dag
         dag.fileloc = fileloc
     return list(seen.values()), None
+
+
+def _traceback_tail(exc: BaseException, frames: int = 3) -> str:
+    """The last frames of the DAG file's own code (not the import machinery
+    nor this module) and the exception."""
+    stack = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen") and f.filename != __file__]
+    lines = traceback.format_list(stack[-frames:]) + traceback.format_exception_only(exc)
+    return "".join(lines).strip()
 
 
 def parse_file(fileloc: str) -> dict[str, Any]:
