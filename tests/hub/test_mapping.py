@@ -577,3 +577,22 @@ def test_agent_task_in_a_mapped_group_gets_the_groups_value_in_its_params(make_h
     hub.tick()
     assert [ti.output for ti in instances(hub, run_pk, "per_host.record")] == [[0, "h1"], [1, "h2"], [2, "h3"]]
     assert run_state(hub, run_pk) == "success"
+
+
+def test_the_documented_example_runs(make_hub: Any) -> None:
+    """The example of docs/dags.md's mapping section, as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "dags.md").read_text()
+    example = text.split("## Dynamic task mapping", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    hub = make_hub({"mapping.py": example})
+    hub.agent_online("a1", job_types=("command.run",))
+    run_pk = hub.trigger("mapping")
+    hub.tick()
+    assert sorted(tuple(e.body.params["argv"]) for e in hub.assignments_sent()) == [("ping", "-c1", "a"), ("ping", "-c1", "b")]
+    answer_assignments(hub, output={"exit_code": 0})
+    hub.tick()
+    sums = sorted(ti.output for ti in hub.tis(run_pk) if ti.task_id.startswith("sum_it"))
+    assert sums == [9, 32]
+    assert [ti.output for ti in instances(hub, run_pk, "add__1")] == [3, 7]
+    assert run_state(hub, run_pk) == "success"
