@@ -64,7 +64,7 @@ class HubRuntime:
         self.scheduler = Scheduler(
             self.sessions, self.dagbag, self.dispatcher, self.clock, self.events, self.executor.submit,
             interval=s.scheduler_interval, redeliver_after=s.redeliver_after, agent_offline_after=s.agent_offline_after,
-            dag_reparse_interval=s.dag_reparse_interval, parse_in_tick=False,
+            dag_reparse_interval=s.dag_reparse_interval, parse_in_tick=False, max_map_length=s.max_map_length,
             default_pool_slots=s.default_pool_slots,
         )
         self.ingester = Ingester(self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes)
