@@ -1,8 +1,9 @@
 """The dashboard: server-rendered pages over ``hub.queries``.
 
 Pages: ``/`` (DAGs and import errors), ``/dags/{dag_id}``, ``/runs``,
-``/runs/{run_pk}``, ``/agents``, ``/agents/{agent_id}``; one action,
-``POST /dags/{dag_id}/trigger`` (303 to the new run). Jinja2 autoescapes
+``/runs/{run_pk}``, ``/agents``, ``/agents/{agent_id}``; actions
+``POST /dags/{dag_id}/trigger`` (303 to the new run) and
+``POST /runs/{run_pk}/action`` (clear, rerun, mark; 303 back to the run). Jinja2 autoescapes
 every value, so device-supplied strings (hostnames, labels, outputs) are
 text, never markup. No inline script or style and no CDN: every response
 carries ``Content-Security-Policy: default-src 'self'`` and the JS/CSS come
@@ -124,6 +125,37 @@ def run_detail(request: Request, run_pk: int) -> Response:
     except HubError as exc:
         return _error_page(request, exc)
     return _render(request, "run.html", nav="runs", run=run, groups=task_groups(run["task_instances"], structure))
+
+
+#: The run page's operator actions: clear, rerun, mark (hub.actions).
+RUN_ACTIONS = ("clear", "rerun", "mark_success", "mark_failed")
+
+
+@router.post("/runs/{run_pk}/action")
+async def run_action(request: Request, run_pk: int) -> Response:
+    """Clear a task (optionally with its downstream tasks), mark it success or
+    failed, or rerun the whole run; then back to the run page (303)."""
+    if not _same_origin(request):
+        return _error_page(request, InvalidRequest("cross-site form posts are refused"), status=403)
+    state = request.app.state
+    try:
+        action = await _form_field(request, "action")
+        task_id = (await _form_field(request, "task_id")).strip()
+        downstream = (await _form_field(request, "downstream")) == "1"
+        if action not in RUN_ACTIONS:
+            raise InvalidRequest(f"unknown action {action!r}; one of {', '.join(RUN_ACTIONS)}")
+        if action == "rerun":
+            await run_in_threadpool(actions.clear, state.sessions, state.events, state.clock, run_pk)
+        elif not task_id:
+            raise InvalidRequest("choose a task first")
+        elif action == "clear":
+            await run_in_threadpool(lambda: actions.clear(state.sessions, state.events, state.clock, run_pk, task_ids=[task_id], include_downstream=downstream))
+        else:
+            target = action.removeprefix("mark_")
+            await run_in_threadpool(lambda: actions.mark(state.sessions, state.events, state.clock, run_pk, target, task_ids=[task_id], include_downstream=downstream))
+    except HubError as exc:
+        return _error_page(request, exc)
+    return _secure(RedirectResponse(f"/runs/{run_pk}", status_code=303))
 
 
 @router.get("/agents", response_class=HTMLResponse)
