@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
+from hub.asset_events import record_outlets
 from hub.models import Assignment, CallbackRequest, Dag, DagRun, DagVersion, OutboxMessage, TaskInstance
 from shared.envelope import Envelope, encode
 from shared.hlc import HybridClock
@@ -68,6 +69,10 @@ def finish_try(ti: TaskInstance, *, success: bool, now: datetime, output: Any = 
     state = TaskState(ti.state)
     if session is not None:
         task_callback(session, ti, state, now, task)
+        if state == TaskState.SUCCESS and task.get("outlets"):
+            # Committed with the success itself: DAGs scheduled on these
+            # assets see the update exactly when the success is recorded.
+            record_outlets(session, ti, list(task["outlets"]), now)
     return state
 
 

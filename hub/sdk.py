@@ -39,10 +39,12 @@ from hub.dag import (
     every_agent,
     on_agent,
 )
+from hub.assets import AgentEvent, Asset, AssetAll, AssetAny, Dataset
 from hub.params import Param
 from hub.taskflow import dag, task, task_group
 
 __all__ = [
+    "Asset", "AssetAll", "AssetAny", "AgentEvent", "Dataset",
     "DAG", "AgentOperator", "AirflowFailException", "AirflowSensorTimeout", "AirflowSkipException", "BaseBranchOperator",
     "BaseOperator", "BaseSensorOperator", "BranchPythonOperator", "EmptyOperator", "Param", "PokeReturnValue", "PythonOperator",
     "PythonSensor", "SensorTimeout", "ShortCircuitOperator", "Target", "TaskFailedNoRetry", "TaskGroup", "TaskRescheduled",
