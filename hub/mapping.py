@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hub.dag import BaseOperator
+from hub.dag import BaseOperator, BaseSensorOperator
 from hub.errors import InvalidDag
 from hub.models import TaskInstance, XCom
 from shared.states import TaskState
@@ -106,6 +106,12 @@ class OperatorPartial:
             self._check_name(name, mappable)
         sources = {name: expand_source(self.task_id, name, value, agent=self.operator_class.kind == "agent") for name, value in mapped.items()}
         operator = self._build()
+        for name, (source, _) in sources.items():
+            # An argument that is a dict (op_kwargs, templates_dict) takes a dict per instance.
+            if "literal" in source and isinstance(getattr(operator, name, None), dict):
+                for item in source["literal"]:
+                    if not isinstance(item, dict):
+                        raise InvalidDag(f"task {self.task_id!r}: each value of expand({name}=...) must be a dict; got {_json_type(item)}")
         attach(operator, Mapping(expand={n: s for n, (s, _) in sources.items()}), [ref for _, ref in sources.values() if ref is not None])
         return operator
 
@@ -216,7 +222,9 @@ def mappable_arguments(operator_class: type[BaseOperator]) -> frozenset[str]:
     base, _ = init_arguments(BaseOperator)
     names: set[str] = set()
     for klass in operator_class.__mro__:
-        if klass is BaseOperator or not issubclass(klass, BaseOperator):
+        # A sensor's mode, poke interval and timeout are scheduled from the
+        # serialized task, so like BaseOperator's they are per task.
+        if klass is BaseOperator or klass is BaseSensorOperator or not issubclass(klass, BaseOperator):
             break
         init = klass.__dict__.get("__init__")
         if init is None:
@@ -327,11 +335,13 @@ def unmap(operator: BaseOperator, values: dict[str, Any]) -> BaseOperator:
         attr, _, key = (f"{into}.{name}" if into else name).partition(".")
         if not hasattr(clone, attr):
             raise InvalidDag(f"task {operator.task_id!r}: cannot map argument {attr!r}: {type(operator).__name__} has no such attribute")
+        current = getattr(clone, attr)
         if key:
-            current = getattr(clone, attr)
             if not isinstance(current, dict):
                 raise InvalidDag(f"task {operator.task_id!r}: cannot map {name!r}: {attr!r} is not a dict")
             setattr(clone, attr, {**current, key: value})
+        elif isinstance(current, dict) and not isinstance(value, dict):
+            raise InvalidDag(f"task {operator.task_id!r}: each value mapped to {attr!r} must be a dict; this instance's is {_json_type(value)}")
         else:
             setattr(clone, attr, value)
     return clone

@@ -55,7 +55,7 @@ def test_expand_serializes_literal_and_upstream_sources() -> None:
         PythonOperator.partial(task_id="lit", python_callable=_add).expand(op_kwargs=[{"x": 1}, {"x": 2}])
         PythonOperator.partial(task_id="up", python_callable=_add).expand(op_kwargs=src.output if hasattr(src, "output") else src)
         AgentOperator.partial(task_id="ping", job_type="noop", target=any_agent()).expand(params=[{"echo": 1}])
-        PythonOperator.partial(task_id="pairs", python_callable=_add).expand(op_kwargs={"a": 1})
+        PythonOperator.partial(task_id="pairs", python_callable=_add).expand(op_args={"a": 1})
     tasks = {t["task_id"]: t for t in dag.serialize()["tasks"]}
     assert tasks["src"]["mapped"] is None
     assert tasks["lit"]["mapped"] == {"expand": {"op_kwargs": {"literal": [{"x": 1}, {"x": 2}]}}, "group": None}
@@ -63,7 +63,7 @@ def test_expand_serializes_literal_and_upstream_sources() -> None:
     assert tasks["up"]["upstream"] == ["src"]  # mapping over an output makes its task an upstream
     assert tasks["ping"]["mapped"]["expand"] == {"params": {"literal": [{"echo": 1}]}}
     assert tasks["ping"]["params"] == {}
-    assert tasks["pairs"]["mapped"]["expand"]["op_kwargs"] == {"literal": [["a", 1]]}  # a dict maps over its items
+    assert tasks["pairs"]["mapped"]["expand"]["op_args"] == {"literal": [["a", 1]]}  # a dict maps over its items
 
 
 @pytest.mark.parametrize(
@@ -74,6 +74,7 @@ def test_expand_serializes_literal_and_upstream_sources() -> None:
         (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(), "needs at least one argument"),
         (lambda: PythonOperator.partial(task_id="bad", python_callable=_add, op_kwargs={}).expand(op_kwargs=[{}]), "given to both partial() and expand()"),
         (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_kwargs=[object()]), "must be JSON"),
+        (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_kwargs=[{"x": 1}, 2]), "each value of expand(op_kwargs=...) must be a dict"),
         (lambda: PythonOperator.partial(task_id="bad", python_callabl=_add), "unknown argument(s) python_callabl"),
         (lambda: AgentOperator.partial(task_id="bad", params={}).expand(job_type=["a"]), "cannot map over 'job_type'"),
         (lambda: AgentOperator.partial(task_id="bad", job_type="noop").expand(params=[1, 2]), "each mapped 'params' must be a dict"),
@@ -306,6 +307,16 @@ with DAG("pings") as dag:
         params=[{"echo": 1}, {"echo": 2}, {"echo": 3}, {"echo": 4}])
     ping >> PythonOperator(task_id="total", python_callable=total)
 """
+
+
+def test_a_mapped_output_that_does_not_fit_the_argument_fails_that_instance(make_hub: Any) -> None:
+    hub = make_hub({"u.py": UPSTREAM_DAG})
+    run_pk = hub.trigger("upstream", {"items": [{"item": 1}, 2]})
+    hub.tick()
+    assert [(ti.map_index, ti.state, ti.error and ti.error["code"]) for ti in instances(hub, run_pk, "double")] == [
+        (0, "success", None), (1, "failed", "unmappable_argument"),
+    ]
+    assert "must be a dict; this instance's is a number" in instances(hub, run_pk, "double")[1].error["message"]
 
 
 def test_mapped_agent_task_sends_one_assignment_per_value(make_hub: Any) -> None:
