@@ -65,6 +65,7 @@ def record_asset_event(
     source_task_id: str | None = None,
     source_map_index: int = -1,
     source_agent_id: str | None = None,
+    source_event_id: str | None = None,
 ) -> AssetEvent:
     """Record an update of ``uri`` and queue it for every DAG scheduled on
     it, in the caller's transaction. Raises ``InvalidDag`` for a bad URI."""
@@ -72,7 +73,7 @@ def record_asset_event(
     asset = get_or_create_asset(session, uri, now)
     event = AssetEvent(
         asset_id=asset.id, source_dag_id=source_dag_id, source_run_id=source_run_id, source_task_id=source_task_id,
-        source_map_index=source_map_index, source_agent_id=source_agent_id, extra=dict(extra or {}), timestamp=now,
+        source_map_index=source_map_index, source_agent_id=source_agent_id, source_event_id=source_event_id, extra=dict(extra or {}), timestamp=now,
     )
     session.add(event)
     queued = {dag_id for (dag_id,) in session.execute(select(AssetDagRunQueue.target_dag_id).where(AssetDagRunQueue.asset_id == asset.id))}
@@ -177,3 +178,8 @@ def event_dict(event: AssetEvent, uri: str) -> dict[str, Any]:
         "source_dag_id": event.source_dag_id, "source_run_id": event.source_run_id, "source_task_id": event.source_task_id,
         "source_map_index": event.source_map_index, "source_agent_id": event.source_agent_id,
     }
+
+
+def agent_event_key(agent_id: str, event_id: str) -> str:
+    """``AssetEvent.source_event_id`` of a device's event: unique per device."""
+    return f"{agent_id}/{event_id}"

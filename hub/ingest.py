@@ -9,6 +9,10 @@ broker, which redelivers them; results are unique on (task instance, try,
 agent), so a redelivered result is recognised, acknowledged again and not
 applied twice.
 
+An ``agent_event`` (a device reporting a condition such as ``battery_low``)
+becomes an asset event on ``agent-event://<name>``, once per device and
+event id, and is acknowledged by id (``Ack.event_ids``).
+
 Bad input (undecodable, oversized, unknown type, a sender that is not the
 topic's agent, a result for an assignment the hub never made) is logged,
 counted and stored in ``rejected_messages``; it never stops the worker.
@@ -16,6 +20,7 @@ counted and stored in ``rejected_messages``; it never stops the worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -28,17 +33,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from hub import asset_events, fleet
 from hub import events as ev
-from hub import fleet
+from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
 from hub.events import EventBus
 from hub.lifecycle import finish_try
-from hub.models import Assignment, RejectedMessage, TaskInstance, TaskResult
+from hub.models import AssetEvent, Assignment, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
 from shared.errors import ClockSkew, OutpostError, ProtocolError
 from shared.hlc import HybridClock
-from shared.messages import Accepted, Ack, Heartbeat, Rejected, Result, Started, Status
+from shared.messages import AGENT_EVENT_NAME_RE, MAX_AGENT_EVENT_PAYLOAD_BYTES, Accepted, Ack, AgentEvent, Heartbeat, Rejected, Result, Started, Status
 from shared.mqtt import Inbound, MqttLink
 from shared.states import FINISHED, TaskState
 from shared.topics import ack_topic, parse
@@ -61,12 +67,16 @@ class Reject(OutpostError):
 @dataclass
 class _Batch:
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    #: Agent events applied (or refused for good), acknowledged by event id.
+    event_acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rejections: list[RejectedMessage] = field(default_factory=list)
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def merge(self, other: _Batch) -> None:
         for agent_id, ids in other.acks.items():
             self.acks[agent_id].extend(ids)
+        for agent_id, ids in other.event_acks.items():
+            self.event_acks[agent_id].extend(ids)
         self.rejections.extend(other.rejections)
         self.emitted.extend(other.emitted)
 
@@ -160,7 +170,7 @@ class Ingester:
             for record in out.rejections:
                 record.received_at = now
                 session.add(record)
-        self._send_acks(out.acks)
+        self._send_acks(out.acks, out.event_acks)
         for msg in batch:
             msg.ack()
         for name, data in out.emitted:
@@ -179,6 +189,9 @@ class Ingester:
             if isinstance(envelope.body, Result):
                 self.counters["result.duplicate"] += 1
                 out.acks[agent_id].append(envelope.body.assignment_id)
+            elif isinstance(envelope.body, AgentEvent):  # another hub process applied it first
+                self.counters["agent_event.duplicate"] += 1
+                out.event_acks[agent_id].append(envelope.body.event_id)
         except OperationalError:
             raise
         except Exception as exc:  # a bug must cost one message, not the worker
@@ -227,7 +240,7 @@ class Ingester:
         if envelope.sender != topic.agent_id:
             self._reject(out, msg, topic.agent_id, "sender_mismatch", f"envelope sender {envelope.sender!r} published on {topic.agent_id!r}'s topic")
             return None
-        expected = (Status,) if topic.kind == "status" else (Accepted, Started, Result, Heartbeat, Rejected)
+        expected = (Status,) if topic.kind == "status" else (Accepted, Started, Result, Heartbeat, Rejected, AgentEvent)
         if not isinstance(envelope.body, expected):
             self._reject(out, msg, topic.agent_id, "unexpected_type", f"{envelope.type!r} is not valid on a {topic.kind} topic")
             return None
@@ -262,6 +275,9 @@ class Ingester:
         if isinstance(body, Heartbeat):
             if fleet.apply_heartbeat(session, agent_id, body, now):
                 out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "online"}))
+            return
+        if isinstance(body, AgentEvent):
+            self._apply_agent_event(session, agent_id, body, now, out)
             return
         if isinstance(body, Rejected):
             self.counters[f"agent_rejected.{body.code}"] += 1
@@ -341,10 +357,35 @@ class Ingester:
         self.counters[f"result.{state}"] += 1
         out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
 
-    def _send_acks(self, acks: dict[str, list[str]]) -> None:
-        for agent_id, ids in acks.items():
-            for start in range(0, len(ids), 200):
-                envelope = Envelope(Ack(tuple(ids[start:start + 200])), sender="hub", hlc=self.hlc.now())
+    def _apply_agent_event(self, session: Session, agent_id: str, body: AgentEvent, now: datetime, out: _Batch) -> None:
+        """A device reported a condition: an asset event on
+        ``agent-event://<name>`` with the device and its payload, applied
+        once per (device, event id). A malformed event is refused for good
+        and acknowledged, so it does not block the device's outbox."""
+        out.event_acks[agent_id].append(body.event_id)
+        if not 1 <= len(body.event_id) <= 128 or not body.event_id.isprintable():
+            raise Reject("bad_event_id", f"agent event id {body.event_id[:64]!r} is not 1-128 printable characters")
+        if not AGENT_EVENT_NAME_RE.fullmatch(body.name):
+            raise Reject("bad_event_name", f"agent event name {body.name[:64]!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        size = len(json.dumps(body.payload))
+        if size > MAX_AGENT_EVENT_PAYLOAD_BYTES:
+            raise Reject("event_too_large", f"agent event {body.name!r}: payload of {size} bytes is over {MAX_AGENT_EVENT_PAYLOAD_BYTES}; send a reference")
+        key = asset_events.agent_event_key(agent_id, body.event_id)
+        if session.scalar(select(AssetEvent.id).where(AssetEvent.source_event_id == key)) is not None:
+            self.counters["agent_event.duplicate"] += 1
+            return
+        uri = agent_event_uri(body.name)
+        event = asset_events.record_asset_event(session, uri, now, extra=body.payload, source_agent_id=agent_id, source_event_id=key)
+        self.counters["agent_event.applied"] += 1
+        out.emitted.append((ev.ASSET_UPDATED, {"uri": uri, "event_id": event.id}))
+
+    def _send_acks(self, acks: dict[str, list[str]], event_acks: dict[str, list[str]] | None = None) -> None:
+        event_acks = event_acks or {}
+        for agent_id in dict.fromkeys([*acks, *event_acks]):
+            ids, events = acks.get(agent_id, []), event_acks.get(agent_id, [])
+            for start in range(0, max(len(ids), len(events)), 200):
+                body = Ack(tuple(ids[start:start + 200]), event_ids=tuple(events[start:start + 200]))
+                envelope = Envelope(body, sender="hub", hlc=self.hlc.now())
                 # Not through the DB outbox: an ack that gets lost is simply
                 # sent again when the agent re-sends the result.
                 self.link.publish(ack_topic(agent_id), encode(envelope, self.max_message_bytes), qos=1)

@@ -301,6 +301,8 @@ class AssetEvent(Base):
     source_task_id: Mapped[str | None] = mapped_column(String(250))
     source_map_index: Mapped[int] = mapped_column(Integer, default=-1)
     source_agent_id: Mapped[str | None] = mapped_column(String(128))
+    #: "<agent id>/<event id>" of an agent event: a redelivered one is recognised, never applied twice.
+    source_event_id: Mapped[str | None] = mapped_column(String(300), unique=True)
     extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
     timestamp: Mapped[datetime]
 

@@ -119,3 +119,45 @@ def test_the_api_lists_assets_and_takes_events_from_external_producers(make_hub:
         listed = client.get("/api/v1/assets/events", params={"uri": "s3://lake/b"}).json()
         assert listed["total"] == 1 and listed["items"][0]["extra"] == {"rows": 12}
     assert len(asset_runs(hub, "needs_either")) == 1 and asset_runs(hub, "needs_both") == []
+
+
+# --- agent events ------------------------------------------------------------------
+
+DEVICE_DAGS = """
+from hub.sdk import DAG, AgentEvent, PythonOperator
+
+def react(dag_run=None):
+    return "charging"
+
+with DAG("on_battery_low", schedule=[AgentEvent("battery_low")]) as on_battery_low:
+    PythonOperator(task_id="react", python_callable=react)
+"""
+
+
+def test_an_agent_event_is_an_asset_event_that_triggers_the_dags_scheduled_on_it(make_hub: Any) -> None:
+    from hub.models import RejectedMessage
+    from shared.messages import AgentEvent as AgentEventBody
+
+    hub = make_hub({"device.py": DEVICE_DAGS})
+    hub.agent_online("pump-7")
+    hub.send("pump-7", AgentEventBody("ev-1", "battery_low", {"level": 0.08}, hub.clock.now()))
+    hub.send("pump-7", AgentEventBody("ev-1", "battery_low", {"level": 0.08}, hub.clock.now()))  # redelivered: applied once
+    hub.tick()
+    with hub.sessions() as session:
+        recorded = session.scalars(select(AssetEvent)).all()
+        assert [(e.source_agent_id, e.source_event_id, e.extra) for e in recorded] == [("pump-7", "pump-7/ev-1", {"level": 0.08})]
+        runs = asset_runs(hub, "on_battery_low")
+        assert len(runs) == 1 and runs[0].triggered_by == {"asset_event_ids": [recorded[0].id]} and runs[0].state == "success"
+        assert list(triggering_asset_events(session, runs[0])) == ["agent-event://battery_low"]
+    assert [a.body.event_ids for a in hub.acks()] == [("ev-1",), ("ev-1",)]
+    # Bad events are refused with a record, and acknowledged so they do not block the device's outbox.
+    hub.send("pump-7", AgentEventBody("ev-2", "battery low!", {}))
+    hub.send("pump-7", AgentEventBody("ev-3", "battery_low", {"blob": "x" * 20_000}))
+    hub.send("pump-7", AgentEventBody("", "battery_low", {}))
+    with hub.sessions() as session:
+        codes = [(r.code, r.agent_id) for r in session.scalars(select(RejectedMessage).order_by(RejectedMessage.id))]
+        assert codes == [("bad_event_name", "pump-7"), ("event_too_large", "pump-7"), ("bad_event_id", "pump-7")]
+        assert len(session.scalars(select(AssetEvent)).all()) == 1
+    assert [a.body.event_ids for a in hub.acks()][2:] == [("ev-2",), ("ev-3",), ("",)]
+    hub.tick()
+    assert len(asset_runs(hub, "on_battery_low")) == 1

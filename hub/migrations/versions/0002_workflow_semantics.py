@@ -45,10 +45,12 @@ def upgrade() -> None:
     sa.Column('source_task_id', sa.String(length=250), nullable=True),
     sa.Column('source_map_index', sa.Integer(), nullable=False),
     sa.Column('source_agent_id', sa.String(length=128), nullable=True),
+    sa.Column('source_event_id', sa.String(length=300), nullable=True),
     sa.Column('extra', sa.JSON(), nullable=False),
     sa.Column('timestamp', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['asset_id'], ['assets.id'], ),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('source_event_id')
     )
     with op.batch_alter_table('asset_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_asset_events_asset_id'), ['asset_id'], unique=False)
