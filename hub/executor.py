@@ -56,14 +56,28 @@ __all__ = ["MAX_OUTPUT_BYTES", "LocalExecutor"]
 CALLBACK_TIMEOUT = 60.0
 #: Seconds between looks for callback requests written by other processes.
 CALLBACK_POLL_INTERVAL = 5.0
+#: Seconds a task runs before it is recorded as running (see _mark_running).
+MARK_RUNNING_AFTER = 0.1
 
 
 @dataclass
 class _Job:
     kind: str  # "task" or "callback"
     key: int  # task instance id or callback request id
-    try_number: int
-    deadline: float | None  # time.monotonic() after which the worker is killed
+    since: float  # time.monotonic() when it was handed to the worker
+    started_at: datetime | None = None  # the same moment on the executor's clock
+    try_number: int | None = None  # known once the worker read the instance
+    deadline: float | None = None  # time.monotonic() after which the worker is killed
+    marked: bool = False  # recorded as running
+
+
+@dataclass
+class _Result:
+    ti_id: int
+    try_number: int | None  # None: the worker died before it read the instance
+    outcome: dict[str, Any]
+    started_at: datetime | None
+    pid: int
 
 
 class _Worker:
@@ -110,7 +124,7 @@ class LocalExecutor:
         #: (time.monotonic()), so a worker that cannot start does not spin.
         self._respawn_after = 0.0
         self._dying: list[_Worker] = []
-        self._unrecorded: list[tuple[int, int, dict[str, Any]]] = []
+        self._unrecorded: list[_Result] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = -1, -1
@@ -200,16 +214,13 @@ class LocalExecutor:
         """Run one queued hub task in this process and record it, with this
         executor's clock: for tests that drive the hub tick by tick. No
         ``execution_timeout`` here; the worker processes enforce it."""
-        marked = self._mark_running({ti_id: os.getpid()})
-        if ti_id not in marked:
-            return
-        try_number, _timeout = marked[ti_id]
+        started_at = utcnow(self.clock)
         try:
-            outcome = execute_task(self._inline_runtime(), ti_id, try_number)
+            try_number, outcome = execute_task(self._inline_runtime(), ti_id, started_at)
         except Exception as exc:
             log.exception("hub task %s: executor failure", ti_id)
-            outcome = {"kind": "failed", "error": {"code": "executor_error", "message": f"{type(exc).__name__}: {exc}", "retryable": True}}
-        self._record_tasks([(ti_id, try_number, outcome)])
+            try_number, outcome = None, {"kind": "failed", "error": {"code": "executor_error", "message": f"{type(exc).__name__}: {exc}", "retryable": True}}
+        self._record_tasks([_Result(ti_id, try_number, outcome, started_at, os.getpid())])
 
     def run_callbacks_inline(self) -> int:
         """Run every pending callback request in this process; returns how
@@ -273,6 +284,7 @@ class LocalExecutor:
     def _timeout(self) -> float:
         now = time.monotonic()
         moments = [w.job.deadline for w in self._pool if w.job is not None and w.job.deadline is not None]
+        moments += [w.job.since + MARK_RUNNING_AFTER for w in self._pool if w.job is not None and w.job.kind == "task" and not w.job.marked]
         moments += [w.kill_at for w in self._dying if w.kill_at is not None]
         timeout = min((m - now for m in moments), default=CALLBACK_POLL_INTERVAL)
         if self._unrecorded or len(self._pool) < self.workers:
@@ -285,24 +297,17 @@ class LocalExecutor:
             return
         with self._lock:
             pairs = [(idle.pop(), self._pending.popleft()) for _ in range(min(len(idle), len(self._pending)))]
-        if pairs:
-            marked = self._mark_running({ti_id: worker.pid for worker, ti_id in pairs})
-            for worker, ti_id in pairs:
-                if ti_id not in marked:
-                    with self._lock:
-                        self._known.discard(ti_id)  # no longer queued: cleared or marked meanwhile
-                    idle.append(worker)
-                    continue
-                try_number, timeout = marked[ti_id]
-                worker.job = _Job("task", ti_id, try_number, None if timeout is None else time.monotonic() + timeout)
-                self._send(worker, ("task", ti_id, try_number))
+        for worker, ti_id in pairs:
+            worker.job = _Job("task", ti_id, time.monotonic(), utcnow(self.clock))
+            self._send(worker, ("task", ti_id, worker.job.started_at))
         while idle and self._callbacks:
             callback_id = self._callbacks.popleft()
             if not self._claim_callback(callback_id):
                 self._callbacks_known.discard(callback_id)
                 continue
             worker = idle.pop()
-            worker.job = _Job("callback", callback_id, 0, time.monotonic() + self.callback_timeout)
+            now = time.monotonic()
+            worker.job = _Job("callback", callback_id, now, deadline=now + self.callback_timeout)
             self._send(worker, ("callback", callback_id))
 
     @staticmethod
@@ -324,7 +329,7 @@ class LocalExecutor:
                     pass
             except BlockingIOError:
                 pass
-        tasks: list[tuple[int, int, dict[str, Any]]] = self._unrecorded
+        tasks: list[_Result] = self._unrecorded
         self._unrecorded = []
         callbacks: list[tuple[int, str | None]] = []
         dead: list[_Worker] = []
@@ -345,7 +350,7 @@ class LocalExecutor:
                 continue
             if job.kind == "task":
                 error = {"code": "execution_timeout", "message": f"the task ran longer than its execution_timeout; its worker (pid {worker.pid}) was killed", "retryable": True}
-                tasks.append((job.key, job.try_number, {"kind": "failed", "error": error}))
+                tasks.append(_Result(job.key, job.try_number, {"kind": "failed", "error": error}, job.started_at, worker.pid))
             else:
                 callbacks.append((job.key, f"the callback ran longer than {self.callback_timeout:g} s; its worker was killed"))
             log.warning("hub %s %s timed out: killing worker %s", job.kind, job.key, worker.pid)
@@ -362,7 +367,7 @@ class LocalExecutor:
                 log.warning("hub worker %s died running %s %s (%s)", worker.pid, job.kind, job.key, how)
                 message = f"the worker process (pid {worker.pid}) running the task died ({how}); a new worker replaced it"
                 if job.kind == "task":
-                    tasks.append((job.key, job.try_number, {"kind": "failed", "error": {"code": "worker_died", "message": message, "retryable": True}}))
+                    tasks.append(_Result(job.key, job.try_number, {"kind": "failed", "error": {"code": "worker_died", "message": message, "retryable": True}}, job.started_at, worker.pid))
                 else:
                     callbacks.append((job.key, message))
             elif worker.kill_at is None:
@@ -375,16 +380,22 @@ class LocalExecutor:
         self._reap(ready, now)
         if tasks:
             self._record_tasks(tasks)
+        self._mark_running(now)
         for callback_id, error in callbacks:
             self._record_callback(callback_id, error)
 
-    def _take_message(self, worker: _Worker, message: Any, tasks: list[Any], callbacks: list[Any]) -> None:
+    def _take_message(self, worker: _Worker, message: Any, tasks: list[_Result], callbacks: list[Any]) -> None:
         job = worker.job
-        if message[0] == "task":
+        if message[0] == "started":
+            _, ti_id, try_number, timeout = message
+            if job is not None and job.kind == "task" and job.key == ti_id:
+                job.try_number = try_number
+                job.deadline = None if timeout is None else job.since + float(timeout)
+        elif message[0] == "task":
             _, ti_id, try_number, outcome = message
-            if job is not None and job.kind == "task" and job.key == ti_id and job.try_number == try_number:
+            if job is not None and job.kind == "task" and job.key == ti_id:
                 worker.job = None
-                tasks.append((ti_id, try_number, outcome))
+                tasks.append(_Result(ti_id, try_number, outcome, job.started_at, worker.pid))
         elif message[0] == "callback":
             _, callback_id, error = message
             if job is not None and job.kind == "callback" and job.key == callback_id:
@@ -413,34 +424,48 @@ class LocalExecutor:
 
     # --- the DB side -------------------------------------------------------
 
-    def _mark_running(self, pids: dict[int, int]) -> dict[int, tuple[int, float | None]]:
-        """Move queued task instances to running on the given worker pids, in
-        one transaction. Returns ``{ti_id: (try_number, execution_timeout)}``
-        for those that were still queued."""
-        now = utcnow(self.clock)
-        marked: dict[int, tuple[int, float | None]] = {}
-        with transaction(self.sessions) as session:
-            for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_(list(pids)))):
-                if ti.state != TaskState.QUEUED:
-                    continue
-                ti.state, ti.started_at, ti.pid = TaskState.RUNNING, now, pids[ti.id]
-                marked[ti.id] = (ti.try_number, ti.execution_timeout)
-        return marked
-
-    def _record_tasks(self, results: list[tuple[int, int, dict[str, Any]]]) -> None:
-        """Record finished tries in one transaction, then announce them. A try
-        that is no longer current (cleared or marked meanwhile) is left as
-        the operator decided."""
-        now = utcnow(self.clock)
-        callbacks_added = False
+    def _mark_running(self, now: float) -> None:
+        """Record as running, in one transaction, the tasks that have been on
+        a worker for MARK_RUNNING_AFTER. A task that ends sooner goes from
+        queued to its final state in the one transaction that records it:
+        one commit per short task instead of two."""
+        due = [w for w in self._pool if w.job is not None and w.job.kind == "task" and not w.job.marked and now - w.job.since >= MARK_RUNNING_AFTER]
+        if not due:
+            return
         try:
             with transaction(self.sessions) as session:
-                rows = {ti.id: ti for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_([r[0] for r in results])))}
-                for ti_id, try_number, outcome in results:
-                    ti = rows.get(ti_id)
-                    if ti is None or ti.state != TaskState.RUNNING or ti.try_number != try_number or outcome.get("kind") == "stale":
+                rows = {ti.id: ti for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_([w.job.key for w in due if w.job is not None])))}
+                for worker in due:
+                    job = worker.job
+                    assert job is not None
+                    job.marked = True
+                    ti = rows.get(job.key)
+                    if ti is not None and ti.state == TaskState.QUEUED and job.try_number in (None, ti.try_number):
+                        ti.state, ti.started_at, ti.pid = TaskState.RUNNING, job.started_at, worker.pid
+        except Exception:
+            log.exception("could not record %d hub task(s) as running", len(due))
+
+    def _record_tasks(self, results: list[_Result]) -> None:
+        """Record finished tries in one transaction, then announce them. A try
+        that is no longer current (cleared or marked meanwhile) is left as
+        the operator decided; if a new try of it is queued already, it runs."""
+        now = utcnow(self.clock)
+        callbacks_added = False
+        requeue: list[int] = []
+        try:
+            with transaction(self.sessions) as session:
+                rows = {ti.id: ti for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_([r.ti_id for r in results])))}
+                for result in results:
+                    ti = rows.get(result.ti_id)
+                    if ti is None:
                         continue
-                    apply_outcome(ti, outcome, now)
+                    current = ti.state in (TaskState.QUEUED, TaskState.RUNNING) and result.try_number in (None, ti.try_number)
+                    if not current or result.outcome.get("kind") == "stale":
+                        if ti.state == TaskState.QUEUED and result.try_number is not None and ti.try_number != result.try_number:
+                            requeue.append(ti.id)
+                        continue
+                    ti.started_at, ti.pid = result.started_at or now, result.pid
+                    apply_outcome(ti, result.outcome, now)
                 session.flush()
                 callbacks_added = any(isinstance(o, CallbackRequest) for o in session.identity_map.values())
         except Exception:
@@ -448,9 +473,12 @@ class LocalExecutor:
             self._unrecorded.extend(results)
             return
         with self._lock:
-            self._known.difference_update(r[0] for r in results)
-        for ti_id, _try, _outcome in results:
-            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=ti_id)
+            self._known.difference_update(r.ti_id for r in results)
+        if self._thread is not None:
+            for ti_id in requeue:
+                self.submit(ti_id)
+        for result in results:
+            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=result.ti_id)
         if callbacks_added:
             self._callbacks_wanted()
 

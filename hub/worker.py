@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -310,21 +310,31 @@ def _load(runtime: WorkerRuntime, ti_id: int) -> tuple[TaskInstance, DagRun, str
         return row[0], row[1], row[2] or ""
 
 
-def execute_task(runtime: WorkerRuntime, ti_id: int, try_number: int) -> dict[str, Any]:
-    """Run try ``try_number`` of task instance ``ti_id`` and return its
-    outcome (see ``LocalExecutor`` for how it is recorded):
+def execute_task(runtime: WorkerRuntime, ti_id: int, started_at: datetime, on_start: Callable[[int, float | None], None] | None = None) -> tuple[int | None, dict[str, Any]]:
+    """Run the queued try of task instance ``ti_id`` (handed to this worker
+    at ``started_at``) and return ``(try_number, outcome)``. ``on_start(
+    try_number, execution_timeout)`` is called once the try is known, before
+    any DAG code runs.
 
-    ``{"kind": "success", "output": ...}``, ``{"kind": "failed", "error":
-    {...}}``, ``{"kind": "skipped", "error"?}``, ``{"kind": "reschedule",
-    "reschedule_at": datetime}`` or ``{"kind": "stale"}`` (the try is no
-    longer current: nothing ran). Any outcome may carry
-    ``rendered_fields`` and ``sensor_started_at``."""
+    Outcomes (see ``hub.executor.apply_outcome`` for how they are recorded):
+    ``{"kind": "success", "output": ..., "multiple_outputs": bool}``,
+    ``{"kind": "failed", "error": {...}}``, ``{"kind": "skipped"}``,
+    ``{"kind": "reschedule", "reschedule_at": datetime, "sensor_started_at":
+    ...}`` or ``{"kind": "stale"}`` (the instance is not queued any more:
+    nothing ran). Any outcome may carry ``rendered_fields``."""
     loaded = _load(runtime, ti_id)
     if loaded is None:
-        return {"kind": "stale"}
+        return None, {"kind": "stale"}
     ti, run, fileloc = loaded
-    if ti.try_number != try_number or ti.state != TaskState.RUNNING:
-        return {"kind": "stale"}
+    if ti.state not in (TaskState.QUEUED, TaskState.RUNNING):
+        return None, {"kind": "stale"}
+    if on_start is not None:
+        on_start(ti.try_number, ti.execution_timeout)
+    ti.started_at = started_at
+    return ti.try_number, _run(runtime, ti, run, fileloc)
+
+
+def _run(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) -> dict[str, Any]:
     try:
         dag = runtime.cache.dag(fileloc, ti.dag_id)
     except DagFileError as exc:
@@ -496,8 +506,9 @@ def worker_main(conn: Any, db_url: str, sqlite_synchronous: str) -> None:
     """A worker's loop: one request at a time until told to stop or the
     executor's end of the pipe closes.
 
-    Requests: ``("task", ti_id, try_number)`` answered by ``("task", ti_id,
-    try_number, outcome)``; ``("callback", id)`` answered by ``("callback",
+    Requests: ``("task", ti_id, started_at)`` answered by ``("started",
+    ti_id, try_number, execution_timeout)`` (unless the instance is no longer
+    queued) and then ``("task", ti_id, try_number, outcome)``; ``("callback", id)`` answered by ``("callback",
     id, error_or_None)``; ``None`` to stop."""
     _die_with_parent()
     # Ctrl-C in a terminal reaches the whole process group; the hub decides
@@ -514,9 +525,10 @@ def worker_main(conn: Any, db_url: str, sqlite_synchronous: str) -> None:
             if request is None:
                 return
             if request[0] == "task":
-                _, ti_id, try_number = request
+                _, ti_id, started_at = request
+                try_number: int | None = None
                 try:
-                    outcome = execute_task(runtime, ti_id, try_number)
+                    try_number, outcome = execute_task(runtime, ti_id, started_at, lambda t, timeout: conn.send(("started", ti_id, t, timeout)))
                 except Exception as exc:  # the worker's own failure (DB gone...): report it, keep serving
                     outcome = {"kind": "failed", "error": {"code": "worker_error", "message": _describe(exc), "retryable": True}}
                 conn.send(("task", ti_id, try_number, outcome))

@@ -323,6 +323,9 @@ def test_stop_leaves_no_worker_and_no_zombie(env: Env) -> None:
     executor.submit(busy)
     executor.submit(quick)
     finished.wait([quick])
+    deadline = time.monotonic() + 10
+    while env.ti(busy).state != "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
     pids = executor.worker_pids()
     assert len(pids) == 2 and all(alive(p) for p in pids)
     executor.stop()

@@ -1,0 +1,125 @@
+"""Hub-task benchmark: no-op hub tasks end to end through the scheduler and
+the executor's long-lived worker processes (no broker, no agents).
+
+Prints, for this machine:
+* chain: N no-op hub tasks one after another: wall time from trigger to run
+  end, per-link time, task instances per second;
+* wide: one run of N independent no-op hub tasks: wall time, task instances
+  per second;
+* CPU seconds of the hub process (scheduler and executor threads) and of
+  the worker processes, per 1,000 task instances.
+
+The hub side is assembled as ``HubRuntime`` does (scheduler thread woken by
+events, executor thread, ``--workers`` worker processes) on a SQLite file in
+a temporary folder, with the hub's default durability (``--sync FULL``).
+
+Usage: python bench/hub_tasks.py [--chain 200] [--wide 1000] [--workers 4] [--sync FULL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hub import events as ev  # noqa: E402
+from hub.dagprocessor import SerializedDagBag  # noqa: E402
+from hub.db import make_engine, make_sessionmaker, transaction, upgrade  # noqa: E402
+from hub.dispatcher import Dispatcher  # noqa: E402
+from hub.events import EventBus  # noqa: E402
+from hub.executor import LocalExecutor  # noqa: E402
+from hub.scheduler import Scheduler, trigger_run  # noqa: E402
+from shared.clock import SystemClock, utcnow  # noqa: E402
+from shared.hlc import HybridClock  # noqa: E402
+
+CHAIN = """
+from hub.dag import DAG, EmptyOperator, chain
+with DAG("bench_chain", max_active_tasks={n}) as dag:
+    chain(*[EmptyOperator(task_id=f"link_{{i}}") for i in range({n})])
+"""
+WIDE = """
+from hub.dag import DAG, EmptyOperator
+with DAG("bench_wide", max_active_tasks={n}) as dag:
+    for i in range({n}):
+        EmptyOperator(task_id=f"noop_{{i}}")
+"""
+
+
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_one(folder: Path, dag_id: str, tasks: int, workers: int, sync: str) -> dict[str, float]:
+    db = folder / f"{dag_id}.db"
+    url = f"sqlite:///{db}"
+    upgrade(url)
+    engine = make_engine(url, sqlite_synchronous=sync)
+    sessions = make_sessionmaker(engine)
+    events = EventBus()
+    clock = SystemClock()
+    executor = LocalExecutor(sessions, clock, events, workers=workers, sqlite_synchronous=sync)
+    dags = folder / dag_id
+    dags.mkdir()
+    (dags / f"{dag_id}.py").write_text((CHAIN if "chain" in dag_id else WIDE).format(n=tasks))
+    hlc = HybridClock("hub", lambda: int(clock.now() * 1000))
+    scheduler = Scheduler(sessions, SerializedDagBag(dags), Dispatcher(hlc, 256 * 1024), clock, events, executor.submit, interval=0.5)
+    done = threading.Event()
+    events.subscribe(ev.RUN_FINISHED, lambda _n, data: done.set())
+    executor.start()
+    stop = threading.Event()
+    try:
+        scheduler.parse_dags(utcnow(clock), force=True)
+        # Let the workers start (and import the DAG file once) before timing.
+        time.sleep(1.0)
+        worker_cpu0 = {pid: cpu_of(pid) for pid in executor.worker_pids()}
+        cpu0 = time.process_time()
+        thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True)
+        thread.start()
+        started = time.perf_counter()
+        with transaction(sessions) as session:
+            trigger_run(session, dag_id, {}, utcnow(clock))
+        events.emit(ev.RUN_TRIGGERED)
+        if not done.wait(300):
+            raise RuntimeError(f"{dag_id}: the run did not finish within 300 s")
+        wall = time.perf_counter() - started
+        hub_cpu = time.process_time() - cpu0
+        worker_cpu = sum(cpu_of(pid) - worker_cpu0.get(pid, 0.0) for pid in executor.worker_pids())
+    finally:
+        stop.set()
+        scheduler.wake()
+        executor.stop()
+        engine.dispose()
+    return {"wall": wall, "hub_cpu": hub_cpu, "worker_cpu": worker_cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chain", type=int, default=200)
+    parser.add_argument("--wide", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--sync", choices=["FULL", "NORMAL"], default="FULL")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
+        folder = Path(tmp)
+        for dag_id, n in (("bench_chain", args.chain), ("bench_wide", args.wide)):
+            if n <= 0:
+                continue
+            r = run_one(folder, dag_id, n, args.workers, args.sync)
+            per_link = f", {r['wall'] / n * 1000:.1f} ms per link" if dag_id == "bench_chain" else ""
+            print(
+                f"{dag_id}: {n} hub no-op tasks, {args.workers} workers, sqlite {args.sync}: {r['wall']:.2f} s{per_link}, "
+                f"{n / r['wall']:.0f} TI/s; CPU per 1,000 TIs: hub {r['hub_cpu'] / n * 1000:.2f} s, workers {r['worker_cpu'] / n * 1000:.2f} s"
+            )
+
+
+if __name__ == "__main__":
+    main()
