@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -230,9 +231,16 @@ class SerializedDagBag:
 
     folder: Path
     processor: DagFileProcessor = field(default_factory=DagFileProcessor)
+    #: Seconds after which an unchanged file is parsed again (Airflow's
+    #: ``min_file_process_interval``): a DAG built from data the file reads
+    #: (a YAML next to it, an inventory) follows that data. 0: only on change.
+    min_file_process_interval: float = 0.0
+    #: Seconds for ``min_file_process_interval`` (tests inject their own).
+    monotonic: Callable[[], float] = time.monotonic
     errors: dict[str, FileError] = field(default_factory=dict)
     _by_file: dict[str, list[SerializedDag]] = field(default_factory=dict)
     _mtimes: dict[str, float] = field(default_factory=dict)
+    _parsed_at: dict[str, float] = field(default_factory=dict)
     #: Answers refused as duplicates, applied again once the other file lets go.
     _refused: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -241,28 +249,38 @@ class SerializedDagBag:
         return {d.dag_id: d for dags in self._by_file.values() for d in dags}
 
     def collect(self) -> bool:
-        """Parse every file whose modification time changed, in another
-        process. Returns True when anything was parsed or removed."""
+        """Parse, in another process, every file whose modification time
+        changed and every file last parsed ``min_file_process_interval`` ago.
+        Returns True when a file was new, changed or removed, or a periodic
+        parse gave a different answer."""
         files = list_dag_files(self.folder)
         changed = [f for f, m in files.items() if self._mtimes.get(f) != m]
+        now = self.monotonic()
+        due = [] if self.min_file_process_interval <= 0 else [
+            f for f in files if f not in changed and now - self._parsed_at.get(f, now) >= self.min_file_process_interval
+        ]
         gone = [f for f in self._mtimes if f not in files]
-        results, unsettled = self._process(changed)
+        before = {f: (self._by_file.get(f), self.errors.get(f)) for f in due}
+        results, unsettled = self._process(changed + due)
         for fileloc in gone:
             self._by_file.pop(fileloc, None)
             self.errors.pop(fileloc, None)
             self._refused.pop(fileloc, None)
+            self._parsed_at.pop(fileloc, None)
             del self._mtimes[fileloc]
-        for fileloc in changed:
+        for fileloc in changed + due:
             self._refused.pop(fileloc, None)
             result = results.get(fileloc) or {"error": {"kind": "crash", "error": "the parse round gave no answer for this file"}}
             self._apply(fileloc, result)
+            self._parsed_at[fileloc] = now
             if fileloc not in unsettled:
                 self._mtimes[fileloc] = files[fileloc]
-        if changed or gone:
+        different = [f for f in due if (self._by_file.get(f), self.errors.get(f)) != before[f]]
+        if changed or gone or different:
             # A dag_id may have been freed by a file parsed after the one it refused.
             for fileloc, result in sorted(self._refused.items()):
                 self._apply(fileloc, result)
-        return bool(changed or gone)
+        return bool(changed or gone or different)
 
     def _process(self, files: list[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
         """Each file's result, and the files whose round failed as a whole.
@@ -302,7 +320,8 @@ class SerializedDagBag:
         self._by_file[fileloc] = dags
 
     def _fail(self, error: FileError) -> None:
-        log.warning("DAG file %s: %s: %s", error.fileloc, error.kind, error.error)
+        if self.errors.get(error.fileloc) != error:  # said once, not at every periodic parse
+            log.warning("DAG file %s: %s: %s", error.fileloc, error.kind, error.error)
         self.errors[error.fileloc] = error
 
     def sync_to_db(self, session: Session, now: datetime) -> None:

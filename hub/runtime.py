@@ -56,7 +56,7 @@ class HubRuntime:
         )
         # DAG files are parsed in other processes; the hub keeps their serialized DAGs.
         processor = DagFileProcessor(timeout=s.dag_file_processor_timeout, parallelism=s.dag_parsing_processes, memory_mb=s.dag_file_processor_memory_mb)
-        self.dagbag = SerializedDagBag(s.dags_folder, processor)
+        self.dagbag = SerializedDagBag(s.dags_folder, processor, min_file_process_interval=s.min_file_process_interval)
         self.executor = LocalExecutor(
             self.sessions, self.clock, self.events, workers=s.executor_workers, kill_grace=s.executor_kill_grace, sqlite_synchronous=s.sqlite_synchronous,
         )

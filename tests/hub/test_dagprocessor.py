@@ -223,3 +223,31 @@ def test_a_hub_killed_with_9_leaves_no_parse_behind(tmp_path: Path) -> None:
         if hub.poll() is None:
             hub.kill()
             hub.wait()
+
+
+def test_unchanged_files_are_parsed_again_after_min_file_process_interval(tmp_path: Path) -> None:
+    # A DAG built from data next to it, as Airflow users write them.
+    (tmp_path / "devices.txt").write_text("a b\n")
+    write(tmp_path, "dynamic.py", """
+from pathlib import Path
+from hub.dag import DAG, AgentOperator
+with DAG("dynamic") as dag:
+    for name in (Path(__file__).parent / "devices.txt").read_text().split():
+        AgentOperator(task_id=name, job_type="noop")
+""")
+    clock = [0.0]
+    dags = SerializedDagBag(tmp_path, DagFileProcessor(timeout=10), min_file_process_interval=30, monotonic=lambda: clock[0])
+    assert dags.collect()
+    assert [t["task_id"] for t in dags.dags["dynamic"].structure["tasks"]] == ["a", "b"]
+    first = dags.processor.last_round
+    clock[0] = 30
+    assert not dags.collect()  # parsed again, same answer: nothing to record
+    second = dags.processor.last_round
+    assert second is not first and second.files == 1
+    (tmp_path / "devices.txt").write_text("a b c\n")
+    clock[0] = 59
+    assert not dags.collect()  # not due yet: no round at all
+    assert dags.processor.last_round is second
+    clock[0] = 60
+    assert dags.collect()
+    assert [t["task_id"] for t in dags.dags["dynamic"].structure["tasks"]] == ["a", "b", "c"]
