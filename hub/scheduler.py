@@ -297,6 +297,7 @@ class Scheduler:
     def run_dag_processing(self, stop: threading.Event) -> None:
         """The DAG processing loop, for a thread of its own."""
         while not stop.wait(self.dag_reparse_interval):
+            self._last_parse = float("-inf")  # this loop keeps the interval itself
             self.parse_dags(utcnow(self.clock))
 
     def _create_scheduled_runs(self, session: Session, now: datetime) -> bool:
