@@ -609,14 +609,19 @@ class Scheduler:
         may run by one instance per mapped value (0..n-1), each with its own
         argument values in ``params``; the new instances join ``waiting`` and
         are decided in this same pass. Zero values skip the task (Airflow);
-        an unusable upstream output or too many values fail it."""
+        an unusable upstream output or too many values fail it. A mapped task
+        cleared as a whole (every instance back to none) is expanded again,
+        as Airflow revises map indexes: its upstream may now give another
+        number of values; surplus instances become ``removed``."""
         changed = False
         for item in list(waiting):
             ti_id, task_id, map_index = item.id, item.task_id, item.map_index
             task = tasks.get(task_id)
             mapped = task.get("mapped") if task is not None else None
-            if not mapped or map_index >= 0 or task_id in skips:
+            if not mapped or map_index > 0 or task_id in skips:
                 continue
+            if map_index == 0 and any(s != TaskState.NONE for s in by_task[task_id]):
+                continue  # expanded and under way
             upstream = [state for up in task.get("upstream", []) for state in by_task.get(up, [])]
             decision = decide(task.get("trigger_rule", "all_success"), upstream)
             if decision in (Decision.SKIP, Decision.UPSTREAM_FAILED):
@@ -630,41 +635,68 @@ class Scheduler:
                     continue
             ti = session.get(TaskInstance, ti_id)
             assert ti is not None
+            if map_index == 0 and ti.try_number == 0:
+                continue  # expanded earlier and not started yet (a paused DAG, say), not cleared
+            existing = [ti] if map_index < 0 else list(
+                session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk, TaskInstance.task_id == task_id).order_by(TaskInstance.map_index))
+            )
             failure: MappingFailure | None = None
             try:
                 values = resolve_expansion(mapped, mapping_input_fetcher(session, run_pk), self.max_map_length)
                 params = [agent_params(task, v) if ti.kind == "agent" else v for v in values]
             except MappingFailure as exc:
                 failure, params = exc, []
-            waiting.remove(item)
             changed = True
-            if failure is not None or not params:
-                before = ti.state
-                if failure is not None:
-                    ti.state, ti.error = failure.state, failure.as_error()
-                else:
-                    ti.state = TaskState.SKIPPED
-                    ti.error = {"code": "empty_mapping", "message": "the mapped task has zero values to map over", "retryable": False}
-                ti.ended_at = now
-                self._replace_state(by_task[task_id], before, ti.state)
-                index_states[(task_id, -1)] = ti.state
-                continue
-            del index_states[(task_id, -1)]
-            ti.map_index, ti.params = 0, params[0]
-            columns = [c.key for c in TaskInstance.__table__.columns if c.key not in ("id", "map_index", "params")]
-            instances = [ti]
-            for index, value in enumerate(params[1:], start=1):
-                clone = TaskInstance(**{c: getattr(ti, c) for c in columns}, map_index=index, params=value)
-                session.add(clone)
-                instances.append(clone)
-                by_task[task_id].append(ti.state)
-            session.flush()
-            # The new instances join this pass as rows shaped like the caller's.
+            instances = self._apply_expansion(session, task, existing, params, failure, now)
+            # The task's instances are listed again, as rows shaped like the caller's.
+            waiting[:] = [w for w in waiting if w.task_id != task_id]
+            for instance in existing:
+                index_states.pop((task_id, instance.map_index), None)
+            states = by_task[task_id]
+            states.clear()
             entry = namedtuple("entry", item._fields)  # type: ignore[misc]
             for instance in instances:
+                states.append(instance.state)
                 index_states[(task_id, instance.map_index)] = instance.state
-                waiting.append(entry(**{**item._asdict(), "id": instance.id, "map_index": instance.map_index}))
+                if instance.state == TaskState.NONE:
+                    fields = {"id": instance.id, "map_index": instance.map_index, "state": instance.state}
+                    waiting.append(entry(**{**item._asdict(), **{k: v for k, v in fields.items() if k in item._fields}}))
         return changed
+
+    @staticmethod
+    def _apply_expansion(
+        session: Session, task: dict[str, Any], existing: list[TaskInstance], params: list[dict[str, Any]], failure: MappingFailure | None, now: datetime,
+    ) -> list[TaskInstance]:
+        """Give ``existing`` (the -1 instance, or a cleared task's instances)
+        one instance per entry of ``params``; returns every instance."""
+        first = existing[0]
+        if failure is not None or not params:
+            first.map_index = -1  # like a task that never expanded
+            if failure is not None:
+                first.state, first.error = failure.state, failure.as_error()
+            else:
+                first.state = TaskState.SKIPPED
+                first.error = {"code": "empty_mapping", "message": "the mapped task has zero values to map over", "retryable": False}
+            first.ended_at = now
+            for surplus in existing[1:]:
+                surplus.state, surplus.ended_at = TaskState.REMOVED, now
+            session.flush()
+            return existing
+        for index, (instance, value) in enumerate(zip(existing, params)):
+            instance.map_index, instance.params = index, value
+        for surplus in existing[len(params):]:
+            surplus.state, surplus.ended_at = TaskState.REMOVED, now
+        fresh = {"state": TaskState.NONE, "try_number": 0, "max_tries": int(task.get("retries", 0)) + 1, "agent_id": None, "output": None, "error": None,
+                 "queued_at": None, "started_at": None, "ended_at": None, "next_try_at": None, "rendered_fields": None, "sensor_started_at": None,
+                 "pid": None, "note": None}
+        copied = [c.key for c in TaskInstance.__table__.columns if c.key not in ("id", "map_index", "params", *fresh)]
+        instances = list(existing)
+        for index, value in enumerate(params[len(existing):], start=len(existing)):
+            clone = TaskInstance(**{c: getattr(first, c) for c in copied}, **fresh, map_index=index, params=value)
+            session.add(clone)
+            instances.append(clone)
+        session.flush()
+        return instances
 
     @staticmethod
     def _upstream_states(

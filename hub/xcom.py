@@ -108,7 +108,8 @@ def pull(session: Session, run_pk: int, task_ids: str | list[str] | tuple[str, .
             .where(TaskInstance.run_pk == run_pk, TaskInstance.task_id == task_ids)
             .order_by(TaskInstance.map_index)
         ).all()
-        values = {r.map_index: (r.output if r.state == TaskState.SUCCESS else None) for r in rows}
+        # A removed instance (a mapped task that expanded to fewer values when cleared) holds no place.
+        values = {r.map_index: (r.output if r.state == TaskState.SUCCESS else None) for r in rows if r.state != TaskState.REMOVED}
     else:
         values = dict(
             session.execute(
@@ -116,7 +117,9 @@ def pull(session: Session, run_pk: int, task_ids: str | list[str] | tuple[str, .
             ).all()
         )
         # Instances that pushed nothing still hold their place in a mapped list.
-        for index in session.scalars(select(TaskInstance.map_index).where(TaskInstance.run_pk == run_pk, TaskInstance.task_id == task_ids)):
+        for index in session.scalars(
+            select(TaskInstance.map_index).where(TaskInstance.run_pk == run_pk, TaskInstance.task_id == task_ids, TaskInstance.state != TaskState.REMOVED)
+        ):
             values.setdefault(index, None)
     if isinstance(map_indexes, int):
         value = values.get(map_indexes)

@@ -607,3 +607,50 @@ def test_the_documented_example_runs(make_hub: Any) -> None:
     assert sums == [9, 32]
     assert [ti.output for ti in instances(hub, run_pk, "add__1")] == [3, 7]
     assert run_state(hub, run_pk) == "success"
+
+
+CLEAR_DAG = """
+from hub.dag import DAG, PythonOperator
+
+def make(ti):
+    return [{"x": i} for i in range({1: 3, 2: 1, 3: 0}[ti.try_number])]
+
+def collect(ti):
+    return ti.xcom_pull(task_ids="work")
+
+with DAG("clearing") as dag:
+    made = PythonOperator(task_id="make", python_callable=make)
+    work = PythonOperator.partial(task_id="work", python_callable=lambda x: x * 10).expand(op_kwargs=made)
+    work >> PythonOperator(task_id="collect", python_callable=collect, trigger_rule="all_done")
+"""
+
+
+def test_clearing_a_mapped_task_with_its_upstream_expands_it_again(make_hub: Any) -> None:
+    from hub.actions import clear
+
+    hub = make_hub({"clearing.py": CLEAR_DAG})
+    run_pk = hub.trigger("clearing")
+    hub.tick()
+    assert [(ti.map_index, ti.state, ti.output) for ti in instances(hub, run_pk, "work")] == [(0, "success", 0), (1, "success", 10), (2, "success", 20)]
+    # The upstream now gives one value: the surplus instances are removed.
+    clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk, task_ids=["make"], include_downstream=True)
+    hub.tick()
+    assert [(ti.map_index, ti.state, ti.try_number) for ti in instances(hub, run_pk, "work")] == [(0, "success", 2), (1, "removed", 1), (2, "removed", 1)]
+    assert instances(hub, run_pk, "collect")[0].output == [0]  # removed instances hold no place
+    assert run_state(hub, run_pk) == "success"
+    # Then none: the task is skipped, as a zero-length mapping is.
+    clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk, task_ids=["make"], include_downstream=True)
+    hub.tick()
+    assert [(ti.map_index, ti.state) for ti in instances(hub, run_pk, "work")] == [(-1, "skipped"), (1, "removed"), (2, "removed")]
+    assert run_state(hub, run_pk) == "success"
+
+
+def test_clearing_one_mapped_instance_reruns_it_with_its_value(make_hub: Any) -> None:
+    from hub.actions import clear
+
+    hub = make_hub({"literal.py": LITERAL_DAG})
+    run_pk = hub.trigger("literal")
+    hub.tick()
+    clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk, task_ids=["add_one"], map_indexes=[1])
+    hub.tick()
+    assert [(ti.map_index, ti.try_number, ti.output) for ti in instances(hub, run_pk, "add_one")] == [(0, 1, 2), (1, 2, 3), (2, 1, 4)]
