@@ -65,7 +65,8 @@ class RoundStats:
     files: int = 0
     #: Wall time of the whole round, as the hub waited for it.
     seconds: float = 0.0
-    #: From starting the round's process to its modules being imported.
+    #: From sending the round to the parse process starting it: its start-up
+    #: (about a second) when it had to be started, next to nothing after.
     startup: float = 0.0
     #: Each file's own parse time (its child's import, validation, serialization).
     per_file: dict[str, float] = field(default_factory=dict)
@@ -101,7 +102,7 @@ class DagFileProcessor:
             files=len(files), seconds=time.perf_counter() - started, startup=max(0.0, float(answer.get("started_at", started_wall)) - started_wall),
             per_file={f: float(r.get("duration", 0.0)) for f, r in results.items()},
         )
-        log.info("parsed %d DAG file(s) in %.3f s (waiting for the parse process: %.3f s)", len(files), self.last_round.seconds, self.last_round.startup)
+        log.debug("parsed %d DAG file(s) in %.3f s (waiting for the parse process: %.3f s)", len(files), self.last_round.seconds, self.last_round.startup)
         return results
 
 
