@@ -17,7 +17,10 @@ from typing import Any
 
 from agent import __version__
 from agent.config import ENV_PREFIX, AgentSettings, ConfigError, load_settings
+from agent.context import make_agent_event
 from agent.queues import Entry, Inbox, Outbox, QueueError
+from shared.clock import SystemClock
+from shared.hlc import HybridClock
 
 
 class ExitCode(IntEnum):
@@ -39,6 +42,10 @@ _RUN_EXAMPLE = """example:
 _CHECK_EXAMPLE = """example:
   outpost-agent check --config /etc/outpost/agent.toml
   outpost-agent check --config agent.toml --connect    # also try the broker (exit 3 if unreachable)
+"""
+_EMIT_EXAMPLE = """example:
+  outpost-agent emit battery_low --config /etc/outpost/agent.toml
+  outpost-agent emit battery_low --data '{"level": 0.08}' --config agent.toml
 """
 _QUEUE_EXAMPLE = """example:
   outpost-agent queue ls --config /etc/outpost/agent.toml
@@ -91,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         check.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
         check.add_argument("--connect", action="store_true", help="also open a TCP connection to the broker (credentials are not tried, so a running agent is not disturbed)")
 
+    emit = command("emit", "Queue an agent event (a condition of this device) in the outbox; the agent sends it to the hub, where it triggers the DAGs scheduled on AgentEvent(NAME).", _EMIT_EXAMPLE)
+    emit.add_argument("name", metavar="NAME", help="the event name: 1-128 letters, digits, '.', '_' or '-'")
+    emit.add_argument("--data", default="{}", metavar="JSON", help="the event's payload, a JSON object of at most 16 KiB (default {})")
+    emit.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file (for agent_id and state_dir)")
+
     queue = command("queue", "Inspect the agent's queues.", _QUEUE_EXAMPLE)
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
     ls = command("ls", "List inbox and outbox depth and items.", _QUEUE_EXAMPLE, queue_commands)
@@ -132,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(settings, args.connect)
     if args.command == "queue":
         return _queue_ls(settings, args.output, args.limit)
+    if args.command == "emit":
+        return _emit(settings, args.name, args.data)
     return _run(settings, args.stop_timeout)
 
 
@@ -161,6 +175,37 @@ def _check(settings: AgentSettings, connect: bool) -> int:
     return ExitCode.OK
 
 
+def _emit(settings: AgentSettings, name: str, data_text: str) -> int:
+    """Store the event in the outbox file the running agent drains (or will
+    drain when it starts): it reaches the hub exactly like a job's results."""
+    try:
+        data = json.loads(data_text)
+    except ValueError as exc:
+        print(f"outpost-agent: --data is not JSON: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    if not isinstance(data, dict):
+        print("outpost-agent: --data must be a JSON object, e.g. '{\"level\": 0.08}'", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    clock = SystemClock()
+    try:
+        event = make_agent_event(name, data, clock.now())
+    except ValueError as exc:
+        print(f"outpost-agent: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    stamp = HybridClock(settings.agent_id, lambda: int(clock.now() * 1000)).now()
+    try:
+        outbox = Outbox(settings.outbox_path, settings.sqlite_synchronous)
+        try:
+            outbox.put_event(event, stamp)
+        finally:
+            outbox.close()
+    except QueueError as exc:
+        print(f"outpost-agent: {exc}", file=sys.stderr)
+        return ExitCode.STATE_ERROR
+    print(f"queued agent event {name} ({event.event_id}) in {settings.outbox_path}; the agent sends it to the hub when connected")
+    return ExitCode.OK
+
+
 _OUTBOX_STATUS = {"ready": "waiting", "claimed": "in_flight", "done": "acked", "failed": "failed"}
 
 
@@ -170,6 +215,9 @@ def _inbox_row(entry: Entry) -> dict[str, Any]:
 
 
 def _outbox_row(entry: Entry) -> dict[str, Any]:
+    if "event" in entry.data:
+        return {"assignment_id": entry.key, "status": _OUTBOX_STATUS[entry.status], "result": f"event {entry.data['event'].get('name')}",
+                "error": None, "hlc": entry.data.get("hlc")}
     result = entry.data.get("result", {})
     error = result.get("error") or {}
     return {"assignment_id": entry.key, "status": _OUTBOX_STATUS[entry.status], "result": result.get("status"),

@@ -38,7 +38,7 @@ from litequeue import LiteQueue, MessageStatus
 
 from shared.errors import InvalidMessage, OutpostError
 from shared.hlc import HLC
-from shared.messages import Assign, Result
+from shared.messages import AgentEvent, Assign, Result
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +225,35 @@ class Inbox(_KeyedQueue):
         return None if entry is None else (Assign.from_dict(entry.data), entry.status)
 
 
+#: Outbox keys of agent events: ``event/<event id>`` (assignment ids never contain "/").
+EVENT_KEY_PREFIX = "event/"
+
+
+def event_key(event_id: str) -> str:
+    return EVENT_KEY_PREFIX + event_id
+
+
 @dataclass(frozen=True, slots=True)
 class PendingResult:
-    """A result waiting in the outbox for the hub's acknowledgement."""
+    """A result, or an agent event, waiting in the outbox for the hub's
+    acknowledgement. Both travel the same way: sent until acknowledged."""
 
-    result: Result
+    result: Result | AgentEvent
     hlc: HLC
     message_id: str
     claim_id: int
 
     @property
     def assignment_id(self) -> str:
+        """The outbox key: the assignment id, or ``event/<id>`` for an event."""
+        if isinstance(self.result, AgentEvent):
+            return event_key(self.result.event_id)
         return self.result.assignment_id
 
 
 class Outbox(_KeyedQueue):
-    """Results waiting for the hub, keyed by assignment id.
+    """Results waiting for the hub, keyed by assignment id, and agent
+    events, keyed ``event/<event id>``.
 
     An item is claimed while it is in flight (sent, not acknowledged) and
     becomes done only through :meth:`ack`. The HLC stamp taken when the job
@@ -252,6 +265,12 @@ class Outbox(_KeyedQueue):
         has one (the first stays: an assignment has one outcome)."""
         data = canonical_json({"hlc": str(hlc), "result": result.to_dict()})
         return not self._put(result.assignment_id, data)[1]
+
+    def put_event(self, event: AgentEvent, hlc: HLC) -> bool:
+        """Durably store an agent event (it is sent like a result, until the
+        hub acknowledges its id). False when that event id is already stored."""
+        data = canonical_json({"hlc": str(hlc), "event": event.to_dict()})
+        return not self._put(event_key(event.event_id), data)[1]
 
     def has(self, assignment_id: str) -> bool:
         """True when a result for this assignment is stored, acked or not."""
@@ -266,7 +285,8 @@ class Outbox(_KeyedQueue):
                 return None
             try:
                 doc = json.loads(message.data)
-                return PendingResult(Result.from_dict(doc["result"]), HLC.parse(doc["hlc"]), message.message_id, message.claim_id)
+                body: Result | AgentEvent = AgentEvent.from_dict(doc["event"]) if "event" in doc else Result.from_dict(doc["result"])
+                return PendingResult(body, HLC.parse(doc["hlc"]), message.message_id, message.claim_id)
             except (ValueError, KeyError, TypeError, OutpostError) as exc:
                 # Set aside (status failed, kept for inspection), never retried
                 # forever in front of the results behind it.

@@ -42,8 +42,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.context import JobContextImpl, Run, dir_name, failed
-from agent.queues import Claimed, Inbox, Outbox, QueueError
+from agent.context import JobContextImpl, Run, dir_name, failed, make_agent_event
+from agent.queues import Claimed, Inbox, Outbox, QueueError, event_key
 from firmware_jobs.base import Job, JobAborted, JobError
 from shared.clock import Clock
 from shared.envelope import Envelope, encode
@@ -309,7 +309,7 @@ class Runner:
         return self._call(job, params, assign, run, self.work_root / name, started_at)
 
     def _call(self, job: Job, params: dict[str, Any], assign: Assign, run: Run, work_dir: Path, started_at: float) -> Result | None:
-        ctx = JobContextImpl(run, work_dir, self.clock, self.job_settings)
+        ctx = JobContextImpl(run, work_dir, self.clock, self.job_settings, emit=self.emit_event)
         box: dict[str, Any] = {}
 
         def target() -> None:
@@ -343,6 +343,20 @@ class Runner:
         log.error("%s: job %s crashed", assign.assignment_id, assign.job_type, exc_info=error)
         code = error.code if isinstance(error, OutpostError) else "job_crashed"
         return failed(assign, code, f"{type(error).__name__}: {error}", True, started_at, finished_at)
+
+    # --- agent events ----------------------------------------------------------
+
+    def emit_event(self, name: str, data: Mapping[str, Any] | None = None) -> str:
+        """Store an agent event in the outbox (durably, before returning) for
+        the sync loop to send like a result; returns its id."""
+        event = make_agent_event(name, data, self.clock.now())
+        stamp = self._stamp()
+        encode(Envelope(event, sender=stamp.node, hlc=stamp), self.limit)  # PayloadTooLarge, not a stuck outbox item
+        self.outbox.put_event(event, stamp)
+        self._count("events.emitted")
+        log.info("agent event %s queued (%s)", name, event.event_id)
+        self._on_result(event_key(event.event_id))
+        return event.event_id
 
     # --- results -------------------------------------------------------------
 

@@ -60,6 +60,14 @@ class JobContext(Protocol):
         Long-running jobs poll it and raise :class:`JobAborted`."""
         ...
 
+    def emit_event(self, name: str, data: Mapping[str, Any] | None = None) -> str:
+        """Report a condition of the device (``battery_low``) to the hub, where
+        it triggers DAGs scheduled on ``AgentEvent(name)``. Durable once it
+        returns (the agent's outbox) and sent whatever becomes of the job;
+        returns the event id. ``ValueError`` for a bad name or a payload that
+        is not a JSON object of at most 16 KiB."""
+        ...
+
 
 class JobError(OutpostError):
     """A job failed. ``code`` is stable and machine-readable; ``retryable``

@@ -16,7 +16,7 @@ from shared.messages import Assign, Result
 
 from .conftest import REPO
 
-COMMANDS = [[], ["run"], ["check"], ["config"], ["config", "check"], ["queue"], ["queue", "ls"]]
+COMMANDS = [[], ["run"], ["check"], ["config"], ["config", "check"], ["queue"], ["queue", "ls"], ["emit"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "outpost-agent")
@@ -111,3 +111,35 @@ def test_queue_ls_on_a_fresh_device_creates_nothing(tmp_path, capsys):
     assert main(["queue", "ls", "--config", path]) == 0
     assert "(empty)" in capsys.readouterr().out
     assert not state.exists()
+
+
+def test_emit_queues_an_agent_event_in_the_outbox_the_running_agent_drains(tmp_path, capsys):
+    state = tmp_path / "state"
+    path = config(tmp_path, f'agent_id = "pump-7"\nstate_dir = "{state}"\n')
+    assert main(["emit", "battery_low", "--data", '{"level": 0.08}', "--config", path]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert out.startswith("queued agent event battery_low (")
+    outbox = Outbox(state / "outbox.sqlite3")
+    try:
+        item = outbox.claim()
+        assert item is not None and item.result.name == "battery_low" and item.result.payload == {"level": 0.08}
+        assert item.assignment_id == f"event/{item.result.event_id}" and item.result.event_id in out and item.hlc.node == "pump-7"
+    finally:
+        outbox.close()
+    assert main(["queue", "ls", "--config", path, "-o", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["outbox"]["items"]
+    assert [(r["status"], r["result"]) for r in rows] == [("in_flight", "event battery_low")]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["emit", "battery low"], "event name 'battery low' is invalid"),
+    (["emit", "battery_low", "--data", "[1]"], "--data must be a JSON object"),
+    (["emit", "battery_low", "--data", "{oops"], "--data is not JSON"),
+    (["emit", "battery_low", "--data", json.dumps({"blob": "x" * 20000})], "over 16384"),
+])
+def test_emit_refuses_bad_events_before_queueing_them(tmp_path, capsys, argv, message):
+    state = tmp_path / "state"
+    path = config(tmp_path, f'agent_id = "pump-7"\nstate_dir = "{state}"\n')
+    assert main([*argv, "--config", path]) == ExitCode.CONFIG_ERROR
+    assert message in capsys.readouterr().err
+    assert not (state / "outbox.sqlite3").exists()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent import runner as runner_module
-from agent.queues import Inbox, Outbox
+from agent.queues import Inbox, Outbox, event_key
 from agent.runner import Runner
 from firmware_jobs.base import Job, JobAborted, JobContext, JobError
 from firmware_jobs.noop import Noop
@@ -88,8 +88,21 @@ class Bulky(Job):
         return "x" * params["size"] if "size" in params else {"when": object()}
 
 
+class Alarm(Job):
+    """Reports a device condition, then fails: the event stands regardless."""
+
+    name = "test.alarm"
+    version = "1"
+    description = "emits an agent event"
+    params_schema = {"type": "object", "properties": {"name": {"type": "string"}}, "additionalProperties": False}
+
+    def run(self, ctx: JobContext, params: dict[str, Any]) -> Any:
+        SEEN[ctx.assignment_id] = {"event_id": ctx.emit_event(params["name"], {"level": 0.08})}
+        raise JobError("battery too low to go on", code="battery_low", retryable=False)
+
+
 REGISTRY = Registry()
-for _cls in (Noop, Block, Stubborn, Crash, Once, Bulky):
+for _cls in (Noop, Block, Stubborn, Crash, Once, Bulky, Alarm):
     REGISTRY.register(_cls)
 
 
@@ -353,3 +366,27 @@ def test_stop_interrupts_jobs_past_the_budget_without_recording_a_result(parts):
     GATES["never"].set()
     parts.runner()
     assert parts.result("a-1").output == {"gate": "never"}
+
+
+def test_a_job_emits_agent_events_through_the_outbox_whatever_its_outcome(parts):
+    parts.runner()
+    parts.put("a-1", "test.alarm", {"name": "battery_low"})
+    assert parts.result("a-1").error.code == "battery_low"
+    event_id = SEEN["a-1"]["event_id"]
+    entry = parts.outbox.get(event_key(event_id))
+    assert entry is not None and entry.status == "ready"
+    assert entry.data["event"] == {"event_id": event_id, "name": "battery_low", "payload": {"level": 0.08}, "occurred_at": parts.clock.now()}
+    assert event_key(event_id) in parts.announced  # the sync loop was woken
+    # Claimed from the outbox like a result, keyed by event id.
+    claimed = [parts.outbox.claim(), parts.outbox.claim()]
+    assert {type(c.result).__name__ for c in claimed} == {"AgentEvent", "Result"}
+    assert {c.assignment_id for c in claimed} == {event_key(event_id), "a-1"}
+    assert parts.outbox.ack([event_key(event_id)], parts.clock.now()) == 1
+
+
+def test_a_bad_event_name_fails_the_job_that_emits_it_and_queues_nothing(parts):
+    parts.runner()
+    parts.put("a-1", "test.alarm", {"name": "battery low!"})
+    result = parts.result("a-1")
+    assert result.error.code == "job_crashed" and "event name 'battery low!' is invalid" in result.error.message
+    assert [e.key for e in parts.outbox.items()] == ["a-1"]
