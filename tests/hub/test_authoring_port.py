@@ -101,3 +101,23 @@ def test_ported_airflow_style_dag_runs_end_to_end(make_hub: Any) -> None:
     with hub.sessions() as session:
         run = session.scalars(select(DagRun).where(DagRun.id == run_pk)).one()
         assert (run.state, run.params) == ("success", {"min_free_mb": 300})
+
+
+def test_the_documented_taskflow_example_runs(make_hub: Any) -> None:
+    """The example of docs/dags.md's TaskFlow section, as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "dags.md").read_text()
+    example = text.split("## TaskFlow, XComs and task groups", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    hub = make_hub({"disk_report.py": example})
+    for agent in ("dev-a", "dev-b"):
+        hub.agent_online(agent)
+    run_pk = hub.trigger("disk_report")
+    hub.tick()
+    assert [e.body.params for e in hub.assignments_sent()] == [{"echo": {"limit_mb": 500, "day": "2026-01-01"}}] * 2
+    answer(hub, {"dev-a": 900, "dev-b": 800})
+    hub.tick(8)
+    states = {ti.task_id: ti.state for ti in hub.tis(run_pk)}
+    assert (states["route"], states["alert.page"], states["all_good"], states["done"]) == ("success", "skipped", "success", "success")
+    with hub.sessions() as session:
+        assert session.get(DagRun, run_pk).state == "success"
