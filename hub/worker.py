@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from hub import xcom
 from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped, capture_dags, dags_in_module
 from hub.db import make_engine, make_sessionmaker, transaction
 from hub.errors import InvalidDag
@@ -44,8 +44,8 @@ from shared.states import TaskState
 log = logging.getLogger(__name__)
 
 #: The largest return value (or pushed XCom) a hub task may produce, as JSON.
-MAX_OUTPUT_BYTES = 1024 * 1024
-RETURN_KEY = "return_value"
+MAX_OUTPUT_BYTES = xcom.MAX_XCOM_BYTES
+RETURN_KEY = xcom.RETURN_KEY
 #: A callback that raises is tried this many times in all, then given up.
 MAX_CALLBACK_ATTEMPTS = 3
 
@@ -149,51 +149,15 @@ class TaskInstanceProxy:
             ids, single = [task_ids], True
         else:
             ids, single = list(task_ids), False
-        indexes: list[int] | None = None
-        single_index = isinstance(map_indexes, int)
-        if map_indexes is not None:
-            indexes = [map_indexes] if isinstance(map_indexes, int) else list(map_indexes)
+        if map_indexes is not None and not isinstance(map_indexes, int):
+            map_indexes = list(map_indexes)
         values = []
-        for task_id in ids:
-            same = same_group_index(self.task, task_id, self.map_index) if indexes is None else None
-            if same is not None:  # Airflow: inside a mapped task group, the same index's value (MAP)
-                values.append(self._pull_one(task_id, key, [same], True, default))
-            else:
-                values.append(self._pull_one(task_id, key, indexes, single_index, default))
-        return values[0] if single else values
-
-    def _pull_one(self, task_id: str, key: str, indexes: list[int] | None, single_index: bool, default: Any) -> Any:
         with self._runtime.sessions() as session:
-            if key == RETURN_KEY:
-                stmt = select(TaskInstance.map_index, TaskInstance.state, TaskInstance.output).where(
-                    TaskInstance.run_pk == self._run_pk, TaskInstance.task_id == task_id
-                )
-                if indexes is not None:
-                    stmt = stmt.where(TaskInstance.map_index.in_(indexes))
-                rows = session.execute(stmt.order_by(TaskInstance.map_index)).all()
-                found = {r.map_index: (r.output if r.state == TaskState.SUCCESS else None) for r in rows}
-            else:
-                stmt_x = select(XCom.map_index, XCom.value).where(XCom.run_pk == self._run_pk, XCom.task_id == task_id, XCom.key == key)
-                if indexes is not None:
-                    stmt_x = stmt_x.where(XCom.map_index.in_(indexes))
-                found = {int(i): v for i, v in session.execute(stmt_x.order_by(XCom.map_index)).all()}
-                if indexes is None:
-                    # A mapped task's instances that pushed nothing still hold a place.
-                    mapped = session.scalars(
-                        select(TaskInstance.map_index).where(TaskInstance.run_pk == self._run_pk, TaskInstance.task_id == task_id, TaskInstance.map_index >= 0)
-                    ).all()
-                    found = {**{i: None for i in mapped}, **found}
-        if indexes is not None:
-            values = [found.get(i) for i in indexes]
-            if single_index:
-                return default if values[0] is None else values[0]
-            return values
-        if not found:
-            return default
-        if set(found) == {-1}:
-            value = found[-1]
-            return default if value is None else value
-        return [found[i] for i in sorted(found) if i >= 0]
+            for task_id in ids:
+                same = same_group_index(self.task, task_id, self.map_index) if map_indexes is None else None
+                # Inside a mapped task group, Airflow pulls the same index's value (MAP).
+                values.append(xcom.pull(session, self._run_pk, task_id, key, same if same is not None else map_indexes, default))
+        return values[0] if single else values
 
     def xcom_pull_agents(self, task_id: str) -> dict[str, Any]:
         """Outputs of a fanned-out agent task keyed by agent id (successes only)."""
@@ -206,19 +170,8 @@ class TaskInstanceProxy:
     def xcom_push(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON, at most 1 MiB) under ``key`` for this task
         instance; pushing a key again replaces its value."""
-        if not isinstance(key, str) or not key:
-            raise ValueError("xcom_push: key must be a non-empty string")
-        if key == RETURN_KEY:
-            raise ValueError(f"xcom_push: {RETURN_KEY!r} is the task's return value; return it, or push under another key")
-        check_json(value, what=f"XCom {key!r}")
         with transaction(self._runtime.sessions) as session:
-            row = session.scalars(
-                select(XCom).where(XCom.run_pk == self._run_pk, XCom.task_id == self.task_id, XCom.map_index == self.map_index, XCom.key == key)
-            ).first()
-            if row is None:
-                session.add(XCom(run_pk=self._run_pk, task_id=self.task_id, map_index=self.map_index, key=key, value=value, created_at=utcnow(self._runtime.clock)))
-            else:
-                row.value, row.created_at = value, utcnow(self._runtime.clock)
+            xcom.push(session, run_pk=self._run_pk, task_id=self.task_id, map_index=self.map_index, key=key, value=value, now=utcnow(self._runtime.clock))
 
 
 class TaskFailure(Exception):
@@ -237,22 +190,6 @@ class TaskFailure(Exception):
         if isinstance(error, dict):
             return cls(str(error.get("message") or error.get("code") or "the task failed"), error)
         return cls(str(error))
-
-
-class OutputError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def check_json(value: Any, what: str = "the return value") -> None:
-    """Raise ``OutputError`` unless ``value`` is JSON of at most MAX_OUTPUT_BYTES."""
-    try:
-        size = len(json.dumps(value, allow_nan=False).encode())
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise OutputError("output_not_json", f"{what} is not JSON: {exc}") from None
-    if size > MAX_OUTPUT_BYTES:
-        raise OutputError("output_too_large", f"{what} is {size} bytes, over {MAX_OUTPUT_BYTES}")
 
 
 def _params(dag: DAG, run: DagRun) -> dict[str, Any]:
@@ -350,6 +287,7 @@ def _run(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) ->
             task = unmap(task, ti.params or {})
         except InvalidDag as exc:
             return {"kind": "failed", "error": {"code": "unmappable_argument", "message": str(exc), "retryable": False}}
+    _clear_xcoms(runtime, ti)
     context = build_context(runtime, dag, task, ti, run)
     outcome: dict[str, Any] = {}
     is_sensor = isinstance(task, BaseSensorOperator)
@@ -360,15 +298,26 @@ def _run(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) ->
         context["task"] = context["ti"].task = task
         outcome["rendered_fields"] = getattr(task, "rendered_fields", None)
         result = task.execute(context)
-        check_json(result)
-    except OutputError as exc:
-        return {**outcome, "kind": "failed", "error": {"code": exc.code, "message": str(exc), "retryable": False}}
+        xcom.check_value(result)
+    except xcom.XComValueError as exc:
+        return {**outcome, "kind": "failed", "error": exc.as_error()}
     except BaseException as exc:  # task code may raise anything, even SystemExit; the worker stays
         found = _exception_outcome(exc, task)
         if is_sensor and found["kind"] == "reschedule":
             found["sensor_started_at"] = context["sensor_started_at"]
         return {**outcome, **found}
     return {**outcome, "kind": "success", "output": result, "multiple_outputs": bool(getattr(task, "multiple_outputs", False))}
+
+
+def _clear_xcoms(runtime: WorkerRuntime, ti: TaskInstance) -> None:
+    """A try starts without the XComs an earlier try pushed (Airflow clears
+    them too). Looked up first: most tries have none, and a read costs no
+    write lock."""
+    with runtime.sessions() as session:
+        found = session.scalar(select(XCom.id).where(XCom.run_pk == ti.run_pk, XCom.task_id == ti.task_id, XCom.map_index == ti.map_index).limit(1))
+    if found is not None:
+        with transaction(runtime.sessions) as session:
+            xcom.clear(session, run_pk=ti.run_pk, task_id=ti.task_id, map_index=ti.map_index)
 
 
 def _exception_outcome(exc: BaseException, task: Any) -> dict[str, Any]:
@@ -545,4 +494,4 @@ def worker_main(conn: Any, db_url: str, sqlite_synchronous: str) -> None:
         engine.dispose()
 
 
-__all__ = ["MAX_OUTPUT_BYTES", "DagFileCache", "TaskInstanceProxy", "WorkerRuntime", "check_json", "execute_task", "run_callback", "worker_main"]
+__all__ = ["MAX_OUTPUT_BYTES", "DagFileCache", "TaskInstanceProxy", "WorkerRuntime", "execute_task", "run_callback", "worker_main"]

@@ -409,3 +409,14 @@ def test_a_failing_callback_is_recorded_and_given_up_after_three_attempts(env: E
         request = session.scalars(select(CallbackRequest)).one()
     assert request.attempts == 3 and request.finished_at is not None
     assert "RuntimeError: callback broke" in (request.error or "")
+
+
+def test_a_new_try_starts_without_the_xcoms_of_the_last(env: Env, manual_clock: ManualClock) -> None:
+    executor = LocalExecutor(env.sessions, manual_clock, env.events)
+    [ti_id] = env.add_tis("push")
+    with transaction(env.sessions) as session:
+        session.add(XCom(run_pk=env.run_pk, task_id="push", map_index=-1, key="stale", value=1, created_at=utcnow(manual_clock)))
+    executor.run_inline(ti_id)
+    with env.sessions() as session:
+        keys = sorted(session.scalars(select(XCom.key).where(XCom.task_id == "push")))
+    assert keys == ["extra"]
