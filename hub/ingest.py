@@ -38,7 +38,7 @@ from hub import events as ev
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
 from hub.events import EventBus
-from hub.lifecycle import finish_try
+from hub.lifecycle import finish_try, task_callback
 from hub.models import AssetEvent, Assignment, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
@@ -304,8 +304,12 @@ class Ingester:
             if assignment.state in ("pending", "sent", "accepted"):
                 assignment.state = "started"
             if current and ti is not None and ti.state in (TaskState.QUEUED, TaskState.DELIVERED, TaskState.DEVICE_OFFLINE):
+                first_start = ti.state != TaskState.DEVICE_OFFLINE
                 ti.state, ti.started_at = TaskState.RUNNING, now
                 out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "running"}))
+                # An agent task's on_execute_callback: when the device starts it.
+                if first_start and task_callback(session, ti, TaskState.RUNNING, now):
+                    out.emitted.append((ev.CALLBACKS_REQUESTED, {"dag_id": ti.dag_id, "run_pk": ti.run_pk}))
         elif isinstance(body, Result):
             self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out, known)
 

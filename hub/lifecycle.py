@@ -35,10 +35,14 @@ OPEN_ASSIGNMENT_STATES = ("pending", "sent", "accepted", "started")
 MAX_RETRY_DELAY = 86400.0
 
 #: CallbackRequest kinds, and the callback attribute each one calls.
-TASK_CALLBACK_KINDS = {"task_success": "on_success_callback", "task_retry": "on_retry_callback", "task_failure": "on_failure_callback"}
+TASK_CALLBACK_KINDS = {
+    "task_success": "on_success_callback", "task_retry": "on_retry_callback", "task_failure": "on_failure_callback",
+    # Hub tasks call on_execute_callback in their worker; agent tasks get a request when the device starts them.
+    "task_execute": "on_execute_callback",
+}
 DAG_CALLBACK_KINDS = {"dag_success": "on_success_callback", "dag_failure": "on_failure_callback", "sla_miss": "sla_miss_callback"}
 
-_STATE_CALLBACK = {TaskState.SUCCESS: "task_success", TaskState.UP_FOR_RETRY: "task_retry", TaskState.FAILED: "task_failure"}
+_STATE_CALLBACK = {TaskState.SUCCESS: "task_success", TaskState.UP_FOR_RETRY: "task_retry", TaskState.FAILED: "task_failure", TaskState.RUNNING: "task_execute"}
 
 
 def finish_try(ti: TaskInstance, *, success: bool, now: datetime, output: Any = None, error: dict[str, Any] | None = None) -> TaskState:

@@ -405,3 +405,29 @@ def test_a_paused_dag_starts_no_runs_and_no_tasks(make_hub: Any) -> None:
     actions.set_paused(hub.sessions, "ops", False)
     hub.tick()
     assert run_of(hub, queued).state == "running" and states(hub, running)["ping"] == "queued"
+
+
+EXECUTE_DAG = """
+from hub.dag import DAG, AgentOperator
+
+def started(context):
+    pass
+
+with DAG("watched") as dag:
+    AgentOperator(task_id="flash", job_type="noop", on_execute_callback=started, on_success_callback=started)
+"""
+
+
+def test_an_agent_tasks_execute_and_success_callbacks_are_requested_as_the_device_reports(make_hub: Any) -> None:
+    hub = make_hub({"watched.py": EXECUTE_DAG})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("watched")
+    hub.tick()
+    work = hub.assignments_sent()[0].body
+    hub.send("a1", Accepted(work.assignment_id))
+    assert rows(hub, CallbackRequest) == []
+    hub.send("a1", Started(work.assignment_id, hub.clock.now()))
+    hub.send("a1", Started(work.assignment_id, hub.clock.now()))  # a duplicate does not ask twice
+    hub.send("a1", Result(work.assignment_id, 1, "success", {}))
+    assert [(r.kind, r.task_id, r.payload["reason"]) for r in rows(hub, CallbackRequest)] == [("task_execute", "flash", "running"), ("task_success", "flash", "success")]
+    assert states(hub, run_pk) == {"flash": "success"}
