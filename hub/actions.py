@@ -41,8 +41,10 @@ def trigger(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, dag
 
 
 def set_paused(sessions: sessionmaker[Session], dag_id: str, is_paused: bool) -> None:
-    """Pause or unpause a DAG: the scheduler creates no scheduled runs of a
-    paused DAG. It reads the flag on its next tick, so no event is needed."""
+    """Pause or unpause a DAG. As in Airflow, the scheduler creates no
+    scheduled runs of a paused DAG, starts none of its queued runs and no
+    new task instances of its running runs. It reads the flag on its next
+    tick, so no event is needed."""
     with transaction(sessions) as session:
         dag = session.get(Dag, dag_id)
         if dag is None:

@@ -40,7 +40,7 @@ class Page(BaseModel, Generic[T]):
 class DagPatch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    is_paused: bool = Field(description="True: the scheduler creates no scheduled runs of this DAG.")
+    is_paused: bool = Field(description="True: the scheduler creates no scheduled runs of this DAG, starts none of its queued runs and no new task instances of its running runs.")
 
 
 class TriggerRequest(BaseModel):
