@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -125,3 +126,37 @@ def test_work_for_an_offline_device_runs_when_it_returns(fleet: Any) -> None:
     assert run["state"] == "success"
     assert run["task_instances"][0]["output"] == {"echo": "late"}
     assert_exactly_once(f, run_pk)
+
+
+BATTERY = """
+from hub.sdk import DAG, AgentEvent, PythonOperator
+
+def react(dag_run=None):
+    return "dispatch a technician"
+
+with DAG("on_battery_low", schedule=[AgentEvent("battery_low")]) as dag:
+    PythonOperator(task_id="react", python_callable=react)
+"""
+
+
+def test_a_device_event_from_the_command_line_triggers_the_dag_scheduled_on_it(fleet: Any) -> None:
+    f = fleet({"battery.py": BATTERY})
+    f.start_all(1)
+    agent = f.agents["agent-1"]
+    emit = subprocess.run(
+        [sys.executable, "-m", "agent", "emit", "battery_low", "--data", '{"level": 0.08}', "--config", str(agent.folder / "agent.toml")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert emit.returncode == 0, emit.stderr
+    f.wait(lambda: any(r["run_type"] == "asset_triggered" for r in f.api("GET", "/runs", params={"dag_id": "on_battery_low"})["items"]), 30, "the asset-triggered run")
+    run_pk = next(r["id"] for r in f.api("GET", "/runs", params={"dag_id": "on_battery_low"})["items"])
+    assert f.wait_run(run_pk)["state"] == "success"
+    events = f.api("GET", "/assets/events", params={"uri": "agent-event://battery_low"})["items"]
+    assert [(e["source_agent_id"], e["extra"]) for e in events] == [("agent-1", {"level": 0.08})]
+    # The hub acknowledged it: the device's outbox lets it go.
+    def outbox_depth() -> int:
+        listing = subprocess.run([sys.executable, "-m", "agent", "queue", "ls", "--config", str(agent.folder / "agent.toml"), "-o", "json"],
+                                 capture_output=True, text=True, timeout=30)
+        return int(json.loads(listing.stdout)["outbox"]["depth"])
+
+    f.wait(lambda: outbox_depth() == 0, 20, "the event to be acknowledged")
