@@ -35,7 +35,7 @@ from typing import Any
 
 from firmware_jobs import registry as job_registry
 from hub.dag import DAG, AgentOperator, capture_dags, dags_in_module
-from hub import timetables
+from hub import templating, timetables
 from hub.errors import InvalidDag
 from shared.errors import InvalidParams, UnknownJobType
 
@@ -88,7 +88,8 @@ def _agent_param_sets(task: AgentOperator) -> list[tuple[str, dict[str, Any]]]:
     return [
         (f" (mapped params [{index}])", value)
         for source in sources if source is not None and "literal" in source
-        for index, value in enumerate(source["literal"]) if isinstance(value, dict)
+        # Values with templates are checked once rendered, at dispatch.
+        for index, value in enumerate(source["literal"]) if isinstance(value, dict) and not templating.has_templates(value)
     ]
 
 

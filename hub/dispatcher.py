@@ -82,7 +82,8 @@ class Dispatcher:
             task_id=ti.task_id,
             try_number=assignment.try_number,
             job_type=ti.job_type or "",
-            params=dict(ti.params or {}),
+            # Rendered params when the scheduler rendered them apart (a mapped instance's templates).
+            params=dict((ti.rendered_fields or {}).get("params", ti.params) or {}),
             map_index=ti.map_index,
             timeout=timeout,
         )

@@ -683,7 +683,7 @@ class Scheduler:
             session.flush()
             return existing
         for index, (instance, value) in enumerate(zip(existing, params)):
-            instance.map_index, instance.params = index, value
+            instance.map_index, instance.params, instance.rendered_fields = index, value, None
         for surplus in existing[len(params):]:
             surplus.state, surplus.ended_at = TaskState.REMOVED, now
         fresh = {"state": TaskState.NONE, "try_number": 0, "max_tries": int(task.get("retries", 0)) + 1, "agent_id": None, "output": None, "error": None,
@@ -748,6 +748,16 @@ class Scheduler:
                 ti.state, ti.ended_at, ti.error = TaskState.FAILED, now, exc.as_error()
                 return 0
             ti.rendered_fields = {"params": ti.params}
+        elif task.get("mapped") and templating.has_templates(ti.params):
+            # A mapped instance's own params (a mapped value with Jinja, say) are
+            # rendered for each try; ti.params keeps them unrendered for the next
+            # try, and the assignment carries the rendered ones (rendered_fields).
+            try:
+                rendered = render_agent_task(session, ti, {**task, "templates": {**(task.get("templates") or {}), "params": ti.params}}, native=bool(task.get("render_native")))
+            except templating.TemplateError as exc:
+                ti.state, ti.ended_at, ti.error = TaskState.FAILED, now, exc.as_error()
+                return 0
+            ti.rendered_fields = {"params": rendered}
         instances = [ti]
         if mode == "all" and ti.map_index < 0:
             ti.map_index = 0

@@ -654,3 +654,21 @@ def test_clearing_one_mapped_instance_reruns_it_with_its_value(make_hub: Any) ->
     clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk, task_ids=["add_one"], map_indexes=[1])
     hub.tick()
     assert [(ti.map_index, ti.try_number, ti.output) for ti in instances(hub, run_pk, "add_one")] == [(0, 1, 2), (1, 2, 3), (2, 1, 4)]
+
+
+def test_mapped_agent_params_with_templates_are_rendered_per_instance(make_hub: Any) -> None:
+    hub = make_hub({"tmpl.py": """
+from hub.dag import DAG, AgentOperator, any_agent
+with DAG("tmpl") as dag:
+    AgentOperator.partial(task_id="ping", job_type="noop", target=any_agent()).expand(
+        params=[{"echo": "{{ run_id }}/{{ map_index }}"}, {"echo": "plain"}])
+"""})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("tmpl")
+    hub.tick()
+    with hub.sessions() as session:
+        run_id = session.get(DagRun, run_pk).run_id
+    assert sorted(e.body.params["echo"] for e in hub.assignments_sent()) == [f"{run_id}/0", "plain"]
+    ping = instances(hub, run_pk, "ping")
+    assert ping[0].params == {"echo": "{{ run_id }}/{{ map_index }}"}  # kept for the next try
+    assert ping[0].rendered_fields == {"params": {"echo": f"{run_id}/0"}}
