@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import xcom
+from hub import asset_events, xcom
 from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped, capture_dags, dags_in_module
 from hub.db import make_engine, make_sessionmaker, transaction
 from hub.errors import InvalidDag
@@ -221,6 +221,12 @@ def build_context(runtime: WorkerRuntime, dag: DAG, task: Any, ti: TaskInstance,
     context.setdefault("try_number", ti.try_number)
     context.setdefault("clock", runtime.clock)  # sensors time their pokes with it
     context.setdefault("inlets", list(getattr(task, "inlets", None) or []))
+    # Airflow's triggering_asset_events: the asset events an asset-triggered run consumed, by URI.
+    if (run.triggered_by or {}).get("asset_event_ids"):
+        with runtime.sessions() as session:
+            context.setdefault("triggering_asset_events", asset_events.triggering_asset_events(session, run))
+    else:
+        context.setdefault("triggering_asset_events", {})
     context.update(extra or {})
     return context
 

@@ -126,8 +126,8 @@ def test_the_api_lists_assets_and_takes_events_from_external_producers(make_hub:
 DEVICE_DAGS = """
 from hub.sdk import DAG, AgentEvent, PythonOperator
 
-def react(dag_run=None):
-    return "charging"
+def react(triggering_asset_events):
+    return [(e["source_agent_id"], e["extra"]) for e in triggering_asset_events["agent-event://battery_low"]]
 
 with DAG("on_battery_low", schedule=[AgentEvent("battery_low")]) as on_battery_low:
     PythonOperator(task_id="react", python_callable=react)
@@ -149,6 +149,8 @@ def test_an_agent_event_is_an_asset_event_that_triggers_the_dags_scheduled_on_it
         runs = asset_runs(hub, "on_battery_low")
         assert len(runs) == 1 and runs[0].triggered_by == {"asset_event_ids": [recorded[0].id]} and runs[0].state == "success"
         assert list(triggering_asset_events(session, runs[0])) == ["agent-event://battery_low"]
+        # The task receives them too, as Airflow's triggering_asset_events.
+        assert [ti.output for ti in hub.tis(runs[0].id)] == [[["pump-7", {"level": 0.08}]]]
     assert [a.body.event_ids for a in hub.acks()] == [("ev-1",), ("ev-1",)]
     # Bad events are refused with a record, and acknowledged so they do not block the device's outbox.
     hub.send("pump-7", AgentEventBody("ev-2", "battery low!", {}))
