@@ -6,9 +6,13 @@ map index order. Real SQLite, manual clock, fake agents."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from hub.dag import DAG, AgentOperator, PythonOperator, any_agent, every_agent
@@ -672,3 +676,34 @@ with DAG("tmpl") as dag:
     ping = instances(hub, run_pk, "ping")
     assert ping[0].params == {"echo": "{{ run_id }}/{{ map_index }}"}  # kept for the next try
     assert ping[0].rendered_fields == {"params": {"echo": f"{run_id}/0"}}
+
+
+def test_expand_over_a_pushed_xcom_key(make_hub: Any) -> None:
+    hub = make_hub({"keys.py": """
+from hub.dag import DAG, PythonOperator
+
+def push(ti):
+    ti.xcom_push("files", [{"name": "a"}, {"name": "b"}])
+    return "done"
+
+with DAG("keys") as dag:
+    src = PythonOperator(task_id="push", python_callable=push)
+    PythonOperator.partial(task_id="each", python_callable=lambda name: name.upper()).expand(op_kwargs=src.output["files"])
+"""})
+    run_pk = hub.trigger("keys")
+    hub.tick()
+    assert [ti.output for ti in instances(hub, run_pk, "each")] == ["A", "B"]
+
+
+@given(st.lists(st.lists(st.integers(), max_size=4), min_size=1, max_size=3), st.integers(min_value=1, max_value=40))
+def test_expansion_is_the_cross_product_in_order_or_fails_over_the_cap(lists: list[list[int]], cap: int) -> None:
+    mapped = {"expand": {f"a{i}": {"literal": values} for i, values in enumerate(lists)}, "group": None}
+    total = math.prod(len(v) for v in lists)
+    if total > cap or any(len(v) > cap for v in lists):  # Airflow caps each mapped list; the product is capped too
+        with pytest.raises(MappingFailure) as err:
+            resolve_expansion(mapped, lambda t, k: (False, None), cap)
+        assert err.value.code == "max_map_length_exceeded"
+        return
+    values = resolve_expansion(mapped, lambda t, k: (False, None), cap)
+    assert len(values) == total
+    assert [tuple(v.values()) for v in values] == list(itertools.product(*lists))
