@@ -81,7 +81,7 @@ def trigger_run(
         # Two manual triggers in the same microsecond are two runs, not an error.
         run_id = next(f"{run_id}.{n}" for n in range(1, len(taken) + 2) if f"{run_id}.{n}" not in taken)
     # Queued first: it starts below, or later when max_active_runs allows.
-    interval_start, interval_end = data_interval or (when, when)
+    interval_start, interval_end = data_interval or _manual_interval(dag, when)
     run = DagRun(dag_id=dag_id, run_id=run_id, run_type=run_type, state=RunState.QUEUED, logical_date=when, conf=conf, created_at=now, queued_at=now,
                  dag_version_id=dag.latest_version_id,  # the run follows this version to its end
                  data_interval_start=interval_start, data_interval_end=interval_end, backfill_id=backfill_id, triggered_by=triggered_by,
@@ -114,6 +114,16 @@ def trigger_run(
     session.flush()
     start_queued_runs(session, now, {dag_id})
     return run
+
+
+def _manual_interval(dag: Dag, when: datetime) -> tuple[datetime, datetime]:
+    """Airflow's data interval for a run triggered by hand: the schedule's
+    last complete interval before it (the logical date alone without one)."""
+    try:
+        interval = timetables.from_dict((dag.structure or {}).get("timetable")).infer_manual_data_interval(when)
+    except InvalidDag:
+        return when, when
+    return interval.start, interval.end
 
 
 def start_queued_runs(session: Session, now: datetime, dag_ids: set[str] | None = None) -> list[DagRun]:

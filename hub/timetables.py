@@ -150,6 +150,10 @@ class Timetable:
     def serialize(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
+    def infer_manual_data_interval(self, run_after: datetime) -> DataInterval:
+        """The data interval of a run triggered by hand at ``run_after``."""
+        return DataInterval(run_after, run_after)
+
     def iter_intervals(self, earliest: datetime, latest: datetime) -> Iterator[DataInterval]:
         """Every data interval whose logical date (start) lies in
         ``[earliest, latest]``, oldest first (backfills)."""
@@ -220,6 +224,12 @@ class _IntervalTimetable(Timetable):
         if end_date is not None and start > _utc(end_date):
             return None
         return DagRunInfo.interval(start, self._get_next(start))
+
+    def infer_manual_data_interval(self, run_after: datetime) -> DataInterval:
+        # Airflow: the last complete interval before the trigger, so a manual
+        # run of a daily DAG at 01:00 covers yesterday.
+        end = self._align_to_prev(_utc(run_after))
+        return DataInterval(self._get_prev(end), end)
 
     def iter_intervals(self, earliest: datetime, latest: datetime) -> Iterator[DataInterval]:
         start = self._align_to_next(_utc(earliest))

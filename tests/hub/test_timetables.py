@@ -323,3 +323,14 @@ def test_without_catchup_a_long_downtime_creates_only_the_latest_interval(make_h
     manual_clock.set(utc(2026, 3, 29, 5, 10).timestamp())  # across the spring-forward gap
     hub.tick(rounds=1)
     assert [e for _, _, e in scheduled_runs(hub, "latest_only")] == [utc(2026, 3, 29, 0), utc(2026, 3, 29, 5)]
+
+
+def test_a_manual_run_covers_the_last_complete_interval(make_hub: Any) -> None:
+    assert timetable_for("@daily", AMS).infer_manual_data_interval(utc(2026, 3, 29, 1)) == DataInterval(utc(2026, 3, 27, 23), utc(2026, 3, 28, 23))
+    assert timetable_for(timedelta(hours=6)).infer_manual_data_interval(utc(2026, 1, 1, 5)) == DataInterval(utc(2025, 12, 31, 23), utc(2026, 1, 1, 5))
+    assert timetable_for(None).infer_manual_data_interval(utc(2026, 1, 1)) == DataInterval(utc(2026, 1, 1), utc(2026, 1, 1))
+    hub = make_hub({"scheduled.py": SCHEDULED})  # clock at 2026-01-01T00:00Z = 01:00 in Amsterdam
+    with hub.sessions() as session:
+        run = session.get(DagRun, hub.trigger("nightly"))
+        assert run.logical_date == utc(2026, 1, 1)  # the trigger time, as in Airflow
+        assert (run.data_interval_start, run.data_interval_end) == (utc(2025, 12, 30, 1), utc(2025, 12, 31, 1))
