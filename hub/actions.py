@@ -23,7 +23,7 @@ from hub.scheduler import start_queued_runs, trigger_run
 from hub.scheduling_options import DEFAULT_POOL
 from shared.clock import Clock, utcnow
 from shared.hlc import HybridClock
-from shared.states import RunState, TaskState
+from shared.states import FINISHED, RunState, TaskState
 
 _POOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
@@ -229,3 +229,35 @@ def delete_pool(sessions: sessionmaker[Session], name: str) -> None:
         if busy:
             raise Conflict(f"pool {name!r} has {busy} task instance(s) queued or running; delete it when they are done")
         session.delete(pool)
+
+
+def set_run_state(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str) -> list[dict[str, Any]]:
+    """Mark a whole run ``success`` or ``failed`` by hand (Airflow's "mark
+    DAG run as success/failed"). Success: every unfinished task instance
+    becomes ``success``. Failed: running ones become ``failed`` and those
+    not started yet ``skipped``. Open work on agents is cancelled; no
+    callback runs. Returns the instances changed, with their state before."""
+    if state not in (RunState.SUCCESS, RunState.FAILED):
+        raise InvalidRequest(f"a run can be marked success or failed, not {state!r}")
+    now = utcnow(clock)
+    with transaction(sessions) as session:
+        run, _tasks, instances = _select(session, run_pk, None, None, False, False)
+        unfinished = [ti for ti in instances if ti.state not in FINISHED]
+        affected = [_brief(ti) for ti in unfinished]
+        cancel_assignments(session, [ti.id for ti in unfinished if ti.kind == "agent"], now, _hlc(clock), f"the run was marked {state}")
+        for ti in unfinished:
+            if state == RunState.SUCCESS:
+                ti.state = TaskState.SUCCESS
+            else:
+                ti.state = TaskState.FAILED if ti.state in _STARTED else TaskState.SKIPPED
+            ti.ended_at, ti.next_try_at = now, None
+        run.state, run.ended_at = RunState(state), now
+        dag_id = run.dag_id
+        start_queued_runs(session, now, {dag_id})  # it may have held a max_active_runs slot
+    bus.emit(ev.OUTBOX_WRITTEN)
+    bus.emit(ev.RUN_FINISHED, dag_id=dag_id, run_pk=run_pk, state=state)
+    return affected
+
+
+#: Instances that ``set_run_state(failed)`` fails rather than skips: they had started.
+_STARTED = (TaskState.RUNNING, TaskState.DELIVERED, TaskState.DEVICE_OFFLINE)

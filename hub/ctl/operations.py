@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
 from hub.ctl.output import emit, fields, output_parent, page_note, table, when
 from hub.ctl.parsing import add_command, add_noun, paging_parent
@@ -31,10 +32,11 @@ def register_run_actions(verbs: Any) -> None:
     cmd.add_argument("run", type=int, metavar="RUN", help="the run's numeric id")
     cmd.add_argument("--only-failed", action="store_true", help="only rerun failed and upstream_failed instances")
 
-    cmd = add_command(verbs, "mark", "Set task instances to success, failed or skipped without running them.", mark,
-                      ["outpost runs mark 12 --task reboot --state success", "outpost runs mark 12 --task collect --state failed --downstream"], [out])
+    cmd = add_command(verbs, "mark", "Set task instances (or, without --task, the whole run) to success, failed or skipped without running them.", mark,
+                      ["outpost runs mark 12 --task reboot --state success", "outpost runs mark 12 --task collect --state failed --downstream",
+                       "outpost runs mark 12 --state failed"], [out])
     cmd.add_argument("run", type=int, metavar="RUN", help="the run's numeric id")
-    cmd.add_argument("--task", dest="tasks", action="append", required=True, metavar="TASK_ID", help="a task to mark (repeat for several)")
+    cmd.add_argument("--task", dest="tasks", action="append", metavar="TASK_ID", help="a task to mark (repeat for several); without it, the whole run")
     cmd.add_argument("--state", required=True, choices=("success", "failed", "skipped"), help="the new state")
     cmd.add_argument("--map-index", dest="map_indexes", action="append", type=int, metavar="N", help="only this map index of the named tasks (repeatable)")
     cmd.add_argument("--downstream", action="store_true", help="also mark every task downstream of the named ones")
@@ -81,6 +83,12 @@ def rerun(client: HubClient, args: argparse.Namespace) -> None:
 
 
 def mark(client: HubClient, args: argparse.Namespace) -> None:
+    if not args.tasks:
+        if args.state == "skipped" or args.map_indexes or args.downstream or args.upstream:
+            raise CtlError("without --task the whole run is marked: only --state success or failed, no --map-index, --downstream or --upstream", ExitCode.USAGE)
+        result = client.patch(f"/runs/{args.run}", {"state": args.state})
+        emit(args, result, lambda r: _affected(r, f"marked {args.state}"))
+        return
     body = {"task_ids": args.tasks, "state": args.state, "map_indexes": args.map_indexes,
             "include_downstream": args.downstream, "include_upstream": args.upstream}
     result = client.post(f"/runs/{args.run}/mark", body)

@@ -128,13 +128,14 @@ def run_detail(request: Request, run_pk: int) -> Response:
 
 
 #: The run page's operator actions: clear, rerun, mark (hub.actions).
-RUN_ACTIONS = ("clear", "rerun", "mark_success", "mark_failed")
+RUN_ACTIONS = ("clear", "rerun", "mark_success", "mark_failed", "mark_run_success", "mark_run_failed")
 
 
 @router.post("/runs/{run_pk}/action")
 async def run_action(request: Request, run_pk: int) -> Response:
     """Clear a task (optionally with its downstream tasks), mark it success or
-    failed, or rerun the whole run; then back to the run page (303)."""
+    failed, rerun the whole run or mark it success or failed; then back to
+    the run page (303)."""
     if not _same_origin(request):
         return _error_page(request, InvalidRequest("cross-site form posts are refused"), status=403)
     state = request.app.state
@@ -146,6 +147,8 @@ async def run_action(request: Request, run_pk: int) -> Response:
             raise InvalidRequest(f"unknown action {action!r}; one of {', '.join(RUN_ACTIONS)}")
         if action == "rerun":
             await run_in_threadpool(actions.clear, state.sessions, state.events, state.clock, run_pk)
+        elif action.startswith("mark_run_"):
+            await run_in_threadpool(actions.set_run_state, state.sessions, state.events, state.clock, run_pk, action.removeprefix("mark_run_"))
         elif not task_id:
             raise InvalidRequest("choose a task first")
         elif action == "clear":

@@ -165,3 +165,28 @@ def test_cli_pools_and_deadline_misses(cli: Cli) -> None:
     assert code == 3 and "pool_not_found" in err
     assert cli("deadline-misses", "list") == (0, "", "no deadline misses\n")
     assert cli.json("deadline-misses", "list", "--kind", "task_sla")["items"] == []
+
+
+def test_mark_a_whole_run(hub: Hub) -> None:
+    ids = hub.seeded
+    assert ids is not None
+    finished = hub.recorded("run_finished")
+    with hub.client() as client:
+        body = client.patch(f"/api/v1/runs/{ids.run_running}", json={"state": "failed"}).json()
+        assert error_of(client.patch(f"/api/v1/runs/{ids.run_running}", json={"state": "skipped"}), 422)["code"] == "invalid_request"
+        assert error_of(client.patch("/api/v1/runs/999", json={"state": "success"}), 404)["code"] == "run_not_found"
+    # The running fan-out instance fails, the task not started yet is skipped.
+    assert sorted((a["task_id"], a["state"]) for a in body["affected"]) == [("collect", "running"), ("summarise", "none")]
+    assert body["run"]["state"] == "failed" and body["run"]["ended_at"] is not None
+    assert sorted((t["task_id"], t["map_index"], t["state"]) for t in body["run"]["task_instances"]) == [
+        ("collect", 0, "success"), ("collect", 1, "failed"), ("summarise", -1, "skipped")]
+    assert finished == [{"dag_id": "fleet_health", "run_pk": ids.run_running, "state": "failed"}]
+
+
+def test_cli_marks_a_whole_run(cli: Cli, live_hub: tuple[Hub, str]) -> None:
+    ids = live_hub[0].seeded
+    assert ids is not None
+    code, out, err = cli("runs", "mark", str(ids.run_running), "--state", "success")
+    assert (code, out.splitlines()[0]) == (0, f"run {ids.run_running} (fleet_health): marked success 2 task instance(s); run is success"), err
+    code, _, err = cli("runs", "mark", str(ids.run_running), "--state", "skipped")
+    assert code == 2 and "only --state success or failed" in err

@@ -24,7 +24,7 @@ def test_run_page_offers_rerun_and_task_actions(hub: Hub) -> None:
     forms = [a for t, a in page.tags if t == "form"]
     assert [f["action"] for f in forms] == [f"/runs/{hub.seeded.run_running}/action"] * 2
     buttons = [a.get("value") for t, a in page.tags if t == "button" and a.get("name") == "action"]
-    assert buttons == ["clear", "mark_success", "mark_failed"]
+    assert buttons == ["rerun", "mark_run_success", "mark_run_failed", "clear", "mark_success", "mark_failed"]
     assert [a["value"] for t, a in page.tags if t == "option"] == ["collect", "summarise"]
 
 
@@ -40,6 +40,12 @@ def test_clear_with_downstream_then_rerun_from_the_run_page(hub: Hub) -> None:
         assert set(_states(hub, ids.run_running).values()) == {"none"}
         rerun = client.post(f"/runs/{ids.run_success}/action", data={"action": "rerun"}, headers=ORIGIN, follow_redirects=False)
         assert rerun.status_code == 303
+        failed = client.post(f"/runs/{ids.run_running}/action", data={"action": "mark_run_failed"}, headers=ORIGIN, follow_redirects=False)
+        assert failed.status_code == 303
+        assert set(_states(hub, ids.run_running).values()) == {"skipped"}
+        finished_page = Page(client.get(f"/runs/{ids.run_running}").text)
+        assert [a.get("value") for t, a in finished_page.tags if t == "button"][:1] == ["rerun"]
+        assert "mark_run_failed" not in [a.get("value") for t, a in finished_page.tags if t == "button"]
     with hub.sessions() as session:
         assert session.get(DagRun, ids.run_success).clear_number == 1
 

@@ -42,6 +42,12 @@ class MarkRequest(BaseModel):
     include_upstream: bool = False
 
 
+class RunPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    state: Literal["success", "failed"] = Field(description="Mark the whole run: success (its unfinished instances succeed) or failed (running ones fail, the rest are skipped).")
+
+
 class AffectedTaskInstance(BaseModel):
     id: int
     task_id: str
@@ -70,6 +76,13 @@ def clear_task_instances(run_pk: int, body: ClearRequest, sessions: Sessions, se
 def rerun(run_pk: int, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock, body: RerunRequest | None = None) -> dict[str, Any]:
     """Run the whole run again (every task instance cleared; the body may be omitted)."""
     affected = actions.clear(sessions, events, clock, run_pk, only_failed=(body or RerunRequest()).only_failed)
+    return {"affected": affected, "run": queries.get_run(session, run_pk)}
+
+
+@router.patch("/runs/{run_pk}", response_model=ActionResult, responses=_ERRORS)
+def mark_run(run_pk: int, body: RunPatch, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock) -> dict[str, Any]:
+    """Mark a whole run success or failed (Airflow's "mark DAG run as ...")."""
+    affected = actions.set_run_state(sessions, events, clock, run_pk, body.state)
     return {"affected": affected, "run": queries.get_run(session, run_pk)}
 
 
