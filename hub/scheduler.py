@@ -559,6 +559,9 @@ class Scheduler:
                 queued = self._dispatch_agent_task(session, ti, structures[run.id][ti.task_id], fleet, by_task, now)
                 if queued:
                     admission.charge(candidate.dag_id, candidate.pool, candidate.pool_slots, queued)
+                elif ti.state == TaskState.FAILED and task_callback(session, ti, TaskState.FAILED, now):
+                    # Failed before it was sent (a template or size error): still its failure.
+                    self._after_commit.append((ev.CALLBACKS_REQUESTED, {"dag_id": ti.dag_id, "run_pk": ti.run_pk}))
             changed |= ti.state != before
             self._replace_state(by_task[ti.task_id], before, ti.state)
         if to_wait:

@@ -431,3 +431,23 @@ def test_an_agent_tasks_execute_and_success_callbacks_are_requested_as_the_devic
     hub.send("a1", Result(work.assignment_id, 1, "success", {}))
     assert [(r.kind, r.task_id, r.payload["reason"]) for r in rows(hub, CallbackRequest)] == [("task_execute", "flash", "running"), ("task_success", "flash", "success")]
     assert states(hub, run_pk) == {"flash": "success"}
+
+
+TEMPLATE_FAIL_DAG = """
+from hub.dag import DAG, AgentOperator
+
+def alert(context):
+    pass
+
+with DAG("badtemplate") as dag:
+    AgentOperator(task_id="send", job_type="noop", params={"x": "{{ no_such_variable.attr }}"}, on_failure_callback=alert)
+"""
+
+
+def test_an_agent_task_that_fails_before_it_is_sent_requests_its_failure_callback(make_hub: Any) -> None:
+    hub = make_hub({"badtemplate.py": TEMPLATE_FAIL_DAG})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("badtemplate")
+    hub.scheduler.tick()
+    assert states(hub, run_pk) == {"send": "failed"}
+    assert [(r.kind, r.task_id) for r in rows(hub, CallbackRequest)] == [("task_failure", "send")]
