@@ -171,6 +171,8 @@ def _dag_summary(dag: Dag, last_run: DagRun | None) -> dict[str, Any]:
         "task_count": len((dag.structure or {}).get("tasks", [])),
         "last_run": None if last_run is None else {"id": last_run.id, "run_id": last_run.run_id, "state": last_run.state, "logical_date": last_run.logical_date},
         "next_run_at": dag.next_run_at,
+        "next_data_interval_start": dag.next_data_interval_start,
+        "next_data_interval_end": dag.next_data_interval_end,
         "last_parsed_at": dag.last_parsed_at,
     }
 
@@ -207,6 +209,10 @@ def _run(run: DagRun) -> dict[str, Any]:
         "created_at": run.created_at,
         "started_at": run.started_at,
         "ended_at": run.ended_at,
+        "data_interval_start": run.data_interval_start,
+        "data_interval_end": run.data_interval_end,
+        "backfill_id": run.backfill_id,
+        "triggered_by": run.triggered_by,
     }
 
 

@@ -70,6 +70,8 @@ class DagSummary(BaseModel):
     task_count: int
     last_run: LastRun | None
     next_run_at: datetime | None
+    next_data_interval_start: datetime | None = Field(None, description="Data interval of the next scheduled run: its logical date.")
+    next_data_interval_end: datetime | None = Field(None, description="End of that interval; the run is created then (next_run_at).")
     last_parsed_at: datetime | None
 
 
@@ -135,6 +137,10 @@ class RunSummary(BaseModel):
     ended_at: datetime | None
     task_counts: dict[str, int] = Field(description="Task instances per state.")
     dag_version_number: int | None = Field(None, description="The DAG version the run follows (null for runs from before versions).")
+    data_interval_start: datetime | None = Field(None, description="Start of the data the run covers (its logical date for a scheduled run).")
+    data_interval_end: datetime | None = Field(None, description="End of the data the run covers; a scheduled run is created at this time.")
+    backfill_id: int | None = Field(None, description="The backfill that created the run, if any.")
+    triggered_by: dict[str, Any] | None = Field(None, description='What triggered it beyond its run_type, e.g. {"asset_event_ids": [...]} for an asset-triggered run.')
 
 
 class RunDetail(RunSummary):
