@@ -23,7 +23,13 @@ scheduler needs nothing else: when the task may run it resolves the lists
 in ``TaskInstance.params``. A hub worker turns those back into an operator
 with :func:`unmap`; for an agent task they are the job's parameters
 (:func:`agent_params`). Zero values skip the task; more than
-``max_map_length`` fail it.
+``max_map_length`` fail it. A mapped task cleared as a whole expands again.
+
+A mapped task group (``@task_group`` ... ``.expand()``) marks every task in it
+with the group's ``expand`` and its id; the group's arguments reach a task as
+``group_args`` paths (``"op_kwargs.x"``, ``"params.host"``). Instance i of such
+a task waits only for instance i of its upstreams in the group, and pulling a
+group member's XCom gives instance i's value (:func:`same_group_index`).
 """
 
 from __future__ import annotations
