@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from hub import timetables
 from hub.dagbag import FileError, list_dag_files
 from hub.db import for_update
 from hub.models import Dag, DagImportError, DagVersion
@@ -336,8 +337,8 @@ class SerializedDagBag:
             row.fileloc = dag.fileloc
             row.description = dag.fields.get("description")
             schedule = dag.fields.get("schedule")
-            if row.schedule != schedule:
-                row.next_run_at = None  # recomputed by the scheduler
+            if row.schedule != schedule or timetables.schedule_changed(row.structure, dag.structure):
+                row.next_run_at = None  # recomputed by the scheduler (a new start date, time zone or catchup too)
             row.schedule = schedule
             row.tags = list(dag.fields.get("tags") or [])
             row.structure = dag.structure

@@ -27,7 +27,7 @@ from hub.timetables import (
     from_dict,
     timetable_for,
 )
-from shared.clock import ManualClock
+from shared.clock import ManualClock, utcnow
 from shared.states import RunState
 
 AMS = ZoneInfo("Europe/Amsterdam")
@@ -334,3 +334,26 @@ def test_a_manual_run_covers_the_last_complete_interval(make_hub: Any) -> None:
         run = session.get(DagRun, hub.trigger("nightly"))
         assert run.logical_date == utc(2026, 1, 1)  # the trigger time, as in Airflow
         assert (run.data_interval_start, run.data_interval_end) == (utc(2025, 12, 30, 1), utc(2025, 12, 31, 1))
+
+
+def test_a_changed_start_date_or_time_zone_recomputes_the_next_run(make_hub: Any, tmp_path: Any) -> None:
+    text = """
+from datetime import datetime
+from zoneinfo import ZoneInfo
+from hub.dag import DAG, AgentOperator
+with DAG("moving", schedule="@daily", start_date=datetime(2026, 6, 1, tzinfo=ZoneInfo("{tz}")), catchup=True) as dag:
+    AgentOperator(task_id="work", job_type="noop")
+"""
+    hub = make_hub({"moving.py": text.replace("{tz}", "UTC")})
+    hub.tick(rounds=1)
+
+    def next_interval() -> tuple[datetime | None, datetime | None]:
+        with hub.sessions() as session:
+            dag = session.get(Dag, "moving")
+            return dag.next_data_interval_start, dag.next_data_interval_end
+
+    assert next_interval() == (utc(2026, 6, 1), utc(2026, 6, 2))
+    (tmp_path / "dags" / "moving.py").write_text(text.replace("{tz}", "Asia/Tokyo"))
+    hub.scheduler.parse_dags(utcnow(hub.clock), force=True)
+    hub.tick(rounds=1)
+    assert next_interval() == (utc(2026, 5, 31, 15), utc(2026, 6, 1, 15))  # midnight in Tokyo
