@@ -113,11 +113,13 @@ class OperatorPartial:
         sources = {name: expand_source(self.task_id, name, value, agent=self.operator_class.kind == "agent") for name, value in mapped.items()}
         operator = self._build()
         for name, (source, _) in sources.items():
-            # An argument that is a dict (op_kwargs, templates_dict) takes a dict per instance.
-            if "literal" in source and isinstance(getattr(operator, name, None), dict):
+            # An argument that is a dict (op_kwargs) or a list (op_args) takes one per instance.
+            current = getattr(operator, name, None)
+            kind = dict if isinstance(current, dict) else list if isinstance(current, list) else None
+            if "literal" in source and kind is not None:
                 for item in source["literal"]:
-                    if not isinstance(item, dict):
-                        raise InvalidDag(f"task {self.task_id!r}: each value of expand({name}=...) must be a dict; got {_json_type(item)}")
+                    if not isinstance(item, kind):
+                        raise InvalidDag(f"task {self.task_id!r}: each value of expand({name}=...) must be a {kind.__name__}; got {_json_type(item)}")
         attach(operator, Mapping(expand={n: s for n, (s, _) in sources.items()}), [ref for _, ref in sources.values() if ref is not None])
         return operator
 
@@ -348,6 +350,8 @@ def unmap(operator: BaseOperator, values: dict[str, Any]) -> BaseOperator:
             setattr(clone, attr, {**current, key: value})
         elif isinstance(current, dict) and not isinstance(value, dict):
             raise InvalidDag(f"task {operator.task_id!r}: each value mapped to {attr!r} must be a dict; this instance's is {_json_type(value)}")
+        elif isinstance(current, list) and not isinstance(value, list):
+            raise InvalidDag(f"task {operator.task_id!r}: each value mapped to {attr!r} must be a list; this instance's is {_json_type(value)}")
         else:
             setattr(clone, attr, value)
     return clone

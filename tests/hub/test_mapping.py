@@ -79,6 +79,7 @@ def test_expand_serializes_literal_and_upstream_sources() -> None:
         (lambda: PythonOperator.partial(task_id="bad", python_callable=_add, op_kwargs={}).expand(op_kwargs=[{}]), "given to both partial() and expand()"),
         (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_kwargs=[object()]), "must be JSON"),
         (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_kwargs=[{"x": 1}, 2]), "each value of expand(op_kwargs=...) must be a dict"),
+        (lambda: PythonOperator.partial(task_id="bad", python_callable=_add).expand(op_args=[[1], 2]), "each value of expand(op_args=...) must be a list"),
         (lambda: PythonOperator.partial(task_id="bad", python_callabl=_add), "unknown argument(s) python_callabl"),
         (lambda: AgentOperator.partial(task_id="bad", params={}).expand(job_type=["a"]), "cannot map over 'job_type'"),
         (lambda: AgentOperator.partial(task_id="bad", job_type="noop").expand(params=[1, 2]), "each mapped 'params' must be a dict"),
