@@ -761,10 +761,12 @@ class Scheduler:
                 ti.state, ti.ended_at, ti.error = TaskState.FAILED, now, exc.as_error()
                 return 0
             ti.rendered_fields = {"params": ti.params}
-        elif task.get("mapped") and templating.has_templates(ti.params):
+        elif task.get("mapped") and (xcom_sources(task["mapped"]) or templating.has_templates(ti.params)):
             # A mapped instance's own params (a mapped value with Jinja, say) are
             # rendered for each try; ti.params keeps them unrendered for the next
             # try, and the assignment carries the rendered ones (rendered_fields).
+            # Rendering checks them against the job's schema too, which values
+            # from an upstream's output have not met yet (literals were, at parse).
             try:
                 rendered = render_agent_task(session, ti, {**task, "templates": {**(task.get("templates") or {}), "params": ti.params}}, native=bool(task.get("render_native")))
             except templating.TemplateError as exc:

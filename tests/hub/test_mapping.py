@@ -708,3 +708,19 @@ def test_expansion_is_the_cross_product_in_order_or_fails_over_the_cap(lists: li
     values = resolve_expansion(mapped, lambda t, k: (False, None), cap)
     assert len(values) == total
     assert [tuple(v.values()) for v in values] == list(itertools.product(*lists))
+
+
+def test_mapped_params_from_an_upstream_are_checked_against_the_job_schema_per_instance(make_hub: Any) -> None:
+    hub = make_hub({"hosts.py": """
+from hub.dag import DAG, AgentOperator, PythonOperator, any_agent
+with DAG("hosts") as dag:
+    listed = PythonOperator(task_id="hosts", python_callable=lambda: [{"echo": "ok"}, {"colour": "red"}])
+    AgentOperator.partial(task_id="ping", job_type="noop", target=any_agent()).expand(params=listed)
+"""})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("hosts")
+    hub.tick()
+    ping = instances(hub, run_pk, "ping")
+    assert [(ti.map_index, ti.state) for ti in ping] == [(0, "queued"), (1, "failed")]
+    assert "colour" in ping[1].error["message"]
+    assert [e.body.params for e in hub.assignments_sent()] == [{"echo": "ok"}]
