@@ -1,7 +1,8 @@
 """The dashboard: server-rendered pages over ``hub.queries``.
 
 Pages: ``/`` (DAGs and import errors), ``/dags/{dag_id}``, ``/runs``,
-``/runs/{run_pk}``, ``/agents``, ``/agents/{agent_id}``; actions
+``/runs/{run_pk}``, ``/agents``, ``/agents/{agent_id}``, ``/pools`` (pools
+and deadline misses); actions
 ``POST /dags/{dag_id}/trigger`` (303 to the new run) and
 ``POST /runs/{run_pk}/action`` (clear, rerun, mark; 303 back to the run). Jinja2 autoescapes
 every value, so device-supplied strings (hostnames, labels, outputs) are
@@ -38,6 +39,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub import actions, queries
+from hub import pools as pool_queries
 from hub.errors import HubError, InvalidRequest
 from shared.clock import utcnow
 
@@ -159,6 +161,16 @@ async def run_action(request: Request, run_pk: int) -> Response:
     except HubError as exc:
         return _error_page(request, exc)
     return _secure(RedirectResponse(f"/runs/{run_pk}", status_code=303))
+
+
+@router.get("/pools", response_class=HTMLResponse)
+def pool_list(request: Request) -> Response:
+    """Pools with their slots in use, and the latest missed SLAs and run timeouts."""
+    default_slots = int(getattr(request.app.state.settings, "default_pool_slots", 128))
+    with request.app.state.sessions() as session:
+        pools = pool_queries.list_pools(session, default_slots, limit=1000)
+        misses = pool_queries.list_deadline_misses(session, limit=50)
+    return _render(request, "pools.html", nav="pools", pools=pools, misses=misses)
 
 
 @router.get("/agents", response_class=HTMLResponse)

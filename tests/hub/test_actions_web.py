@@ -66,3 +66,28 @@ def test_bad_run_actions_are_refused_with_a_reason(hub: Hub, data: dict[str, str
         response = client.post(f"/runs/{hub.seeded.run_running}/action", data=data, headers=headers, follow_redirects=False)
     assert response.status_code == status and message in Page(response.text).all_text
     assert _states(hub, hub.seeded.run_running) == before
+
+
+def test_pools_page_lists_pools_and_deadline_misses(hub: Hub) -> None:
+    from datetime import timedelta
+
+    from hub import actions
+    from hub.db import transaction
+    from hub.models import DeadlineMiss
+    from shared.clock import to_datetime
+    from tests.hub.api_harness import START, XSS
+
+    assert hub.seeded is not None
+    actions.set_pool(hub.sessions, "uplink", 3, XSS)
+    t0 = to_datetime(START)
+    with transaction(hub.sessions) as session:
+        session.add(DeadlineMiss(run_pk=hub.seeded.run_running, dag_id="fleet_health", run_id="r", task_id="summarise", kind="task_sla",
+                                 deadline=t0 - timedelta(minutes=1), detected_at=t0, description="task summarise had not succeeded 60 s after its logical date (sla)"))
+    with hub.client() as client:
+        response = client.get("/pools")
+    assert response.status_code == 200
+    page = Page(response.text)
+    assert [a["data-pool"] for t, a in page.tags if t == "tr" and "data-pool" in a] == ["default_pool", "uplink"]
+    assert XSS in page.all_text and "<img" not in response.text.split("<main", 1)[1].split("uplink", 1)[1].split("</tr>", 1)[0]
+    assert "had not succeeded 60 s after its logical date" in page.all_text
+    assert ("a", {"href": f"/runs/{hub.seeded.run_running}"}) in [(t, {k: v for k, v in a.items() if k == "href"}) for t, a in page.tags if t == "a"]
