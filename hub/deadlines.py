@@ -87,8 +87,13 @@ def _task_slas(session: Session, run: DagRun, now: datetime, emitted: list[tuple
 
 
 def _record(session: Session, run: DagRun, task_id: str, kind: str, deadline: datetime, now: datetime, description: str, emitted: list[tuple[str, dict[str, Any]]]) -> None:
-    session.add(DeadlineMiss(run_pk=run.id, dag_id=run.dag_id, run_id=run.run_id, task_id=task_id, kind=kind, deadline=deadline,
-                             detected_at=now, description=description, notified_at=now))
+    # One row per run, task and kind: a run cleared after it timed out that
+    # times out again updates its row (and alerts again).
+    miss = session.scalar(select(DeadlineMiss).where(DeadlineMiss.run_pk == run.id, DeadlineMiss.task_id == task_id, DeadlineMiss.kind == kind))
+    if miss is None:
+        miss = DeadlineMiss(run_pk=run.id, dag_id=run.dag_id, run_id=run.run_id, task_id=task_id, kind=kind)
+        session.add(miss)
+    miss.deadline, miss.detected_at, miss.description, miss.notified_at = deadline, now, description, now
     emitted.append((ev.DEADLINE_MISSED, {"dag_id": run.dag_id, "run_pk": run.id, "run_id": run.run_id, "task_id": task_id, "kind": kind, "deadline": deadline.isoformat()}))
 
 

@@ -294,6 +294,20 @@ def test_dagrun_timeout_fails_the_run_skips_its_tasks_and_cancels_agent_work(mak
     hub.send("a1", Result(work.assignment_id, 1, "success", {}))
     assert [r.applied for r in rows(hub, TaskResult)] == [False]
     assert states(hub, run_pk)["work"] == "skipped"
+    # Cleared, the run gets its full time again, and a second timeout updates the record.
+    hub.agent_online("a1")
+    actions.clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk)
+    hub.tick()
+    assert run_of(hub, run_pk).state == "running" and states(hub, run_pk)["work"] == "queued"
+    hub.clock.advance(100)
+    hub.tick()
+    assert run_of(hub, run_pk).state == "running"
+    hub.clock.advance(30)
+    hub.tick()
+    assert run_of(hub, run_pk).state == "failed"
+    [again] = rows(hub, DeadlineMiss)
+    assert again.id == miss.id and again.deadline > miss.deadline
+    assert [e.body.reason for e in map(decode, (r.payload for r in rows(hub, OutboxMessage))) if isinstance(e.body, Cancel)] == ["the run timed out (dagrun_timeout)"] * 2
 
 
 OPS_DAG = """
