@@ -42,7 +42,7 @@ from hub import events as ev
 from hub.db import transaction
 from hub.events import EventBus
 from hub.lifecycle import finish_try
-from hub.models import CallbackRequest, TaskInstance
+from hub.models import CallbackRequest, DagRun, TaskInstance
 from hub.xcom import XComValueError, record_return
 from hub.worker import MAX_CALLBACK_ATTEMPTS, MAX_OUTPUT_BYTES, WorkerRuntime, execute_task, run_callback, worker_main
 from shared.clock import Clock, utcnow
@@ -56,7 +56,7 @@ __all__ = ["MAX_OUTPUT_BYTES", "LocalExecutor"]
 CALLBACK_TIMEOUT = 60.0
 #: Seconds between looks for callback requests written by other processes.
 CALLBACK_POLL_INTERVAL = 5.0
-#: Seconds a task runs before it is recorded as running (see _mark_running).
+#: Seconds a task runs before it is recorded as running (see _due_marks).
 MARK_RUNNING_AFTER = 0.1
 
 
@@ -69,6 +69,14 @@ class _Job:
     try_number: int | None = None  # known once the worker read the instance
     deadline: float | None = None  # time.monotonic() after which the worker is killed
     marked: bool = False  # recorded as running
+
+
+@dataclass
+class _Mark:
+    ti_id: int
+    try_number: int | None
+    started_at: datetime | None
+    pid: int
 
 
 @dataclass
@@ -124,7 +132,11 @@ class LocalExecutor:
         #: (time.monotonic()), so a worker that cannot start does not spin.
         self._respawn_after = 0.0
         self._dying: list[_Worker] = []
-        self._unrecorded: list[_Result] = []
+        #: Finished tries and "running" marks for the recorder thread.
+        self._recorder_cond = threading.Condition()
+        self._to_record: list[_Result] = []
+        self._to_mark: list[_Mark] = []
+        self._recorder: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = -1, -1
@@ -148,7 +160,9 @@ class LocalExecutor:
         self._stopping.clear()
         self._pool = [self._spawn() for _ in range(self.workers)]
         self._thread = threading.Thread(target=self._loop, name="hub-executor", daemon=True)
+        self._recorder = threading.Thread(target=self._record_loop, name="hub-executor-recorder", daemon=True)
         self._thread.start()
+        self._recorder.start()
 
     def stop(self, wait: bool = False) -> None:
         """Stop the workers and reap them. A task still running is
@@ -160,7 +174,11 @@ class LocalExecutor:
         self._stopping.set()
         self._wake()
         self._thread.join(30)
-        self._thread = None
+        with self._recorder_cond:
+            self._recorder_cond.notify_all()
+        if self._recorder is not None:
+            self._recorder.join(30)  # records what the workers finished before the stop
+        self._thread = self._recorder = None
         workers, self._pool, dying, self._dying = self._pool, [], self._dying, []
         for worker in workers:
             try:
@@ -220,7 +238,7 @@ class LocalExecutor:
         except Exception as exc:
             log.exception("hub task %s: executor failure", ti_id)
             try_number, outcome = None, {"kind": "failed", "error": {"code": "executor_error", "message": f"{type(exc).__name__}: {exc}", "retryable": True}}
-        self._record_tasks([_Result(ti_id, try_number, outcome, started_at, os.getpid())])
+        self._write([], [_Result(ti_id, try_number, outcome, started_at, os.getpid())])
 
     def run_callbacks_inline(self) -> int:
         """Run every pending callback request in this process; returns how
@@ -287,7 +305,7 @@ class LocalExecutor:
         moments += [w.job.since + MARK_RUNNING_AFTER for w in self._pool if w.job is not None and w.job.kind == "task" and not w.job.marked]
         moments += [w.kill_at for w in self._dying if w.kill_at is not None]
         timeout = min((m - now for m in moments), default=CALLBACK_POLL_INTERVAL)
-        if self._unrecorded or len(self._pool) < self.workers:
+        if len(self._pool) < self.workers:
             timeout = min(timeout, 1.0)
         return max(0.0, timeout)
 
@@ -329,8 +347,7 @@ class LocalExecutor:
                     pass
             except BlockingIOError:
                 pass
-        tasks: list[_Result] = self._unrecorded
-        self._unrecorded = []
+        tasks: list[_Result] = []
         callbacks: list[tuple[int, str | None]] = []
         dead: list[_Worker] = []
         for worker in self._pool:
@@ -378,9 +395,12 @@ class LocalExecutor:
             self._pool.remove(worker)
         self._fill_pool()
         self._reap(ready, now)
-        if tasks:
-            self._record_tasks(tasks)
-        self._mark_running(now)
+        marks = self._due_marks(now)
+        if tasks or marks:
+            with self._recorder_cond:
+                self._to_record.extend(tasks)
+                self._to_mark.extend(marks)
+                self._recorder_cond.notify()
         for callback_id, error in callbacks:
             self._record_callback(callback_id, error)
 
@@ -424,37 +444,59 @@ class LocalExecutor:
 
     # --- the DB side -------------------------------------------------------
 
-    def _mark_running(self, now: float) -> None:
-        """Record as running, in one transaction, the tasks that have been on
-        a worker for MARK_RUNNING_AFTER. A task that ends sooner goes from
-        queued to its final state in the one transaction that records it:
-        one commit per short task instead of two."""
-        due = [w for w in self._pool if w.job is not None and w.job.kind == "task" and not w.job.marked and now - w.job.since >= MARK_RUNNING_AFTER]
-        if not due:
-            return
-        try:
-            with transaction(self.sessions) as session:
-                rows = {ti.id: ti for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_([w.job.key for w in due if w.job is not None])))}
-                for worker in due:
-                    job = worker.job
-                    assert job is not None
-                    job.marked = True
-                    ti = rows.get(job.key)
-                    if ti is not None and ti.state == TaskState.QUEUED and job.try_number in (None, ti.try_number):
-                        ti.state, ti.started_at, ti.pid = TaskState.RUNNING, job.started_at, worker.pid
-        except Exception:
-            log.exception("could not record %d hub task(s) as running", len(due))
+    def _due_marks(self, now: float) -> list[_Mark]:
+        """Tasks on a worker for MARK_RUNNING_AFTER, to record as running. A
+        task that ends sooner goes from queued to its final state in the one
+        transaction that records it: one commit per short task, not two."""
+        marks = []
+        for worker in self._pool:
+            job = worker.job
+            if job is not None and job.kind == "task" and not job.marked and now - job.since >= MARK_RUNNING_AFTER:
+                job.marked = True
+                marks.append(_Mark(job.key, job.try_number, job.started_at, worker.pid))
+        return marks
 
-    def _record_tasks(self, results: list[_Result]) -> None:
-        """Record finished tries in one transaction, then announce them. A try
-        that is no longer current (cleared or marked meanwhile) is left as
-        the operator decided; if a new try of it is queued already, it runs."""
+    def _record_loop(self) -> None:
+        """The recorder thread: writes what the executor thread collected, all
+        of it in one transaction, so the executor thread keeps handing out
+        work while the database is busy, and results that arrive meanwhile
+        share the next commit (a wide DAG's tasks finish in batches)."""
+        while True:
+            with self._recorder_cond:
+                while not (self._to_record or self._to_mark or self._stopping.is_set()):
+                    self._recorder_cond.wait()
+                results, self._to_record = self._to_record, []
+                marks, self._to_mark = self._to_mark, []
+            if not results and not marks:
+                return  # stopping, and nothing left to write
+            if not self._write(marks, results):
+                with self._recorder_cond:
+                    self._to_record[:0] = results
+                if self._stopping.wait(1.0):
+                    log.error("hub executor stopping with %d result(s) unrecorded; their tasks are adopted at the next start", len(self._to_record))
+                    return
+
+    def _write(self, marks: list[_Mark], results: list[_Result]) -> bool:
+        """Record running marks and finished tries in one transaction, then
+        announce the finished ones. A try that is no longer current (cleared
+        or marked meanwhile) is left as the operator decided; if a new try
+        of it is queued already, it runs. Returns False if nothing could be
+        written (the caller tries again)."""
         now = utcnow(self.clock)
         callbacks_added = False
         requeue: list[int] = []
         try:
             with transaction(self.sessions) as session:
-                rows = {ti.id: ti for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_([r.ti_id for r in results])))}
+                ids = {m.ti_id for m in marks} | {r.ti_id for r in results}
+                rows = {ti.id: ti for ti in session.scalars(select(TaskInstance).where(TaskInstance.id.in_(list(ids))))}
+                # Their runs, loaded once and held (the session's identity map
+                # is weak): finish_try reads each instance's run, and found in
+                # the session it costs no query (nor an autoflush).
+                runs = session.scalars(select(DagRun).where(DagRun.id.in_({ti.run_pk for ti in rows.values()}))).all()
+                for mark in marks:
+                    ti = rows.get(mark.ti_id)
+                    if ti is not None and ti.state == TaskState.QUEUED and mark.try_number in (None, ti.try_number):
+                        ti.state, ti.started_at, ti.pid = TaskState.RUNNING, mark.started_at, mark.pid
                 for result in results:
                     ti = rows.get(result.ti_id)
                     if ti is None:
@@ -468,10 +510,10 @@ class LocalExecutor:
                     apply_outcome(ti, result.outcome, now)
                 session.flush()
                 callbacks_added = any(isinstance(o, CallbackRequest) for o in session.identity_map.values())
+                del runs
         except Exception:
-            log.exception("could not record %d hub task result(s); retrying", len(results))
-            self._unrecorded.extend(results)
-            return
+            log.exception("could not record %d hub task result(s) and %d running mark(s); retrying", len(results), len(marks))
+            return False
         with self._lock:
             self._known.difference_update(r.ti_id for r in results)
         if self._thread is not None:
@@ -481,6 +523,7 @@ class LocalExecutor:
             self.events.emit(ev.HUB_TASK_FINISHED, ti_id=result.ti_id)
         if callbacks_added:
             self._callbacks_wanted()
+        return True
 
     def _pending_callbacks(self) -> list[int]:
         with self.sessions() as session:

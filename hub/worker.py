@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import asset_events, xcom
@@ -238,19 +238,31 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _load(runtime: WorkerRuntime, ti_id: int) -> tuple[TaskInstance, DagRun, str] | None:
+# Built once: composing a statement costs more than running it, and a
+# worker runs this for every task.
+_LOAD = (
+    select(
+        TaskInstance,
+        DagRun,
+        func.coalesce(DagVersion.fileloc, Dag.fileloc),
+        exists().where(XCom.run_pk == TaskInstance.run_pk, XCom.task_id == TaskInstance.task_id, XCom.map_index == TaskInstance.map_index),
+    )
+    .join(DagRun, DagRun.id == TaskInstance.run_pk)
+    .outerjoin(DagVersion, DagVersion.id == DagRun.dag_version_id)
+    .outerjoin(Dag, Dag.dag_id == TaskInstance.dag_id)
+    .where(TaskInstance.id == bindparam("ti_id"))
+)
+
+
+def _load(runtime: WorkerRuntime, ti_id: int) -> tuple[TaskInstance, DagRun, str, bool] | None:
+    """The instance, its run, the DAG file it runs from, and whether it has
+    XComs already (pushed by an earlier try)."""
     with runtime.sessions() as session:
-        row = session.execute(
-            select(TaskInstance, DagRun, func.coalesce(DagVersion.fileloc, Dag.fileloc))
-            .join(DagRun, DagRun.id == TaskInstance.run_pk)
-            .outerjoin(DagVersion, DagVersion.id == DagRun.dag_version_id)
-            .outerjoin(Dag, Dag.dag_id == TaskInstance.dag_id)
-            .where(TaskInstance.id == ti_id)
-        ).one_or_none()
+        row = session.execute(_LOAD, {"ti_id": ti_id}).one_or_none()
         if row is None:
             return None
         session.expunge_all()
-        return row[0], row[1], row[2] or ""
+        return row[0], row[1], row[2] or "", bool(row[3])
 
 
 def execute_task(runtime: WorkerRuntime, ti_id: int, started_at: datetime, on_start: Callable[[int, float | None], None] | None = None) -> tuple[int | None, dict[str, Any]]:
@@ -268,12 +280,16 @@ def execute_task(runtime: WorkerRuntime, ti_id: int, started_at: datetime, on_st
     loaded = _load(runtime, ti_id)
     if loaded is None:
         return None, {"kind": "stale"}
-    ti, run, fileloc = loaded
+    ti, run, fileloc, has_xcoms = loaded
     if ti.state not in (TaskState.QUEUED, TaskState.RUNNING):
         return None, {"kind": "stale"}
     if on_start is not None:
         on_start(ti.try_number, ti.execution_timeout)
     ti.started_at = started_at
+    if has_xcoms:
+        # A try starts without the XComs an earlier try pushed (as in Airflow).
+        with transaction(runtime.sessions) as session:
+            xcom.clear(session, run_pk=ti.run_pk, task_id=ti.task_id, map_index=ti.map_index)
     return ti.try_number, _run(runtime, ti, run, fileloc)
 
 
@@ -293,7 +309,6 @@ def _run(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) ->
             task = unmap(task, ti.params or {})
         except InvalidDag as exc:
             return {"kind": "failed", "error": {"code": "unmappable_argument", "message": str(exc), "retryable": False}}
-    _clear_xcoms(runtime, ti)
     context = build_context(runtime, dag, task, ti, run)
     outcome: dict[str, Any] = {}
     is_sensor = isinstance(task, BaseSensorOperator)
@@ -313,17 +328,6 @@ def _run(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) ->
             found["sensor_started_at"] = context["sensor_started_at"]
         return {**outcome, **found}
     return {**outcome, "kind": "success", "output": result, "multiple_outputs": bool(getattr(task, "multiple_outputs", False))}
-
-
-def _clear_xcoms(runtime: WorkerRuntime, ti: TaskInstance) -> None:
-    """A try starts without the XComs an earlier try pushed (Airflow clears
-    them too). Looked up first: most tries have none, and a read costs no
-    write lock."""
-    with runtime.sessions() as session:
-        found = session.scalar(select(XCom.id).where(XCom.run_pk == ti.run_pk, XCom.task_id == ti.task_id, XCom.map_index == ti.map_index).limit(1))
-    if found is not None:
-        with transaction(runtime.sessions) as session:
-            xcom.clear(session, run_pk=ti.run_pk, task_id=ti.task_id, map_index=ti.map_index)
 
 
 def _exception_outcome(exc: BaseException, task: Any) -> dict[str, Any]:
