@@ -125,25 +125,7 @@ def create_backfill(
 ) -> tuple[Backfill, list[Skipped]]:
     """Create a backfill and its queued runs in the caller's transaction.
     Raises ``DagNotFound``, ``InvalidRequest`` or ``AlreadyRunningBackfill``."""
-    dag = session.get(Dag, dag_id)
-    if dag is None or not dag.is_active:
-        raise DagNotFound(f"DAG {dag_id!r} does not exist (or its file was removed); see 'outpost dags list'")
-    from_date, to_date = _aware(from_date, "from_date"), _aware(to_date, "to_date")
-    if from_date > to_date:
-        raise InvalidRequest(f"from_date {from_date.isoformat()} is after to_date {to_date.isoformat()}")
-    if to_date > now:
-        raise InvalidRequest(f"to_date {to_date.isoformat()} is in the future: a backfill covers past intervals only")
-    if reprocess_behavior not in REPROCESS_BEHAVIORS:
-        raise InvalidRequest(f"reprocess_behavior {reprocess_behavior!r} is not one of {', '.join(REPROCESS_BEHAVIORS)}")
-    if not isinstance(max_active_runs, int) or isinstance(max_active_runs, bool) or max_active_runs < 1:
-        raise InvalidRequest(f"max_active_runs must be a positive integer, not {max_active_runs!r}")
-    conf = {} if dag_run_conf is None else dag_run_conf
-    if not isinstance(conf, dict):
-        raise InvalidRequest("dag_run_conf must be a JSON object")
-    if run_backwards:
-        past = [t["task_id"] for t in (dag.structure or {}).get("tasks", []) if t.get("depends_on_past")]
-        if past:
-            raise InvalidRequest(f"run_backwards cannot be used: task(s) {', '.join(past)} of {dag_id!r} have depends_on_past=True")
+    dag, from_date, to_date, conf = _check(session, dag_id, from_date, to_date, now, max_active_runs, reprocess_behavior, run_backwards, dag_run_conf)
     running = session.scalar(select(Backfill.id).where(Backfill.dag_id == dag_id, Backfill.completed_at.is_(None)).limit(1))
     if running is not None:
         raise AlreadyRunningBackfill(f"backfill {running} of {dag_id!r} is still running; wait for it, or cancel it with 'outpost backfills cancel {running}'")
@@ -164,6 +146,44 @@ def create_backfill(
             data_interval=(interval.start, interval.end), backfill_id=backfill.id,
         )
     return backfill, skipped
+
+
+def dry_run(
+    session: Session, dag_id: str, from_date: datetime, to_date: datetime, now: datetime, *,
+    max_active_runs: int = DEFAULT_MAX_ACTIVE_RUNS, reprocess_behavior: str = "none", run_backwards: bool = False,
+    dag_run_conf: dict[str, Any] | None = None,
+) -> tuple[list[timetables.DataInterval], list[Skipped]]:
+    """What ``create_backfill`` would run and skip now, creating nothing
+    (Airflow's backfill dry run); same checks, same errors."""
+    dag, from_date, to_date, _ = _check(session, dag_id, from_date, to_date, now, max_active_runs, reprocess_behavior, run_backwards, dag_run_conf)
+    todo, skipped = plan(session, dag, from_date, to_date, reprocess_behavior)
+    return (list(reversed(todo)) if run_backwards else todo), skipped
+
+
+def _check(
+    session: Session, dag_id: str, from_date: datetime, to_date: datetime, now: datetime, max_active_runs: int,
+    reprocess_behavior: str, run_backwards: bool, dag_run_conf: dict[str, Any] | None,
+) -> tuple[Dag, datetime, datetime, dict[str, Any]]:
+    dag = session.get(Dag, dag_id)
+    if dag is None or not dag.is_active:
+        raise DagNotFound(f"DAG {dag_id!r} does not exist (or its file was removed); see 'outpost dags list'")
+    from_date, to_date = _aware(from_date, "from_date"), _aware(to_date, "to_date")
+    if from_date > to_date:
+        raise InvalidRequest(f"from_date {from_date.isoformat()} is after to_date {to_date.isoformat()}")
+    if to_date > now:
+        raise InvalidRequest(f"to_date {to_date.isoformat()} is in the future: a backfill covers past intervals only")
+    if reprocess_behavior not in REPROCESS_BEHAVIORS:
+        raise InvalidRequest(f"reprocess_behavior {reprocess_behavior!r} is not one of {', '.join(REPROCESS_BEHAVIORS)}")
+    if not isinstance(max_active_runs, int) or isinstance(max_active_runs, bool) or max_active_runs < 1:
+        raise InvalidRequest(f"max_active_runs must be a positive integer, not {max_active_runs!r}")
+    conf = {} if dag_run_conf is None else dag_run_conf
+    if not isinstance(conf, dict):
+        raise InvalidRequest("dag_run_conf must be a JSON object")
+    if run_backwards:
+        past = [t["task_id"] for t in (dag.structure or {}).get("tasks", []) if t.get("depends_on_past")]
+        if past:
+            raise InvalidRequest(f"run_backwards cannot be used: task(s) {', '.join(past)} of {dag_id!r} have depends_on_past=True")
+    return dag, from_date, to_date, conf
 
 
 def get_backfill(session: Session, backfill_id: int) -> Backfill:

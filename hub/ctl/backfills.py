@@ -22,7 +22,8 @@ def register(nouns: Any) -> None:
     cmd = add_command(verbs, "create", "Create a run for every interval of the DAG's schedule whose logical date is in [--from, --to].", create,
                       ["outpost backfills create fleet_health --from 2026-01-01 --to 2026-01-31",
                        "outpost backfills create fleet_health --from 2026-01-01 --to 2026-01-07 --max-active-runs 2 --reprocess failed",
-                       "outpost backfills create fleet_health --from 2026-01-01T00:00+01:00 --to 2026-01-03 --run-backwards --conf '{\"full\": true}'"], [out])
+                       "outpost backfills create fleet_health --from 2026-01-01T00:00+01:00 --to 2026-01-03 --run-backwards --conf '{\"full\": true}'",
+                       "outpost backfills create fleet_health --from 2026-01-01 --to 2026-01-31 --reprocess completed --dry-run"], [out])
     cmd.add_argument("dag_id", metavar="DAG_ID", help="a DAG with a cron or timedelta schedule")
     cmd.add_argument("--from", dest="from_date", required=True, metavar="DATE", help="earliest logical date, ISO 8601 (UTC unless it has an offset)")
     cmd.add_argument("--to", dest="to_date", required=True, metavar="DATE", help="latest logical date, ISO 8601; not in the future")
@@ -31,6 +32,7 @@ def register(nouns: Any) -> None:
                      help="intervals that already have a run: none skips them (default), failed reruns failed ones, completed reruns all")
     cmd.add_argument("--run-backwards", action="store_true", help="start the newest interval first")
     cmd.add_argument("--conf", default="{}", metavar="JSON", help="run configuration of every run (a JSON object)")
+    cmd.add_argument("--dry-run", action="store_true", help="list the intervals it would run and skip; create nothing")
 
     cmd = add_command(verbs, "list", "List backfills, newest first.", list_backfills,
                       ["outpost backfills list", "outpost backfills list --dag fleet_health --active -o json"], [out, paging_parent()])
@@ -70,6 +72,14 @@ def create(client: HubClient, args: argparse.Namespace) -> int:
         "dag_id": args.dag_id, "from_date": args.from_date, "to_date": args.to_date, "max_active_runs": args.max_active_runs,
         "reprocess_behavior": args.reprocess, "run_backwards": args.run_backwards, "dag_run_conf": conf,
     }
+    if args.dry_run:
+        plan = client.post("/backfills/dry_run", body)
+        emit(args, plan, lambda p: table(
+            [*({"logical_date": i["logical_date"], "interval_end": i["data_interval_end"], "action": "run"} for i in p["intervals"]),
+             *({"logical_date": s["logical_date"], "interval_end": None, "action": f"skip ({s['reason']})"} for s in p["skipped"])],
+            [("LOGICAL_DATE", lambda r: when(r["logical_date"])), ("INTERVAL_END", lambda r: when(r["interval_end"])), ("ACTION", lambda r: r["action"])],
+        ))
+        return ExitCode.OK
     backfill = client.post("/backfills", body)
     emit(args, backfill, backfill_text)
     if args.output == "table" and backfill.get("skipped"):

@@ -190,6 +190,16 @@ def test_backfills_through_the_cli(live_hub: tuple[Hub, str], capsys: pytest.Cap
         return code, out, err
 
     # fleet_health is hourly and already has a run at 22:00 (seeded).
+    code, out, err = outpost("backfills", "create", "fleet_health", "--from", "2025-12-31T20:00", "--to", "2025-12-31T23:00", "--dry-run")
+    assert code == 0, err
+    assert out.splitlines() == [
+        "LOGICAL_DATE          INTERVAL_END          ACTION",
+        "2025-12-31 20:00:00Z  2025-12-31 21:00:00Z  run",
+        "2025-12-31 21:00:00Z  2025-12-31 22:00:00Z  run",
+        "2025-12-31 23:00:00Z  2026-01-01 00:00:00Z  run",
+        "2025-12-31 22:00:00Z  -                     skip (already_exists)",
+    ]
+    assert outpost("backfills", "list", "-o", "json")[1].count('"id"') == 0  # a dry run creates nothing
     code, out, err = outpost("backfills", "create", "fleet_health", "--from", "2025-12-31T20:00", "--to", "2025-12-31T23:00", "--max-active-runs", "1")
     assert code == 0, err
     assert "status:          running\n" in out and "runs:            2 queued, 1 running\n" in out

@@ -72,6 +72,30 @@ def create_backfill(body: BackfillRequest, sessions: Sessions, events: Events, c
     return out
 
 
+class PlannedInterval(BaseModel):
+    logical_date: datetime
+    data_interval_start: datetime
+    data_interval_end: datetime
+
+
+class DryRunOut(BaseModel):
+    intervals: list[PlannedInterval] = Field(description="The runs the backfill would create, in the order it would start them.")
+    skipped: list[SkippedInterval] = Field(description="Intervals in the range that would get no run, with the reason.")
+
+
+@router.post("/backfills/dry_run", response_model=DryRunOut, responses={404: {"model": ErrorResponse, "description": "No such DAG."}})
+def dry_run_backfill(body: BackfillRequest, session: ReadSession, clock: HubClock) -> dict[str, Any]:
+    """What POST /backfills would create and skip right now; creates nothing."""
+    todo, skipped = backfills.dry_run(
+        session, body.dag_id, body.from_date, body.to_date, utcnow(clock), max_active_runs=body.max_active_runs,
+        reprocess_behavior=body.reprocess_behavior, run_backwards=body.run_backwards, dag_run_conf=body.dag_run_conf,
+    )
+    return {
+        "intervals": [{"logical_date": i.start, "data_interval_start": i.start, "data_interval_end": i.end} for i in todo],
+        "skipped": [{"logical_date": s.logical_date, "reason": s.reason} for s in skipped],
+    }
+
+
 @router.get("/backfills", response_model=Page[BackfillOut])
 def list_backfills(
     session: ReadSession,
