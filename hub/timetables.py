@@ -408,10 +408,8 @@ def describe(schedule: Any) -> str | None:
     """A short text for the ``dags.schedule`` column and listings."""
     if schedule is None:
         return None
-    if isinstance(schedule, str):
-        return schedule
-    text = timetable_for(schedule).summary
-    return text if len(text) <= 100 else text[:97] + "..."
+    text = schedule if isinstance(schedule, str) else timetable_for(schedule).summary
+    return text if len(text) <= 100 else text[:97] + "..."  # the column's width
 
 
 def parse_datetime(value: str | None) -> datetime | None:

@@ -4,7 +4,7 @@ daylight-saving changes (Europe/Amsterdam: 2026-03-29 02:00 CET jumps to
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -24,6 +24,7 @@ from hub.timetables import (
     OnceTimetable,
     Timetable,
     dag_schedule_options,
+    describe,
     from_dict,
     timetable_for,
 )
@@ -202,6 +203,16 @@ def test_cron_serializes_with_its_time_zone() -> None:
     assert timetable_for("@daily", AMS).serialize() == {"kind": "cron", "expression": "0 0 * * *", "timezone": "Europe/Amsterdam"}
     assert isinstance(timetable_for(None), NullTimetable) and isinstance(timetable_for("@once"), OnceTimetable)
     assert isinstance(timetable_for(timedelta(days=1)), DeltaTimetable) and isinstance(timetable_for("0 3 * * 1-5"), CronTimetable)
+
+
+def test_fixed_offset_and_utc_time_zones_round_trip() -> None:
+    plus_one = timezone(timedelta(hours=1))
+    tt = timetable_for("0 2 * * *", plus_one)
+    assert tt.serialize()["timezone"] == "+01:00" and from_dict(tt.serialize()).serialize() == tt.serialize()
+    info = tt.next_dagrun_info(None, utc(2026, 1, 1), True, datetime(2026, 1, 1, tzinfo=plus_one), None)
+    assert info is not None and info.data_interval.start == utc(2026, 1, 1, 1)
+    assert timetable_for("@daily", timezone.utc).serialize()["timezone"] == "UTC"
+    assert describe([Asset("s3://" + "x" * 200)]) is not None and len(describe([Asset("s3://" + "x" * 200)]) or "") == 100
 
 
 def test_backfill_intervals_are_those_whose_logical_date_is_in_the_range() -> None:
