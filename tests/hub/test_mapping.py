@@ -724,3 +724,81 @@ with DAG("hosts") as dag:
     assert [(ti.map_index, ti.state) for ti in ping] == [(0, "queued"), (1, "failed")]
     assert "colour" in ping[1].error["message"]
     assert [e.body.params for e in hub.assignments_sent()] == [{"echo": "ok"}]
+
+
+# Airflow's own documentation examples of dynamic task mapping, with only the
+# imports changed (and a timezone on start_date, which Outpost requires).
+AIRFLOW_EXAMPLES = """
+from datetime import datetime, timezone
+
+from hub.sdk import DAG, PythonOperator, task, task_group
+
+with DAG(dag_id="example_dynamic_task_mapping", start_date=datetime(2022, 3, 4, tzinfo=timezone.utc)) as dag:
+
+    @task
+    def add_one(x: int):
+        return x + 1
+
+    @task
+    def sum_it(values):
+        total = sum(values)
+        print(f"Total was {total}")
+        return total
+
+    added_values = add_one.expand(x=[1, 2, 3])
+    sum_it(added_values)
+
+    @task
+    def add(x: int, y: int):
+        return x + y
+
+    added = add.partial(y=10).expand(x=[1, 2, 3])
+
+    @task
+    def make_list():
+        return [1, 2, {"a": "b"}, "str"]
+
+    @task
+    def consumer(arg):
+        return repr(arg)
+
+    consumer.expand(arg=make_list())
+
+    add.override(task_id="cross").expand(x=[1, 2], y=[10, 20])
+
+    @task
+    def convert_to_yaml(filename):
+        return filename.replace(".json", ".yaml")
+
+    @task_group
+    def file_transforms(filename):
+        return convert_to_yaml(filename)
+
+    @task
+    def join(names):
+        return ",".join(names)
+
+    join(file_transforms.expand(filename=["data1.json", "data2.json"]))
+
+    def print_kwargs(**kwargs):
+        return kwargs["x"]
+
+    PythonOperator.partial(task_id="classic", python_callable=print_kwargs).expand(op_kwargs=[{"x": 1}, {"x": 2}])
+"""
+
+
+def test_airflow_documentation_examples_port_by_changing_imports(make_hub: Any) -> None:
+    hub = make_hub({"airflow_examples.py": AIRFLOW_EXAMPLES})
+    run_pk = hub.trigger("example_dynamic_task_mapping")
+    hub.tick(rounds=8)
+    outputs = {}
+    for ti in hub.tis(run_pk):
+        outputs.setdefault(ti.task_id, []).append(ti.output)
+    assert outputs["sum_it"] == [9]
+    assert outputs["add"] == [11, 12, 13]
+    assert outputs["consumer"] == ["1", "2", "{'a': 'b'}", "'str'"]
+    assert outputs["cross"] == [11, 21, 12, 22]  # x=1 with y=10, 20, then x=2
+    assert outputs["file_transforms.convert_to_yaml"] == ["data1.yaml", "data2.yaml"]
+    assert outputs["join"] == ["data1.yaml,data2.yaml"]
+    assert outputs["classic"] == [1, 2]
+    assert run_state(hub, run_pk) == "success"
