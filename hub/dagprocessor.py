@@ -38,6 +38,7 @@ from hub import timetables
 from hub.dagbag import FileError, list_dag_files
 from hub.db import for_update
 from hub.models import Dag, DagImportError, DagVersion
+from hub.scheduling_options import DEFAULT_MAX_ACTIVE_RUNS, DEFAULT_MAX_ACTIVE_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,9 @@ class SerializedDagBag:
             row.schedule = schedule
             row.tags = list(dag.fields.get("tags") or [])
             row.structure = dag.structure
+            # The DAG-wide limits as columns too, for queries and the API.
+            row.max_active_runs = int(dag.structure.get("max_active_runs") or DEFAULT_MAX_ACTIVE_RUNS)
+            row.max_active_tasks = int(dag.structure.get("max_active_tasks") or DEFAULT_MAX_ACTIVE_TASKS)
             row.is_active = True
             row.last_parsed_at = now
             session.flush()  # a new row before its first version (foreign key)

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from hub import actions
 from hub import events as ev
-from hub.models import Assignment, CallbackRequest, DagRun, DeadlineMiss, OutboxMessage, TaskInstance, TaskResult
+from hub.models import Assignment, CallbackRequest, Dag, DagRun, DeadlineMiss, OutboxMessage, TaskInstance, TaskResult
 from shared.envelope import decode
 from shared.messages import Accepted, Cancel, Result, Started
 
@@ -139,6 +139,9 @@ with DAG("serial", max_active_runs=1) as dag:
 
 def test_max_active_runs_queues_extra_runs_and_starts_them_by_logical_date(make_hub: Any) -> None:
     hub = make_hub({"serial.py": SERIAL_DAG})
+    with hub.sessions() as session:
+        row = session.get(Dag, "serial")
+        assert (row.max_active_runs, row.max_active_tasks) == (1, 16)
     first = hub.trigger("serial")
     hub.clock.advance(1)
     second = hub.trigger("serial")
