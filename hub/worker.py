@@ -318,16 +318,37 @@ def _run(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) ->
         task = task.render_template_fields(context)
         context["task"] = context["ti"].task = task
         outcome["rendered_fields"] = getattr(task, "rendered_fields", None)
+        _call_hooks(task, "on_execute_callback", context)
+        pre_execute = getattr(task, "pre_execute", None)
+        if callable(pre_execute):
+            pre_execute(context)
         result = task.execute(context)
+        post_execute = getattr(task, "post_execute", None)
+        if callable(post_execute):
+            post_execute(context, result)
         xcom.check_value(result)
     except xcom.XComValueError as exc:
         return {**outcome, "kind": "failed", "error": exc.as_error()}
     except BaseException as exc:  # task code may raise anything, even SystemExit; the worker stays
         found = _exception_outcome(exc, task)
+        if found["kind"] == "skipped":
+            _call_hooks(task, "on_skipped_callback", context)
         if is_sensor and found["kind"] == "reschedule":
             found["sensor_started_at"] = context["sensor_started_at"]
         return {**outcome, **found}
     return {**outcome, "kind": "success", "output": result, "multiple_outputs": bool(getattr(task, "multiple_outputs", False))}
+
+
+def _call_hooks(task: Any, attribute: str, context: dict[str, Any]) -> None:
+    """Airflow's in-process callbacks (``on_execute_callback`` before
+    execute, ``on_skipped_callback`` when the task skips itself): one that
+    raises is logged and does not change the task's outcome, as in Airflow."""
+    hooks = getattr(task, attribute, None)
+    for hook in hooks if isinstance(hooks, (list, tuple)) else [hooks] if hooks is not None else []:
+        try:
+            hook(context)
+        except Exception as exc:
+            log.warning("%s of %s raised %s", attribute, getattr(task, "task_id", "?"), _describe(exc))
 
 
 def _exception_outcome(exc: BaseException, task: Any) -> dict[str, Any]:

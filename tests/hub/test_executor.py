@@ -84,6 +84,15 @@ def on_dag_success(context):
     with open(MARKER, "a") as f:
         f.write(f"dag|{context['dag_run'].run_id}|{context['reason']}\\n")
 
+def on_execute(context):
+    with open(MARKER, "a") as f:
+        f.write(f"execute|{context['ti'].task_id}\\n")
+    raise RuntimeError("a failing on_execute_callback is logged, not fatal")
+
+def on_skipped(context):
+    with open(MARKER, "a") as f:
+        f.write(f"skipped|{context['ti'].task_id}\\n")
+
 with DAG("exec", on_success_callback=on_dag_success) as dag:
     for name, fn in [("pid", pid), ("die", die), ("push", push), ("pull", pull), ("context", context), ("not_json", not_json),
                      ("too_big", too_big), ("skip", skip), ("fail_hard", fail_hard), ("reschedule", reschedule), ("boom", boom), ("exits", exits)]:
@@ -91,6 +100,9 @@ with DAG("exec", on_success_callback=on_dag_success) as dag:
     PythonOperator(task_id="nap", python_callable=nap, op_kwargs={"seconds": 30})
     PythonOperator(task_id="short_nap", python_callable=nap, op_kwargs={"seconds": 0.5})
     PythonOperator(task_id="bad_cb", python_callable=boom, on_failure_callback=bad_callback)
+    PythonOperator(task_id="hooked", python_callable=pid, on_execute_callback=on_execute)
+    hooked_skip = PythonOperator(task_id="hooked_skip", python_callable=skip, on_execute_callback=[on_execute])
+    hooked_skip.on_skipped_callback = on_skipped  # Airflow 2.7's; not an Outpost operator argument
 '''
 
 
@@ -420,3 +432,12 @@ def test_a_new_try_starts_without_the_xcoms_of_the_last(env: Env, manual_clock: 
     with env.sessions() as session:
         keys = sorted(session.scalars(select(XCom.key).where(XCom.task_id == "push")))
     assert keys == ["extra"]
+
+
+def test_on_execute_and_on_skipped_callbacks_run_in_the_task_process(env: Env, manual_clock: ManualClock) -> None:
+    executor = LocalExecutor(env.sessions, manual_clock, env.events)
+    ids = env.add_tis("hooked", "hooked_skip")
+    for ti_id in ids:
+        executor.run_inline(ti_id)
+    assert [env.ti(i).state for i in ids] == ["success", "skipped"]
+    assert env.marker.read_text().splitlines() == ["execute|hooked", "execute|hooked_skip", "skipped|hooked_skip"]
