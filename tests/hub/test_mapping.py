@@ -802,3 +802,24 @@ def test_airflow_documentation_examples_port_by_changing_imports(make_hub: Any) 
     assert outputs["join"] == ["data1.yaml,data2.yaml"]
     assert outputs["classic"] == [1, 2]
     assert run_state(hub, run_pk) == "success"
+
+
+def test_a_partial_argument_may_be_an_upstream_output(make_hub: Any) -> None:
+    hub = make_hub({"p.py": """
+from hub.dag import DAG
+from hub.taskflow import task
+
+@task
+def base():
+    return 100
+
+@task
+def add(x, y):
+    return x + y
+
+with DAG("partial_xcom") as dag:
+    add.partial(y=base()).expand(x=[1, 2])
+"""})
+    run_pk = hub.trigger("partial_xcom")
+    hub.tick()
+    assert [ti.output for ti in instances(hub, run_pk, "add")] == [101, 102]
