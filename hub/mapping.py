@@ -249,10 +249,12 @@ def mappable_arguments(operator_class: type[BaseOperator]) -> frozenset[str]:
 class MappingFailure(Exception):
     """The mapped task cannot expand; ``state`` is what its instance becomes."""
 
-    def __init__(self, code: str, message: str, state: TaskState = TaskState.FAILED) -> None:
+    def __init__(self, code: str, message: str, state: TaskState = TaskState.FAILED, source: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.state = state
+        #: The upstream task whose output was missing, if that is the reason.
+        self.source = source
 
     def as_error(self) -> dict[str, Any]:
         return {"code": self.code, "message": str(self), "retryable": False}
@@ -303,7 +305,7 @@ def _values(source: dict[str, Any], name: str, fetch: XComFetcher, max_length: i
         found, value = fetch(task_id, key)
         if not found:
             raise MappingFailure(
-                "missing_upstream_xcom", f"{task_id!r} left no XCom {key!r} to map {name!r} over (it did not succeed)", TaskState.UPSTREAM_FAILED
+                "missing_upstream_xcom", f"{task_id!r} left no XCom {key!r} to map {name!r} over (it did not succeed)", TaskState.UPSTREAM_FAILED, task_id
             )
         if isinstance(value, dict):
             values = [[k, v] for k, v in value.items()]

@@ -823,3 +823,32 @@ with DAG("partial_xcom") as dag:
     run_pk = hub.trigger("partial_xcom")
     hub.tick()
     assert [ti.output for ti in instances(hub, run_pk, "add")] == [101, 102]
+
+
+def test_whatever_the_trigger_rule_a_mapped_task_waits_for_the_output_it_maps_over(make_hub: Any) -> None:
+    hub = make_hub({"always.py": """
+from hub.dag import DAG, AgentOperator, PythonOperator, any_agent
+with DAG("always") as dag:
+    src = AgentOperator(task_id="src", job_type="noop", target=any_agent())
+    PythonOperator.partial(task_id="m", python_callable=lambda x: x, trigger_rule="always").expand(op_kwargs=src)
+"""})
+    hub.agent_online("a1")
+    run_pk = hub.trigger("always")
+    hub.tick()
+    assert [(ti.map_index, ti.state) for ti in instances(hub, run_pk, "m")] == [(-1, "none")]  # not started unmapped
+    answer_assignments(hub, output=[{"x": 1}, {"x": 2}])
+    hub.tick()
+    assert [(ti.map_index, ti.output) for ti in instances(hub, run_pk, "m")] == [(0, 1), (1, 2)]
+
+
+def test_a_skipped_upstream_skips_the_task_mapping_over_it(make_hub: Any) -> None:
+    hub = make_hub({"skipsrc.py": """
+from hub.dag import DAG, PythonOperator
+with DAG("skipsrc") as dag:
+    src = PythonOperator.partial(task_id="src", python_callable=lambda x: [x]).expand(op_kwargs=[])
+    PythonOperator.partial(task_id="m", python_callable=lambda x: x, trigger_rule="none_failed").expand(op_kwargs=src)
+"""})
+    run_pk = hub.trigger("skipsrc")
+    hub.tick()
+    assert {ti.task_id: (ti.map_index, ti.state) for ti in hub.tis(run_pk)} == {"src": (-1, "skipped"), "m": (-1, "skipped")}
+    assert run_state(hub, run_pk) == "success"
