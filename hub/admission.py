@@ -9,7 +9,9 @@ as pure functions the scheduler feeds with counts from the database.
   One that does not fit is passed over, and smaller or lower-priority
   instances behind it may still start.
 - A DAG runs at most ``max_active_tasks`` instances at once, over all
-  its runs.
+  its runs; a task at most ``max_active_tis_per_dag`` over all runs and
+  ``max_active_tis_per_dagrun`` within one run (its mapped or fan-out
+  instances).
 - An instance naming a pool that does not exist fails (``unknown_pool``).
 
 ``effective_weights`` turns ``priority_weight`` and ``weight_rule`` into
@@ -39,6 +41,8 @@ class Verdict(StrEnum):
     POOL_FULL = "pool_full"
     #: The DAG already runs max_active_tasks instances.
     DAG_FULL = "dag_full"
+    #: The task already runs max_active_tis_per_dag (or _per_dagrun) instances.
+    TASK_FULL = "task_full"
     #: The pool does not exist: the instance fails.
     UNKNOWN_POOL = "unknown_pool"
 
@@ -58,6 +62,9 @@ class Candidate:
     map_index: int = -1
     #: Its state now: ``none`` or ``scheduled`` (already waiting for room).
     state: str = ""
+    #: The task's max_active_tis_per_dag and max_active_tis_per_dagrun (None: no limit).
+    max_per_dag: int | None = None
+    max_per_run: int | None = None
 
     def sort_key(self) -> tuple[Any, ...]:
         return (-self.priority_weight, self.logical_date, self.run_pk, self.task_id, self.map_index)
@@ -75,10 +82,16 @@ class Admission:
     pool_used: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     #: Instances queued or running per DAG now.
     dag_used: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: Instances queued or running per (dag_id, task_id) and per (run_pk, task_id),
+    #: for the tasks that have max_active_tis_per_dag / _per_dagrun.
+    task_used: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    run_task_used: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
 
     def __post_init__(self) -> None:
         self.pool_used = defaultdict(int, self.pool_used)
         self.dag_used = defaultdict(int, self.dag_used)
+        self.task_used = defaultdict(int, self.task_used)
+        self.run_task_used = defaultdict(int, self.run_task_used)
 
     def verdict(self, c: Candidate) -> Verdict:
         size = self.pool_sizes.get(c.pool)
@@ -87,14 +100,21 @@ class Admission:
         limit = self.dag_limits.get(c.dag_id)
         if limit is not None and self.dag_used[c.dag_id] >= limit:
             return Verdict.DAG_FULL
+        if (c.max_per_dag is not None and self.task_used[(c.dag_id, c.task_id)] >= c.max_per_dag) or (
+            c.max_per_run is not None and self.run_task_used[(c.run_pk, c.task_id)] >= c.max_per_run
+        ):
+            return Verdict.TASK_FULL
         if size != UNLIMITED and self.pool_used[c.pool] + c.pool_slots > size:
             return Verdict.POOL_FULL
         return Verdict.ADMIT
 
-    def charge(self, dag_id: str, pool: str, pool_slots: int, instances: int = 1) -> None:
-        """Count ``instances`` started instances (a fleet fan-out starts several)."""
-        self.pool_used[pool] += pool_slots * instances
-        self.dag_used[dag_id] += instances
+    def charge(self, c: Candidate, instances: int = 1) -> None:
+        """Count ``instances`` started instances of ``c``'s task (a fleet
+        fan-out starts several)."""
+        self.pool_used[c.pool] += c.pool_slots * instances
+        self.dag_used[c.dag_id] += instances
+        self.task_used[(c.dag_id, c.task_id)] += instances
+        self.run_task_used[(c.run_pk, c.task_id)] += instances
 
     def open_slots(self, pool: str) -> int | None:
         size = self.pool_sizes.get(pool)
@@ -114,7 +134,7 @@ def select(candidates: Iterable[Candidate], admission: Admission) -> list[tuple[
     for c in ordered(candidates):
         verdict = admission.verdict(c)
         if verdict == Verdict.ADMIT:
-            admission.charge(c.dag_id, c.pool, c.pool_slots)
+            admission.charge(c)
         decided.append((c, verdict))
     return decided
 

@@ -447,6 +447,8 @@ class BaseOperator(DependencyMixin):
         on_failure_callback: Callable[..., Any] | list[Callable[..., Any]] | None = None,
         on_retry_callback: Callable[..., Any] | list[Callable[..., Any]] | None = None,
         on_execute_callback: Callable[..., Any] | list[Callable[..., Any]] | None = None,
+        max_active_tis_per_dag: int | None = None,
+        max_active_tis_per_dagrun: int | None = None,
     ) -> None:
         self.__dict__.setdefault("_default_args", {})
         if not isinstance(task_id, str) or not _ID_RE.fullmatch(task_id):
@@ -484,6 +486,7 @@ class BaseOperator(DependencyMixin):
             "depends_on_past": depends_on_past, "retry_exponential_backoff": retry_exponential_backoff,
             "max_retry_delay": max_retry_delay, "sla": sla, "on_success_callback": on_success_callback,
             "on_failure_callback": on_failure_callback, "on_retry_callback": on_retry_callback, "on_execute_callback": on_execute_callback,
+            "max_active_tis_per_dag": max_active_tis_per_dag, "max_active_tis_per_dagrun": max_active_tis_per_dagrun,
         }
         for name, value in task_options(task_id, scheduling, defaults).items():
             setattr(self, name, value)

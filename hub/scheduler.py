@@ -480,7 +480,8 @@ class Scheduler:
                     if decision == Decision.RUN:
                         if run.dag_id in paused or (task.get("depends_on_past") and not past_ok(run, row.task_id)):
                             continue
-                        ready.append((Candidate(row.id, run.dag_id, row.pool, row.pool_slots, row.priority_weight, run.logical_date, run.id, row.task_id, row.map_index, row.state), run))
+                        ready.append((Candidate(row.id, run.dag_id, row.pool, row.pool_slots, row.priority_weight, run.logical_date, run.id, row.task_id, row.map_index, row.state,
+                                                task.get("max_active_tis_per_dag"), task.get("max_active_tis_per_dagrun")), run))
                         continue
                 ti = session.get(TaskInstance, row.id)
                 assert ti is not None
@@ -520,7 +521,7 @@ class Scheduler:
     ) -> tuple[list[int], bool]:
         """Start ready instances by priority within pool slots and each DAG's
         max_active_tasks (``hub.admission``); the rest wait as ``scheduled``."""
-        admission = self._admission(session, {c.dag_id for c, _ in ready})
+        admission = self._admission(session, [c for c, _ in ready])
         runs = {c.ti_id: run for c, run in ready}
         fleet = None
         hub_tasks: list[int] = []
@@ -530,7 +531,7 @@ class Scheduler:
             run = runs[candidate.ti_id]
             by_task = states_by_run[run.id]
             verdict = admission.verdict(candidate)
-            if verdict in (Verdict.POOL_FULL, Verdict.DAG_FULL):
+            if verdict in (Verdict.POOL_FULL, Verdict.DAG_FULL, Verdict.TASK_FULL):
                 # Its dependencies are met; it waits for a slot. One UPDATE for
                 # all of them, not an object each (a wide DAG has thousands).
                 if candidate.state != TaskState.SCHEDULED:
@@ -552,13 +553,13 @@ class Scheduler:
                 ti.next_try_at = None
                 ti.state, ti.queued_at = TaskState.QUEUED, now
                 hub_tasks.append(ti.id)
-                admission.charge(candidate.dag_id, candidate.pool, candidate.pool_slots)
+                admission.charge(candidate)
             else:
                 if fleet is None:
                     fleet = self.dispatcher.fleet_snapshot(session)
                 queued = self._dispatch_agent_task(session, ti, structures[run.id][ti.task_id], fleet, by_task, now)
                 if queued:
-                    admission.charge(candidate.dag_id, candidate.pool, candidate.pool_slots, queued)
+                    admission.charge(candidate, queued)
                 elif ti.state == TaskState.FAILED and task_callback(session, ti, TaskState.FAILED, now):
                     # Failed before it was sent (a template or size error): still its failure.
                     self._after_commit.append((ev.CALLBACKS_REQUESTED, {"dag_id": ti.dag_id, "run_pk": ti.run_pk}))
@@ -571,8 +572,10 @@ class Scheduler:
             )
         return hub_tasks, changed or bool(to_wait)
 
-    def _admission(self, session: Session, dag_ids: set[str]) -> Admission:
-        """Open capacity now: pool sizes, slots held, each DAG's limit and load."""
+    def _admission(self, session: Session, candidates: list[Candidate]) -> Admission:
+        """Open capacity now: pool sizes, slots held, each DAG's limit and load,
+        and the load of tasks with a per-task limit."""
+        dag_ids = {c.dag_id for c in candidates}
         sizes = {DEFAULT_POOL: self.default_pool_slots}
         sizes.update({name: slots for name, slots in session.execute(select(Pool.name, Pool.slots))})
         admission = Admission(sizes, {d: int(current_dag_spec(session, d).get("max_active_tasks") or DEFAULT_MAX_ACTIVE_TASKS) for d in dag_ids})
@@ -584,6 +587,17 @@ class Scheduler:
         for dag_id, pool, count, slots in held:
             admission.pool_used[pool] += int(slots)
             admission.dag_used[dag_id] += int(count)
+        limited = {(c.dag_id, c.task_id) for c in candidates if c.max_per_dag is not None or c.max_per_run is not None}
+        if limited:
+            per_task = session.execute(
+                select(TaskInstance.dag_id, TaskInstance.task_id, TaskInstance.run_pk, func.count())
+                .where(TaskInstance.state.in_([str(s) for s in OCCUPYING]), TaskInstance.dag_id.in_({d for d, _ in limited}),
+                       TaskInstance.task_id.in_({t for _, t in limited}))
+                .group_by(TaskInstance.dag_id, TaskInstance.task_id, TaskInstance.run_pk)
+            )
+            for dag_id, task_id, run_pk, count in per_task:
+                admission.task_used[(dag_id, task_id)] += int(count)
+                admission.run_task_used[(run_pk, task_id)] += int(count)
         return admission
 
     def _structures(self, session: Session, runs: list[DagRun]) -> dict[int, dict[str, dict[str, Any]]]:

@@ -51,6 +51,8 @@ def task_options(owner: str, given: Mapping[str, Any], defaults: Mapping[str, An
         "retry_exponential_backoff": _bool(where, "retry_exponential_backoff", pick("retry_exponential_backoff", False)),
         "max_retry_delay": _duration(where, "max_retry_delay", pick("max_retry_delay", _UNSET)),
         "sla": _duration(where, "sla", pick("sla", _UNSET)),
+        "max_active_tis_per_dag": _limit(where, "max_active_tis_per_dag", pick("max_active_tis_per_dag", None)),
+        "max_active_tis_per_dagrun": _limit(where, "max_active_tis_per_dagrun", pick("max_active_tis_per_dagrun", None)),
     }
     rule = options["weight_rule"]
     if not isinstance(rule, str) or rule.lower() not in WEIGHT_RULES:
@@ -86,6 +88,8 @@ def serialize_task_options(task: Any) -> dict[str, Any]:
         "retry_exponential_backoff": task.retry_exponential_backoff,
         "max_retry_delay": _secs(task.max_retry_delay),
         "sla": _secs(task.sla),
+        "max_active_tis_per_dag": task.max_active_tis_per_dag,
+        "max_active_tis_per_dagrun": task.max_active_tis_per_dagrun,
         "callbacks": [name for name in TASK_CALLBACKS if getattr(task, name)],
     }
 
@@ -108,6 +112,10 @@ def _int(where: str, name: str, value: Any, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise InvalidDag(f"{where}: {name} must be at least {minimum}, got {value}")
     return value
+
+
+def _limit(where: str, name: str, value: Any) -> int | None:
+    return None if value is None else _int(where, name, value, minimum=1)
 
 
 def _bool(where: str, name: str, value: Any) -> bool:

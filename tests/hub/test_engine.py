@@ -468,3 +468,31 @@ def test_an_agent_task_that_fails_before_it_is_sent_requests_its_failure_callbac
     hub.scheduler.tick()
     assert states(hub, run_pk) == {"send": "failed"}
     assert [(r.kind, r.task_id) for r in rows(hub, CallbackRequest)] == [("task_failure", "send")]
+
+
+LIMITED_DAG = """
+from hub.dag import DAG, PythonOperator
+
+def work(x):
+    return x
+
+with DAG("limited") as dag:
+    PythonOperator.partial(task_id="each", python_callable=work, max_active_tis_per_dagrun=2).expand(op_kwargs=[{"x": i} for i in range(5)])
+    PythonOperator(task_id="single", python_callable=work, op_kwargs={"x": 0}, max_active_tis_per_dag=1)
+"""
+
+
+def test_task_level_limits_per_run_and_over_runs(make_hub: Any) -> None:
+    hub = make_hub({"limited.py": LIMITED_DAG})
+    first = hub.trigger("limited")
+    hub.clock.advance(1)
+    second = hub.trigger("limited")
+    for _ in range(3):
+        hub.scheduler.tick()  # expand, then admit; nothing runs in between
+    for run_pk in (first, second):
+        each = [s for k, s in states(hub, run_pk).items() if k.startswith("each[")]
+        assert sorted(each) == ["queued", "queued", "scheduled", "scheduled", "scheduled"]
+    assert (states(hub, first)["single"], states(hub, second)["single"]) == ("queued", "scheduled")
+    for _ in range(8):
+        step(hub)
+    assert run_of(hub, first).state == "success" and run_of(hub, second).state == "success"

@@ -17,8 +17,10 @@ from hub.lifecycle import MAX_RETRY_DELAY, retry_delay_seconds
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def cand(ti_id: int, *, dag: str = "d", pool: str = "default_pool", slots: int = 1, weight: int = 1, day: int = 0) -> Candidate:
-    return Candidate(ti_id, dag, pool, slots, weight, T0 + timedelta(days=day), run_pk=day, task_id=f"t{ti_id}")
+def cand(ti_id: int, *, dag: str = "d", pool: str = "default_pool", slots: int = 1, weight: int = 1, day: int = 0,
+         task: str | None = None, per_dag: int | None = None, per_run: int | None = None) -> Candidate:
+    return Candidate(ti_id, dag, pool, slots, weight, T0 + timedelta(days=day), run_pk=day, task_id=task or f"t{ti_id}",
+                     map_index=ti_id, max_per_dag=per_dag, max_per_run=per_run)
 
 
 # (description, pools {name: size}, dag limits, held {pool: slots}, dag load, candidates, expected {ti_id: verdict})
@@ -40,6 +42,12 @@ ADMISSION_TABLE: list[tuple[str, dict[str, int], dict[str, int], dict[str, int],
     ("another DAG's limit does not apply", {"default_pool": 128}, {"d": 1}, {}, {"d": 1},
      [cand(1), cand(2, dag="e")], {1: Verdict.DAG_FULL, 2: Verdict.ADMIT}),
     ("pools are separate", {"a": 1, "b": 1}, {}, {"a": 1}, {}, [cand(1, pool="a"), cand(2, pool="b")], {1: Verdict.POOL_FULL, 2: Verdict.ADMIT}),
+    ("max_active_tis_per_dag counts the task in every run", {"default_pool": 128}, {}, {}, {},
+     [cand(1, task="t", per_dag=2, day=1), cand(2, task="t", per_dag=2, day=2), cand(3, task="t", per_dag=2, day=3), cand(4, task="u", day=1)],
+     {1: Verdict.ADMIT, 4: Verdict.ADMIT, 2: Verdict.ADMIT, 3: Verdict.TASK_FULL}),
+    ("max_active_tis_per_dagrun counts the task within its run", {"default_pool": 128}, {}, {}, {},
+     [cand(1, task="t", per_run=1, day=1), cand(2, task="t", per_run=1, day=1), cand(3, task="t", per_run=1, day=2)],
+     {1: Verdict.ADMIT, 2: Verdict.TASK_FULL, 3: Verdict.ADMIT}),
 ]
 
 
@@ -53,7 +61,7 @@ def test_admission(pools: dict[str, int], limits: dict[str, int], held: dict[str
 
 def test_a_fan_out_charges_every_instance() -> None:
     admission = Admission({"p": 4})
-    admission.charge("d", "p", 1, instances=3)
+    admission.charge(cand(9, pool="p"), instances=3)
     assert admission.verdict(cand(1, pool="p", slots=2)) == Verdict.POOL_FULL
     assert admission.open_slots("p") == 1
 
@@ -162,6 +170,8 @@ def test_scheduling_arguments_serialize_with_default_args() -> None:
         ({"max_retry_delay": -5}, "max_retry_delay must not be negative"),
         ({"on_failure_callback": "alert"}, "on_failure_callback must be a callable or a list of callables"),
         ({"pool": ""}, "pool must be a pool name"),
+        ({"max_active_tis_per_dag": 0}, "max_active_tis_per_dag must be at least 1"),
+        ({"max_active_tis_per_dagrun": "one"}, "max_active_tis_per_dagrun must be an integer"),
     ],
 )
 def test_bad_scheduling_arguments_name_the_task_and_argument(kwargs: dict[str, Any], message: str) -> None:
