@@ -89,9 +89,11 @@ class _Result:
 
 
 class _Worker:
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, process: Any, conn: Connection, lifeline: Connection) -> None:
         self.process = process
         self.conn = conn
+        #: Held open while the worker lives; closed (or the hub dead), it exits.
+        self.lifeline = lifeline
         self.job: _Job | None = None
         self.kill_at: float | None = None  # set once SIGTERM was sent
 
@@ -195,6 +197,7 @@ class LocalExecutor:
                 worker.process.kill()
                 worker.process.join(5)
             worker.conn.close()
+            worker.lifeline.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self._wake_r, self._wake_w = -1, -1
@@ -271,10 +274,12 @@ class LocalExecutor:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=worker_main, args=(child, self.db_url, self.sqlite_synchronous), name="outpost-hub-worker", daemon=True)
+        life_r, life_w = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(target=worker_main, args=(child, life_r, self.db_url, self.sqlite_synchronous), name="outpost-hub-worker", daemon=True)
         process.start()
         child.close()
-        return _Worker(process, parent)
+        life_r.close()
+        return _Worker(process, parent, life_w)
 
     def _loop(self) -> None:
         next_callback_poll = 0.0
@@ -436,6 +441,7 @@ class LocalExecutor:
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 worker.process.join(0.1)
                 worker.conn.close()
+                worker.lifeline.close()
                 self._dying.remove(worker)
             elif worker.kill_at is not None and now >= worker.kill_at:
                 log.warning("hub worker %s ignored SIGTERM for %ss: SIGKILL", worker.pid, self.kill_grace)

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -469,20 +470,23 @@ def _dag_context(runtime: WorkerRuntime, dag: DAG, run: DagRun, extra: dict[str,
 # --- the worker process ------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker when the process that forked it (the
-    executor's fork server, which exits with the hub) dies, so a task never
-    keeps running after its hub is gone and then runs again once adopted."""
-    try:
-        import ctypes
+def _die_with_hub(lifeline: Any) -> None:
+    """Exit the moment the hub is gone, even in the middle of a task: the
+    hub holds the other end of ``lifeline`` and never writes to it, so a
+    read returns only when the hub closed it or died. A task must not keep
+    running after its hub died: the next hub adopts it and runs it again."""
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    def watch() -> None:
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(70)
+
+    threading.Thread(target=watch, name="hub-lifeline", daemon=True).start()
 
 
-def worker_main(conn: Any, db_url: str, sqlite_synchronous: str) -> None:
+def worker_main(conn: Any, lifeline: Any, db_url: str, sqlite_synchronous: str) -> None:
     """A worker's loop: one request at a time until told to stop or the
     executor's end of the pipe closes.
 
@@ -490,11 +494,12 @@ def worker_main(conn: Any, db_url: str, sqlite_synchronous: str) -> None:
     ti_id, try_number, execution_timeout)`` (unless the instance is no longer
     queued) and then ``("task", ti_id, try_number, outcome)``; ``("callback", id)`` answered by ``("callback",
     id, error_or_None)``; ``None`` to stop."""
-    _die_with_parent()
+    _die_with_hub(lifeline)
     # Ctrl-C in a terminal reaches the whole process group; the hub decides
     # when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine = make_engine(db_url, sqlite_synchronous=sqlite_synchronous)
+    # One task at a time: two connections cover a task's reads and its XCom writes.
+    engine = make_engine(db_url, sqlite_synchronous=sqlite_synchronous, pool_size=2, max_overflow=2)
     runtime = WorkerRuntime(make_sessionmaker(engine))
     try:
         while True:

@@ -5,6 +5,9 @@ process, run callbacks, and leave no process behind."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -441,3 +444,42 @@ def test_on_execute_and_on_skipped_callbacks_run_in_the_task_process(env: Env, m
         executor.run_inline(ti_id)
     assert [env.ti(i).state for i in ids] == ["success", "skipped"]
     assert env.marker.read_text().splitlines() == ["execute|hooked", "execute|hooked_skip", "skipped|hooked_skip"]
+
+
+HUB_SCRIPT = """
+import os, signal, sys, time
+from hub.db import make_engine, make_sessionmaker
+from hub.events import EventBus
+from hub.executor import LocalExecutor
+from shared.clock import SystemClock
+
+if __name__ == "__main__":
+    executor = LocalExecutor(make_sessionmaker(make_engine(sys.argv[1])), SystemClock(), EventBus(), workers=2)
+    executor.start()
+    print(" ".join(map(str, executor.worker_pids())), flush=True)
+    executor.submit(int(sys.argv[2]))  # a task that naps for 30 s: its worker is busy, not waiting on its pipe
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_die_with_a_killed_hub(env: Env, tmp_path: Path) -> None:
+    """A hub killed with -9 leaves no worker running its tasks: the next
+    hub adopts them, and a task must never run twice at once."""
+    script = tmp_path / "hub_script.py"
+    script.write_text(HUB_SCRIPT)
+    url = str(env.sessions.kw["bind"].url)
+    [nap] = env.add_tis("nap")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), url, str(nap)], capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+    # The workers hold the script's stdout: had the busy one lived on, the run
+    # would have lasted the task's 30 s nap.
+    assert time.monotonic() - started < 20
+    assert env.ti(nap).state == "running"  # left for the next hub to adopt
