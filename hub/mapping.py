@@ -456,6 +456,9 @@ def _function_arguments(function: Callable[..., Any]) -> tuple[frozenset[str], b
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
+_PLACEHOLDER_MARK = "<mapped argument "
+
+
 class MappedArgument(str):
     """What a mapped task group's function receives for a mapped argument.
     Passed to a task inside the group (as a ``@task`` argument, an
@@ -468,7 +471,7 @@ class MappedArgument(str):
     name: str
 
     def __new__(cls, group_name: str, name: str) -> MappedArgument:
-        self = super().__new__(cls, f"<mapped argument {name!r} of task group {group_name!r}>")
+        self = super().__new__(cls, f"{_PLACEHOLDER_MARK}{name!r} of task group {group_name!r}>")
         self.group_name, self.name = group_name, name
         return self
 
@@ -548,13 +551,18 @@ def _take_mapped_arguments(task: BaseOperator) -> dict[str, str]:
             found.update({f"{attr}.{k}": v.name for k, v in value.items() if isinstance(v, MappedArgument)})
             setattr(task, attr, {k: v for k, v in value.items() if not isinstance(v, MappedArgument)})
         elif _contains_mapped(value):
-            raise InvalidDag(f"task {task.task_id!r}: a mapped group argument can only be a whole argument or a top-level value of a dict argument ({attr!r})")
+            raise InvalidDag(
+                f"task {task.task_id!r}: a mapped group argument can only be passed whole, as an argument or a top-level value of a dict "
+                f"argument, not inside a list or a formatted string ({attr!r}); format it inside a task"
+            )
     return found
 
 
 def _contains_mapped(value: Any) -> bool:
     if isinstance(value, MappedArgument):
         return True
+    if isinstance(value, str) and _PLACEHOLDER_MARK in value:
+        return True  # formatted into a string in the DAG file: its value only exists at run time
     if isinstance(value, dict):
         return any(_contains_mapped(v) for v in value.values())
     if isinstance(value, (list, tuple)):

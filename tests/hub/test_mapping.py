@@ -555,11 +555,17 @@ def test_invalid_mapped_group_is_an_invalid_dag() -> None:
     def nested(x: int) -> None:
         one.expand(x=[1, 2])
 
+    @task_group
+    def formatted(x: str) -> None:
+        one(f"file-{x}")
+
     with DAG("m"):
         with pytest.raises(InvalidDag, match=r"task group 'grp': expand\(\) got 'y'"):
             grp.expand(y=[1])
         with pytest.raises(InvalidDag, match=r"task 'nested.one': .*cannot be mapped itself"):
             nested.expand(x=[1])
+        with pytest.raises(InvalidDag, match=r"task 'formatted.one': a mapped group argument can only be passed whole"):
+            formatted.expand(x=["a"])
 
 
 AGENT_GROUP_DAG = """
