@@ -325,7 +325,12 @@ class LocalExecutor:
             self._send(worker, ("task", ti_id, worker.job.started_at))
         while idle and self._callbacks:
             callback_id = self._callbacks.popleft()
-            if not self._claim_callback(callback_id):
+            try:
+                claimed = self._claim_callback(callback_id)
+            except Exception:
+                log.exception("could not claim callback %s; it is tried again later", callback_id)
+                claimed = False
+            if not claimed:
                 self._callbacks_known.discard(callback_id)
                 continue
             worker = idle.pop()
