@@ -217,8 +217,16 @@ class _IntervalTimetable(Timetable):
                 return None
             start = earliest
         else:
-            # Aligned, so a changed schedule continues on its own boundaries.
-            start = self._align_to_prev(_utc(last_interval.end))
+            last_end = _utc(last_interval.end)
+            if self._get_next(_utc(last_interval.start)) == last_end:
+                # This schedule's own interval: the next one starts where it
+                # ended. (Airflow re-aligns here too, which across a DST change
+                # can step back before the end for a schedule such as
+                # "0 */6 * * *" and make two intervals overlap.)
+                start = last_end
+            else:
+                # A changed schedule continues on its own boundaries (Airflow).
+                start = self._align_to_prev(last_end)
             if earliest is not None:
                 start = max(start, earliest)
         if end_date is not None and start > _utc(end_date):

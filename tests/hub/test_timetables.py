@@ -9,6 +9,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from hub.assets import AgentEvent, Asset, AssetAll, AssetAny, Dataset
@@ -368,3 +370,44 @@ with DAG("moving", schedule="@daily", start_date=datetime(2026, 6, 1, tzinfo=Zon
     hub.scheduler.parse_dags(utcnow(hub.clock), force=True)
     hub.tick(rounds=1)
     assert next_interval() == (utc(2026, 5, 31, 15), utc(2026, 6, 1, 15))  # midnight in Tokyo
+
+
+# --- properties ----------------------------------------------------------------------
+
+ZONES = ["Europe/Amsterdam", "America/New_York", "Australia/Sydney", "Asia/Kolkata", "America/Santiago", "UTC"]
+CRONS = ["0 2 * * *", "30 1 * * *", "0 3 * * 0", "@hourly", "*/20 * * * *", "0 */6 * * *", "0 0 1 * *"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    cron=st.sampled_from(CRONS),
+    start=st.datetimes(min_value=datetime(2025, 1, 1), max_value=datetime(2026, 12, 31)),
+)
+def test_catchup_intervals_are_contiguous_increasing_and_on_the_schedule(zone: str, cron: str, start: datetime) -> None:
+    """Whatever the zone and its DST rules: each interval starts where the
+    last ended, time only moves forward, and a fixed-time daily schedule
+    fires once per local day, at its time (or just after a skipped hour)."""
+    tz = ZoneInfo(zone)
+    tt = timetable_for(cron, tz)
+    start_date = start.replace(tzinfo=tz)
+    last: DataInterval | None = None
+    starts: list[datetime] = []
+    for _ in range(40):
+        info = tt.next_dagrun_info(last, utc(2030, 1, 1), True, start_date, None)
+        assert info is not None
+        interval = info.data_interval
+        assert interval.start < interval.end and info.run_after == interval.end
+        assert interval.start >= start_date
+        if last is not None:
+            assert interval.start == last.end
+        starts.append(interval.start)
+        last = interval
+    if cron in ("0 2 * * *", "30 1 * * *"):
+        days = [s.astimezone(tz).date() for s in starts]
+        assert all((b - a).days == 1 for a, b in zip(days, days[1:])), days
+        wanted = (2, 0) if cron == "0 2 * * *" else (1, 30)
+        for s in starts:
+            local = s.astimezone(tz)
+            # At the wall time, or moved forward by a skipped hour (never back, never more than the gap).
+            assert (local.hour, local.minute) == wanted or (local.replace(tzinfo=None) - local.replace(hour=wanted[0], minute=wanted[1], tzinfo=None)) <= timedelta(hours=1)
