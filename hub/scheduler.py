@@ -205,6 +205,8 @@ class Scheduler:
     _after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: Each DAG's schedule as last seen, to notice a changed one.
     _schedule_fingerprints: dict[str, str] = field(default_factory=dict)
+    #: DAGs whose schedule has no next run (until their schedule changes).
+    _schedule_ended: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # Only events that can make a task ready wake the scheduler; a task
@@ -344,6 +346,7 @@ class Scheduler:
         fingerprint = json.dumps([structure.get(k) for k in ("timetable", "start_date", "end_date", "catchup")], sort_keys=True)
         if self._schedule_fingerprints.get(dag.dag_id, fingerprint) != fingerprint:
             dag.next_run_at = None
+            self._schedule_ended.discard(dag.dag_id)
         self._schedule_fingerprints[dag.dag_id] = fingerprint
         limit = int(structure.get("max_active_runs") or dag.max_active_runs or DEFAULT_MAX_ACTIVE_RUNS)
         if dag.max_active_runs != limit:
@@ -355,15 +358,18 @@ class Scheduler:
         # Recomputed when unknown, and without catchup whenever due: computed
         # before a pause or a downtime, it may no longer be the latest
         # complete interval, the only one that runs without catchup.
-        if dag.next_run_at is None or (not catchup and dag.next_run_at <= now):
+        if dag.next_run_at is None and dag.dag_id in self._schedule_ended:
+            return False  # @once done, or past end_date: nothing to compute every tick
+        stale = dag.next_data_interval_start is None or dag.next_data_interval_end is None  # e.g. set by a hub before data intervals
+        if dag.next_run_at is None or stale or (not catchup and dag.next_run_at <= now):
             last = self._last_automated_interval(session, dag.dag_id)
             # Without a start date, the schedule starts when the hub first sees
             # it (Airflow would run the latest complete interval at once).
             first = start_date if start_date is not None or last is not None else (dag.next_data_interval_start or now)
             self._store_next(dag, timetable.next_dagrun_info(last, now, catchup, first, end_date))
         created = False
-        while dag.next_run_at is not None and dag.next_run_at <= now and active < limit:
-            assert dag.next_data_interval_start is not None and dag.next_data_interval_end is not None
+        while dag.next_run_at is not None and dag.next_data_interval_start is not None and dag.next_data_interval_end is not None \
+                and dag.next_run_at <= now and active < limit:
             interval = timetables.DataInterval(dag.next_data_interval_start, dag.next_data_interval_end)
             exists = session.scalar(
                 select(DagRun.id).where(DagRun.dag_id == dag.dag_id, DagRun.run_type == "scheduled", DagRun.logical_date == interval.start).limit(1)
@@ -374,6 +380,8 @@ class Scheduler:
                 active += 1
                 created = True
             self._store_next(dag, timetable.next_dagrun_info(interval, now, catchup, start_date, end_date))
+        if dag.next_run_at is None:
+            self._schedule_ended.add(dag.dag_id)
         return created
 
     @staticmethod

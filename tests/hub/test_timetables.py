@@ -411,3 +411,34 @@ def test_catchup_intervals_are_contiguous_increasing_and_on_the_schedule(zone: s
             local = s.astimezone(tz)
             # At the wall time, or moved forward by a skipped hour (never back, never more than the gap).
             assert (local.hour, local.minute) == wanted or (local.replace(tzinfo=None) - local.replace(hour=wanted[0], minute=wanted[1], tzinfo=None)) <= timedelta(hours=1)
+
+
+def test_a_next_run_stored_without_its_interval_is_recomputed(make_hub: Any, manual_clock: ManualClock) -> None:
+    """A DAG row from a hub before data intervals has next_run_at alone."""
+    manual_clock.set(utc(2026, 3, 28, 12).timestamp())
+    hub = make_hub({"scheduled.py": SCHEDULED})
+    with transaction(hub.sessions) as session:
+        dag = session.get(Dag, "nightly")
+        dag.next_run_at, dag.next_data_interval_start, dag.next_data_interval_end = utc(2026, 3, 28, 1), None, None
+    hub.tick(rounds=1)
+    assert scheduled_runs(hub, "nightly") == [(utc(2026, 3, 27, 1), utc(2026, 3, 27, 1), utc(2026, 3, 28, 1))]
+
+
+def test_once_and_end_date_on_the_hub(make_hub: Any, manual_clock: ManualClock) -> None:
+    text = """
+from datetime import datetime, timezone
+from hub.dag import DAG, AgentOperator
+with DAG("once", schedule="@once", start_date=datetime(2025, 12, 31, 12, tzinfo=timezone.utc)) as once:
+    AgentOperator(task_id="work", job_type="noop")
+with DAG("ending", schedule="@daily", start_date=datetime(2025, 12, 29, tzinfo=timezone.utc),
+         end_date=datetime(2025, 12, 30, tzinfo=timezone.utc), catchup=True) as ending:
+    AgentOperator(task_id="work", job_type="noop")
+"""
+    hub = make_hub({"dags.py": text})
+    for _ in range(3):
+        hub.tick(rounds=1)
+        manual_clock.advance(86400)
+    assert scheduled_runs(hub, "once") == [(utc(2025, 12, 31, 12), utc(2025, 12, 31, 12), utc(2025, 12, 31, 12))]
+    assert [s for s, _, _ in scheduled_runs(hub, "ending")] == [utc(2025, 12, 29), utc(2025, 12, 30)]
+    with hub.sessions() as session:
+        assert [(d.next_run_at, d.next_data_interval_start) for d in session.scalars(select(Dag).order_by(Dag.dag_id))] == [(None, None), (None, None)]
