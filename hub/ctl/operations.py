@@ -134,13 +134,14 @@ def show_pool(client: HubClient, args: argparse.Namespace) -> None:
 
 
 def set_pool(client: HubClient, args: argparse.Namespace) -> None:
-    existing = client.get("/pools", limit=1000)["items"]
-    if any(p["name"] == args.name for p in existing):
-        body: dict[str, Any] = {"slots": args.slots}
-        if args.description is not None:
-            body["description"] = args.description
+    body: dict[str, Any] = {"slots": args.slots}
+    if args.description is not None:
+        body["description"] = args.description
+    try:
         pool = client.patch(f"/pools/{args.name}", body)
-    else:
+    except CtlError as exc:
+        if exc.exit_code != ExitCode.NOT_FOUND:
+            raise
         pool = client.post("/pools", {"name": args.name, "slots": args.slots, "description": args.description or ""})
     emit(args, pool, _pool_text)
 
