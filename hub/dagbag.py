@@ -38,6 +38,7 @@ from hub.dag import DAG, AgentOperator, capture_dags, dags_in_module
 from hub import templating, timetables
 from hub.errors import InvalidDag
 from shared.errors import InvalidParams, UnknownJobType
+from shared.clock import SystemClock
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,7 @@ def _main() -> int:
         if not line.strip():
             continue
         request = json.loads(line)
-        started_at = time.time()
+        started_at = SystemClock().now()  # wall time: compared with the hub's, across processes
         results = run_round(
             list(request["files"]), float(request["timeout"]), int(request.get("parallelism", 1)), int(request.get("memory_mb", 0)), request.get("folder"),
         )

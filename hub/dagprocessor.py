@@ -39,6 +39,7 @@ from hub.dagbag import FileError, list_dag_files
 from hub.db import for_update
 from hub.models import Dag, DagImportError, DagVersion
 from hub.scheduling_options import DEFAULT_MAX_ACTIVE_RUNS, DEFAULT_MAX_ACTIVE_TASKS
+from shared.clock import SystemClock
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class DagFileProcessor:
         # Each child is killed at its own deadline; this bounds the parse
         # process itself, should it ever hang.
         guard = self.timeout * math.ceil(len(files) / self.parallelism) + 60
-        started_wall, started = time.time(), time.perf_counter()
+        started_wall, started = SystemClock().now(), time.perf_counter()
         answer = ParseProcess.shared(self.executable).round(request, guard)
         try:
             results = {r["fileloc"]: r for r in answer["results"]}
