@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from hub import asset_events, timetables
 from hub import branching, templating
@@ -207,6 +207,8 @@ class Scheduler:
     _schedule_fingerprints: dict[str, str] = field(default_factory=dict)
     #: DAGs whose schedule has no next run (until their schedule changes).
     _schedule_ended: set[str] = field(default_factory=set)
+    #: Each DAG's parsed schedule, by (last_parsed_at, latest_version_id).
+    _schedule_cache: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Only events that can make a task ready wake the scheduler; a task
@@ -320,7 +322,11 @@ class Scheduler:
         creating there and goes on as runs finish. Then the runs of DAGs
         whose asset condition holds, and the bookkeeping of backfills."""
         created = False
-        stmt = skip_locked(select(Dag).where(Dag.schedule.is_not(None), Dag.is_active.is_(True), Dag.is_paused.is_(False)), session)
+        # The structure (all the tasks' JSON) is loaded only when the DAG was
+        # reparsed, not on every pass (see _schedule_of).
+        stmt = skip_locked(
+            select(Dag).options(defer(Dag.structure)).where(Dag.schedule.is_not(None), Dag.is_active.is_(True), Dag.is_paused.is_(False)), session
+        )
         dags = list(session.scalars(stmt))
         active = dict(
             session.execute(
@@ -338,17 +344,30 @@ class Scheduler:
         created |= self._complete_backfills(session, now)
         return created
 
-    def _schedule_dag(self, session: Session, dag: Dag, now: datetime, active: int) -> bool:
-        structure = dag.structure or {}
+    def _schedule_of(self, session: Session, dag: Dag) -> tuple[timetables.Timetable, datetime | None, datetime | None, bool, int | None, str]:
+        """The DAG's timetable, start and end dates, catchup, max_active_runs
+        and a fingerprint of them, read from its structure once per parse."""
+        stamp = (dag.last_parsed_at, dag.latest_version_id)
+        cached = self._schedule_cache.get(dag.dag_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        structure = session.scalar(select(Dag.structure).where(Dag.dag_id == dag.dag_id)) or {}
         timetable, start_date, end_date, catchup = timetables.structure_schedule(structure)
+        fingerprint = json.dumps([structure.get(k) for k in ("timetable", "start_date", "end_date", "catchup")], sort_keys=True)
+        limit = structure.get("max_active_runs")
+        schedule = (timetable, start_date, end_date, catchup, int(limit) if limit else None, fingerprint)
+        self._schedule_cache[dag.dag_id] = (stamp, schedule)
+        return schedule
+
+    def _schedule_dag(self, session: Session, dag: Dag, now: datetime, active: int) -> bool:
+        timetable, start_date, end_date, catchup, limit_in_file, fingerprint = self._schedule_of(session, dag)
         # A DAG whose schedule changed since its next run was computed gets a
         # new one (the DAG processor resets next_run_at too, when it can tell).
-        fingerprint = json.dumps([structure.get(k) for k in ("timetable", "start_date", "end_date", "catchup")], sort_keys=True)
         if self._schedule_fingerprints.get(dag.dag_id, fingerprint) != fingerprint:
             dag.next_run_at = None
             self._schedule_ended.discard(dag.dag_id)
         self._schedule_fingerprints[dag.dag_id] = fingerprint
-        limit = int(structure.get("max_active_runs") or dag.max_active_runs or DEFAULT_MAX_ACTIVE_RUNS)
+        limit = int(limit_in_file or dag.max_active_runs or DEFAULT_MAX_ACTIVE_RUNS)
         if dag.max_active_runs != limit:
             dag.max_active_runs = limit
         if not timetable.periodic and timetable.kind != "once":
