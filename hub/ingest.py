@@ -38,7 +38,7 @@ from hub import events as ev
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
 from hub.events import EventBus
-from hub.lifecycle import finish_try, task_callback
+from hub.lifecycle import CALLBACKS_FLAG, finish_try, task_callback
 from hub.models import AssetEvent, Assignment, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
@@ -170,6 +170,8 @@ class Ingester:
             for record in out.rejections:
                 record.received_at = now
                 session.add(record)
+            if session.info.pop(CALLBACKS_FLAG, False):
+                out.emitted.append((ev.CALLBACKS_REQUESTED, {}))  # the workers run them now, not at their next poll
         self._send_acks(out.acks, out.event_acks)
         for msg in batch:
             msg.ack()
@@ -308,8 +310,8 @@ class Ingester:
                 ti.state, ti.started_at = TaskState.RUNNING, now
                 out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "running"}))
                 # An agent task's on_execute_callback: when the device starts it.
-                if first_start and task_callback(session, ti, TaskState.RUNNING, now):
-                    out.emitted.append((ev.CALLBACKS_REQUESTED, {"dag_id": ti.dag_id, "run_pk": ti.run_pk}))
+                if first_start:
+                    task_callback(session, ti, TaskState.RUNNING, now)
         elif isinstance(body, Result):
             self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out, known)
 

@@ -34,6 +34,10 @@ OPEN_ASSIGNMENT_STATES = ("pending", "sent", "accepted", "started")
 #: Airflow's ceiling for an exponential retry delay (core.max_task_retry_delay): a day.
 MAX_RETRY_DELAY = 86400.0
 
+#: Set in ``session.info`` when a callback request was added in that session,
+#: so the caller can announce ``CALLBACKS_REQUESTED`` after its commit.
+CALLBACKS_FLAG = "outpost_callbacks_requested"
+
 #: CallbackRequest kinds, and the callback attribute each one calls.
 TASK_CALLBACK_KINDS = {
     "task_success": "on_success_callback", "task_retry": "on_retry_callback", "task_failure": "on_failure_callback",
@@ -117,6 +121,7 @@ def task_callback(session: Session, ti: TaskInstance, state: TaskState, now: dat
         dag_version_id=run.dag_version_id if run is not None else None, payload=payload, created_at=now, attempts=0,
     )
     session.add(request)
+    session.info[CALLBACKS_FLAG] = True
     return request
 
 
@@ -131,6 +136,7 @@ def dag_callback(session: Session, run: DagRun, kind: str, now: datetime, payloa
         dag_version_id=run.dag_version_id, payload=payload, created_at=now, attempts=0,
     )
     session.add(request)
+    session.info[CALLBACKS_FLAG] = True
     return request
 
 

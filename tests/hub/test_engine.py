@@ -496,3 +496,19 @@ def test_task_level_limits_per_run_and_over_runs(make_hub: Any) -> None:
     for _ in range(8):
         step(hub)
     assert run_of(hub, first).state == "success" and run_of(hub, second).state == "success"
+
+
+def test_ingestion_announces_the_callbacks_it_requested(make_hub: Any) -> None:
+    hub = make_hub({"watched.py": EXECUTE_DAG})
+    announced: list[dict[str, Any]] = []
+    hub.ingester.events.subscribe(ev.CALLBACKS_REQUESTED, lambda _n, data: announced.append(data))
+    hub.agent_online("a1")
+    hub.trigger("watched")
+    hub.tick()
+    work = hub.assignments_sent()[0].body
+    hub.send("a1", Accepted(work.assignment_id))
+    assert announced == []
+    hub.send("a1", Started(work.assignment_id, hub.clock.now()))
+    assert len(announced) == 1
+    hub.send("a1", Result(work.assignment_id, 1, "success", {}))
+    assert len(announced) == 2
