@@ -136,14 +136,14 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+def env(tmp_path: Path, hub_db_url: str) -> Iterator[Env]:
     # A path in the DAG file, not the environment: workers fork from a fork
     # server started once per process, whose environment is the one it had then.
     marker = tmp_path / "marker.txt"
     folder = tmp_path / "dags"
     folder.mkdir()
     (folder / "exec.py").write_text(DAG_FILE.replace("@MARKER@", str(marker)))
-    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    url = hub_db_url  # SQLite and PostgreSQL: workers write XComs from other processes
     upgrade(url)
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
@@ -468,7 +468,7 @@ def test_workers_die_with_a_killed_hub(env: Env, tmp_path: Path) -> None:
     hub adopts them, and a task must never run twice at once."""
     script = tmp_path / "hub_script.py"
     script.write_text(HUB_SCRIPT)
-    url = str(env.sessions.kw["bind"].url)
+    url = env.sessions.kw["bind"].url.render_as_string(hide_password=False)
     [nap] = env.add_tis("nap")
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(script), url, str(nap)], capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
