@@ -18,6 +18,7 @@ when the success (or the device's report) that caused it was committed.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -44,14 +45,29 @@ def get_or_create_asset(session: Session, uri: str, now: datetime) -> Asset:
     return asset
 
 
+#: (database, dag_id) -> ((last_parsed_at, latest_version_id), asset URIs the DAG is scheduled on).
+_uris_cache: dict[tuple[str, str], tuple[Any, frozenset[str]]] = {}
+_uris_lock = threading.Lock()
+
+
 def consumers(session: Session, uri: str) -> list[str]:
-    """Active DAGs whose asset schedule includes ``uri``."""
-    found: list[str] = []
-    for dag_id, structure in session.execute(select(Dag.dag_id, Dag.structure).where(Dag.is_active.is_(True), Dag.schedule.is_not(None))):
-        timetable = (structure or {}).get("timetable") or {}
-        if timetable.get("kind") == "assets" and uri in (timetable.get("uris") or []):
-            found.append(dag_id)
-    return sorted(found)
+    """Active DAGs whose asset schedule includes ``uri``. Each DAG's
+    structure is read once per parse, not on every event (a device may send
+    hundreds in a batch)."""
+    db = str(session.get_bind().engine.url)
+    rows = session.execute(select(Dag.dag_id, Dag.last_parsed_at, Dag.latest_version_id).where(Dag.is_active.is_(True), Dag.schedule.is_not(None))).all()
+    with _uris_lock:
+        stale = [r.dag_id for r in rows if _uris_cache.get((db, r.dag_id), (None,))[0] != (r.last_parsed_at, r.latest_version_id)]
+    if stale:
+        for dag_id, parsed, version, structure in session.execute(
+            select(Dag.dag_id, Dag.last_parsed_at, Dag.latest_version_id, Dag.structure).where(Dag.dag_id.in_(stale))
+        ):
+            timetable = (structure or {}).get("timetable") or {}
+            uris = frozenset(timetable.get("uris") or []) if timetable.get("kind") == "assets" else frozenset()
+            with _uris_lock:
+                _uris_cache[(db, dag_id)] = ((parsed, version), uris)
+    with _uris_lock:
+        return sorted(r.dag_id for r in rows if uri in _uris_cache.get((db, r.dag_id), (None, frozenset()))[1])
 
 
 def record_asset_event(
