@@ -1,7 +1,8 @@
 """``outpost``: the operator CLI, a thin client of the hub's REST API.
 
 Commands are ``outpost NOUN VERB``: ``dags`` (``dags.py``), ``runs``
-(``runs.py``), ``agents`` and ``import-errors`` (``agents.py``). Shared
+(``runs.py``), ``agents`` and ``import-errors`` (``agents.py``),
+``backfills`` and ``assets`` (``backfills.py``). Shared
 parts: ``output`` (``-o table|json``), ``http`` (the client), ``errors``
 (exit codes), ``parsing`` (help, examples, ``--hub``). It imports no
 SQLAlchemy or FastAPI, so it runs anywhere httpx does.
