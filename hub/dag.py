@@ -42,6 +42,7 @@ from typing import Any
 from hub import templating
 from hub.errors import InvalidDag
 from hub.params import Param, ParamsDict
+from hub.assets import check_uri
 from hub.timetables import dag_schedule_options, serialize_dag_schedule
 from hub.scheduling_options import dag_options, serialize_dag_options, serialize_task_options, task_options
 from shared.clock import SystemClock, utcnow
@@ -627,7 +628,10 @@ def _asset_uris(task_id: str, name: str, values: Iterable[Any] | None) -> list[s
         uri = value if isinstance(value, str) else getattr(value, "uri", None)
         if not isinstance(uri, str) or not uri:
             raise InvalidDag(f"task {task_id!r}: {name} must be assets or asset URIs, not {value!r}")
-        uris.append(uri)
+        try:
+            uris.append(check_uri(uri))
+        except InvalidDag as exc:
+            raise InvalidDag(f"task {task_id!r}: {name}: {exc}") from None
     return uris
 
 

@@ -163,3 +163,14 @@ def test_an_agent_event_is_an_asset_event_that_triggers_the_dags_scheduled_on_it
     assert [a.body.event_ids for a in hub.acks()][2:] == [("ev-2",), ("ev-3",), ("",)]
     hub.tick()
     assert len(asset_runs(hub, "on_battery_low")) == 1
+
+
+def test_a_bad_outlet_uri_is_a_dag_error_naming_the_task() -> None:
+    import pytest
+
+    from hub.dag import DAG, PythonOperator
+    from hub.errors import InvalidDag
+
+    with pytest.raises(InvalidDag, match="task 'write': outlets: asset URI 'airflow://x'"):
+        with DAG("bad_outlet"):
+            PythonOperator(task_id="write", python_callable=lambda: 1, outlets=["airflow://x"])
