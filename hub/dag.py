@@ -450,6 +450,7 @@ class BaseOperator(DependencyMixin):
         on_execute_callback: Callable[..., Any] | list[Callable[..., Any]] | None = None,
         max_active_tis_per_dag: int | None = None,
         max_active_tis_per_dagrun: int | None = None,
+        wait_for_downstream: bool | None = None,
     ) -> None:
         self.__dict__.setdefault("_default_args", {})
         if not isinstance(task_id, str) or not _ID_RE.fullmatch(task_id):
@@ -488,6 +489,7 @@ class BaseOperator(DependencyMixin):
             "max_retry_delay": max_retry_delay, "sla": sla, "on_success_callback": on_success_callback,
             "on_failure_callback": on_failure_callback, "on_retry_callback": on_retry_callback, "on_execute_callback": on_execute_callback,
             "max_active_tis_per_dag": max_active_tis_per_dag, "max_active_tis_per_dagrun": max_active_tis_per_dagrun,
+            "wait_for_downstream": wait_for_downstream,
         }
         for name, value in task_options(task_id, scheduling, defaults).items():
             setattr(self, name, value)

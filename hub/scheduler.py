@@ -505,7 +505,7 @@ class Scheduler:
                     if decision == Decision.WAIT:
                         continue
                     if decision == Decision.RUN:
-                        if run.dag_id in paused or (task.get("depends_on_past") and not past_ok(run, row.task_id)):
+                        if run.dag_id in paused or (task.get("depends_on_past") and not past_ok(run, row.task_id, tasks if task.get("wait_for_downstream") else None)):
                             continue
                         ready.append((Candidate(row.id, run.dag_id, row.pool, row.pool_slots, row.priority_weight, run.logical_date, run.id, row.task_id, row.map_index, row.state,
                                                 task.get("max_active_tis_per_dag"), task.get("max_active_tis_per_dagrun")), run))
@@ -910,14 +910,15 @@ class Scheduler:
 class _PastChecker:
     """``depends_on_past`` (Airflow's): an instance may start only if the
     same task in the run before (by logical date) succeeded or was skipped,
-    or there is no such run or task there. Previous runs are looked up once
-    per pass."""
+    or there is no such run or task there; with ``wait_for_downstream`` the
+    tasks immediately downstream of it there too. Previous runs are looked
+    up once per pass."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
         self._previous: dict[int, int | None] = {}
 
-    def __call__(self, run: DagRun, task_id: str) -> bool:
+    def __call__(self, run: DagRun, task_id: str, tasks: dict[str, dict[str, Any]] | None = None) -> bool:
         if run.id not in self._previous:
             self._previous[run.id] = self._session.scalar(
                 select(DagRun.id)
@@ -929,5 +930,8 @@ class _PastChecker:
         previous = self._previous[run.id]
         if previous is None:
             return True
-        states = self._session.scalars(select(TaskInstance.state).where(TaskInstance.run_pk == previous, TaskInstance.task_id == task_id)).all()
+        wanted = [task_id]
+        if tasks is not None:
+            wanted += [t for t, spec in tasks.items() if task_id in spec.get("upstream", ())]
+        states = self._session.scalars(select(TaskInstance.state).where(TaskInstance.run_pk == previous, TaskInstance.task_id.in_(wanted))).all()
         return all(state in (TaskState.SUCCESS, TaskState.SKIPPED) for state in states)

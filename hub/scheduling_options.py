@@ -48,12 +48,15 @@ def task_options(owner: str, given: Mapping[str, Any], defaults: Mapping[str, An
         "priority_weight": _int(where, "priority_weight", pick("priority_weight", 1)),
         "weight_rule": pick("weight_rule", "downstream"),
         "depends_on_past": _bool(where, "depends_on_past", pick("depends_on_past", False)),
+        "wait_for_downstream": _bool(where, "wait_for_downstream", pick("wait_for_downstream", False)),
         "retry_exponential_backoff": _bool(where, "retry_exponential_backoff", pick("retry_exponential_backoff", False)),
         "max_retry_delay": _duration(where, "max_retry_delay", pick("max_retry_delay", _UNSET)),
         "sla": _duration(where, "sla", pick("sla", _UNSET)),
         "max_active_tis_per_dag": _limit(where, "max_active_tis_per_dag", pick("max_active_tis_per_dag", None)),
         "max_active_tis_per_dagrun": _limit(where, "max_active_tis_per_dagrun", pick("max_active_tis_per_dagrun", None)),
     }
+    # Airflow: wait_for_downstream forces depends_on_past.
+    options["depends_on_past"] = options["depends_on_past"] or options["wait_for_downstream"]
     rule = options["weight_rule"]
     if not isinstance(rule, str) or rule.lower() not in WEIGHT_RULES:
         raise InvalidDag(f"{where}: weight_rule must be one of {', '.join(WEIGHT_RULES)}, got {rule!r}")
@@ -85,6 +88,7 @@ def serialize_task_options(task: Any) -> dict[str, Any]:
         "priority_weight": task.priority_weight,
         "weight_rule": task.weight_rule,
         "depends_on_past": task.depends_on_past,
+        "wait_for_downstream": task.wait_for_downstream,
         "retry_exponential_backoff": task.retry_exponential_backoff,
         "max_retry_delay": _secs(task.max_retry_delay),
         "sla": _secs(task.sla),

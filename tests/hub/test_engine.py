@@ -512,3 +512,28 @@ def test_ingestion_announces_the_callbacks_it_requested(make_hub: Any) -> None:
     assert len(announced) == 1
     hub.send("a1", Result(work.assignment_id, 1, "success", {}))
     assert len(announced) == 2
+
+
+WAIT_DAG = """
+from hub.dag import DAG, AgentOperator
+
+with DAG("chained") as dag:
+    AgentOperator(task_id="extract", job_type="noop", wait_for_downstream=True) >> AgentOperator(task_id="load", job_type="noop")
+"""
+
+
+def test_wait_for_downstream_also_waits_for_the_previous_runs_next_tasks(make_hub: Any) -> None:
+    hub = make_hub({"chained.py": WAIT_DAG})
+    hub.agent_online("a1")
+    first = hub.trigger("chained")
+    hub.tick()
+    hub.send("a1", Result(hub.assignments_sent()[-1].body.assignment_id, 1, "success", {}))
+    hub.tick()
+    assert states(hub, first) == {"extract": "success", "load": "queued"}
+    hub.clock.advance(1)
+    second = hub.trigger("chained")
+    hub.tick()
+    assert states(hub, second) == {"extract": "none", "load": "none"}  # the first run's "load" is not done
+    hub.send("a1", Result(hub.assignments_sent()[-1].body.assignment_id, 1, "success", {}))
+    hub.tick()
+    assert states(hub, second)["extract"] == "queued"

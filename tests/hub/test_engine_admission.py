@@ -156,6 +156,7 @@ def test_scheduling_arguments_serialize_with_default_args() -> None:
     }
     assert ta["callbacks"] == ["on_success_callback", "on_failure_callback"]
     assert tb["pool"] == "default_pool" and tb["weight_rule"] == "downstream" and tb["sla"] is None and tb["depends_on_past"] is False
+    assert ta["wait_for_downstream"] is False and ta["max_active_tis_per_dag"] is None
     assert a.on_success_callback == [_cb, _cb] and a.sla == timedelta(minutes=30)
 
 
@@ -171,6 +172,7 @@ def test_scheduling_arguments_serialize_with_default_args() -> None:
         ({"on_failure_callback": "alert"}, "on_failure_callback must be a callable or a list of callables"),
         ({"pool": ""}, "pool must be a pool name"),
         ({"max_active_tis_per_dag": 0}, "max_active_tis_per_dag must be at least 1"),
+        ({"wait_for_downstream": 1}, "wait_for_downstream must be True or False"),
         ({"max_active_tis_per_dagrun": "one"}, "max_active_tis_per_dagrun must be an integer"),
     ],
 )
@@ -185,3 +187,10 @@ def test_bad_dag_arguments() -> None:
         DAG("bad", max_active_tasks=0)
     with pytest.raises(InvalidDag, match="dagrun_timeout must be a timedelta"):
         DAG("bad", dagrun_timeout="soon")  # type: ignore[arg-type]
+
+
+def test_wait_for_downstream_implies_depends_on_past() -> None:
+    with DAG("w") as dag:
+        PythonOperator(task_id="t", python_callable=_noop, wait_for_downstream=True)
+    task = dag.serialize()["tasks"][0]
+    assert (task["wait_for_downstream"], task["depends_on_past"]) == (True, True)
