@@ -6,6 +6,8 @@ Prints, for this machine:
   end, per-link time, task instances per second;
 * wide: one run of N independent no-op hub tasks: wall time, task instances
   per second;
+* executor alone: N queued no-op hub tasks handed straight to the executor
+  (no scheduler), to separate the executor's cost from the scheduler's;
 * CPU seconds of the hub process (scheduler and executor threads) and of
   the worker processes, per 1,000 task instances.
 
@@ -13,7 +15,7 @@ The hub side is assembled as ``HubRuntime`` does (scheduler thread woken by
 events, executor thread, ``--workers`` worker processes) on a SQLite file in
 a temporary folder, with the hub's default durability (``--sync FULL``).
 
-Usage: python bench/hub_tasks.py [--chain 200] [--wide 1000] [--workers 4] [--sync FULL]
+Usage: python bench/hub_tasks.py [--chain 200] [--wide 1000] [--direct 1000] [--workers 4] [--sync FULL]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from hub.db import make_engine, make_sessionmaker, transaction, upgrade  # noqa:
 from hub.dispatcher import Dispatcher  # noqa: E402
 from hub.events import EventBus  # noqa: E402
 from hub.executor import LocalExecutor  # noqa: E402
+from hub.models import Dag, DagRun, TaskInstance  # noqa: E402
 from hub.scheduler import Scheduler, trigger_run  # noqa: E402
 from shared.clock import SystemClock, utcnow  # noqa: E402
 from shared.hlc import HybridClock  # noqa: E402
@@ -101,15 +104,76 @@ def run_one(folder: Path, dag_id: str, tasks: int, workers: int, sync: str) -> d
     return {"wall": wall, "hub_cpu": hub_cpu, "worker_cpu": worker_cpu}
 
 
+def run_direct(folder: Path, tasks: int, workers: int, sync: str) -> dict[str, float]:
+    """The executor alone: ``tasks`` queued no-op hub task instances handed
+    straight to it (no scheduler), timed until the last is recorded."""
+    url = f"sqlite:///{folder / 'direct.db'}"
+    upgrade(url)
+    engine = make_engine(url, sqlite_synchronous=sync)
+    sessions = make_sessionmaker(engine)
+    events = EventBus()
+    clock = SystemClock()
+    dags = folder / "direct"
+    dags.mkdir()
+    (dags / "bench_direct.py").write_text(WIDE.replace("bench_wide", "bench_direct").format(n=tasks))
+    now = utcnow(clock)
+    with transaction(sessions) as session:
+        session.add(Dag(dag_id="bench_direct", fileloc=str(dags / "bench_direct.py"), structure={}, is_active=True, is_paused=False))
+        session.flush()
+        run = DagRun(dag_id="bench_direct", run_id="r", run_type="manual", state="running", logical_date=now, conf={}, created_at=now, started_at=now)
+        session.add(run)
+        session.flush()
+        tis = [TaskInstance(run_pk=run.id, dag_id="bench_direct", run_id="r", task_id=f"noop_{i}", kind="hub", state="queued", try_number=1, max_tries=1) for i in range(tasks)]
+        session.add_all(tis)
+        session.flush()
+        ids = [ti.id for ti in tis]
+    left = set(ids)
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def finished(_name: str, data: dict[str, object]) -> None:
+        with lock:
+            left.discard(int(data["ti_id"]))  # type: ignore[call-overload]
+            if not left:
+                done.set()
+
+    events.subscribe(ev.HUB_TASK_FINISHED, finished)
+    executor = LocalExecutor(sessions, clock, events, workers=workers, sqlite_synchronous=sync)
+    executor.start()
+    try:
+        time.sleep(1.0)
+        worker_cpu0 = {pid: cpu_of(pid) for pid in executor.worker_pids()}
+        cpu0 = time.process_time()
+        started = time.perf_counter()
+        for ti_id in ids:
+            executor.submit(ti_id)
+        if not done.wait(300):
+            raise RuntimeError("direct: not finished within 300 s")
+        wall = time.perf_counter() - started
+        hub_cpu = time.process_time() - cpu0
+        worker_cpu = sum(cpu_of(pid) - worker_cpu0.get(pid, 0.0) for pid in executor.worker_pids())
+    finally:
+        executor.stop()
+        engine.dispose()
+    return {"wall": wall, "hub_cpu": hub_cpu, "worker_cpu": worker_cpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chain", type=int, default=200)
     parser.add_argument("--wide", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--direct", type=int, default=1000, help="task instances handed straight to the executor (no scheduler)")
     parser.add_argument("--sync", choices=["FULL", "NORMAL"], default="FULL")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
         folder = Path(tmp)
+        if args.direct > 0:
+            r = run_direct(folder, args.direct, args.workers, args.sync)
+            print(
+                f"executor alone: {args.direct} queued no-op hub tasks, {args.workers} workers, sqlite {args.sync}: {r['wall']:.2f} s, "
+                f"{args.direct / r['wall']:.0f} TI/s; CPU per 1,000 TIs: hub {r['hub_cpu'] / args.direct * 1000:.2f} s, workers {r['worker_cpu'] / args.direct * 1000:.2f} s"
+            )
         for dag_id, n in (("bench_chain", args.chain), ("bench_wide", args.wide)):
             if n <= 0:
                 continue
