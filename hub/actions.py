@@ -70,10 +70,11 @@ def clear(
     cleared instance goes back to state ``none`` with its try history kept:
     its next try gets the next try number, and it gets its task's retries
     again (``max_tries`` = tries so far + retries + 1). Work still open on
-    an agent is cancelled, so a late result cannot decide the new try. The
-    run goes back to queued and starts again (as soon as ``max_active_runs``
-    allows), with ``clear_number`` one higher. Returns the instances it
-    cleared (``dry_run``: would clear) as ``{id, task_id, map_index, state}``."""
+    an agent is cancelled, so a late result cannot decide the new try. A
+    finished run goes back to queued and starts again (as soon as
+    ``max_active_runs`` allows) with ``clear_number`` one higher; a queued
+    or running one just carries on (Airflow's rule). Returns the instances
+    it cleared (``dry_run``: would clear) as ``{id, task_id, map_index, state}``."""
     now = utcnow(clock)
     with transaction(sessions) as session:
         run, tasks, chosen = _select(session, run_pk, task_ids, map_indexes, include_downstream, include_upstream)
@@ -91,9 +92,10 @@ def clear(
             ti.sensor_started_at = None
             ti.output = ti.error = None
             ti.pid = None
-        run.state, run.ended_at, run.started_at = RunState.QUEUED, None, None
-        run.clear_number += 1
-        start_queued_runs(session, now, {run.dag_id})
+        if run.state in (RunState.SUCCESS, RunState.FAILED):
+            run.state, run.ended_at, run.started_at = RunState.QUEUED, None, None
+            run.clear_number += 1
+            start_queued_runs(session, now, {run.dag_id})
         dag_id = run.dag_id
     bus.emit(ev.OUTBOX_WRITTEN)
     bus.emit(ev.RUN_TRIGGERED, dag_id=dag_id, run_pk=run_pk)

@@ -348,6 +348,8 @@ def test_clear_with_downstream_reruns_with_a_new_try_and_cancels_open_work(make_
     actions.clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk, task_ids=["ping"])
     with hub.sessions() as session:
         assert session.get(Assignment, two.assignment_id).state == "cancelled"
+    run = run_of(hub, run_pk)
+    assert (run.state, run.clear_number) == ("running", 1)  # a running run carries on (Airflow)
     assert isinstance(decode(rows(hub, OutboxMessage)[-1].payload).body, Cancel)
     # ... and its late result decides nothing.
     hub.send("a1", Result(two.assignment_id, 2, "success", {}))
