@@ -36,7 +36,7 @@ from hub.db import make_engine, make_sessionmaker, transaction, upgrade  # noqa:
 from hub.dispatcher import Dispatcher  # noqa: E402
 from hub.events import EventBus  # noqa: E402
 from hub.executor import LocalExecutor  # noqa: E402
-from hub.models import Dag, DagRun, TaskInstance  # noqa: E402
+from hub.models import Dag, DagRun, DagVersion, TaskInstance  # noqa: E402
 from hub.scheduler import Scheduler, trigger_run  # noqa: E402
 from shared.clock import SystemClock, utcnow  # noqa: E402
 from shared.hlc import HybridClock  # noqa: E402
@@ -120,7 +120,12 @@ def run_direct(folder: Path, tasks: int, workers: int, sync: str) -> dict[str, f
     with transaction(sessions) as session:
         session.add(Dag(dag_id="bench_direct", fileloc=str(dags / "bench_direct.py"), structure={}, is_active=True, is_paused=False))
         session.flush()
-        run = DagRun(dag_id="bench_direct", run_id="r", run_type="manual", state="running", logical_date=now, conf={}, created_at=now, started_at=now)
+        # As the scheduler makes them: a run follows a DAG version.
+        structure = {"dag_id": "bench_direct", "tasks": [{"task_id": f"noop_{i}", "kind": "hub", "upstream": []} for i in range(tasks)]}
+        version = DagVersion(dag_id="bench_direct", version_number=1, structure=structure, structure_hash="bench", fileloc=str(dags / "bench_direct.py"), created_at=now)
+        session.add(version)
+        session.flush()
+        run = DagRun(dag_id="bench_direct", run_id="r", run_type="manual", state="running", logical_date=now, conf={}, created_at=now, started_at=now, dag_version_id=version.id)
         session.add(run)
         session.flush()
         tis = [TaskInstance(run_pk=run.id, dag_id="bench_direct", run_id="r", task_id=f"noop_{i}", kind="hub", state="queued", try_number=1, max_tries=1) for i in range(tasks)]
