@@ -2,7 +2,9 @@
 
 Commands are ``outpost NOUN VERB``: ``dags`` (``dags.py``), ``runs``
 (``runs.py``), ``agents`` and ``import-errors`` (``agents.py``),
-``backfills`` and ``assets`` (``backfills.py``). Shared
+``backfills`` and ``assets`` (``backfills.py``), ``pools``,
+``deadline-misses`` and the run actions ``runs clear|rerun|mark``
+(``operations.py``). Shared
 parts: ``output`` (``-o table|json``), ``http`` (the client), ``errors``
 (exit codes), ``parsing`` (help, examples, ``--hub``). It imports no
 SQLAlchemy or FastAPI, so it runs anywhere httpx does.
