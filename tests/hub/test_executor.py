@@ -29,7 +29,7 @@ from shared.states import TaskState
 
 DAG_FILE = '''
 import os, time
-from hub.dag import DAG, PythonOperator, TaskFailedNoRetry, TaskRescheduled, TaskSkipped
+from hub.dag import DAG, PythonOperator, PythonSensor, TaskFailedNoRetry, TaskRescheduled, TaskSkipped
 
 MARKER = "@MARKER@"
 
@@ -104,6 +104,7 @@ with DAG("exec", on_success_callback=on_dag_success) as dag:
     PythonOperator(task_id="short_nap", python_callable=nap, op_kwargs={"seconds": 0.5})
     PythonOperator(task_id="bad_cb", python_callable=boom, on_failure_callback=bad_callback)
     PythonOperator(task_id="hooked", python_callable=pid, on_execute_callback=on_execute)
+    PythonSensor(task_id="waits", python_callable=lambda: False, mode="reschedule", poke_interval=60, timeout=3600)
     hooked_skip = PythonOperator(task_id="hooked_skip", python_callable=skip, on_execute_callback=[on_execute])
     hooked_skip.on_skipped_callback = on_skipped  # Airflow 2.7's; not an Outpost operator argument
 '''
@@ -483,3 +484,15 @@ def test_workers_die_with_a_killed_hub(env: Env, tmp_path: Path) -> None:
     # would have lasted the task's 30 s nap.
     assert time.monotonic() - started < 20
     assert env.ti(nap).state == "running"  # left for the next hub to adopt
+
+
+def test_a_sensor_in_reschedule_mode_gives_its_worker_back(env: Env, executor_factory: Any) -> None:
+    finished = Finished(env.events)
+    executor = executor_factory()
+    [ti_id] = env.add_tis("waits")
+    executor.submit(ti_id)
+    finished.wait([ti_id])
+    ti = env.ti(ti_id)
+    assert ti.state == "up_for_reschedule", ti.error
+    assert ti.try_number == 1 and ti.sensor_started_at is not None and ti.next_try_at is not None
+    assert 59 <= (ti.next_try_at - ti.sensor_started_at).total_seconds() <= 70
