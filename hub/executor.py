@@ -16,9 +16,15 @@ task that kills its worker (``os._exit``, a segfault) fails with
 ``worker_died``. Callbacks requested by the scheduler or result ingestion
 (``callback_requests``) run in the same workers.
 
-One thread of the hub drives everything: it hands queued tasks to idle
-workers, waits on the workers' pipes and process sentinels together (no
-polling), and records each batch of finished tries in one transaction.
+Two threads of the hub drive it. The executor thread hands queued tasks to
+idle workers and waits on the workers' pipes and process sentinels together
+(no polling). The recorder thread writes what the workers finished, all of
+what arrived meanwhile in one transaction, so workers never wait for the
+database. A task that ends within MARK_RUNNING_AFTER goes from queued to
+its final state in that one commit; a longer one is recorded as running
+(with its worker's pid) first. Each worker holds a lifeline pipe to the
+hub and exits the moment the hub dies, so a task the next hub adopts is
+never still running elsewhere.
 """
 
 from __future__ import annotations
