@@ -44,6 +44,10 @@ def nap(seconds):
 def die():
     os._exit(7)
 
+def segfault():
+    import ctypes
+    ctypes.string_at(0)
+
 def push(ti):
     ti.xcom_push("extra", {"from": os.getpid()})
     return 5
@@ -97,7 +101,7 @@ def on_skipped(context):
         f.write(f"skipped|{context['ti'].task_id}\\n")
 
 with DAG("exec", on_success_callback=on_dag_success) as dag:
-    for name, fn in [("pid", pid), ("die", die), ("push", push), ("pull", pull), ("context", context), ("not_json", not_json),
+    for name, fn in [("pid", pid), ("die", die), ("segfault", segfault), ("push", push), ("pull", pull), ("context", context), ("not_json", not_json),
                      ("too_big", too_big), ("skip", skip), ("fail_hard", fail_hard), ("reschedule", reschedule), ("boom", boom), ("exits", exits)]:
         PythonOperator(task_id=name, python_callable=fn, on_failure_callback=on_failure)
     PythonOperator(task_id="nap", python_callable=nap, op_kwargs={"seconds": 30})
@@ -496,3 +500,16 @@ def test_a_sensor_in_reschedule_mode_gives_its_worker_back(env: Env, executor_fa
     assert ti.state == "up_for_reschedule", ti.error
     assert ti.try_number == 1 and ti.sensor_started_at is not None and ti.next_try_at is not None
     assert 59 <= (ti.next_try_at - ti.sensor_started_at).total_seconds() <= 70
+
+
+def test_a_segfault_in_task_code_fails_the_task_not_the_hub(env: Env, executor_factory: Any) -> None:
+    finished = Finished(env.events)
+    executor = executor_factory(workers=1)
+    [crash, after] = env.add_tis("segfault", "pid")
+    executor.submit(crash)
+    executor.submit(after)
+    finished.wait([crash, after])
+    ti = env.ti(crash)
+    assert ti.state == "failed" and ti.error["code"] == "worker_died"
+    assert f"signal {int(signal.SIGSEGV)}" in ti.error["message"]
+    assert env.ti(after).state == "success"
