@@ -39,15 +39,14 @@ class HubSettings(BaseSettings):
     max_clock_skew: float = Field(300.0, gt=0, description="Seconds a device's clock may run ahead of the hub's before its stamps are no longer merged into the hub's clock (counted as clock_skew).")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest MQTT envelope accepted or sent.")
     executor_workers: int = Field(4, ge=1, le=64, description="Long-lived worker processes that run hub tasks (Python code in DAG files) and DAG callbacks, one task at a time each.")
+    executor_kill_grace: float = Field(5.0, gt=0, description="Seconds a hub-task worker gets to exit after SIGTERM (a task past its execution_timeout, or shutdown) before SIGKILL.")
     max_map_length: int = Field(1024, ge=1, description="Most task instances one mapped task (expand()) may create in a run; more fail the task with max_map_length_exceeded.")
+    default_pool_slots: int = Field(128, ge=-1, description="Slots of default_pool, the pool of every task that names none, until set with 'outpost pools set default_pool N' (-1: unlimited).")
     dag_reparse_interval: float = Field(5.0, gt=0, description="Seconds between checks of the DAG folder; new and changed files are parsed then, removed files deactivate their DAGs.")
     min_file_process_interval: float = Field(30.0, ge=0, description="Seconds after which an unchanged DAG file is parsed again, so a DAG built from data the file reads follows that data (changed files are parsed at the next check anyway). 0: only changed files.")
     dag_file_processor_timeout: float = Field(30.0, gt=0, description="Seconds one DAG file may take to import; past it the file's parsing process is killed and a timeout import error recorded.")
     dag_parsing_processes: int = Field(2, ge=1, le=64, description="DAG files parsed at once, each in its own process.")
     dag_file_processor_memory_mb: int = Field(2048, ge=0, description="Memory (MB of data) one DAG file may allocate while being parsed; over it the file fails with a memory import error. 0: no limit.")
-    executor_kill_grace: float = Field(5.0, gt=0, description="Seconds a hub-task worker gets to exit after SIGTERM (a task past its execution_timeout, or shutdown) before SIGKILL.")
-
-    default_pool_slots: int = Field(128, ge=-1, description="Slots of default_pool, the pool of every task that names none, until set with 'outpost pools set default_pool N' (-1: unlimited).")
 
     _toml_path: ClassVar[Path | None] = None
 
