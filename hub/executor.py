@@ -502,6 +502,9 @@ class LocalExecutor:
         now = utcnow(self.clock)
         callbacks_added = False
         requeue: list[int] = []
+        # The run and task of each recorded result: the scheduler then
+        # decides only that task's downstream (see Scheduler._note).
+        where: dict[int, dict[str, Any]] = {}
         try:
             with transaction(self.sessions) as session:
                 ids = {m.ti_id for m in marks} | {r.ti_id for r in results}
@@ -525,6 +528,7 @@ class LocalExecutor:
                         continue
                     ti.started_at, ti.pid = result.started_at or now, result.pid
                     apply_outcome(ti, result.outcome, now)
+                    where[ti.id] = {"run_pk": ti.run_pk, "task_id": ti.task_id}
                 session.flush()
                 callbacks_added = any(isinstance(o, CallbackRequest) for o in session.identity_map.values())
                 del runs
@@ -537,7 +541,7 @@ class LocalExecutor:
             for ti_id in requeue:
                 self.submit(ti_id)
         for result in results:
-            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=result.ti_id)
+            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=result.ti_id, **where.get(result.ti_id, {}))
         if callbacks_added:
             self._callbacks_wanted()
         return True

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from hub import asset_events, timetables
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 _MAX_CONF_BYTES = 64 * 1024
 _WAITING = frozenset({TaskState.NONE.value, TaskState.SCHEDULED.value})
+#: The columns of a task instance that deciding it needs.
+_ROW = (TaskInstance.id, TaskInstance.run_pk, TaskInstance.task_id, TaskInstance.state, TaskInstance.map_index,
+        TaskInstance.pool, TaskInstance.pool_slots, TaskInstance.priority_weight)
 
 
 def trigger_run(
@@ -175,6 +178,59 @@ def start_queued_runs(session: Session, now: datetime, dag_ids: set[str] | None 
 
 
 @dataclass
+class _Dirty:
+    """What changed since the last pass, as the events told: finished task
+    instances, and runs to evaluate whole (pk -> None)."""
+
+    tis: set[int] = field(default_factory=set)
+    #: Run pk -> ids of tasks with a finished instance there, or None: the whole run.
+    runs: dict[int, set[str] | None] = field(default_factory=dict)
+    #: An instance finished: it may have freed a slot others wait for.
+    finished: bool = False
+
+    def task_changed(self, run_pk: int, task_id: str) -> None:
+        self.finished = True
+        if run_pk not in self.runs:
+            self.runs[run_pk] = {task_id}
+        elif (tasks := self.runs[run_pk]) is not None:
+            tasks.add(task_id)
+    #: A run was triggered (it may still be queued behind max_active_runs).
+    triggered: bool = False
+    #: Something no run names changed: evaluate every running run.
+    everything: bool = False
+
+    def empty(self) -> bool:
+        return not (self.tis or self.runs or self.triggered or self.everything)
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """What the incremental pass reads from one DAG version's structure."""
+
+    #: Task id -> the tasks a change of its state may decide: its direct
+    #: downstream and the tasks that map over its output.
+    affects: dict[str, frozenset[str]]
+    deciders: tuple[str, ...]
+    #: Some task depends on the run before (depends_on_past): a finished
+    #: instance may make a task of another run ready.
+    past: bool
+
+    @staticmethod
+    def of(tasks: dict[str, dict[str, Any]]) -> _Derived:
+        affects: dict[str, set[str]] = defaultdict(set)
+        for task_id, task in tasks.items():
+            for up in task.get("upstream", []):
+                affects[up].add(task_id)
+            if task.get("mapped"):
+                for source in xcom_sources(task["mapped"]):
+                    affects[source].add(task_id)
+        return _Derived(
+            {t: frozenset(a) for t, a in affects.items()}, branching.deciders(tasks),
+            any(t.get("depends_on_past") or t.get("wait_for_downstream") for t in tasks.values()),
+        )
+
+
+@dataclass
 class Scheduler:
     sessions: sessionmaker[Session]
     dagbag: SerializedDagBag
@@ -209,34 +265,88 @@ class Scheduler:
     _schedule_ended: set[str] = field(default_factory=set)
     #: Each DAG's parsed schedule, by (last_parsed_at, latest_version_id).
     _schedule_cache: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    #: What changed since the last pass (see _note): the next pass that is not
+    #: full evaluates only that. Written by other threads, under _dirty_lock.
+    _dirty: _Dirty = field(default_factory=lambda: _Dirty())
+    _dirty_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Per DAG version, what the incremental pass needs from its structure.
+    _derived_cache: dict[int, _Derived] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Only events that can make a task ready wake the scheduler; a task
         # that was merely delivered or started changes no decision.
         for name in (ev.RUN_TRIGGERED, ev.RESULT_APPLIED, ev.HUB_TASK_FINISHED, ev.AGENT_CHANGED, ev.ASSET_UPDATED):
-            self.events.subscribe(name, lambda _n, _d: self._wake.set())
+            self.events.subscribe(name, self._note)
 
     def wake(self) -> None:
+        """Evaluate every running run at once (not only the changed ones)."""
+        with self._dirty_lock:
+            self._dirty.everything = True
         self._wake.set()
+
+    def _note(self, name: str, data: dict[str, Any]) -> None:
+        """Remember what an event changed, then wake the loop. A finished task
+        instance names the run and task whose downstream may now be ready; a
+        triggered (or cleared) run is evaluated whole; anything else (an agent
+        online, an asset event) makes the next pass evaluate every run."""
+        with self._dirty_lock:
+            dirty = self._dirty
+            if name in (ev.HUB_TASK_FINISHED, ev.RESULT_APPLIED) and isinstance(data.get("run_pk"), int) and isinstance(data.get("task_id"), str):
+                dirty.task_changed(data["run_pk"], data["task_id"])
+            elif name in (ev.HUB_TASK_FINISHED, ev.RESULT_APPLIED) and isinstance(data.get("ti_id"), int):
+                dirty.tis.add(data["ti_id"])
+                dirty.finished = True
+            elif name == ev.RUN_TRIGGERED and isinstance(data.get("run_pk"), int):
+                dirty.runs[data["run_pk"]] = None
+                dirty.triggered = True
+            else:
+                dirty.everything = True
+        self._wake.set()
+
+    def _mark(self, run_pk: int) -> None:
+        """This pass changed the run in a way that can make more of its tasks
+        ready (a skip, a failure, an expansion): the next pass evaluates it whole."""
+        with self._dirty_lock:
+            self._dirty.runs[run_pk] = None
+
+    def _take_dirty(self) -> _Dirty:
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, _Dirty()
+        return dirty
+
+    def _has_dirty(self) -> bool:
+        with self._dirty_lock:
+            return not self._dirty.empty()
 
     # --- loop drivers ------------------------------------------------------
 
     def run_forever(self, stop: threading.Event) -> None:
         last_full = float("-inf")
         while not stop.is_set():
-            # A wake-up by an event only advances runs; the housekeeping steps
-            # (cron, retries, redelivery, silent agents) run every ``interval``.
+            # A wake-up by an event only advances what the event changed; the
+            # full pass (every run, and the housekeeping steps: cron, retries,
+            # redelivery, silent agents) runs every ``interval``, so a missed
+            # event costs at most that much latency.
             full = time.monotonic() - last_full >= self.interval
+            # Cleared before the changes are taken: an event after this point
+            # is either in this pass or wakes the next one.
+            self._wake.clear()
+            dirty = self._take_dirty()
+            failed = False
             try:
-                busy = self.tick(full=full)
+                self.tick(full=full, dirty=dirty)
             except Exception:
                 log.exception("scheduler tick failed; retrying")
-                busy = False
+                with self._dirty_lock:
+                    self._dirty.everything = True  # what this pass was to look at is not lost
+                failed = True
             if full:
                 last_full = time.monotonic()
-            if not busy:
+            # Another pass at once only if this one left work for it (a skip
+            # or failure whose downstream may now be decided, a new event);
+            # a task merely queued wakes the loop when it finishes.
+            if failed or not self._has_dirty():
                 self._wake.wait(max(0.0, self.interval - (time.monotonic() - last_full)))
-            self._wake.clear()
 
     def run_until_idle(self, max_ticks: int = 1000) -> None:
         for _ in range(max_ticks):
@@ -254,9 +364,11 @@ class Scheduler:
         for name, data in events:
             self.events.emit(name, **data)
 
-    def tick(self, full: bool = True) -> bool:
+    def tick(self, full: bool = True, dirty: _Dirty | None = None) -> bool:
         """One scheduling pass. Returns True if it changed anything. A pass
-        that is not ``full`` only advances runs (dispatch and decisions)."""
+        that is not ``full`` only advances runs (dispatch and decisions):
+        with ``dirty``, only the runs and tasks it names; a full pass
+        evaluates every running run."""
         now = utcnow(self.clock)
         busy = False
         if full:
@@ -269,7 +381,7 @@ class Scheduler:
             with self._step() as session:
                 busy |= check_deadlines(session, now, self._after_commit, self.dispatcher.hlc)
         with self._step() as session:
-            hub_tasks, changed = self._advance_runs(session, now)
+            hub_tasks, changed = self._advance_runs(session, now, None if full or dirty is None or dirty.everything else dirty)
         if changed:
             self.events.emit(ev.OUTBOX_WRITTEN)  # wake the publisher before the slower steps
         for ti_id in hub_tasks:
@@ -463,30 +575,78 @@ class Scheduler:
             ti.sensor_started_at = None  # a new try of a sensor counts its timeout afresh
         return bool(due)
 
-    def _advance_runs(self, session: Session, now: datetime) -> tuple[list[int], bool]:
-        changed = bool(start_queued_runs(session, now))
-        runs = list(session.scalars(skip_locked(select(DagRun).where(DagRun.state == RunState.RUNNING), session)))
+    def _advance_runs(self, session: Session, now: datetime, dirty: _Dirty | None = None) -> tuple[list[int], bool]:
+        """Decide the waiting task instances of running runs and start the
+        ready ones. Without ``dirty``, every instance of every running run;
+        with it, only the tasks that the changes it names may decide (the
+        downstream of each finished instance), reading only their rows and
+        their upstreams' rows; a run it names whole is evaluated whole."""
+        started = start_queued_runs(session, now) if dirty is None or dirty.triggered else []
+        changed = bool(started)
+        stmt = select(DagRun).where(DagRun.state == RunState.RUNNING)
+        scope: dict[int, set[str] | None] = {}
+        if dirty is not None:
+            found = self._scope(session, dirty)
+            if found is None:
+                dirty = None
+            else:
+                scope = found
+                scope.update((run.id, None) for run in started)
+                if not scope:
+                    return [], changed
+                stmt = stmt.where(DagRun.id.in_(scope))
+        runs = list(session.scalars(skip_locked(stmt, session)))
+        if dirty is not None and any(
+            scope.get(run.id) is not None and run.dag_version_id is not None and self._derived(run.dag_version_id, self._version_tasks(session, run.dag_version_id)).past
+            for run in runs
+        ):
+            # A finished instance may make a task of the next run ready
+            # (depends_on_past): every running run is evaluated.
+            dirty = None
+            runs = list(session.scalars(skip_locked(select(DagRun).where(DagRun.state == RunState.RUNNING), session)))
         if not runs:
             return [], changed
         structures = self._structures(session, runs)
         # Airflow: the runs of a paused DAG start no new task instances.
         paused = set(session.scalars(select(Dag.dag_id).where(Dag.dag_id.in_({r.dag_id for r in runs}), Dag.is_paused.is_(True))))
-        # States of every task instance as plain rows: cheap even for runs of
-        # thousands of tasks. Only instances that are ready become ORM objects.
-        rows = session.execute(
-            select(TaskInstance.id, TaskInstance.run_pk, TaskInstance.task_id, TaskInstance.state, TaskInstance.map_index,
-                   TaskInstance.pool, TaskInstance.pool_slots, TaskInstance.priority_weight)
-            .where(TaskInstance.run_pk.in_([r.id for r in runs]))
-        )
         states_by_run: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         # (task id, map index) -> state: tasks of a mapped task group depend index by index.
         index_states_by_run: dict[int, dict[tuple[str, int], str]] = defaultdict(dict)
         waiting_by_run: dict[int, list[Any]] = defaultdict(list)
-        for row in rows:
-            states_by_run[row.run_pk][row.task_id].append(row.state)
-            index_states_by_run[row.run_pk][(row.task_id, row.map_index)] = row.state
-            if row.state in _WAITING:
-                waiting_by_run[row.run_pk].append(row)
+        # Runs evaluated in part: run pk -> the tasks that may be decided.
+        partial: dict[int, set[str]] = {}
+        whole: list[int] = []
+        for run in runs:
+            changed_tasks = scope.get(run.id) if dirty is not None else None
+            if changed_tasks is None or run.dag_version_id is None:
+                whole.append(run.id)
+                continue
+            derived = self._derived(run.dag_version_id, structures[run.id])
+            candidates = {t for changed_task in changed_tasks for t in derived.affects.get(changed_task, ())}
+            if not candidates:
+                partial[run.id] = candidates
+                continue
+            tasks = structures[run.id]
+            needed = set(candidates) | set(derived.deciders)
+            for task_id in candidates:
+                task = tasks.get(task_id) or {}
+                needed.update(task.get("upstream", []))
+                if task.get("mapped"):
+                    needed.update(xcom_sources(task["mapped"]))
+            rows = list(session.execute(
+                select(*_ROW).where(TaskInstance.run_pk == run.id, TaskInstance.task_id.in_(needed) | (TaskInstance.state == TaskState.SCHEDULED))
+            ))
+            if any(row.state == TaskState.SCHEDULED and row.task_id not in needed for row in rows):
+                # Tasks of this run wait for a slot: a finished instance may
+                # have freed one, so they are decided (and admitted) again.
+                whole.append(run.id)
+                continue
+            partial[run.id] = candidates
+            self._collect(rows, states_by_run, index_states_by_run, waiting_by_run, candidates)
+        if whole:
+            # States of every task instance as plain rows: cheap even for runs of
+            # thousands of tasks. Only instances that are ready become ORM objects.
+            self._collect(session.execute(select(*_ROW).where(TaskInstance.run_pk.in_(whole))), states_by_run, index_states_by_run, waiting_by_run, None)
         hub_tasks: list[int] = []
         ready: list[tuple[Candidate, DagRun]] = []
         past_ok = _PastChecker(session)
@@ -495,7 +655,9 @@ class Scheduler:
             by_task = states_by_run[run.id]
             skips = self._branch_skips(session, run.id, tasks, by_task) if waiting_by_run[run.id] else set()
             index_states = index_states_by_run[run.id]
-            changed |= self._expand_mapped(session, run.id, tasks, by_task, index_states, waiting_by_run[run.id], skips, now)
+            if self._expand_mapped(session, run.id, tasks, by_task, index_states, waiting_by_run[run.id], skips, now):
+                changed = True
+                self._mark(run.id)
             for row in sorted(waiting_by_run[run.id], key=lambda r: (r.task_id, r.id)):
                 task = tasks.get(row.task_id)
                 if task is not None:
@@ -517,17 +679,74 @@ class Scheduler:
                     ti.state = TaskState.REMOVED
                 else:
                     ti.state, ti.ended_at = TaskState(decision.value), now
-                changed |= ti.state != before
+                if ti.state != before:
+                    changed = True
+                    self._mark(run.id)  # its downstream may be decided now
                 self._replace_state(by_task[row.task_id], before, ti.state)
                 index_states[(row.task_id, ti.map_index)] = ti.state
         if ready:
-            hub_tasks, started = self._admit(session, ready, structures, states_by_run, now)
-            changed |= started
-        finished = {run.dag_id for run in runs if self._finish_run_if_done(session, run, states_by_run[run.id], structures.get(run.id, {}), now)}
+            hub_tasks, admitted = self._admit(session, ready, structures, states_by_run, now)
+            changed |= admitted
+        finished = set()
+        for run in runs:
+            by_task = states_by_run[run.id]
+            if run.id in partial:
+                # Only part of the run was read. It can be over only if
+                # nothing read is unfinished and no other instance is either.
+                if any(state not in FINISHED for states in by_task.values() for state in states):
+                    continue
+                session.flush()
+                if session.scalar(select(TaskInstance.id).where(TaskInstance.run_pk == run.id, TaskInstance.state.not_in([str(s) for s in FINISHED])).limit(1)) is not None:
+                    continue
+                by_task = defaultdict(list)
+                for task_id, state in session.execute(select(TaskInstance.task_id, TaskInstance.state).where(TaskInstance.run_pk == run.id)):
+                    by_task[task_id].append(state)
+            if self._finish_run_if_done(session, run, by_task, structures.get(run.id, {}), now):
+                finished.add(run.dag_id)
         if finished:
             # A finished run makes room under max_active_runs at once.
-            start_queued_runs(session, now, finished)
+            for started_run in start_queued_runs(session, now, finished):
+                self._mark(started_run.id)
         return hub_tasks, changed or bool(finished)
+
+    def _scope(self, session: Session, dirty: _Dirty) -> dict[int, set[str] | None] | None:
+        """The runs (and within each, the tasks whose instances changed, or
+        None for the whole run) that the changes in ``dirty`` may advance;
+        None when every running run must be evaluated."""
+        scope = _Dirty(runs={pk: None if tasks is None else set(tasks) for pk, tasks in dirty.runs.items()})
+        if dirty.tis:
+            for run_pk, task_id in session.execute(select(TaskInstance.run_pk, TaskInstance.task_id).where(TaskInstance.id.in_(dirty.tis))):
+                scope.task_changed(run_pk, task_id)
+        if dirty.finished:
+            # A finished instance frees a pool slot and a place under its DAG's
+            # max_active_tasks: instances waiting for one, in any run, are admitted again.
+            for run_pk in session.scalars(select(TaskInstance.run_pk).where(TaskInstance.state == TaskState.SCHEDULED).distinct()):
+                scope.runs[run_pk] = None
+        return scope.runs
+
+    @staticmethod
+    def _collect(
+        rows: Any, states_by_run: dict[int, dict[str, list[str]]], index_states_by_run: dict[int, dict[tuple[str, int], str]],
+        waiting_by_run: dict[int, list[Any]], candidates: set[str] | None,
+    ) -> None:
+        for row in rows:
+            states_by_run[row.run_pk][row.task_id].append(row.state)
+            index_states_by_run[row.run_pk][(row.task_id, row.map_index)] = row.state
+            if row.state in _WAITING and (candidates is None or row.task_id in candidates):
+                waiting_by_run[row.run_pk].append(row)
+
+    def _derived(self, version_id: int, tasks: dict[str, dict[str, Any]]) -> _Derived:
+        derived = self._derived_cache.get(version_id)
+        if derived is None:
+            derived = self._derived_cache[version_id] = _Derived.of(tasks)
+        return derived
+
+    def _version_tasks(self, session: Session, version_id: int) -> dict[str, dict[str, Any]]:
+        tasks = self._version_cache.get(version_id)
+        if tasks is None:
+            structure = session.scalar(select(DagVersion.structure).where(DagVersion.id == version_id)) or {}
+            tasks = self._version_cache[version_id] = {t["task_id"]: t for t in structure.get("tasks", [])}
+        return tasks
 
     @staticmethod
     def _branch_skips(session: Session, run_pk: int, tasks: dict[str, dict[str, Any]], by_task: dict[str, list[str]]) -> set[str]:
@@ -565,6 +784,14 @@ class Scheduler:
                     to_wait.append(candidate.ti_id)
                     self._replace_state(by_task[candidate.task_id], candidate.state, TaskState.SCHEDULED)
                 continue
+            if verdict != Verdict.UNKNOWN_POOL and structures[run.id][candidate.task_id].get("kind") == "hub":
+                # Queued with one UPDATE for all of them below, without loading
+                # each instance as an object (see _queue_hub_tasks).
+                hub_tasks.append(candidate.ti_id)
+                admission.charge(candidate)
+                changed = True
+                self._replace_state(by_task[candidate.task_id], candidate.state, TaskState.QUEUED)
+                continue
             ti = session.get(TaskInstance, candidate.ti_id)
             assert ti is not None
             before = ti.state
@@ -591,13 +818,36 @@ class Scheduler:
                     # Failed before it was sent (a template or size error): still its failure.
                     self._after_commit.append((ev.CALLBACKS_REQUESTED, {"dag_id": ti.dag_id, "run_pk": ti.run_pk}))
             changed |= ti.state != before
+            if ti.state in FINISHED:
+                self._mark(run.id)  # failed or skipped before it started: its downstream may be decided
             self._replace_state(by_task[ti.task_id], before, ti.state)
         if to_wait:
             session.execute(
                 update(TaskInstance).where(TaskInstance.id.in_(to_wait), TaskInstance.state == TaskState.NONE).values(state=TaskState.SCHEDULED),
                 execution_options={"synchronize_session": False},
             )
+        if hub_tasks:
+            self._queue_hub_tasks(session, hub_tasks, now)
         return hub_tasks, changed or bool(to_wait)
+
+    @staticmethod
+    def _queue_hub_tasks(session: Session, ti_ids: list[int], now: datetime) -> None:
+        """Queue ready hub task instances for the executor: a new try each,
+        except a rescheduled sensor's next poke (next_try_at set), which is
+        the same try."""
+        session.flush()  # changes made to any of them as objects go first
+        session.execute(
+            update(TaskInstance).where(TaskInstance.id.in_(ti_ids)).values(
+                try_number=case((TaskInstance.next_try_at.is_(None), TaskInstance.try_number + 1), else_=TaskInstance.try_number),
+                next_try_at=None, state=TaskState.QUEUED, queued_at=now,
+            ),
+            execution_options={"synchronize_session": False},
+        )
+        # An instance already loaded in this pass (expanded, say) is read again if used.
+        for ti_id in ti_ids:
+            loaded = session.identity_map.get(session.identity_key(TaskInstance, ti_id))  # type: ignore[arg-type]
+            if loaded is not None:
+                session.expire(loaded)
 
     def _admission(self, session: Session, candidates: list[Candidate]) -> Admission:
         """Open capacity now: pool sizes, slots held, each DAG's limit and load,
