@@ -75,6 +75,7 @@ def run_one(folder: Path, dag_id: str, tasks: int, workers: int, sync: str) -> d
     (dags / f"{dag_id}.py").write_text((CHAIN if "chain" in dag_id else WIDE).format(n=tasks))
     hlc = HybridClock("hub", lambda: int(clock.now() * 1000))
     scheduler = Scheduler(sessions, SerializedDagBag(dags), Dispatcher(hlc, 256 * 1024), clock, events, executor.submit, interval=0.5)
+    executor.mini_scheduler = scheduler  # as HubRuntime wires them
     done = threading.Event()
     events.subscribe(ev.RUN_FINISHED, lambda _n, data: done.set())
     executor.start()

@@ -29,6 +29,7 @@ never still running elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -150,6 +151,10 @@ class LocalExecutor:
         self._wake_r, self._wake_w = -1, -1
         self._inline: WorkerRuntime | None = None
         self._ctx: Any = None
+        #: The scheduler (``Scheduler.decide_after``), when the hub wires it:
+        #: the downstream of a finished task is then decided and queued in the
+        #: transaction that records it, not in a later scheduler pass.
+        self.mini_scheduler: Any = None
         events.subscribe(ev.CALLBACKS_REQUESTED, lambda _n, _d: self._callbacks_wanted())
 
     # --- lifecycle ---------------------------------------------------------
@@ -500,11 +505,20 @@ class LocalExecutor:
         of it is queued already, it runs. Returns False if nothing could be
         written (the caller tries again)."""
         now = utcnow(self.clock)
-        callbacks_added = False
         requeue: list[int] = []
         # The run and task of each recorded result: the scheduler then
         # decides only that task's downstream (see Scheduler._note).
         where: dict[int, dict[str, Any]] = {}
+        mini = self.mini_scheduler
+        # The scheduler's lock before the transaction, as its own steps take them.
+        with mini.lock if mini is not None else contextlib.nullcontext():
+            return self._write_locked(marks, results, now, requeue, where, mini)
+
+    def _write_locked(
+        self, marks: list[_Mark], results: list[_Result], now: datetime, requeue: list[int], where: dict[int, dict[str, Any]], mini: Any,
+    ) -> bool:
+        callbacks_added = False
+        decided: set[int] = set()
         try:
             with transaction(self.sessions) as session:
                 ids = {m.ti_id for m in marks} | {r.ti_id for r in results}
@@ -531,17 +545,27 @@ class LocalExecutor:
                     where[ti.id] = {"run_pk": ti.run_pk, "task_id": ti.task_id}
                 session.flush()
                 callbacks_added = any(isinstance(o, CallbackRequest) for o in session.identity_map.values())
+                if mini is not None and where:
+                    try:
+                        decided = mini.decide_after(session, now, [(w["run_pk"], w["task_id"]) for w in where.values()])
+                    except Exception:
+                        log.exception("deciding the downstream of %d hub task(s) failed; the scheduler's next pass does it", len(where))
                 del runs
         except Exception:
             log.exception("could not record %d hub task result(s) and %d running mark(s); retrying", len(results), len(marks))
+            if mini is not None:
+                mini.after_decided(committed=False)
             return False
         with self._lock:
             self._known.difference_update(r.ti_id for r in results)
+        if mini is not None:
+            mini.after_decided(committed=True)
         if self._thread is not None:
             for ti_id in requeue:
                 self.submit(ti_id)
         for result in results:
-            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=result.ti_id, **where.get(result.ti_id, {}))
+            place = where.get(result.ti_id, {})
+            self.events.emit(ev.HUB_TASK_FINISHED, ti_id=result.ti_id, **place, decided=place.get("run_pk") in decided)
         if callbacks_added:
             self._callbacks_wanted()
         return True

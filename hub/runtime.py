@@ -67,6 +67,9 @@ class HubRuntime:
             dag_reparse_interval=s.dag_reparse_interval, parse_in_tick=False, max_map_length=s.max_map_length,
             default_pool_slots=s.default_pool_slots,
         )
+        # Airflow's schedule_after_task_execution: a finished hub task's
+        # downstream is decided and queued in the transaction that records it.
+        self.executor.mini_scheduler = self.scheduler
         self.ingester = Ingester(self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes)
         self.publisher = OutboxPublisher(self.sessions, self.link, self.clock)
         self.events.subscribe(ev.OUTBOX_WRITTEN, lambda _n, _d: self.publisher.wake())

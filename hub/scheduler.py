@@ -271,6 +271,13 @@ class Scheduler:
     _dirty_lock: threading.Lock = field(default_factory=threading.Lock)
     #: Per DAG version, what the incremental pass needs from its structure.
     _derived_cache: dict[int, _Derived] = field(default_factory=dict)
+    #: Held by each step and by ``decide_after`` (the executor's thread), which
+    #: share the steps' state (_after_commit). Taken before any DB lock.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    #: Runs the last _advance_runs evaluated.
+    _evaluated: set[int] = field(default_factory=set)
+    #: What decide_after queued, for after_decided.
+    _decided: tuple[list[int], bool] = ([], False)
 
     def __post_init__(self) -> None:
         # Only events that can make a task ready wake the scheduler; a task
@@ -291,6 +298,8 @@ class Scheduler:
         online, an asset event) makes the next pass evaluate every run."""
         with self._dirty_lock:
             dirty = self._dirty
+            if data.get("decided"):
+                return  # decide_after did it in the transaction that recorded it
             if name in (ev.HUB_TASK_FINISHED, ev.RESULT_APPLIED) and isinstance(data.get("run_pk"), int) and isinstance(data.get("task_id"), str):
                 dirty.task_changed(data["run_pk"], data["task_id"])
             elif name in (ev.HUB_TASK_FINISHED, ev.RESULT_APPLIED) and isinstance(data.get("ti_id"), int):
@@ -357,12 +366,55 @@ class Scheduler:
     @contextmanager
     def _step(self) -> Iterator[Session]:
         """One step's transaction; its events go out after the commit."""
+        with self.lock:
+            self._after_commit.clear()
+            with transaction(self.sessions) as session:
+                yield session
+            events, self._after_commit = self._after_commit, []
+            for name, data in events:
+                self.events.emit(name, **data)
+
+    # --- deciding right after a hub task finished (the executor's thread) ---
+
+    def decide_after(self, session: Session, now: datetime, finished: list[tuple[int, str]]) -> set[int]:
+        """Airflow's "mini scheduler": called by the executor, holding
+        ``lock``, inside the transaction that records finished hub task
+        instances (run pk, task id), it decides their downstream tasks and
+        queues the ready ones in that same transaction, by the very rules of
+        an incremental pass (trigger rules, branches, mapping, pools and
+        limits, paused DAGs, depends_on_past). Returns the runs it evaluated
+        (a run another scheduler holds is skipped: its own pass decides it).
+        A failure rolls back only this part (a savepoint) and is raised;
+        ``after_decided`` follows the commit either way."""
         self._after_commit.clear()
-        with transaction(self.sessions) as session:
-            yield session
+        self._decided = ([], False)
+        dirty = _Dirty()
+        for run_pk, task_id in finished:
+            dirty.task_changed(run_pk, task_id)
+        try:
+            with session.begin_nested():
+                self._decided = self._advance_runs(session, now, dirty)
+        except Exception:
+            self._after_commit.clear()
+            self._decided = ([], False)
+            raise
+        return set(self._evaluated)
+
+    def after_decided(self, committed: bool) -> None:
+        """After the executor's transaction: announce and hand out what
+        ``decide_after`` decided, if it was committed. Called holding ``lock``."""
+        (hub_tasks, changed), self._decided = self._decided, ([], False)
         events, self._after_commit = self._after_commit, []
+        if not committed:
+            return
         for name, data in events:
             self.events.emit(name, **data)
+        if changed:
+            self.events.emit(ev.OUTBOX_WRITTEN)
+        for ti_id in hub_tasks:
+            self.submit_hub_task(ti_id)
+        if self._has_dirty():
+            self._wake.set()  # it left work for a pass (a skip to propagate, say)
 
     def tick(self, full: bool = True, dirty: _Dirty | None = None) -> bool:
         """One scheduling pass. Returns True if it changed anything. A pass
@@ -581,10 +633,14 @@ class Scheduler:
         with it, only the tasks that the changes it names may decide (the
         downstream of each finished instance), reading only their rows and
         their upstreams' rows; a run it names whole is evaluated whole."""
+        self._evaluated = set()
         started = start_queued_runs(session, now) if dirty is None or dirty.triggered else []
         changed = bool(started)
-        stmt = select(DagRun).where(DagRun.state == RunState.RUNNING)
+        # Each run with its DAG's paused flag, in one query: the runs of a
+        # paused DAG start no new task instances (Airflow).
+        running = select(DagRun, Dag.is_paused).outerjoin(Dag, Dag.dag_id == DagRun.dag_id).where(DagRun.state == RunState.RUNNING)
         scope: dict[int, set[str] | None] = {}
+        stmt = running
         if dirty is not None:
             found = self._scope(session, dirty)
             if found is None:
@@ -593,22 +649,24 @@ class Scheduler:
                 scope = found
                 scope.update((run.id, None) for run in started)
                 if not scope:
+                    self._evaluated = set()
                     return [], changed
-                stmt = stmt.where(DagRun.id.in_(scope))
-        runs = list(session.scalars(skip_locked(stmt, session)))
+                stmt = running.where(DagRun.id.in_(scope))
+        rows = self._locked_runs(session, stmt)
         if dirty is not None and any(
             scope.get(run.id) is not None and run.dag_version_id is not None and self._derived(run.dag_version_id, self._version_tasks(session, run.dag_version_id)).past
-            for run in runs
+            for run, _ in rows
         ):
             # A finished instance may make a task of the next run ready
             # (depends_on_past): every running run is evaluated.
             dirty = None
-            runs = list(session.scalars(skip_locked(select(DagRun).where(DagRun.state == RunState.RUNNING), session)))
+            rows += self._locked_runs(session, running.where(DagRun.id.not_in([run.id for run, _ in rows])))
+        runs = [run for run, _ in rows]
+        paused = {run.dag_id for run, is_paused in rows if is_paused}
+        self._evaluated = {run.id for run in runs}
         if not runs:
             return [], changed
         structures = self._structures(session, runs)
-        # Airflow: the runs of a paused DAG start no new task instances.
-        paused = set(session.scalars(select(Dag.dag_id).where(Dag.dag_id.in_({r.dag_id for r in runs}), Dag.is_paused.is_(True))))
         states_by_run: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         # (task id, map index) -> state: tasks of a mapped task group depend index by index.
         index_states_by_run: dict[int, dict[tuple[str, int], str]] = defaultdict(dict)
@@ -708,6 +766,15 @@ class Scheduler:
             for started_run in start_queued_runs(session, now, finished):
                 self._mark(started_run.id)
         return hub_tasks, changed or bool(finished)
+
+    @staticmethod
+    def _locked_runs(session: Session, stmt: Any) -> list[tuple[DagRun, bool | None]]:
+        """The rows of ``stmt`` (runs with their DAG's paused flag), each run
+        locked for this transaction; runs another scheduler holds are skipped
+        (PostgreSQL; see hub.db.skip_locked)."""
+        if session.get_bind().dialect.name == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True, of=DagRun)
+        return [(run, bool(is_paused)) for run, is_paused in session.execute(stmt)]
 
     def _scope(self, session: Session, dirty: _Dirty) -> dict[int, set[str] | None] | None:
         """The runs (and within each, the tasks whose instances changed, or

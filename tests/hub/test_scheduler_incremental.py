@@ -3,7 +3,10 @@ what that event may have made ready (the downstream of a finished instance,
 a triggered run, instances waiting for a freed slot), reading only their
 rows. Every DAG here is run twice, once with full passes only and once with
 incremental passes only (after the run is triggered, never a full one), and
-must end in exactly the same states: the incremental path loses no rule."""
+must end in exactly the same states: the incremental path loses no rule.
+The same with the executor deciding a finished hub task's downstream in the
+transaction that records it (Scheduler.decide_after, Airflow's "mini
+scheduler")."""
 
 from __future__ import annotations
 
@@ -109,8 +112,9 @@ def _outcome(hub: Any, run_pks: list[int]) -> list[Any]:
     return [runs, [sorted((ti.task_id, ti.map_index, str(ti.state), ti.try_number) for ti in hub.tis(pk)) for pk in run_pks]]
 
 
+@pytest.mark.parametrize("mini", [False, True], ids=["passes", "mini_scheduler"])
 @pytest.mark.parametrize("dag_id,runs", [("chain", 1), ("rules", 1), ("branch", 1), ("short", 1), ("mapped", 1), ("narrow", 2), ("past", 2)])
-def test_incremental_passes_end_like_full_passes(make_hub: Any, dag_id: str, runs: int) -> None:
+def test_incremental_passes_end_like_full_passes(make_hub: Any, dag_id: str, runs: int, mini: bool) -> None:
     full = make_hub({"dags.py": DAGS})
     full_runs = [full.trigger(dag_id) for _ in range(runs)]
     full.tick(rounds=40)
@@ -118,6 +122,9 @@ def test_incremental_passes_end_like_full_passes(make_hub: Any, dag_id: str, run
     assert all(state in ("success", "failed") for state in expected[0]), expected
 
     incremental = make_hub({"dags.py": DAGS})
+    if mini:
+        # The executor decides a finished task's downstream as it records it.
+        incremental.executor.mini_scheduler = incremental.scheduler
     # The first pass makes the runs' first decisions, as after a trigger in the hub.
     runs_made = [_trigger(incremental, dag_id) for _ in range(runs)]
     passes = _settle_incrementally(incremental)
@@ -152,3 +159,40 @@ def test_a_pass_after_an_event_reads_only_the_changed_tasks(make_hub: Any, monke
     assert {str(ti.state) for ti in hub.tis(run_pk)} == {"success"}
     assert read[0] == 6  # the triggered run, whole
     assert max(read[1:]) <= 2, read
+
+
+def test_the_executor_queues_the_next_link_as_it_records_a_finished_one(make_hub: Any) -> None:
+    # With the mini scheduler, a chain needs no scheduler pass after its start:
+    # each recorded link queues the next in the same transaction.
+    hub = make_hub({"dags.py": DAGS})
+    hub.executor.mini_scheduler = hub.scheduler
+    run_pk = _trigger(hub, "chain")
+    hub.scheduler.tick(full=False, dirty=hub.scheduler._take_dirty())
+    finished: list[dict[str, Any]] = []
+    hub.scheduler.events.subscribe(ev.RUN_FINISHED, lambda _n, data: finished.append(data))
+    while hub.hub_queue:
+        hub.executor.run_inline(hub.hub_queue.pop(0))
+    assert {str(ti.state) for ti in hub.tis(run_pk)} == {"success"}
+    assert finished and finished[0]["run_pk"] == run_pk and finished[0]["state"] == "success"
+    assert hub.scheduler._take_dirty().empty()  # nothing was left for a pass
+
+
+def test_a_failing_mini_scheduler_leaves_the_decision_to_the_next_pass(make_hub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = make_hub({"dags.py": DAGS})
+    hub.executor.mini_scheduler = hub.scheduler
+    run_pk = _trigger(hub, "chain")
+    hub.scheduler.tick(full=False, dirty=hub.scheduler._take_dirty())
+    calls = []
+
+    def broken(*args: Any) -> Any:
+        calls.append(args)
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(type(hub.scheduler), "_advance_runs", lambda self, *a: broken(*a), raising=True)
+    hub.executor.run_inline(hub.hub_queue.pop(0))
+    monkeypatch.undo()
+    assert calls
+    states = {ti.task_id: str(ti.state) for ti in hub.tis(run_pk)}
+    assert states["link_0"] == "success" and states["link_1"] == "none"  # recorded; nothing half-decided
+    _settle_incrementally(hub)  # the event (not marked decided) lets a pass do it
+    assert {str(ti.state) for ti in hub.tis(run_pk)} == {"success"}
