@@ -12,6 +12,7 @@ which hub tasks do not use. Prints, for this machine:
   executor and every other thread of it; ``time.process_time``), of the
   scheduler thread and the executor thread alone, and of the worker
   processes (separate processes, from /proc);
+* SQL statements and commits the scheduler thread issued per task instance;
 * the same with 10,000 and 100,000 finished task instances already in the
   DB (earlier runs of the same DAGs, seeded with bulk inserts), to show how
   the cost grows with history;
@@ -38,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import func, insert, select  # noqa: E402
+from sqlalchemy import event, func, insert, select  # noqa: E402
 
 from hub import events as ev  # noqa: E402
 from hub.dagprocessor import DagFileProcessor, SerializedDagBag, stop_parse_processes  # noqa: E402
@@ -110,13 +111,17 @@ class Figures:
     executor_cpu: float
     workers_cpu: float
     load: float
+    #: SQL statements and commits by the scheduler thread.
+    statements: int
+    commits: int
 
     def line(self) -> str:
         per_k = 1000 / self.tis
         return (
             f"{self.label:<34} {self.wall:7.2f} s {self.tis / self.wall:7.0f} TI/s   CPU s per 1,000 TIs: hub process {self.hub_cpu * per_k:5.2f} "
             f"(scheduler thread {self.scheduler_cpu * per_k:5.2f}, executor thread {self.executor_cpu * per_k:5.2f}), "
-            f"workers {self.workers_cpu * per_k:5.2f}   [load {self.load:.2f}]"
+            f"workers {self.workers_cpu * per_k:5.2f}; scheduler SQL per TI: {self.statements / self.tis:.1f} statements, "
+            f"{self.commits / self.tis:.1f} commits   [load {self.load:.2f}]"
         )
 
 
@@ -139,6 +144,18 @@ class Bench:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.profile: cProfile.Profile | None = None
+        self._history_runs = 0
+        # What the scheduler thread asks of the DB, counted per statement.
+        self.sql = {"statements": 0, "commits": 0}
+
+        def count(key: str) -> Any:
+            def listener(*_args: Any, **_kw: Any) -> None:
+                if threading.current_thread() is self.thread:
+                    self.sql[key] += 1
+            return listener
+
+        event.listen(self.engine, "before_cursor_execute", count("statements"))
+        event.listen(self.engine, "commit", count("commits"))
 
     def _on_run_finished(self, _name: str, data: dict[str, Any]) -> None:
         # Also for a run not waited for yet: it may end before run() looks.
@@ -176,6 +193,7 @@ class Bench:
     def run(self, dag_id: str, label: str, timeout: float = 600.0) -> Figures:
         load = os.getloadavg()[0]
         workers = self.executor.worker_pids()
+        sql_before = dict(self.sql)
         before = (time.process_time(), thread_cpu(self.thread), thread_cpu(self.executor._thread), sum(process_cpu(p) for p in workers))
         started = time.perf_counter()
         with transaction(self.sessions) as session:
@@ -196,7 +214,10 @@ class Bench:
             good = session.scalar(select(func.count()).select_from(TaskInstance).where(TaskInstance.run_pk == run_pk, TaskInstance.state == TaskState.SUCCESS))
         if state != RunState.SUCCESS or good != tis:
             raise SystemExit(f"{label}: run ended {state} with {good}/{tis} task instances successful")
-        return Figures(label, tis, wall, after[0] - before[0], after[1] - before[1], after[2] - before[2], after[3] - before[3], load)
+        return Figures(
+            label, tis, wall, after[0] - before[0], after[1] - before[1], after[2] - before[2], after[3] - before[3], load,
+            self.sql["statements"] - sql_before["statements"], self.sql["commits"] - sql_before["commits"],
+        )
 
     def finished_tis(self) -> int:
         with self.sessions() as session:
@@ -212,7 +233,7 @@ class Bench:
             dags = {d.dag_id: d for d in session.scalars(select(Dag).where(Dag.dag_id.in_(["bench_wide", "bench_chain"])))}
         tasks = {dag_id: [t["task_id"] for t in dag.structure["tasks"]] for dag_id, dag in dags.items()}
         now = utcnow(self.clock)
-        n = 0
+        n = self._history_runs
         while (have := self.finished_tis()) < target:
             with transaction(self.sessions) as session:
                 batch_runs = []
@@ -238,6 +259,7 @@ class Bench:
                         })
                 session.execute(insert(TaskInstance), rows)
                 added += len(rows)
+        self._history_runs = n
         return added, time.perf_counter() - started
 
 
