@@ -19,15 +19,15 @@ which hub tasks do not use. Prints, for this machine:
 * the load average before each measurement (the machine may be shared).
 
 Usage: python bench/scheduler.py [--wide 1000] [--chain 200] [--history 10000,100000]
-       [--workers 4] [--sqlite-synchronous FULL] [--max-active-tasks N] [--profile DIR]
+       [--workers 4] [--sqlite-synchronous FULL] [--max-active-tasks N]
+Profile: .venv/bin/py-spy record -f raw --threads -o out.txt -- .venv/bin/python bench/scheduler.py ...
+(without --subprocesses: stopping the DAG parse process makes it time out)
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import os
-import pstats
 import sys
 import tempfile
 import threading
@@ -143,7 +143,6 @@ class Bench:
         self.events.subscribe(ev.RUN_FINISHED, self._on_run_finished)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
-        self.profile: cProfile.Profile | None = None
         self._history_runs = 0
         # What the scheduler thread asks of the DB, counted per statement.
         self.sql = {"statements": 0, "commits": 0}
@@ -161,24 +160,12 @@ class Bench:
         # Also for a run not waited for yet: it may end before run() looks.
         self._finished.setdefault(int(data["run_pk"]), threading.Event()).set()
 
-    def start(self, profile: bool) -> None:
+    def start(self) -> None:
         self.executor.start()
         assert self.scheduler.parse_dags(utcnow(self.clock), force=True)
         if self.dagbag.errors:
             raise SystemExit(f"DAG files failed: {self.dagbag.errors}")
-        if profile:
-            self.profile = cProfile.Profile()
-
-        def loop(stop: threading.Event) -> None:
-            if self.profile is not None:
-                self.profile.enable()  # profiles this thread only
-            try:
-                self.scheduler.run_forever(stop)
-            finally:
-                if self.profile is not None:
-                    self.profile.disable()
-
-        self.thread = threading.Thread(target=loop, args=(self.stop,), name="hub-scheduler", daemon=True)
+        self.thread = threading.Thread(target=self.scheduler.run_forever, args=(self.stop,), name="hub-scheduler", daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -271,7 +258,6 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4, help="executor worker processes (the hub's default is 4)")
     parser.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL")
     parser.add_argument("--max-active-tasks", type=int, default=None, help="DAG max_active_tasks (default: the hub's, 16 like Airflow)")
-    parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of the scheduler thread to this folder")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="outpost-bench-sched-"))
@@ -287,7 +273,7 @@ def main() -> int:
     print(f"setup: SQLite ({args.sqlite_synchronous} sync) in {root}; {args.workers} worker processes; "
           f"max_active_tasks {args.max_active_tasks or 'default'}; DAGs: 1 -> {args.wide} -> 1 and a chain of {args.chain}")
     bench = Bench(root, args.workers, args.sqlite_synchronous)
-    bench.start(profile=args.profile is not None)
+    bench.start()
     try:
         bench.run("bench_one", "warm-up")  # workers import the modules, first connections
         results = []
@@ -304,12 +290,6 @@ def main() -> int:
         print("aims: wide 1,000 under 2 s, chain of 200 under 2 s (Airflow 3.3.2: about 1 s per chain link on this machine)")
     finally:
         bench.close()
-        if bench.profile is not None and args.profile is not None:
-            args.profile.mkdir(parents=True, exist_ok=True)
-            out = args.profile / "scheduler_thread.prof"
-            bench.profile.dump_stats(out)
-            print(f"\nscheduler thread profile: {out}; top functions by cumulative time:")
-            pstats.Stats(str(out)).sort_stats("cumulative").print_stats(25)
     return 0
 
 
