@@ -708,6 +708,17 @@ class Scheduler:
         hub_tasks: list[int] = []
         ready: list[tuple[Candidate, DagRun]] = []
         past_ok = _PastChecker(session)
+        # A trigger rule's answer depends only on the upstream states: the
+        # many tasks of a wide run that share their upstreams ask it once.
+        decisions: dict[tuple[str, tuple[str, ...]], Decision] = {}
+
+        def decide_once(rule: str, upstream: list[str]) -> Decision:
+            key = (rule, tuple(upstream))
+            found = decisions.get(key)
+            if found is None:
+                found = decisions[key] = decide(rule, upstream)
+            return found
+
         for run in runs:
             tasks = structures.get(run.id, {})
             by_task = states_by_run[run.id]
@@ -721,7 +732,7 @@ class Scheduler:
                 if task is not None:
                     upstream = self._upstream_states(task, tasks, by_task, index_states, row.map_index)
                     # A branch or short-circuit skips before any trigger rule is asked (Airflow).
-                    decision = Decision.SKIP if row.task_id in skips else decide(task.get("trigger_rule", "all_success"), upstream)
+                    decision = Decision.SKIP if row.task_id in skips else decide_once(task.get("trigger_rule", "all_success"), upstream)
                     if decision == Decision.WAIT:
                         continue
                     if decision == Decision.RUN:
