@@ -139,6 +139,8 @@ class Bench:
         self.scheduler = Scheduler(
             self.sessions, self.dagbag, Dispatcher(hlc, 256 * 1024), self.clock, self.events, self.executor.submit, parse_in_tick=False,
         )
+        # As hub.runtime wires it: the executor decides a finished task's downstream itself.
+        self.executor.mini_scheduler = self.scheduler
         self._finished: dict[int, threading.Event] = {}
         self.events.subscribe(ev.RUN_FINISHED, self._on_run_finished)
         self.stop = threading.Event()
