@@ -29,10 +29,12 @@ import copy
 from contextlib import contextmanager
 import functools
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1092,6 +1094,26 @@ def dags_in_module(module: Any, captured: Iterable[DAG] = ()) -> list[DAG]:
         if isinstance(value, DAG):
             found.setdefault(id(value), value)
     return list(found.values())
+
+
+def import_dag_file(fileloc: str) -> list[DAG]:
+    """Import a DAG file as its own module and return its DAGs. The module
+    name is derived from the path, so the DAG processor and the workers
+    import a file under the same name. Whatever the file raises propagates;
+    a failed import leaves no half-made module behind in ``sys.modules``."""
+    name = "outpost_dag_" + hashlib.sha1(fileloc.encode()).hexdigest()[:12]
+    try:
+        spec = importlib.util.spec_from_file_location(name, fileloc)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {fileloc}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        with capture_dags() as created:  # `with DAG(...)` blocks and @dag calls need no module-level name
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return dags_in_module(module, created)
 
 
 def chain(*tasks: Any) -> None:

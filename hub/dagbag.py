@@ -18,8 +18,6 @@ Python objects (a hub task's callable), never for the scheduler.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -34,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_jobs import registry as job_registry
-from hub.dag import DAG, AgentOperator, capture_dags, dags_in_module
+from hub.dag import DAG, AgentOperator, import_dag_file
 from hub import templating, timetables
 from hub.errors import InvalidDag
 from shared.errors import InvalidParams, UnknownJobType
@@ -124,15 +122,8 @@ def load_file(path: Path) -> tuple[list[DAG], FileError | None]:
     DAGs, or no DAG and the reason the whole file is refused: one bad DAG
     refuses its file, so a half-applied edit never reaches the scheduler."""
     fileloc = str(path)
-    name = "outpost_dag_" + hashlib.sha1(fileloc.encode()).hexdigest()[:12]
     try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        with capture_dags() as created:  # `with DAG(...)` blocks and @dag calls need no module-level name
-            spec.loader.exec_module(module)
+        dags = import_dag_file(fileloc)
     except SyntaxError as exc:
         return [], FileError(fileloc, "syntax", f"{exc.msg} (line {exc.lineno}, column {exc.offset})")
     except InvalidDag as exc:
@@ -141,7 +132,7 @@ def load_file(path: Path) -> tuple[list[DAG], FileError | None]:
         return [], FileError(fileloc, "memory", "MemoryError: the file ran out of memory while being imported (see dag_file_processor_memory_mb)")
     except (Exception, SystemExit) as exc:  # a DAG file may raise anything, even SystemExit; it must not stop the others
         return [], FileError(fileloc, "import", _traceback_tail(exc))
-    found = {id(v): v for v in dags_in_module(module, created)}
+    found = {id(v): v for v in dags}
     if not found:
         return [], FileError(fileloc, "no_dag", "the file defines no DAG object at module level")
     seen: dict[str, DAG] = {}

@@ -16,12 +16,9 @@ in-process for the tick-by-tick test harness (``LocalExecutor.run_inline``).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
 import signal
-import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -33,7 +30,7 @@ from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import asset_events, xcom
-from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped, capture_dags, dags_in_module
+from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped, import_dag_file
 from hub.db import make_engine, make_sessionmaker, transaction
 from hub.errors import InvalidDag
 from hub.mapping import same_group_index, unmap
@@ -49,11 +46,6 @@ MAX_OUTPUT_BYTES = xcom.MAX_XCOM_BYTES
 RETURN_KEY = xcom.RETURN_KEY
 #: A callback that raises is tried this many times in all, then given up.
 MAX_CALLBACK_ATTEMPTS = 3
-
-
-def module_name(fileloc: str) -> str:
-    """The module name a DAG file is imported under (the same as the DAG bag's)."""
-    return "outpost_dag_" + hashlib.sha1(fileloc.encode()).hexdigest()[:12]
 
 
 class DagFileError(Exception):
@@ -82,20 +74,12 @@ class DagFileCache:
 
     @staticmethod
     def _import(fileloc: str) -> dict[str, DAG]:
-        name = module_name(fileloc)
         try:
-            spec = importlib.util.spec_from_file_location(name, fileloc)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot load {fileloc}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            with capture_dags() as created:  # `with DAG(...)` blocks and @dag calls need no module-level name
-                spec.loader.exec_module(module)
+            imported = import_dag_file(fileloc)
         except BaseException as exc:  # DAG file code may raise anything, even SystemExit
-            sys.modules.pop(name, None)
             last = "".join(traceback.format_exception_only(exc)).strip()
             raise DagFileError(f"DAG file {fileloc} failed to import in the worker: {last}") from None
-        dags = {v.dag_id: v for v in dags_in_module(module, created)}
+        dags = {v.dag_id: v for v in imported}
         for dag in dags.values():
             dag.fileloc = fileloc
         return dags
