@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -74,6 +75,12 @@ class DagFileCache:
 
     @staticmethod
     def _import(fileloc: str) -> dict[str, DAG]:
+        # As the DAG processor does (and Airflow): the DAG folder is on
+        # sys.path, so a DAG file that imports a helper module of its folder
+        # loads here too. DAG files are only ever top-level files of the folder.
+        folder = os.path.dirname(fileloc)
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
         try:
             imported = import_dag_file(fileloc)
         except BaseException as exc:  # DAG file code may raise anything, even SystemExit

@@ -513,3 +513,19 @@ def test_a_segfault_in_task_code_fails_the_task_not_the_hub(env: Env, executor_f
     assert ti.state == "failed" and ti.error["code"] == "worker_died"
     assert f"signal {int(signal.SIGSEGV)}" in ti.error["message"]
     assert env.ti(after).state == "success"
+
+
+def test_a_dag_file_that_imports_a_helper_of_its_folder_runs_in_the_worker(env: Env, executor_factory: Any) -> None:
+    (env.folder / "_exec_helper.py").write_text("VALUE = 41\n")
+    dag_file = env.folder / "exec.py"
+    dag_file.write_text(
+        "from _exec_helper import VALUE\n" + dag_file.read_text()
+        + "\nwith dag:\n    PythonOperator(task_id='helped', python_callable=lambda: VALUE + 1)\n"
+    )
+    finished = Finished(env.events)
+    [ti_id] = env.add_tis("helped")
+    executor = executor_factory()
+    executor.submit(ti_id)
+    finished.wait([ti_id])
+    ti = env.ti(ti_id)
+    assert (ti.state, ti.output) == ("success", 42), ti.error
