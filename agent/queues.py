@@ -34,6 +34,7 @@ documented columns: ``data``, ``message_id``, ``status``, ``done_time``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -118,8 +119,8 @@ class _KeyedQueue:
 
     def synchronous(self) -> str:
         """The ``PRAGMA synchronous`` mode commits use (NORMAL or FULL)."""
-        with _errors(self.path, "reading a setting"):
-            value = self._q.conn.execute("PRAGMA synchronous").fetchone()[0]
+        with _errors(self.path, "reading a setting"), self._q.transaction():
+            value = self._q.conn.execute("PRAGMA synchronous").fetchall()[0][0]
         return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[int(value)]
 
     def disk_usage(self) -> int:
@@ -127,10 +128,13 @@ class _KeyedQueue:
         plus the write-ahead log. Free pages are left out: SQLite reuses them
         but never gives them back, so counting them would keep a drained
         queue looking full forever."""
-        with _errors(self.path, "measuring"):
+        # In a transaction only for litequeue's lock: the write connection is
+        # shared by threads, and a statement of ours left open on it while
+        # another thread commits fails that commit.
+        with _errors(self.path, "measuring"), self._q.transaction():
             conn = self._q.conn
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            used = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+            page_size = conn.execute("PRAGMA page_size").fetchall()[0][0]
+            used = conn.execute("PRAGMA page_count").fetchall()[0][0] - conn.execute("PRAGMA freelist_count").fetchall()[0][0]
         try:
             wal = self.path.with_name(self.path.name + "-wal").stat().st_size
         except FileNotFoundError:
@@ -140,8 +144,10 @@ class _KeyedQueue:
     def truncate_wal(self) -> None:
         """Checkpoint and empty the write-ahead log (it keeps its largest size
         otherwise). Best effort: a busy reader just leaves it as it is."""
-        with _errors(self.path, "checkpointing"):
-            self._q.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        # Its own short connection: a checkpoint cannot run inside a
+        # transaction, and litequeue's connection is only safe inside one.
+        with _errors(self.path, "checkpointing"), contextlib.closing(sqlite3.connect(self.path, timeout=5.0)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def renew(self, claims: Iterable[Claimed | PendingResult]) -> int:
         """Restart the lease of claims this process still holds (lock time
@@ -170,8 +176,8 @@ class _KeyedQueue:
                     WHERE rowid = (SELECT rowid FROM "Queue" WHERE status = {MessageStatus.READY.value} ORDER BY message_id LIMIT 1)
                     RETURNING message_id, data, claim_id""",
                 (self._now_ns(),),
-            ).fetchone()
-        return None if row is None else (row["message_id"], row["data"], row["claim_id"])
+            ).fetchall()  # all: an UPDATE ... RETURNING not stepped to its end blocks the commit
+        return None if not row else (row[0]["message_id"], row[0]["data"], row[0]["claim_id"])
 
     def close(self) -> None:
         self._q.close()

@@ -13,17 +13,29 @@ from agent.daemon import Agent
 from .conftest import AGENT_ID, wait_until
 
 QUOTA = 65536
-BIG = "x" * 30000  # two results of this size are over the quota
+BIG = "x" * 20000
+
+
+def fill_outbox(agent, hub) -> list[str]:
+    """Results nobody acknowledges, one at a time, until the outbox is over
+    its quota (data pages are deterministic, the WAL is not: hence the loop)."""
+    ids = []
+    for i in range(10):
+        aid = f"r{i}"
+        hub.assign(aid, params={"echo": BIG})
+        hub.wait_for("result", aid)
+        ids.append(aid)
+        if agent.backpressure.check():
+            return ids
+    raise AssertionError(f"the outbox never went over its quota: {agent.backpressure.usage} bytes")
 
 
 def test_over_quota_the_agent_refuses_new_work_but_keeps_every_result(make_agent, hub):
     agent = make_agent(outbox_max_bytes=QUOTA)
     assert agent.heartbeat().accepting is True
-    hub.assign("late", params={"echo": "l", "sleep": 1.5})  # accepted before the outbox fills, finishes after
+    hub.assign("late", params={"echo": "l", "sleep": 3.0})  # accepted before the outbox fills, finishes after
     hub.wait_for("started", "late")
-    hub.assign("r1", params={"echo": BIG})
-    hub.assign("r2", params={"echo": BIG})
-    hub.wait_for("result", "r2")
+    filled = fill_outbox(agent, hub)
     beat = wait_until(lambda: [b for b in hub.of("heartbeat") if not b.accepting], 5, "a heartbeat saying not accepting")[-1]
     assert "quota" in beat.not_accepting and str(QUOTA) in beat.not_accepting
 
@@ -31,19 +43,20 @@ def test_over_quota_the_agent_refuses_new_work_but_keeps_every_result(make_agent
     rejected = hub.wait_for("rejected")[0]
     assert (rejected.code, rejected.assignment_id) == ("agent_backpressure", "refused")
     assert agent.inbox.get("refused") is None and not hub.of("accepted", "refused")  # not stored, so never run
+    assert not hub.of("result", "late")  # still running while the outbox is over its quota
 
     late = hub.wait_for("result", "late")[0]  # finished over the quota: stored and sent all the same
     assert late.status == "success" and agent.outbox.has("late")
     assert agent.backpressure.usage > QUOTA
 
-    hub.ack("r1", "r2", "late")
+    hub.ack(*filled, "late")
     wait_until(lambda: hub.of("heartbeat")[-1].accepting, 5, "a heartbeat saying accepting again")
     assert hub.of("heartbeat")[-1].not_accepting == ""
     hub.assign("refused", params={"echo": "r"})  # the hub's redelivery
     assert hub.wait_for("result", "refused")[0].output == {"echo": "r"}
     counters = agent.counters.snapshot()
     assert counters["assign.refused_backpressure"] == 1 and counters["rejected.agent_backpressure"] == 1
-    for aid in ("r1", "r2", "late", "refused"):
+    for aid in (*filled, "late", "refused"):
         assert len(hub.of("started", aid)) == 1
 
 
@@ -51,9 +64,7 @@ def test_a_redelivery_of_a_stored_assignment_is_not_refused_over_quota(make_agen
     agent = make_agent(outbox_max_bytes=QUOTA)
     hub.assign("kept", params={"echo": "k", "sleep": 1.0})
     hub.wait_for("started", "kept")
-    hub.assign("r1", params={"echo": BIG})
-    hub.assign("r2", params={"echo": BIG})
-    wait_until(lambda: agent.backpressure.check(), 5, "the outbox over its quota")
+    fill_outbox(agent, hub)
     hub.assign("kept", params={"echo": "k", "sleep": 1.0})
     assert len(hub.wait_for("accepted", "kept", count=2)) == 2  # answered as a duplicate, not refused
     assert hub.of("accepted", "kept")[-1].duplicate is True
