@@ -83,10 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    run = command("run", "Run the agent until SIGTERM or SIGINT (a graceful stop: running jobs get stop_timeout seconds, then are aborted). "
-                  "SIGHUP re-reads the configuration file: labels, concurrency, heartbeat_interval, log_level, command_allowlist and the limits "
-                  "change live; agent_id, state_dir and the broker need a restart (a warning names them). Under systemd (Type=notify) "
-                  "it reports READY, STATUS and STOPPING and sends watchdog pings while healthy.", _RUN_EXAMPLE)
+    run = command("run", "Run the agent until SIGTERM or SIGINT.", _RUN_EXAMPLE)
+    run.description = """Run the agent until SIGTERM or SIGINT.
+
+signals:
+  SIGTERM, SIGINT  graceful stop: no new work, running jobs get stop_timeout seconds, then are
+                   aborted; the retained offline status is published; exit 0
+  SIGHUP           re-read the configuration file: labels, concurrency, heartbeat_interval,
+                   log_level, command_allowlist and the limits change live; agent_id, state_dir
+                   and the broker need a restart (a warning names them); a bad file is ignored
+
+Under systemd (Type=notify) it sends READY=1 after start-up recovery, STATUS= lines,
+STOPPING=1, and WATCHDOG=1 every WatchdogSec/2 while its threads are healthy."""
     run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     run.add_argument("--agent-id", metavar="ID", help="this device's id (overrides agent_id)")
     run.add_argument("--state-dir", metavar="DIR", help="folder for queues and work folders (overrides state_dir)")

@@ -29,7 +29,9 @@ Where litequeue has no call for what is needed (is this key new? mark done by
 key, prune by age, list items), this module runs SQL on litequeue's ``Queue``
 table through litequeue's own write connection and transaction, relying on its
 documented columns: ``data``, ``message_id``, ``status``, ``done_time``
-(Unix nanoseconds), ``idempotency_key``, ``claim_id``.
+(Unix nanoseconds), ``idempotency_key``, ``claim_id``, ``lock_time``. One
+private attribute is used too, litequeue 0.14's re-entrant
+``_write_connection_lock``: a failed COMMIT is rolled back under it (``_tx``).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class _KeyedQueue:
 
     def synchronous(self) -> str:
         """The ``PRAGMA synchronous`` mode commits use (NORMAL or FULL)."""
-        with _errors(self.path, "reading a setting"), self._q.transaction():
+        with self._tx("reading a setting"):
             value = self._q.conn.execute("PRAGMA synchronous").fetchall()[0][0]
         return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[int(value)]
 
@@ -131,7 +133,7 @@ class _KeyedQueue:
         # In a transaction only for litequeue's lock: the write connection is
         # shared by threads, and a statement of ours left open on it while
         # another thread commits fails that commit.
-        with _errors(self.path, "measuring"), self._q.transaction():
+        with self._tx("measuring"):
             conn = self._q.conn
             page_size = conn.execute("PRAGMA page_size").fetchall()[0][0]
             used = conn.execute("PRAGMA page_count").fetchall()[0][0] - conn.execute("PRAGMA freelist_count").fetchall()[0][0]
@@ -156,7 +158,7 @@ class _KeyedQueue:
         rows = [(self._now_ns(), c.message_id, c.claim_id) for c in claims]
         if not rows:
             return 0
-        with _errors(self.path, "renewing claims"), self._q.transaction("IMMEDIATE"):
+        with self._tx("renewing claims", "IMMEDIATE"):
             before = self._q.conn.total_changes
             self._q.conn.executemany(
                 f'UPDATE "Queue" SET lock_time = ? WHERE message_id = ? AND claim_id = ? AND status = {MessageStatus.LOCKED.value}', rows
@@ -170,7 +172,7 @@ class _KeyedQueue:
         """Claim the oldest ready item: (message id, data, claim id). The
         same statement as litequeue's pop, but the lock time is the agent's
         clock (see the module docstring)."""
-        with _errors(self.path, "claiming"), self._q.transaction("IMMEDIATE"):
+        with self._tx("claiming", "IMMEDIATE"):
             row = self._q.conn.execute(
                 f"""UPDATE "Queue" SET status = {MessageStatus.LOCKED.value}, lock_time = ?, claim_id = claim_id + 1
                     WHERE rowid = (SELECT rowid FROM "Queue" WHERE status = {MessageStatus.READY.value} ORDER BY message_id LIMIT 1)
@@ -181,6 +183,21 @@ class _KeyedQueue:
 
     def close(self) -> None:
         self._q.close()
+
+    @contextmanager
+    def _tx(self, action: str, mode: str = "DEFERRED") -> Iterator[None]:
+        """litequeue's transaction, errors as QueueError naming ``action``.
+        A COMMIT that fails (a full disk) may leave SQLite's transaction
+        open, and then every later BEGIN fails; it is rolled back here, under
+        litequeue's (re-entrant) write lock, so the queue works again as soon
+        as the cause is gone."""
+        with self._q._write_connection_lock:
+            try:
+                with _errors(self.path, action), self._q.transaction(mode):
+                    yield
+            finally:
+                if self._q.conn.in_transaction:
+                    self._q.conn.rollback()
 
     def depth(self) -> int:
         """Items not finished yet: ready plus claimed."""
@@ -195,7 +212,7 @@ class _KeyedQueue:
         claim expires when its lock time is more than ``lease_seconds`` away
         from now on the agent's clock, behind or ahead; claims in ``keep``
         (those the caller still holds) never do."""
-        with _errors(self.path, "releasing claims"), self._q.transaction("IMMEDIATE"):
+        with self._tx("releasing claims", "IMMEDIATE"):
             if lease_seconds <= 0:
                 # Not retry_expired(0): it compares claim times with the wall
                 # clock, and a device that boots with its clock behind (no RTC,
@@ -234,7 +251,7 @@ class _KeyedQueue:
         """Forget items finished more than ``older_than`` seconds before ``now``
         (epoch seconds; litequeue stamps ``done_time`` with wall time)."""
         cutoff = int((now - older_than) * _NS)
-        with _errors(self.path, "pruning"), self._q.transaction("IMMEDIATE"):
+        with self._tx("pruning", "IMMEDIATE"):
             cursor = self._q.conn.execute(
                 'DELETE FROM "Queue" WHERE status IN (?, ?) AND done_time < ?',
                 (MessageStatus.DONE.value, MessageStatus.FAILED.value, cutoff),
@@ -242,7 +259,7 @@ class _KeyedQueue:
             return cursor.rowcount
 
     def _select(self, clause: str, args: tuple[Any, ...]) -> list[Entry]:
-        with _errors(self.path, "reading"), self._q.transaction():
+        with self._tx("reading"):
             rows = self._q.conn.execute(f'SELECT idempotency_key, status, data, message_id FROM "Queue" {clause}', args).fetchall()
         return [Entry(r["idempotency_key"], _STATUS_NAMES[MessageStatus(r["status"])], json.loads(r["data"]), r["message_id"]) for r in rows]
 
@@ -251,7 +268,7 @@ class _KeyedQueue:
         message id and whether the key already existed. A key stored with
         different data is logged and treated as already there: the first
         version wins and nothing runs or is sent twice."""
-        with _errors(self.path, "storing"), self._q.transaction("IMMEDIATE"):
+        with self._tx("storing", "IMMEDIATE"):
             # litequeue's put() returns the stored message on a replay but does
             # not say it was one; this look-up in the same transaction does.
             row = self._q.conn.execute('SELECT message_id FROM "Queue" WHERE idempotency_key = ?', (key,)).fetchone()
@@ -393,7 +410,7 @@ class Outbox(_KeyedQueue):
         """Forget every acknowledged item now, retention or not (to make room
         under the disk quota); returns how many. Unacknowledged and
         set-aside items stay."""
-        with _errors(self.path, "pruning"), self._q.transaction("IMMEDIATE"):
+        with self._tx("pruning", "IMMEDIATE"):
             return self._q.conn.execute('DELETE FROM "Queue" WHERE status = ?', (MessageStatus.DONE.value,)).rowcount
 
     def ack(self, assignment_ids: Iterable[str], now: float) -> int:
@@ -403,7 +420,7 @@ class Outbox(_KeyedQueue):
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
-        with _errors(self.path, "acknowledging"), self._q.transaction("IMMEDIATE"):
+        with self._tx("acknowledging", "IMMEDIATE"):
             cursor = self._q.conn.execute(
                 f'UPDATE "Queue" SET status = ?, done_time = ? WHERE status IN (?, ?) AND idempotency_key IN ({marks})',
                 (MessageStatus.DONE.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, *ids),
