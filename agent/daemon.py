@@ -305,7 +305,7 @@ class Agent:
         return "stopping" if self._stopping.is_set() else self.backpressure.reason
 
     def healthy(self) -> str:
-        """"" while every thread the agent needs is alive, else which is not."""
+        """Empty while every thread the agent needs is alive; else names those that are not."""
         dead = [name for name, part in (("runner", self.runner), ("sync", self.sync), ("link consumer", self.link)) if not part.alive()]
         return f"{', '.join(dead)} thread(s) not running" if dead else ""
 
@@ -352,7 +352,7 @@ class Agent:
             self.notifier.watchdog()
 
     def _renew_leases(self) -> None:
-        renewed, released = renew_and_sweep(self.inbox, self.outbox, self.runner.claims(), self.sync.claims(), self.settings.claim_lease)
+        _renewed, released = renew_and_sweep(self.inbox, self.outbox, self.runner.claims(), self.sync.claims(), self.settings.claim_lease)
         if released:
             log.warning("released %d claim(s) whose lease ran out (a worker died?); they are ready again", released)
             self.counters.incr("claims.expired")
