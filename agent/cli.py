@@ -11,7 +11,7 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -84,12 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     run = command("run", "Run the agent until SIGTERM or SIGINT.", _RUN_EXAMPLE)
+    run.description = """Run the agent until SIGTERM or SIGINT.
+
+signals:
+  SIGTERM, SIGINT  graceful stop: no new work, running jobs get stop_timeout seconds, then are
+                   aborted; the retained offline status is published; exit 0
+  SIGHUP           re-read the configuration file: labels, concurrency, heartbeat_interval,
+                   log_level, command_allowlist and the limits change live; agent_id, state_dir
+                   and the broker need a restart (a warning names them); a bad file is ignored
+
+Under systemd (Type=notify) it sends READY=1 after start-up recovery, STATUS= lines,
+STOPPING=1, and WATCHDOG=1 every WatchdogSec/2 while its threads are healthy."""
     run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     run.add_argument("--agent-id", metavar="ID", help="this device's id (overrides agent_id)")
     run.add_argument("--state-dir", metavar="DIR", help="folder for queues and work folders (overrides state_dir)")
     run.add_argument("--broker", type=_broker, metavar="HOST:PORT", help="MQTT broker (overrides broker_host and broker_port)")
     run.add_argument("--label", type=_label, action="append", default=[], metavar="KEY=VALUE", help="add a label (repeatable; added to the file's labels)")
-    run.add_argument("--stop-timeout", type=float, default=20.0, metavar="SECONDS", help="how long running jobs get to finish on stop (default 20)")
+    run.add_argument("--stop-timeout", type=float, metavar="SECONDS", help="how long running jobs get to finish on SIGTERM before they are aborted (overrides stop_timeout, default 20)")
 
     check_help = "Validate the configuration; exit 0 when it is good, 2 with the key and reason when not."
     config = command("config", "Configuration commands (config check is the same as check).", _CHECK_EXAMPLE.replace("agent check", "agent config check"))
@@ -130,6 +141,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         values["broker_host"], values["broker_port"] = args.broker
     if getattr(args, "label", None):
         values["labels"] = dict(args.label)
+    if getattr(args, "stop_timeout", None) is not None:
+        values["stop_timeout"] = args.stop_timeout
     return values
 
 
@@ -146,10 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _queue_ls(settings, args.output, args.limit)
     if args.command == "emit":
         return _emit(settings, args.name, args.data)
-    return _run(settings, args.stop_timeout)
+    return _run(settings, lambda: load_settings(args.config, overrides=_overrides(args)))
 
 
-def _run(settings: AgentSettings, stop_timeout: float) -> int:
+def _run(settings: AgentSettings, reload: Callable[[], AgentSettings]) -> int:
     setup_logging(settings.log_level, settings.agent_id)
     from agent.daemon import Agent  # imported here: check and queue ls need no MQTT client
 
@@ -158,7 +171,7 @@ def _run(settings: AgentSettings, stop_timeout: float) -> int:
     except QueueError as exc:
         logging.getLogger("agent").error("%s", exc)
         return ExitCode.STATE_ERROR
-    agent.run_forever(stop_timeout)
+    agent.run_forever(reload=reload)
     return ExitCode.OK
 
 

@@ -102,7 +102,13 @@ class AgentSettings:
     command_allowlist: tuple[str, ...] = _setting("strlist", "Programs command.run may start (exact argv[0] match).", ())
     max_message_bytes: int = _setting("int", "Largest envelope accepted or sent, in bytes.", 262144, _between(1024, 268435455))
     inbox_retention: float = _setting("float", "Seconds a finished assignment is remembered, so a redelivery never runs twice.", 604800.0, _between(0, 10 * 365 * 86400))
-    sqlite_synchronous: str = _setting("choice", "SQLite synchronous mode for the queues: FULL survives power loss, NORMAL only process crashes.", "FULL", _one_of("NORMAL", "FULL"))
+    sqlite_synchronous: str = _setting(
+        "choice", "SQLite synchronous mode for both queue files: FULL (for devices that can lose power) survives power loss, NORMAL only process crashes.",
+        "FULL", _one_of("NORMAL", "FULL"),
+    )
+    claim_lease: float = _setting("float", "Seconds a claim (a job running or held, a result in flight) lives unless renewed; a claim left by a dead worker is ready again after it.", 300.0, _between(1, 86400))
+    outbox_max_bytes: int = _setting("int", "Outbox disk quota in bytes (pages in use plus WAL); over it the agent refuses new assignments until results drain.", 268435456, _between(65536, 2**50))
+    stop_timeout: float = _setting("float", "Seconds running jobs get to finish on SIGTERM before they are aborted.", 20.0, _between(0, 3600))
     log_level: str = _setting("choice", "Logging level.", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:

@@ -13,6 +13,16 @@ each other::
 It also owns the heartbeat, the counters, pruning of finished queue items
 after ``inbox_retention``, and start-up recovery: claims left by a process
 that died return to ready before anything runs.
+
+Durability (docs/concepts.md, "Agent durability"; the policies live in
+:mod:`agent.durability`): the tick loop renews the leases of the claims the
+runner and the sync loop hold and releases expired ones; it measures the
+outbox against ``outbox_max_bytes``, and while it is over, new assignments
+are refused (``agent_backpressure``) and heartbeats say ``accepting=False``.
+:meth:`Agent.run_forever` turns SIGTERM/SIGINT into a graceful stop and
+SIGHUP into a config reload, and speaks systemd's notify protocol
+(:mod:`agent.sdnotify`): READY, STATUS, STOPPING, and watchdog pings sent by
+the tick loop only while the runner, sync and link threads are alive.
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.config import AgentSettings
+from agent.durability import BACKPRESSURE_CODE, Backpressure, merge_reload, renew_and_sweep
 from agent.link import AgentLink, Handlers
 from agent.queues import Inbox, Outbox, PendingResult, event_key
 from agent.runner import Runner
+from agent.sdnotify import Notifier
 from agent.sync import Sync
 from agent.verify import Rejection, admit
 from firmware_jobs.base import Job
@@ -70,7 +82,9 @@ class Counters:
 class Agent:
     """One agent: queues, MQTT link, runner, sync loop and heartbeat."""
 
-    def __init__(self, settings: AgentSettings, *, clock: Clock | None = None, registry: JobRegistry | None = None) -> None:
+    def __init__(
+        self, settings: AgentSettings, *, clock: Clock | None = None, registry: JobRegistry | None = None, notifier: Notifier | None = None,
+    ) -> None:
         if registry is None:
             from firmware_jobs import registry as builtin
 
@@ -80,9 +94,10 @@ class Agent:
         self.registry = registry
         self.hlc = HybridClock(settings.agent_id, lambda: int(self.clock.now() * 1000))
         self.counters = Counters()
-        self.inbox = Inbox(settings.inbox_path, settings.sqlite_synchronous)
+        self.notifier = notifier or Notifier()
+        self.inbox = Inbox(settings.inbox_path, settings.sqlite_synchronous, self.clock)
         try:
-            self.outbox = Outbox(settings.outbox_path, settings.sqlite_synchronous)
+            self.outbox = Outbox(settings.outbox_path, settings.sqlite_synchronous, self.clock)
         except BaseException:
             self.inbox.close()
             raise
@@ -99,9 +114,11 @@ class Agent:
             concurrency=settings.concurrency, max_message_bytes=settings.max_message_bytes,
             on_event=self.link.send_event, on_result=lambda aid: self.sync.wake(), count=count,
         )
+        self.backpressure = Backpressure(self.outbox, settings.outbox_max_bytes)
         self._stopping = threading.Event()
         self._beat_now = threading.Event()
         self._ticker: threading.Thread | None = None
+        self._unhealthy = ""
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -113,6 +130,7 @@ class Agent:
         if released or resent:
             log.info("recovered %d claimed assignment(s) and %d in-flight result(s) from the last run", released, resent)
         self._prune()
+        self._guarded(self.backpressure.check, "quota")
         self._stopping.clear()
         self.runner.start()
         self.sync.start()
@@ -120,6 +138,7 @@ class Agent:
         self._ticker = threading.Thread(target=self._tick_loop, name="heartbeat", daemon=True)
         self._ticker.start()
         log.info("agent %s %s started (state in %s)", self.settings.agent_id, __version__, self.settings.state_dir)
+        self.notifier.ready(self._status_line())
 
     def stop(self, timeout: float = 20.0) -> bool:
         """Graceful stop: no new jobs, running ones get up to ``timeout``
@@ -128,6 +147,7 @@ class Agent:
         closes. True when every running job finished in time."""
         self._stopping.set()
         self._beat_now.set()
+        self.notifier.stopping(f"stopping: {len(self.runner.running())} job(s) get up to {timeout:.0f}s to finish")
         finished = self.runner.stop(timeout)
         self.sync.stop()
         if self._ticker is not None:
@@ -138,23 +158,73 @@ class Agent:
         log.info("agent %s stopped%s", self.settings.agent_id, "" if finished else " (some jobs were interrupted)")
         return finished
 
-    def run_forever(self, stop_timeout: float = 20.0) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully."""
-        stop = threading.Event()
+    def run_forever(self, stop_timeout: float | None = None, reload: Callable[[], AgentSettings] | None = None) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully, giving running
+        jobs ``stop_timeout`` seconds (default: the ``stop_timeout``
+        setting). On SIGHUP, ``reload()`` reads the configuration again and
+        :meth:`reload` applies it; a reload that fails is logged and ignored."""
+        stop, hup = threading.Event(), threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            stop.set()
+            # Only set flags here: the handler runs between bytecodes of the
+            # main thread, which may hold a lock the real work needs.
+            (hup if signum == signal.SIGHUP else stop).set()
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        sigs = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload is not None else ())
+        previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
         try:
             self.start()
             while not stop.wait(0.2):
-                pass
-            self.stop(stop_timeout)
+                if hup.is_set():
+                    hup.clear()
+                    self._reload_from(reload)
+            log.info("stop signal received, stopping")
+            self.stop(self.settings.stop_timeout if stop_timeout is None else stop_timeout)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _reload_from(self, reload: Callable[[], AgentSettings] | None) -> None:
+        log.info("SIGHUP: reloading the configuration")
+        if reload is None:
+            return
+        try:
+            loaded = reload()
+        except Exception as exc:  # a bad file must never stop a running agent
+            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+            self.counters.incr("errors.reload")
+            return
+        self._guarded(lambda: self.reload(loaded), "reload")
+
+    def reload(self, loaded: AgentSettings) -> list[str]:
+        """Apply the settings that can change live from ``loaded``; the rest
+        (agent id, state dir, broker...) keep their running values with a
+        warning naming them. Returns the names of the settings applied."""
+        merged, live, restart = merge_reload(self.settings, loaded)
+        if restart:
+            log.warning("configuration reload: %s changed but only take(s) effect after a restart; still using the running value(s)", ", ".join(restart))
+        if not live:
+            log.info("configuration reload: nothing to change")
+            return live
+        self.settings = merged
+        if "labels" in live:
+            self.link.set_online_status(self._online_status())
+        if "concurrency" in live:
+            self.runner.set_concurrency(merged.concurrency)
+        if "command_allowlist" in live:
+            self.runner.job_settings["command_allowlist"] = list(merged.command_allowlist)
+        if "log_level" in live:
+            logging.getLogger().setLevel(merged.log_level)
+        if "max_message_bytes" in live:
+            self.link.limit = self.runner.limit = merged.max_message_bytes
+        self.sync.resend_after = merged.result_resend_after
+        self.backpressure.max_bytes = merged.outbox_max_bytes
+        # heartbeat_interval, inbox_retention, claim_lease and stop_timeout
+        # are read from self.settings when used.
+        log.info("configuration reload applied: %s", ", ".join(live))
+        self.counters.incr("config.reloaded")
+        self._beat_now.set()
+        return live
 
     def drain(self, timeout: float) -> bool:
         """Wait until the inbox is empty, nothing runs and every result was
@@ -175,6 +245,15 @@ class Agent:
             # duplicate (accepted again), not refused: its result exists or will.
             if self.inbox.get(rejection.assignment_id) is not None:
                 return None
+        if rejection is None and isinstance(envelope.body, Assign) and self.backpressure.check():
+            # Refused, PUBACKed and reported, not left unacknowledged: an
+            # unacked message holds a slot of the broker's receive window, and
+            # enough of them would stop the hub's acks, the only thing that
+            # drains the outbox. The hub keeps the assignment "sent" and sends
+            # it again later. One already stored is answered as a duplicate.
+            if self.inbox.get(envelope.body.assignment_id) is None:
+                self.counters.incr("assign.refused_backpressure")
+                return Rejection(BACKPRESSURE_CODE, f"not accepting new work: {self.backpressure.reason}", envelope.body.assignment_id)
         return rejection
 
     def _on_assign(self, envelope: Envelope, inbound: Inbound) -> None:
@@ -216,21 +295,69 @@ class Agent:
             inbox_depth=self.inbox.depth(),
             outbox_depth=self.outbox.depth(),
             running=tuple(self.runner.running()),
-            accepting=not self._stopping.is_set(),
+            accepting=not self.not_accepting(),
             counters=self.counters.snapshot(),
+            not_accepting=self.not_accepting(),
         )
 
+    def not_accepting(self) -> str:
+        """Why the agent takes no new work now, or "" when it does."""
+        return "stopping" if self._stopping.is_set() else self.backpressure.reason
+
+    def healthy(self) -> str:
+        """Empty while every thread the agent needs is alive; else names those that are not."""
+        dead = [name for name, part in (("runner", self.runner), ("sync", self.sync), ("link consumer", self.link)) if not part.alive()]
+        return f"{', '.join(dead)} thread(s) not running" if dead else ""
+
+    def _status_line(self) -> str:
+        reason = self.not_accepting()
+        return (f"{len(self.runner.running())} running, inbox {self.inbox.depth()}, outbox {self.outbox.depth()}, "
+                f"{'not accepting: ' + reason if reason else 'accepting'}, {'connected' if self.link.connected else 'offline'}")
+
     def _tick_loop(self) -> None:
-        next_prune = time.monotonic() + PRUNE_EVERY
+        """Heartbeats, quota checks, lease renewal, pruning and watchdog
+        pings. The pings come from this loop, so a stuck loop stops them."""
+        now = time.monotonic()
+        next_beat, next_prune, next_lease = now + self.settings.heartbeat_interval, now + PRUNE_EVERY, now
+        dog = self.notifier.watchdog_interval
+        next_dog = now if dog else float("inf")
         while not self._stopping.is_set():
-            self._beat_now.wait(self.settings.heartbeat_interval)
-            self._beat_now.clear()
+            self._beat_now.wait(max(0.0, min(next_beat, next_lease, next_dog) - time.monotonic()))
             if self._stopping.is_set():
                 return
-            self._guarded(lambda: self.link.send_event(self.heartbeat()), "heartbeat")
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + PRUNE_EVERY
+            now = time.monotonic()
+            if dog and now >= next_dog:
+                next_dog = now + dog / 2
+                self._watchdog()
+            if now >= next_lease:
+                next_lease = now + self.settings.claim_lease / 3
+                self._guarded(self._renew_leases, "leases")
+            if self._beat_now.is_set() or now >= next_beat:
+                self._beat_now.clear()
+                next_beat = now + self.settings.heartbeat_interval
+                self._guarded(self.backpressure.check, "quota")
+                self._guarded(lambda: self.link.send_event(self.heartbeat()), "heartbeat")
+                self._guarded(lambda: self.notifier.status(self._status_line()), "status")
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY
                 self._guarded(self._prune, "pruning")
+
+    def _watchdog(self) -> None:
+        problem = self.healthy()
+        if problem != self._unhealthy:
+            if problem:
+                log.error("watchdog: %s; no more pings, systemd will restart the agent", problem)
+            self._unhealthy = problem
+        if not problem:
+            self.notifier.watchdog()
+
+    def _renew_leases(self) -> None:
+        _renewed, released = renew_and_sweep(self.inbox, self.outbox, self.runner.claims(), self.sync.claims(), self.settings.claim_lease)
+        if released:
+            log.warning("released %d claim(s) whose lease ran out (a worker died?); they are ready again", released)
+            self.counters.incr("claims.expired")
+            self.runner.wake()
+            self.sync.wake()
 
     def _prune(self) -> None:
         now = self.clock.now()

@@ -117,6 +117,17 @@ class AgentLink:
             self._consumer.join(timeout)
         self.mqtt.stop(last_words=(self._status_topic, self._envelope(Status("offline"))), timeout=timeout)
 
+    def alive(self) -> bool:
+        """True while the inbound consumer thread runs (the watchdog's check)."""
+        return self._consumer is not None and self._consumer.is_alive()
+
+    def set_online_status(self, online: Status) -> None:
+        """Replace the retained ``online`` status (new labels after a config
+        reload) and publish it now when connected; else on the next connect."""
+        self._online = online
+        if self.connected:
+            self.mqtt.publish(self._status_topic, self._envelope(online), qos=1, retain=True)
+
     @property
     def connected(self) -> bool:
         return self.mqtt.connected.is_set()

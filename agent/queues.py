@@ -13,18 +13,30 @@ facts enforced here:
   period (``prune_done``) so a late redelivery is still recognised;
 * the outbox is keyed by assignment id too, so one assignment has at most one
   result, and an item leaves it only when the hub acknowledges it (``ack``);
-* a claim is a litequeue lock; claims held by a process that died go back to
-  ready with ``release_expired_claims(0)`` at start-up.
+* a claim is a litequeue lock with a lease: claims held by a process that
+  died go back to ready with ``release_expired_claims(0)`` at start-up, and
+  while running a claim whose lease ran out (not renewed with ``renew``: the
+  worker that held it is gone) goes back with ``release_expired_claims(lease)``.
+
+Lock times are written and compared with the agent's :class:`Clock`, not
+litequeue's own ``time.time_ns()``, so a test's manual clock and the device's
+clock are the same clock. Device clocks jump (no RTC, NTP syncing late), so a
+lease is only a hint: a sweep never releases a claim its caller says it still
+holds (``keep``), and a lock time more than a lease *ahead* of now (the clock
+went back) counts as expired like one a lease behind.
 
 Where litequeue has no call for what is needed (is this key new? mark done by
 key, prune by age, list items), this module runs SQL on litequeue's ``Queue``
 table through litequeue's own write connection and transaction, relying on its
 documented columns: ``data``, ``message_id``, ``status``, ``done_time``
-(Unix nanoseconds), ``idempotency_key``, ``claim_id``.
+(Unix nanoseconds), ``idempotency_key``, ``claim_id``, ``lock_time``. One
+private attribute is used too, litequeue 0.14's re-entrant
+``_write_connection_lock``: a failed COMMIT is rolled back under it (``_tx``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -36,6 +48,7 @@ from typing import Any
 
 from litequeue import LiteQueue, MessageStatus
 
+from shared.clock import Clock, SystemClock
 from shared.errors import InvalidMessage, OutpostError
 from shared.hlc import HLC
 from shared.messages import AgentEvent, Assign, Result
@@ -101,32 +114,130 @@ class Entry:
 class _KeyedQueue:
     """What the inbox and the outbox share: a litequeue keyed by assignment id."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL", clock: Clock | None = None) -> None:
         self.path = Path(path)
+        self.clock: Clock = clock or SystemClock()
         self._q = _open(self.path, synchronous)
+
+    def synchronous(self) -> str:
+        """The ``PRAGMA synchronous`` mode commits use (NORMAL or FULL)."""
+        with self._tx("reading a setting"):
+            value = self._q.conn.execute("PRAGMA synchronous").fetchall()[0][0]
+        return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[int(value)]
+
+    def disk_usage(self) -> int:
+        """Bytes this queue holds on disk: the pages in use in the main file
+        plus the write-ahead log. Free pages are left out: SQLite reuses them
+        but never gives them back, so counting them would keep a drained
+        queue looking full forever."""
+        # In a transaction only for litequeue's lock: the write connection is
+        # shared by threads, and a statement of ours left open on it while
+        # another thread commits fails that commit.
+        with self._tx("measuring"):
+            conn = self._q.conn
+            page_size = conn.execute("PRAGMA page_size").fetchall()[0][0]
+            used = conn.execute("PRAGMA page_count").fetchall()[0][0] - conn.execute("PRAGMA freelist_count").fetchall()[0][0]
+        try:
+            wal = self.path.with_name(self.path.name + "-wal").stat().st_size
+        except FileNotFoundError:
+            wal = 0
+        return int(used * page_size + wal)
+
+    def truncate_wal(self) -> None:
+        """Checkpoint and empty the write-ahead log (it keeps its largest size
+        otherwise). Best effort: a busy reader just leaves it as it is."""
+        # Its own short connection: a checkpoint cannot run inside a
+        # transaction, and litequeue's connection is only safe inside one.
+        with _errors(self.path, "checkpointing"), contextlib.closing(sqlite3.connect(self.path, timeout=5.0)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def renew(self, claims: Iterable[Claimed | PendingResult]) -> int:
+        """Restart the lease of claims this process still holds (lock time
+        set to now); returns how many were renewed. A claim that is stale
+        (released and taken again, or finished) is left alone."""
+        rows = [(self._now_ns(), c.message_id, c.claim_id) for c in claims]
+        if not rows:
+            return 0
+        with self._tx("renewing claims", "IMMEDIATE"):
+            before = self._q.conn.total_changes
+            self._q.conn.executemany(
+                f'UPDATE "Queue" SET lock_time = ? WHERE message_id = ? AND claim_id = ? AND status = {MessageStatus.LOCKED.value}', rows
+            )
+            return self._q.conn.total_changes - before
+
+    def _now_ns(self) -> int:
+        return int(self.clock.now() * _NS)
+
+    def _pop(self) -> tuple[str, str, int] | None:
+        """Claim the oldest ready item: (message id, data, claim id). The
+        same statement as litequeue's pop, but the lock time is the agent's
+        clock (see the module docstring)."""
+        with self._tx("claiming", "IMMEDIATE"):
+            row = self._q.conn.execute(
+                f"""UPDATE "Queue" SET status = {MessageStatus.LOCKED.value}, lock_time = ?, claim_id = claim_id + 1
+                    WHERE rowid = (SELECT rowid FROM "Queue" WHERE status = {MessageStatus.READY.value} ORDER BY message_id LIMIT 1)
+                    RETURNING message_id, data, claim_id""",
+                (self._now_ns(),),
+            ).fetchall()  # all: an UPDATE ... RETURNING not stepped to its end blocks the commit
+        return None if not row else (row[0]["message_id"], row[0]["data"], row[0]["claim_id"])
 
     def close(self) -> None:
         self._q.close()
+
+    @contextmanager
+    def _tx(self, action: str, mode: str = "DEFERRED") -> Iterator[None]:
+        """litequeue's transaction, errors as QueueError naming ``action``.
+        A COMMIT that fails (a full disk) may leave SQLite's transaction
+        open, and then every later BEGIN fails; it is rolled back here, under
+        litequeue's (re-entrant) write lock, so the queue works again as soon
+        as the cause is gone."""
+        with self._q._write_connection_lock:
+            try:
+                with _errors(self.path, action), self._q.transaction(mode):
+                    yield
+            finally:
+                if self._q.conn.in_transaction:
+                    self._q.conn.rollback()
 
     def depth(self) -> int:
         """Items not finished yet: ready plus claimed."""
         with _errors(self.path, "counting"):
             return self._q.active_count()
 
-    def release_expired_claims(self, lease_seconds: float) -> int:
-        """Return claims older than ``lease_seconds`` to ready. With 0 at
-        start-up, every claim a dead process held becomes ready again."""
-        with _errors(self.path, "releasing claims"):
+    def release_expired_claims(self, lease_seconds: float, keep: Iterable[Claimed | PendingResult] = ()) -> int:
+        """Return claims whose lease ran out to ready; returns how many.
+
+        With 0 (at start-up) every claim becomes ready again: the process
+        that held them is dead, whatever their lock times say. Otherwise a
+        claim expires when its lock time is more than ``lease_seconds`` away
+        from now on the agent's clock, behind or ahead; claims in ``keep``
+        (those the caller still holds) never do."""
+        with self._tx("releasing claims", "IMMEDIATE"):
             if lease_seconds <= 0:
                 # Not retry_expired(0): it compares claim times with the wall
                 # clock, and a device that boots with its clock behind (no RTC,
                 # NTP not synced yet) would keep every claim locked.
-                with self._q.transaction("IMMEDIATE"):
-                    cursor = self._q.conn.execute(
-                        'UPDATE "Queue" SET status = ?, lock_time = NULL WHERE status = ?', (MessageStatus.READY.value, MessageStatus.LOCKED.value)
-                    )
+                cursor = self._q.conn.execute(
+                    'UPDATE "Queue" SET status = ?, lock_time = NULL WHERE status = ?', (MessageStatus.READY.value, MessageStatus.LOCKED.value)
+                )
                 return cursor.rowcount
-            return self._q.retry_expired(lease_seconds)
+            now, lease = self._now_ns(), int(lease_seconds * _NS)
+            held = {(c.message_id, c.claim_id) for c in keep}
+            expired = [
+                (r["message_id"], r["claim_id"], r["idempotency_key"])
+                for r in self._q.conn.execute(
+                    'SELECT message_id, claim_id, idempotency_key FROM "Queue" WHERE status = ? AND (lock_time IS NULL OR lock_time < ? OR lock_time > ?)',
+                    (MessageStatus.LOCKED.value, now - lease, now + lease),
+                )
+                if (r["message_id"], r["claim_id"]) not in held
+            ]
+            for message_id, claim_id, key in expired:
+                log.warning("%s: the claim on %s outlived its %.0fs lease; it is ready again", self.path.name, key, lease_seconds)
+                self._q.conn.execute(
+                    'UPDATE "Queue" SET status = ?, lock_time = NULL WHERE message_id = ? AND claim_id = ? AND status = ?',
+                    (MessageStatus.READY.value, message_id, claim_id, MessageStatus.LOCKED.value),
+                )
+            return len(expired)
 
     def get(self, key: str) -> Entry | None:
         rows = self._select("WHERE idempotency_key = ?", (key,))
@@ -140,7 +251,7 @@ class _KeyedQueue:
         """Forget items finished more than ``older_than`` seconds before ``now``
         (epoch seconds; litequeue stamps ``done_time`` with wall time)."""
         cutoff = int((now - older_than) * _NS)
-        with _errors(self.path, "pruning"), self._q.transaction("IMMEDIATE"):
+        with self._tx("pruning", "IMMEDIATE"):
             cursor = self._q.conn.execute(
                 'DELETE FROM "Queue" WHERE status IN (?, ?) AND done_time < ?',
                 (MessageStatus.DONE.value, MessageStatus.FAILED.value, cutoff),
@@ -148,7 +259,7 @@ class _KeyedQueue:
             return cursor.rowcount
 
     def _select(self, clause: str, args: tuple[Any, ...]) -> list[Entry]:
-        with _errors(self.path, "reading"), self._q.transaction():
+        with self._tx("reading"):
             rows = self._q.conn.execute(f'SELECT idempotency_key, status, data, message_id FROM "Queue" {clause}', args).fetchall()
         return [Entry(r["idempotency_key"], _STATUS_NAMES[MessageStatus(r["status"])], json.loads(r["data"]), r["message_id"]) for r in rows]
 
@@ -157,7 +268,7 @@ class _KeyedQueue:
         message id and whether the key already existed. A key stored with
         different data is logged and treated as already there: the first
         version wins and nothing runs or is sent twice."""
-        with _errors(self.path, "storing"), self._q.transaction("IMMEDIATE"):
+        with self._tx("storing", "IMMEDIATE"):
             # litequeue's put() returns the stored message on a replay but does
             # not say it was one; this look-up in the same transaction does.
             row = self._q.conn.execute('SELECT message_id FROM "Queue" WHERE idempotency_key = ?', (key,)).fetchone()
@@ -199,19 +310,20 @@ class Inbox(_KeyedQueue):
     def claim(self) -> Claimed | None:
         """Claim the oldest ready assignment, or None when none is ready."""
         while True:
-            with _errors(self.path, "claiming"):
-                message = self._q.pop()
-            if message is None:
+            popped = self._pop()
+            if popped is None:
                 return None
+            message_id, data, claim_id = popped
             try:
-                assign = Assign.from_dict(json.loads(message.data))
+                assign = Assign.from_dict(json.loads(data))
             except (ValueError, InvalidMessage) as exc:
                 # Only a build that stored a different Assign shape gets here;
                 # park the item as failed rather than crash on it forever.
-                log.error("inbox item %s is unreadable (%s); marked failed", message.message_id, exc)
-                self._q.mark_failed(message.message_id, claim_id=message.claim_id)
+                log.error("inbox item %s is unreadable (%s); marked failed", message_id, exc)
+                with _errors(self.path, "setting aside"):
+                    self._q.mark_failed(message_id, claim_id=claim_id)
                 continue
-            return Claimed(assign, message.message_id, message.claim_id)
+            return Claimed(assign, message_id, claim_id)
 
     def done(self, claimed: Claimed) -> bool:
         """Mark a claimed assignment finished. False when the claim is stale
@@ -279,20 +391,27 @@ class Outbox(_KeyedQueue):
     def claim(self) -> PendingResult | None:
         """Claim the oldest result not yet in flight, or None."""
         while True:
-            with _errors(self.path, "claiming"):
-                message = self._q.pop()
-            if message is None:
+            popped = self._pop()
+            if popped is None:
                 return None
+            message_id, data, claim_id = popped
             try:
-                doc = json.loads(message.data)
+                doc = json.loads(data)
                 body: Result | AgentEvent = AgentEvent.from_dict(doc["event"]) if "event" in doc else Result.from_dict(doc["result"])
-                return PendingResult(body, HLC.parse(doc["hlc"]), message.message_id, message.claim_id)
+                return PendingResult(body, HLC.parse(doc["hlc"]), message_id, claim_id)
             except (ValueError, KeyError, TypeError, OutpostError) as exc:
                 # Set aside (status failed, kept for inspection), never retried
                 # forever in front of the results behind it.
-                log.error("outbox item %s is unreadable and is set aside: %s", message.message_id, exc)
+                log.error("outbox item %s is unreadable and is set aside: %s", message_id, exc)
                 with _errors(self.path, "setting aside"):
-                    self._q.mark_failed(message.message_id, claim_id=message.claim_id)
+                    self._q.mark_failed(message_id, claim_id=claim_id)
+
+    def drop_acked(self) -> int:
+        """Forget every acknowledged item now, retention or not (to make room
+        under the disk quota); returns how many. Unacknowledged and
+        set-aside items stay."""
+        with self._tx("pruning", "IMMEDIATE"):
+            return self._q.conn.execute('DELETE FROM "Queue" WHERE status = ?', (MessageStatus.DONE.value,)).rowcount
 
     def ack(self, assignment_ids: Iterable[str], now: float) -> int:
         """Mark these results acknowledged (done), whether in flight or not;
@@ -301,7 +420,7 @@ class Outbox(_KeyedQueue):
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
-        with _errors(self.path, "acknowledging"), self._q.transaction("IMMEDIATE"):
+        with self._tx("acknowledging", "IMMEDIATE"):
             cursor = self._q.conn.execute(
                 f'UPDATE "Queue" SET status = ?, done_time = ? WHERE status IN (?, ?) AND idempotency_key IN ({marks})',
                 (MessageStatus.DONE.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, *ids),

@@ -97,6 +97,7 @@ class Runner:
         self._seq = itertools.count()
         self._busy = 0
         self._running: dict[str, Run] = {}
+        self._active: dict[str, Claimed] = {}  # the claims of _running
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -142,6 +143,28 @@ class Runner:
     def held(self) -> list[str]:
         with self._cv:
             return sorted(c.assignment_id for _, _, c in self._held)
+
+    def claims(self) -> list[Claimed]:
+        """Every inbox claim this runner holds (running, ready to run, held
+        for ``not_before``): the daemon renews their leases."""
+        with self._cv:
+            return [*self._active.values(), *self._ready, *(c for _, _, c in self._held)]
+
+    def alive(self) -> bool:
+        """True while the claimer and every worker thread run (the watchdog's check)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def set_concurrency(self, concurrency: int) -> None:
+        """Change how many jobs run at once, live (config reload). Workers
+        beyond the new number stay idle; missing ones are started."""
+        with self._cv:
+            self.concurrency = concurrency
+            missing = concurrency - (len(self._threads) - 1) if self._threads and not self._stopping.is_set() else 0
+            extra = [threading.Thread(target=self._work_loop, name=f"runner-{len(self._threads) - 1 + i}", daemon=True) for i in range(missing)]
+            self._threads += extra
+        for thread in extra:
+            thread.start()
+        self._wake.set()
 
     # --- cancellation --------------------------------------------------------
 
@@ -239,16 +262,19 @@ class Runner:
                 if self._stopping.is_set():
                     return
                 claimed = self._ready.popleft()
+                self._active[claimed.assignment_id] = claimed
                 self._busy += 1
             try:
                 self._execute(claimed)
             except Exception:
-                # The claim stays; it returns to ready at the next start-up.
+                # The claim stays until its lease runs out (nothing renews it
+                # now), then it is ready again; at the latest at the next start.
                 log.exception("running %s failed inside the agent", claimed.assignment_id)
                 self._count("errors.runner")
             finally:
                 with self._cv:
                     self._busy -= 1
+                    self._active.pop(claimed.assignment_id, None)
                 self._wake.set()
 
     def _execute(self, claimed: Claimed) -> None:

@@ -113,6 +113,15 @@ class Sync:
         with self._lock:
             return list(self._in_flight)
 
+    def claims(self) -> list[PendingResult]:
+        """The outbox claims this loop holds (in flight): the daemon renews their leases."""
+        with self._lock:
+            return [entry.item for entry in self._in_flight.values()]
+
+    def alive(self) -> bool:
+        """True while the drain thread runs (the watchdog's check)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(POLL)

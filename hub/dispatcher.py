@@ -44,6 +44,7 @@ class Dispatcher:
                 labels=dict(a.labels or {}),
                 job_types=frozenset(j["name"] for j in a.job_types or [] if isinstance(j, dict) and "name" in j),
                 load=load.get(a.agent_id, 0),
+                accepting=(a.last_heartbeat or {}).get("accepting", True) is not False,
             )
             for a in session.scalars(select(Agent))
         ]

@@ -18,6 +18,8 @@ class AgentView:
     job_types: frozenset[str] = frozenset()
     #: Assignments sent to this agent and not yet finished.
     load: int = 0
+    #: False while its last heartbeat said it takes no new work (back-pressure).
+    accepting: bool = True
 
 
 def matches(agent: AgentView, job_type: str, labels: Mapping[str, str]) -> bool:
@@ -32,12 +34,16 @@ def choose(mode: str, job_type: str, agents: Iterable[AgentView], *, agent_id: s
     * ``any``: the least-loaded online agent with the job type and labels
       (ties broken by id, so the choice is deterministic); empty if none.
     * ``all``: every online matching agent, sorted by id.
+
+    ``any`` and ``all`` skip agents that are not accepting work; a named
+    agent gets its work anyway and refuses it until it accepts again (the
+    hub redelivers).
     """
     wanted = dict(labels or {})
     fleet = list(agents)
     if mode == "agent":
         return [a.agent_id for a in fleet if a.agent_id == agent_id]
-    candidates = sorted((a for a in fleet if a.online and matches(a, job_type, wanted)), key=lambda a: a.agent_id)
+    candidates = sorted((a for a in fleet if a.online and a.accepting and matches(a, job_type, wanted)), key=lambda a: a.agent_id)
     if mode == "all":
         return [a.agent_id for a in candidates]
     if mode == "any":

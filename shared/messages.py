@@ -292,6 +292,9 @@ class Heartbeat(Message):
     accepting: bool = True
     #: Monotonic counters since start, e.g. ``rejected.decode_error``.
     counters: dict[str, int] = field(default_factory=dict)
+    #: Why ``accepting`` is False ("" while accepting): the outbox is over
+    #: its disk quota, or the agent is stopping.
+    not_accepting: str = ""
 
 
 @dataclass(frozen=True, slots=True)

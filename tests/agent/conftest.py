@@ -214,17 +214,24 @@ def make_agent(settings_for: Callable[..., AgentSettings], hub: HubPeer) -> Iter
 
 @pytest.fixture
 def spawn_agent(mosquitto: Any, state_dir: Path, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start ``python -m agent run`` subprocesses; killed at teardown."""
+    """Start ``python -m agent run`` subprocesses; killed at teardown.
+    ``extra`` adds TOML lines to the config file (``tmp_path / "agent.toml"``),
+    ``env`` adds environment variables; the log is ``tmp_path / "agent-<n>.log"``."""
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Any] = []
     config = tmp_path / "agent.toml"
-    config.write_text(
+    base = (
         f'agent_id = "{AGENT_ID}"\nstate_dir = "{state_dir}"\nbroker_port = {mosquitto.port}\n'
         'heartbeat_interval = 0.5\nresult_resend_after = 0.5\nlog_level = "DEBUG"\n'
     )
+    config.write_text(base)
 
-    def spawn() -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_AGENT_")}
+    def spawn(extra: str = "", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        if extra:
+            config.write_text(base + extra)
+        # Not the test runner's systemd notify socket either: only one a test passes.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OUTPOST_AGENT_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env = {**inherited, **(env or {})}
         log = open(tmp_path / f"agent-{len(procs)}.log", "wb")  # noqa: SIM115 - closed at teardown
         logs.append(log)
         proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
