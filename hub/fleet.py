@@ -8,10 +8,20 @@ broker delivers them, not by their HLC stamps: the will is stamped when the
 agent starts, before every ``online`` it publishes later, yet it is the
 newest news when the broker sends it. A retained status is the last one the
 broker saw, so a hub that (re)subscribes gets the truth.
+
+Clock skew: statuses and heartbeats are stamped when they are sent, so the
+wall time of a fresh one's HLC stamp, minus the hub's time on receipt, is
+the device clock's skew (plus transit, which is small next to the bound).
+Past ``max_clock_skew`` either way the agent is flagged
+(``clock_skew_flagged_at``) until a fresh message is within bounds again;
+``clock_trusted`` is what the conflict rule asks. An agent's HLC wall time is
+never below its physical clock, so a stamp behind the hub's time proves the
+device clock is at least that far behind.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -55,6 +65,42 @@ def apply_heartbeat(session: Session, agent_id: str, beat: Heartbeat, now: datet
     came_back = agent.state != "online"
     agent.state = "online"
     return came_back
+
+
+@dataclass(frozen=True)
+class SkewChange:
+    agent_id: str
+    #: Seconds ahead (+) or behind (-) the hub's clock.
+    skew: float
+    #: True: newly flagged; False: back within bounds.
+    flagged: bool
+
+
+def observe_clocks(session: Session, stamps: dict[str, HLC], now: datetime, max_skew: float) -> list[SkewChange]:
+    """Record each agent's clock skew from the stamp of its freshest status
+    or heartbeat; returns the agents whose flag was set or cleared."""
+    changes = []
+    for agent_id, stamp in stamps.items():
+        agent = session.get(Agent, agent_id)
+        if agent is None:
+            continue
+        skew = round(stamp.wall_ms / 1000.0 - now.timestamp(), 3)
+        agent.clock_skew = skew
+        if abs(skew) > max_skew and agent.clock_skew_flagged_at is None:
+            agent.clock_skew_flagged_at = now
+            changes.append(SkewChange(agent_id, skew, True))
+        elif abs(skew) <= max_skew and agent.clock_skew_flagged_at is not None:
+            agent.clock_skew_flagged_at = None
+            changes.append(SkewChange(agent_id, skew, False))
+    return changes
+
+
+def clock_trusted(session: Session, agent_id: str) -> bool:
+    """False while the agent's clock is flagged as skewed beyond
+    ``max_clock_skew``: its device times (``started_at``, ``finished_at``,
+    HLC wall times) must not decide anything. An agent never measured (no
+    fresh status or heartbeat yet) is trusted: there is no evidence against it."""
+    return session.scalar(select(Agent.clock_skew_flagged_at).where(Agent.agent_id == agent_id)) is None
 
 
 def touch(session: Session, agent_ids: set[str], now: datetime) -> None:

@@ -33,17 +33,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, fleet
+from hub import asset_events, fleet, offline
 from hub import events as ev
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
+from hub.dispatcher import Dispatcher
 from hub.events import EventBus
 from hub.lifecycle import CALLBACKS_FLAG, finish_try, task_callback
 from hub.models import AssetEvent, Assignment, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
 from shared.errors import ClockSkew, OutpostError, ProtocolError
-from shared.hlc import HybridClock
+from shared.hlc import HLC, HybridClock
 from shared.messages import AGENT_EVENT_NAME_RE, MAX_AGENT_EVENT_PAYLOAD_BYTES, Accepted, Ack, AgentEvent, Heartbeat, Rejected, Result, Started, Status
 from shared.mqtt import Inbound, MqttLink
 from shared.states import FINISHED, TaskState
@@ -91,6 +92,10 @@ class Ingester:
     max_message_bytes: int = 256 * 1024
     batch_size: int = 500
     counters: Counter[str] = field(default_factory=Counter)
+    #: Seconds a device clock may be off before the agent is flagged (hub.fleet).
+    max_clock_skew: float = 300.0
+    #: Agents flagged for clock skew: their stamps do not move the hub's clock.
+    untrusted_clocks: set[str] = field(default_factory=set)
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -211,14 +216,20 @@ class Ingester:
         tis = {t.id: t for t in session.scalars(for_update(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
         known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
         seen: set[str] = set()
+        fresh: dict[str, HLC] = {}
         for msg, agent_id, envelope in items:
             try:
                 self._apply(session, agent_id, envelope, now, out, assignments, tis, known)
             except Reject as exc:
                 self._reject(out, msg, agent_id, exc.code, str(exc))
             seen.add(agent_id)
+            # Stamped when sent (a will or a retained status is older news).
+            if not msg.retain and (isinstance(envelope.body, Heartbeat) or (isinstance(envelope.body, Status) and envelope.body.state == "online")):
+                fresh[agent_id] = max(fresh.get(agent_id, envelope.hlc), envelope.hlc)
         if seen:
             fleet.touch(session, seen, now)
+        if fresh:
+            self._observe_clocks(session, fresh, now, out)
         session.flush()
 
     # --- decoding ----------------------------------------------------------
@@ -247,7 +258,8 @@ class Ingester:
             self._reject(out, msg, topic.agent_id, "unexpected_type", f"{envelope.type!r} is not valid on a {topic.kind} topic")
             return None
         try:
-            self.hlc.update(envelope.hlc)
+            if topic.agent_id not in self.untrusted_clocks:
+                self.hlc.update(envelope.hlc)
         except ClockSkew as exc:
             # Reported, never trusted: the message still applies, but its
             # stamp does not move the hub's clock (and so every agent's).
@@ -270,13 +282,15 @@ class Ingester:
         body = envelope.body
         self.counters[f"received.{envelope.type}"] += 1
         if isinstance(body, Status):
-            fleet.apply_status(session, agent_id, body, envelope.hlc, now)
+            if fleet.apply_status(session, agent_id, body, envelope.hlc, now) or body.state == "online":
+                self._offline_hook(session, agent_id, body.state, now, out)
             # Always an event: a reconnect may bring new labels or job types.
             out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": body.state}))
             return
         if isinstance(body, Heartbeat):
             if fleet.apply_heartbeat(session, agent_id, body, now):
                 out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "online"}))
+                self._offline_hook(session, agent_id, "online", now, out, body.running)
             return
         if isinstance(body, AgentEvent):
             self._apply_agent_event(session, agent_id, body, now, out)
@@ -362,6 +376,23 @@ class Ingester:
         state = finish_try(ti, success=body.status == "success", now=now, output=body.output, error=error)
         self.counters[f"result.{state}"] += 1
         out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
+
+    def _offline_hook(self, session: Session, agent_id: str, state: str, now: datetime, out: _Batch, running: tuple[str, ...] | None = None) -> None:
+        # Offline operation (hub.offline): device_offline work, and on return
+        # the assignments re-sent from the DB, never from the broker's session.
+        changes = offline.agent_state_changed(session, agent_id, state, now, Dispatcher(self.hlc, self.max_message_bytes), running)
+        out.emitted.extend(changes.events())
+
+    def _observe_clocks(self, session: Session, stamps: dict[str, HLC], now: datetime, out: _Batch) -> None:
+        for change in fleet.observe_clocks(session, stamps, now, self.max_clock_skew):
+            if change.flagged:
+                self.untrusted_clocks.add(change.agent_id)
+                log.warning("agent %s: clock is %+.1fs off the hub's (max_clock_skew %gs); flagged, its times are not trusted", change.agent_id, change.skew, self.max_clock_skew)
+            else:
+                self.untrusted_clocks.discard(change.agent_id)
+                log.info("agent %s: clock back within max_clock_skew (%+.1fs); flag cleared", change.agent_id, change.skew)
+            self.counters["clock_skew.flagged" if change.flagged else "clock_skew.cleared"] += 1
+            out.emitted.append((ev.AGENT_CLOCK_SKEW, {"agent_id": change.agent_id, "skew": change.skew, "flagged": change.flagged}))
 
     def _apply_agent_event(self, session: Session, agent_id: str, body: AgentEvent, now: datetime, out: _Batch) -> None:
         """A device reported a condition: an asset event on
