@@ -258,8 +258,10 @@ class Ingester:
             self._reject(out, msg, topic.agent_id, "unexpected_type", f"{envelope.type!r} is not valid on a {topic.kind} topic")
             return None
         try:
-            if topic.agent_id not in self.untrusted_clocks:
-                self.hlc.update(envelope.hlc)
+            ahead = envelope.hlc.wall_ms / 1000 - self.clock.now()
+            if topic.agent_id in self.untrusted_clocks or ahead > self.max_clock_skew:
+                raise ClockSkew(f"stamp {envelope.hlc} is {ahead:+.1f}s off the hub's clock (max_clock_skew {self.max_clock_skew:g}s, or the agent is flagged); not merged")
+            self.hlc.update(envelope.hlc)
         except ClockSkew as exc:
             # Reported, never trusted: the message still applies, but its
             # stamp does not move the hub's clock (and so every agent's).
