@@ -103,6 +103,11 @@ def clock_trusted(session: Session, agent_id: str) -> bool:
     return session.scalar(select(Agent.clock_skew_flagged_at).where(Agent.agent_id == agent_id)) is None
 
 
+def flagged_clocks(session: Session) -> set[str]:
+    """The agents whose clocks are flagged now."""
+    return set(session.scalars(select(Agent.agent_id).where(Agent.clock_skew_flagged_at.is_not(None))))
+
+
 def touch(session: Session, agent_ids: set[str], now: datetime) -> None:
     """Any event from an agent proves it is alive. ``last_seen`` moves at most
     once a second per agent: under load this saves a row update per batch."""

@@ -94,8 +94,9 @@ class Ingester:
     counters: Counter[str] = field(default_factory=Counter)
     #: Seconds a device clock may be off before the agent is flagged (hub.fleet).
     max_clock_skew: float = 300.0
-    #: Agents flagged for clock skew: their stamps do not move the hub's clock.
-    untrusted_clocks: set[str] = field(default_factory=set)
+    #: Agents flagged for clock skew: their stamps do not move the hub's
+    #: clock. None until read from the DB (at the first batch).
+    untrusted_clocks: set[str] | None = None
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -150,6 +151,9 @@ class Ingester:
 
     def process(self, batch: list[Inbound]) -> None:
         """Apply a batch of inbound messages, then acknowledge them."""
+        if self.untrusted_clocks is None:
+            with self.sessions() as session:
+                self.untrusted_clocks = fleet.flagged_clocks(session)
         out = _Batch()
         decoded: list[tuple[Inbound, str, Envelope]] = []
         for msg in batch:
@@ -259,7 +263,7 @@ class Ingester:
             return None
         try:
             ahead = envelope.hlc.wall_ms / 1000 - self.clock.now()
-            if topic.agent_id in self.untrusted_clocks or ahead > self.max_clock_skew:
+            if topic.agent_id in (self.untrusted_clocks or ()) or ahead > self.max_clock_skew:
                 raise ClockSkew(f"stamp {envelope.hlc} is {ahead:+.1f}s off the hub's clock (max_clock_skew {self.max_clock_skew:g}s, or the agent is flagged); not merged")
             self.hlc.update(envelope.hlc)
         except ClockSkew as exc:
@@ -387,11 +391,13 @@ class Ingester:
 
     def _observe_clocks(self, session: Session, stamps: dict[str, HLC], now: datetime, out: _Batch) -> None:
         for change in fleet.observe_clocks(session, stamps, now, self.max_clock_skew):
+            untrusted = self.untrusted_clocks if self.untrusted_clocks is not None else set()
+            self.untrusted_clocks = untrusted
             if change.flagged:
-                self.untrusted_clocks.add(change.agent_id)
+                untrusted.add(change.agent_id)
                 log.warning("agent %s: clock is %+.1fs off the hub's (max_clock_skew %gs); flagged, its times are not trusted", change.agent_id, change.skew, self.max_clock_skew)
             else:
-                self.untrusted_clocks.discard(change.agent_id)
+                untrusted.discard(change.agent_id)
                 log.info("agent %s: clock back within max_clock_skew (%+.1fs); flag cleared", change.agent_id, change.skew)
             self.counters["clock_skew.flagged" if change.flagged else "clock_skew.cleared"] += 1
             out.emitted.append((ev.AGENT_CLOCK_SKEW, {"agent_id": change.agent_id, "skew": change.skew, "flagged": change.flagged}))

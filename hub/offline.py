@@ -126,11 +126,13 @@ def mark_offline(session: Session, now: datetime, agent_ids: Iterable[str] | Non
     return changes
 
 
-def device_returned(session: Session, agent_id: str, now: datetime, dispatcher: Dispatcher, running: Iterable[str] | None = None) -> Changes:
+def device_returned(
+    session: Session, agent_id: str, now: datetime, dispatcher: Dispatcher, running: Iterable[str] | None = None, *, resend: bool = True,
+) -> Changes:
     """``agent_id`` is back: restore its ``device_offline`` instances from
     what the hub knows (``running``: the assignment ids its heartbeat lists,
-    when a heartbeat brought it back) and re-send every assignment it was
-    sent but never accepted."""
+    when a heartbeat brought it back) and, with ``resend``, re-send every
+    assignment it was sent but never accepted."""
     changes = Changes()
     listed = set(running or ())
     tis = list(session.scalars(select(TaskInstance).where(TaskInstance.agent_id == agent_id, TaskInstance.state == TaskState.DEVICE_OFFLINE)))
@@ -152,7 +154,8 @@ def device_returned(session: Session, agent_id: str, now: datetime, dispatcher: 
             ti.state = TaskState.QUEUED
         ti.offline_since = None
         changes.note(ti)
-    changes.resent = resend_unaccepted(session, agent_id, now, dispatcher)
+    if resend:
+        changes.resent = resend_unaccepted(session, agent_id, now, dispatcher)
     if changes:
         log.info("agent %s is back: %d task instance(s) restored, %d assignment(s) sent again", agent_id, len(changes.states), changes.resent)
     return changes
@@ -174,13 +177,14 @@ def resend_unaccepted(session: Session, agent_id: str, now: datetime, dispatcher
 
 def restore_returned(session: Session, now: datetime, dispatcher: Dispatcher) -> Changes:
     """Catch-up for instances left ``device_offline`` on an agent that is
-    online (its return and an offline sweep raced on another hub process)."""
+    online (its return and an offline sweep raced on another hub process).
+    Nothing is re-sent here: that happens once, when the return is seen."""
     changes = Changes()
     online = select(Agent.agent_id).where(Agent.state == "online")
     stuck = session.scalars(select(TaskInstance.agent_id).where(TaskInstance.state == TaskState.DEVICE_OFFLINE, TaskInstance.agent_id.in_(online)).distinct())
     for agent_id in list(stuck):
         if agent_id is not None:
-            done = device_returned(session, agent_id, now, dispatcher)
+            done = device_returned(session, agent_id, now, dispatcher, resend=False)
             changes.states += done.states
             changes.resent += done.resent
     return changes

@@ -1081,7 +1081,7 @@ class Scheduler:
             surplus.state, surplus.ended_at = TaskState.REMOVED, now
         fresh = {"state": TaskState.NONE, "try_number": 0, "max_tries": int(task.get("retries", 0)) + 1, "agent_id": None, "output": None, "error": None,
                  "queued_at": None, "started_at": None, "ended_at": None, "next_try_at": None, "rendered_fields": None, "sensor_started_at": None,
-                 "pid": None, "note": None}
+                 "pid": None, "note": None, "offline_since": None}
         copied = [c.key for c in TaskInstance.__table__.columns if c.key not in ("id", "map_index", "params", *fresh)]
         instances = list(existing)
         for index, value in enumerate(params[len(existing):], start=len(existing)):
