@@ -386,3 +386,20 @@ def test_a_retained_status_is_not_a_clock_reading(make_hub: Any) -> None:
         a1 = session.get(Agent, "a1")
         assert (a1.state, a1.clock_skew, a1.clock_skew_flagged_at) == ("online", None, None)
     assert decode(payload).body.state == "online"
+
+
+def test_the_documented_nightly_example_is_delivered_now_and_runs_at_night(make_hub: Any) -> None:
+    """The example of docs/dags.md's scheduled-ahead section, as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "dags.md").read_text()
+    example = text.split("## Offline devices and scheduled-ahead work", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    hub = make_hub({"nightly_backup.py": example})
+    hub.agent_online("edge-7", job_types=("command.run", "diagnostics.collect"))
+    run_pk = hub.trigger("nightly_backup")  # 2026-01-01T00:00Z: the last complete interval ended at noon the day before
+    hub.tick()
+    sent = {e.body.task_id: e.body for e in hub.assignments_sent() if isinstance(e.body, Assign)}
+    night = hub.clock.now() + 2 * 3600  # 02:00
+    assert (sent["backup"].not_before, sent["backup"].deadline) == (night, night + 4 * 3600)
+    assert (sent["report"].not_before, sent["report"].deadline) == (night + 3600, None)
+    assert {t.task_id: t.state for t in hub.tis(run_pk)} == {"backup": "queued", "report": "queued"}
