@@ -156,6 +156,8 @@ class TaskInstance(Base):
     note: Mapped[str | None] = mapped_column(Text)
     #: When the instance became ``device_offline``; its ``offline_grace`` counts from here (hub.offline).
     offline_since: Mapped[datetime | None]
+    #: When its offline_grace runs out (the scheduler's cheap test for "due").
+    offline_until: Mapped[datetime | None] = mapped_column(index=True)
 
     run: Mapped[DagRun] = relationship(back_populates="task_instances")
 

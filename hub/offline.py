@@ -106,23 +106,38 @@ def _delivered_ahead(ti: TaskInstance, assignment: Assignment | None, now: datet
     return ti.state == TaskState.DELIVERED and assignment is not None and assignment.not_before is not None and assignment.not_before > now
 
 
-def mark_offline(session: Session, now: datetime, agent_ids: Iterable[str] | None = None) -> Changes:
+def mark_offline(session: Session, now: datetime, default_grace: float | None, agent_ids: Iterable[str] | None = None) -> Changes:
     """Move the work on offline agents (all of them, or those of
-    ``agent_ids`` that are offline) to ``device_offline``."""
+    ``agent_ids`` that are offline) to ``device_offline``, and note when
+    its grace runs out (``offline_until``; without ``default_grace`` the
+    scheduler's grace step notes it, as the owner of that setting)."""
     changes = Changes()
     offline = select(Agent.agent_id).where(Agent.state != "online")
     if agent_ids is not None:
         offline = offline.where(Agent.agent_id.in_(list(agent_ids)))
-    stmt = select(TaskInstance).where(TaskInstance.kind == "agent", TaskInstance.state.in_(ON_DEVICE), TaskInstance.agent_id.in_(offline))
+    # Delivered ahead (not_before still to come) is left out in SQL: at fleet
+    # scale a whole night's work sits like that on offline devices, and this
+    # runs on every full pass.
+    ahead = select(Assignment.id).where(
+        Assignment.ti_id == TaskInstance.id, Assignment.try_number == TaskInstance.try_number, Assignment.not_before > now
+    ).exists()
+    stmt = select(TaskInstance).where(
+        TaskInstance.kind == "agent", TaskInstance.state.in_(ON_DEVICE), TaskInstance.agent_id.in_(offline),
+        ~((TaskInstance.state == TaskState.DELIVERED) & ahead),
+    )
     tis = list(session.scalars(skip_locked(stmt, session)))
     assignments = _current_assignments(session, tis)
+    runs = _hold_runs(session, tis) if default_grace is not None else []
     for ti in tis:
-        if _delivered_ahead(ti, assignments.get(ti.id), now):
+        assignment = assignments.get(ti.id)
+        if _delivered_ahead(ti, assignment, now):
             continue  # the device holds it and runs it offline at not_before
         ti.state, ti.offline_since = TaskState.DEVICE_OFFLINE, now
+        ti.offline_until = None if default_grace is None else grace_ends(session, ti, assignment, now, default_grace)
         changes.note(ti)
     if changes.states:
         log.info("%d task instance(s) now device_offline", len(changes.states))
+    del runs
     return changes
 
 
@@ -152,7 +167,7 @@ def device_returned(
             ti.state = TaskState.DELIVERED
         else:
             ti.state = TaskState.QUEUED
-        ti.offline_since = None
+        ti.offline_since = ti.offline_until = None
         changes.note(ti)
     if resend:
         changes.resent = resend_unaccepted(session, agent_id, now, dispatcher)
@@ -197,26 +212,55 @@ def pinned(task: dict[str, Any], ti: TaskInstance) -> bool:
     return mode != "any" or (ti.map_index >= 0 and not task.get("mapped"))
 
 
+def _grace(task: dict[str, Any], default_grace: float) -> float:
+    grace = task.get("offline_grace")
+    return float(default_grace if grace is None else grace)
+
+
+def grace_ends(session: Session, ti: TaskInstance, assignment: Assignment | None, since: datetime, default_grace: float, task: dict[str, Any] | None = None) -> datetime:
+    """When ``ti``, ``device_offline`` from ``since``, is taken back: its
+    task's grace later, counted from ``not_before`` if that is later."""
+    if assignment is not None and assignment.not_before is not None and assignment.not_before > since:
+        since = assignment.not_before  # scheduled ahead: nothing was due before not_before
+    return since + timedelta(seconds=_grace(task if task is not None else task_spec(session, ti), default_grace))
+
+
+def _hold_runs(session: Session, tis: list[TaskInstance]) -> list[DagRun]:
+    """Load the runs of ``tis`` at once and keep them referenced, so the
+    structure look-ups per instance find them in the session (one query,
+    not one per instance)."""
+    run_pks = {ti.run_pk for ti in tis}
+    return list(session.scalars(select(DagRun).where(DagRun.id.in_(run_pks)))) if run_pks else []
+
+
 def apply_offline_grace(session: Session, now: datetime, hlc: HybridClock, default_grace: float) -> tuple[Changes, Changes]:
     """Take back instances ``device_offline`` past their grace. Returns
     (re-targeted, given up)."""
     retargeted, given_up = Changes(), Changes()
-    stmt = select(TaskInstance).where(TaskInstance.state == TaskState.DEVICE_OFFLINE).order_by(TaskInstance.id)
+    # Only the due ones are loaded (an index on offline_until): most passes
+    # load nothing, however many devices are away. An instance that entered
+    # device_offline without one (through ingestion) gets it here, counted
+    # from when it went offline.
+    due = (TaskInstance.offline_until <= now) | TaskInstance.offline_until.is_(None)
+    stmt = select(TaskInstance).where(TaskInstance.state == TaskState.DEVICE_OFFLINE, due).order_by(TaskInstance.id)
     tis = list(session.scalars(skip_locked(stmt, session)))
     assignments = _current_assignments(session, tis)
-    for ti in tis:
-        task = task_spec(session, ti)
-        grace = task.get("offline_grace")
-        grace = float(default_grace if grace is None else grace)
-        since = ti.offline_since or now
-        assignment = assignments.get(ti.id)
-        if assignment is not None and assignment.not_before is not None and assignment.not_before > since:
-            since = assignment.not_before  # scheduled ahead: nothing was due before not_before
-        if now < since + timedelta(seconds=grace):
-            continue
+    runs = _hold_runs(session, tis)
+    due: list[tuple[TaskInstance, dict[str, Any]]] = []
+    with session.no_autoflush:
+        for ti in tis:
+            task = task_spec(session, ti)
+            if ti.offline_until is None:
+                ti.offline_since = ti.offline_since or now
+                ti.offline_until = grace_ends(session, ti, assignments.get(ti.id), ti.offline_since, default_grace, task)
+            if now >= ti.offline_until:
+                due.append((ti, task))
+    # One cancellation for all of them (each gets its Cancel message).
+    cancel_assignments(session, [ti.id for ti, _ in due], now, hlc, reason=GRACE_REASON)
+    for ti, task in due:
+        grace = _grace(task, default_grace)
         device = ti.agent_id
-        cancel_assignments(session, [ti.id], now, hlc, reason=GRACE_REASON)
-        ti.offline_since = None
+        ti.offline_since = ti.offline_until = None
         if not pinned(task, ti):
             # A new try elsewhere, not a failure: the task keeps its retries.
             ti.state, ti.agent_id, ti.next_try_at, ti.max_tries = TaskState.SCHEDULED, None, None, ti.max_tries + 1
@@ -227,6 +271,7 @@ def apply_offline_grace(session: Session, now: datetime, hlc: HybridClock, defau
             finish_try(ti, success=False, now=now, error=error)
             log.warning("%s: device %s offline for more than %gs (offline_grace); try %d given up (%s)", ti.key, device, grace, ti.try_number, ti.state)
             given_up.note(ti)
+    del runs
     return retargeted, given_up
 
 
@@ -278,4 +323,4 @@ def agent_state_changed(session: Session, agent_id: str, state: str, now: dateti
     """Ingestion's hook: an agent's status or a heartbeat said ``state``."""
     if state == "online":
         return device_returned(session, agent_id, now, dispatcher, running)
-    return mark_offline(session, now, [agent_id])
+    return mark_offline(session, now, None, [agent_id])

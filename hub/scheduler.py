@@ -1081,7 +1081,7 @@ class Scheduler:
             surplus.state, surplus.ended_at = TaskState.REMOVED, now
         fresh = {"state": TaskState.NONE, "try_number": 0, "max_tries": int(task.get("retries", 0)) + 1, "agent_id": None, "output": None, "error": None,
                  "queued_at": None, "started_at": None, "ended_at": None, "next_try_at": None, "rendered_fields": None, "sensor_started_at": None,
-                 "pid": None, "note": None, "offline_since": None}
+                 "pid": None, "note": None, "offline_since": None, "offline_until": None}
         copied = [c.key for c in TaskInstance.__table__.columns if c.key not in ("id", "map_index", "params", *fresh)]
         instances = list(existing)
         for index, value in enumerate(params[len(existing):], start=len(existing)):
@@ -1244,13 +1244,13 @@ class Scheduler:
         for agent_id in silent:
             log.info("agent %s silent for %ss: marking offline", agent_id, self.agent_offline_after)
             self._after_commit.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "offline"}))
-        self._announce(offline.mark_offline(session, now, silent))
+        self._announce(offline.mark_offline(session, now, self.default_offline_grace, silent))
 
     def _offline_work(self, session: Session, now: datetime) -> bool:
         """Offline operation (hub.offline): work on offline devices shows
         ``device_offline``, work of returned devices is restored and re-sent,
         and ``offline_grace`` re-targets or gives up what waited too long."""
-        marked = offline.mark_offline(session, now)
+        marked = offline.mark_offline(session, now, self.default_offline_grace)
         restored = offline.restore_returned(session, now, self.dispatcher)
         retargeted, given_up = offline.apply_offline_grace(session, now, self.dispatcher.hlc, self.default_offline_grace)
         for changes in (marked, restored, retargeted, given_up):

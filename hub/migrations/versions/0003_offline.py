@@ -16,6 +16,8 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('task_instances', schema=None) as batch_op:
         batch_op.add_column(sa.Column('offline_since', sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('offline_until', sa.DateTime(timezone=True), nullable=True))
+        batch_op.create_index(batch_op.f('ix_task_instances_offline_until'), ['offline_until'], unique=False)
     with op.batch_alter_table('assignments', schema=None) as batch_op:
         batch_op.add_column(sa.Column('not_before', sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('deadline', sa.DateTime(timezone=True), nullable=True))
@@ -32,4 +34,6 @@ def downgrade() -> None:
         batch_op.drop_column('deadline')
         batch_op.drop_column('not_before')
     with op.batch_alter_table('task_instances', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_task_instances_offline_until'))
+        batch_op.drop_column('offline_until')
         batch_op.drop_column('offline_since')
