@@ -218,6 +218,7 @@ class Agent:
             running=tuple(self.runner.running()),
             accepting=not self._stopping.is_set(),
             counters=self.counters.snapshot(),
+            clock=self.clock.now(),
         )
 
     def _tick_loop(self) -> None:

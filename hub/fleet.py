@@ -9,14 +9,16 @@ agent starts, before every ``online`` it publishes later, yet it is the
 newest news when the broker sends it. A retained status is the last one the
 broker saw, so a hub that (re)subscribes gets the truth.
 
-Clock skew: statuses and heartbeats are stamped when they are sent, so the
-wall time of a fresh one's HLC stamp, minus the hub's time on receipt, is
-the device clock's skew (plus transit, which is small next to the bound).
+Clock skew: statuses and heartbeats are sent fresh, so the device's time in
+one, minus the hub's time on receipt, is the device clock's skew (plus
+transit, small next to the bound). A heartbeat carries the device clock
+itself (``Heartbeat.clock``); otherwise the HLC stamp's wall time stands in,
+which is exact for a clock ahead and never overstates one behind (an HLC
+wall time is never below the device clock) but can hide it once the device
+merged a newer hub stamp, so it may flag a clock behind but not clear it.
 Past ``max_clock_skew`` either way the agent is flagged
-(``clock_skew_flagged_at``) until a fresh message is within bounds again;
-``clock_trusted`` is what the conflict rule asks. An agent's HLC wall time is
-never below its physical clock, so a stamp behind the hub's time proves the
-device clock is at least that far behind.
+(``clock_skew_flagged_at``) until a fresh reading is within bounds again;
+``clock_trusted`` is what the conflict rule asks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hub.models import Agent
+from shared.envelope import Envelope
 from shared.hlc import HLC
 from shared.messages import Heartbeat, Status
 
@@ -76,15 +79,36 @@ class SkewChange:
     flagged: bool
 
 
-def observe_clocks(session: Session, stamps: dict[str, HLC], now: datetime, max_skew: float) -> list[SkewChange]:
-    """Record each agent's clock skew from the stamp of its freshest status
-    or heartbeat; returns the agents whose flag was set or cleared."""
+@dataclass(frozen=True)
+class ClockReading:
+    """A device's wall time when it sent a message. ``exact``: read from its
+    clock (``Heartbeat.clock``); otherwise the HLC stamp's wall time, which
+    is exact for a clock ahead but may understate one behind (it is never
+    below the device clock, and jumps to the hub's time when the device
+    merges a hub stamp)."""
+
+    seconds: float
+    exact: bool
+
+    @staticmethod
+    def of(envelope: Envelope) -> ClockReading:
+        body = envelope.body
+        if isinstance(body, Heartbeat) and body.clock is not None:
+            return ClockReading(body.clock, True)
+        return ClockReading(envelope.hlc.wall_ms / 1000.0, False)
+
+
+def observe_clocks(session: Session, readings: dict[str, ClockReading], now: datetime, max_skew: float) -> list[SkewChange]:
+    """Record each agent's clock skew from its freshest status or heartbeat;
+    returns the agents whose flag was set or cleared."""
     changes = []
-    for agent_id, stamp in stamps.items():
+    for agent_id, reading in readings.items():
         agent = session.get(Agent, agent_id)
         if agent is None:
             continue
-        skew = round(stamp.wall_ms / 1000.0 - now.timestamp(), 3)
+        skew = round(reading.seconds - now.timestamp(), 3)
+        if not reading.exact and abs(skew) <= max_skew and agent.clock_skew_flagged_at is not None and (agent.clock_skew or 0) < 0:
+            continue  # an HLC wall time cannot show that a clock behind was fixed
         agent.clock_skew = skew
         if abs(skew) > max_skew and agent.clock_skew_flagged_at is None:
             agent.clock_skew_flagged_at = now

@@ -220,7 +220,7 @@ class Ingester:
         tis = {t.id: t for t in session.scalars(for_update(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
         known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
         seen: set[str] = set()
-        fresh: dict[str, HLC] = {}
+        fresh: dict[str, tuple[HLC, fleet.ClockReading]] = {}
         for msg, agent_id, envelope in items:
             try:
                 self._apply(session, agent_id, envelope, now, out, assignments, tis, known)
@@ -229,7 +229,8 @@ class Ingester:
             seen.add(agent_id)
             # Stamped when sent (a will or a retained status is older news).
             if not msg.retain and (isinstance(envelope.body, Heartbeat) or (isinstance(envelope.body, Status) and envelope.body.state == "online")):
-                fresh[agent_id] = max(fresh.get(agent_id, envelope.hlc), envelope.hlc)
+                if agent_id not in fresh or envelope.hlc > fresh[agent_id][0]:
+                    fresh[agent_id] = (envelope.hlc, fleet.ClockReading.of(envelope))
         if seen:
             fleet.touch(session, seen, now)
         if fresh:
@@ -389,8 +390,8 @@ class Ingester:
         changes = offline.agent_state_changed(session, agent_id, state, now, Dispatcher(self.hlc, self.max_message_bytes), running)
         out.emitted.extend(changes.events())
 
-    def _observe_clocks(self, session: Session, stamps: dict[str, HLC], now: datetime, out: _Batch) -> None:
-        for change in fleet.observe_clocks(session, stamps, now, self.max_clock_skew):
+    def _observe_clocks(self, session: Session, fresh: dict[str, tuple[HLC, fleet.ClockReading]], now: datetime, out: _Batch) -> None:
+        for change in fleet.observe_clocks(session, {agent_id: reading for agent_id, (_hlc, reading) in fresh.items()}, now, self.max_clock_skew):
             untrusted = self.untrusted_clocks if self.untrusted_clocks is not None else set()
             self.untrusted_clocks = untrusted
             if change.flagged:

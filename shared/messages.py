@@ -292,6 +292,10 @@ class Heartbeat(Message):
     accepting: bool = True
     #: Monotonic counters since start, e.g. ``rejected.decode_error``.
     counters: dict[str, int] = field(default_factory=dict)
+    #: The device's wall clock (epoch seconds) when it sent this. The hub
+    #: measures clock skew from it: an HLC stamp cannot show a clock that is
+    #: behind once the device has merged a newer hub stamp.
+    clock: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

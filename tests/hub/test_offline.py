@@ -403,3 +403,23 @@ def test_the_documented_nightly_example_is_delivered_now_and_runs_at_night(make_
     assert (sent["backup"].not_before, sent["backup"].deadline) == (night, night + 4 * 3600)
     assert (sent["report"].not_before, sent["report"].deadline) == (night + 3600, None)
     assert {t.task_id: t.state for t in hub.tis(run_pk)} == {"backup": "queued", "report": "queued"}
+
+
+def test_a_clock_behind_is_seen_even_after_the_device_merged_a_hub_stamp(make_hub: Any) -> None:
+    hub = make_hub({"pinned.py": PINNED})
+    hub.agent_online("a1")
+    behind = HybridClock("a1", lambda: int((hub.clock.now() - 400) * 1000))
+    behind.update(hub.ingester.hlc.now())  # it received an ack: its HLC wall is the hub's time now
+    hub.agent_clocks["a1"] = behind
+    hub.clock.advance(5)
+    hub.send("a1", Heartbeat("0.1.0", clock=hub.clock.now() - 400))
+    with hub.sessions() as session:
+        a1 = session.get(Agent, "a1")
+        assert (a1.clock_skew, a1.clock_skew_flagged_at is not None) == (-400.0, True)
+    # An older agent's heartbeat (no clock field) looks fine by its HLC, which proves nothing: still flagged.
+    hub.send("a1", Heartbeat("0.1.0"))
+    with hub.sessions() as session:
+        assert not fleet.clock_trusted(session, "a1")
+    hub.send("a1", Heartbeat("0.1.0", clock=hub.clock.now() + 0.5))
+    with hub.sessions() as session:
+        assert fleet.clock_trusted(session, "a1") and session.get(Agent, "a1").clock_skew == 0.5
