@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 
 from hub import events as ev
 from hub import templating
-from hub.db import skip_locked
+from hub.db import for_update, skip_locked
 from hub.dispatcher import Dispatcher
 from hub.lifecycle import OPEN_ASSIGNMENT_STATES, cancel_assignments, finish_try, task_callback, task_spec
 from hub.models import Agent, Assignment, DagRun, TaskInstance
@@ -150,7 +150,10 @@ def device_returned(
     assignment it was sent but never accepted."""
     changes = Changes()
     listed = set(running or ())
-    tis = list(session.scalars(select(TaskInstance).where(TaskInstance.agent_id == agent_id, TaskInstance.state == TaskState.DEVICE_OFFLINE)))
+    # Locked (PostgreSQL): a scheduler deciding its grace right now commits
+    # first, and the state it leaves is read again before this changes it.
+    stmt = select(TaskInstance).where(TaskInstance.agent_id == agent_id, TaskInstance.state == TaskState.DEVICE_OFFLINE).order_by(TaskInstance.id)
+    tis = list(session.scalars(for_update(stmt, session)))
     assignments = _current_assignments(session, tis)
     for ti in tis:
         assignment = assignments.get(ti.id)
