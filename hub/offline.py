@@ -127,7 +127,7 @@ def mark_offline(session: Session, now: datetime, default_grace: float | None, a
     )
     tis = list(session.scalars(skip_locked(stmt, session)))
     assignments = _current_assignments(session, tis)
-    runs = _hold_runs(session, tis) if default_grace is not None else []
+    held = _hold_runs(session, tis) if default_grace is not None else []  # noqa: F841 (see _hold_runs)
     for ti in tis:
         assignment = assignments.get(ti.id)
         if _delivered_ahead(ti, assignment, now):
@@ -137,7 +137,6 @@ def mark_offline(session: Session, now: datetime, default_grace: float | None, a
         changes.note(ti)
     if changes.states:
         log.info("%d task instance(s) now device_offline", len(changes.states))
-    del runs
     return changes
 
 
@@ -244,11 +243,11 @@ def apply_offline_grace(session: Session, now: datetime, hlc: HybridClock, defau
     # load nothing, however many devices are away. An instance that entered
     # device_offline without one (through ingestion) gets it here, counted
     # from when it went offline.
-    due = (TaskInstance.offline_until <= now) | TaskInstance.offline_until.is_(None)
-    stmt = select(TaskInstance).where(TaskInstance.state == TaskState.DEVICE_OFFLINE, due).order_by(TaskInstance.id)
+    is_due = (TaskInstance.offline_until <= now) | TaskInstance.offline_until.is_(None)
+    stmt = select(TaskInstance).where(TaskInstance.state == TaskState.DEVICE_OFFLINE, is_due).order_by(TaskInstance.id)
     tis = list(session.scalars(skip_locked(stmt, session)))
     assignments = _current_assignments(session, tis)
-    runs = _hold_runs(session, tis)
+    held = _hold_runs(session, tis)  # noqa: F841 (see _hold_runs)
     due: list[tuple[TaskInstance, dict[str, Any]]] = []
     with session.no_autoflush:
         for ti in tis:
@@ -274,7 +273,6 @@ def apply_offline_grace(session: Session, now: datetime, hlc: HybridClock, defau
             finish_try(ti, success=False, now=now, error=error)
             log.warning("%s: device %s offline for more than %gs (offline_grace); try %d given up (%s)", ti.key, device, grace, ti.try_number, ti.state)
             given_up.note(ti)
-    del runs
     return retargeted, given_up
 
 
