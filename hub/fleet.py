@@ -127,6 +127,11 @@ def clock_trusted(session: Session, agent_id: str) -> bool:
     return session.scalar(select(Agent.clock_skew_flagged_at).where(Agent.agent_id == agent_id)) is None
 
 
+def last_heard(session: Session, agent_id: str) -> datetime | None:
+    """When the hub last heard from the agent (None: never)."""
+    return session.scalar(select(Agent.last_seen).where(Agent.agent_id == agent_id))
+
+
 def flagged_clocks(session: Session) -> set[str]:
     """The agents whose clocks are flagged now."""
     return set(session.scalars(select(Agent.agent_id).where(Agent.clock_skew_flagged_at.is_not(None))))

@@ -289,15 +289,17 @@ class Ingester:
         body = envelope.body
         self.counters[f"received.{envelope.type}"] += 1
         if isinstance(body, Status):
+            heard = fleet.last_heard(session, agent_id)
             if fleet.apply_status(session, agent_id, body, envelope.hlc, now) or body.state == "online":
-                self._offline_hook(session, agent_id, body.state, now, out)
+                self._offline_hook(session, agent_id, body.state, now, out, last_heard=heard)
             # Always an event: a reconnect may bring new labels or job types.
             out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": body.state}))
             return
         if isinstance(body, Heartbeat):
+            heard = fleet.last_heard(session, agent_id)
             if fleet.apply_heartbeat(session, agent_id, body, now):
                 out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "online"}))
-                self._offline_hook(session, agent_id, "online", now, out, body.running)
+                self._offline_hook(session, agent_id, "online", now, out, body.running, heard)
             return
         if isinstance(body, AgentEvent):
             self._apply_agent_event(session, agent_id, body, now, out)
@@ -384,10 +386,12 @@ class Ingester:
         self.counters[f"result.{state}"] += 1
         out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
 
-    def _offline_hook(self, session: Session, agent_id: str, state: str, now: datetime, out: _Batch, running: tuple[str, ...] | None = None) -> None:
+    def _offline_hook(
+        self, session: Session, agent_id: str, state: str, now: datetime, out: _Batch, running: tuple[str, ...] | None = None, last_heard: datetime | None = None,
+    ) -> None:
         # Offline operation (hub.offline): device_offline work, and on return
         # the assignments re-sent from the DB, never from the broker's session.
-        changes = offline.agent_state_changed(session, agent_id, state, now, Dispatcher(self.hlc, self.max_message_bytes), running)
+        changes = offline.agent_state_changed(session, agent_id, state, now, Dispatcher(self.hlc, self.max_message_bytes), running, last_heard)
         out.emitted.extend(changes.events())
 
     def _observe_clocks(self, session: Session, fresh: dict[str, tuple[HLC, fleet.ClockReading]], now: datetime, out: _Batch) -> None:

@@ -55,10 +55,13 @@ from hub import templating
 from hub.db import for_update, skip_locked
 from hub.dispatcher import Dispatcher
 from hub.lifecycle import OPEN_ASSIGNMENT_STATES, cancel_assignments, finish_try, task_callback, task_spec
-from hub.models import Agent, Assignment, DagRun, TaskInstance
+from hub.models import Agent, Assignment, DagRun, OutboxMessage, TaskInstance, TaskResult
+from shared.envelope import Envelope, encode
 from hub.xcom import run_context
 from shared.hlc import HybridClock
+from shared.messages import Cancel
 from shared.states import FINISHED, TaskState
+from shared.topics import assign_topic
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +144,15 @@ def mark_offline(session: Session, now: datetime, default_grace: float | None, a
 
 
 def device_returned(
-    session: Session, agent_id: str, now: datetime, dispatcher: Dispatcher, running: Iterable[str] | None = None, *, resend: bool = True,
+    session: Session, agent_id: str, now: datetime, dispatcher: Dispatcher, running: Iterable[str] | None = None, *,
+    resend: bool = True, last_heard: datetime | None = None,
 ) -> Changes:
     """``agent_id`` is back: restore its ``device_offline`` instances from
     what the hub knows (``running``: the assignment ids its heartbeat lists,
     when a heartbeat brought it back) and, with ``resend``, re-send every
-    assignment it was sent but never accepted."""
+    assignment it was sent but never accepted, and the Cancel of every
+    assignment cancelled since it was ``last_heard`` from (it may hold it
+    still, and the broker may have lost the Cancel)."""
     changes = Changes()
     listed = set(running or ())
     # Locked (PostgreSQL): a scheduler deciding its grace right now commits
@@ -173,6 +179,8 @@ def device_returned(
         changes.note(ti)
     if resend:
         changes.resent = resend_unaccepted(session, agent_id, now, dispatcher)
+        if last_heard is not None:
+            changes.resent += resend_cancels(session, agent_id, last_heard, now, dispatcher.hlc)
     if changes:
         log.info("agent %s is back: %d task instance(s) restored, %d assignment(s) sent again", agent_id, len(changes.states), changes.resent)
     return changes
@@ -188,6 +196,21 @@ def resend_unaccepted(session: Session, agent_id: str, now: datetime, dispatcher
             continue  # no longer current: the redelivery step retires it
         assignment.state = "pending"
         session.add(dispatcher.outbox_row(ti, assignment, now, ti.execution_timeout))
+        count += 1
+    return count
+
+
+def resend_cancels(session: Session, agent_id: str, since: datetime, now: datetime, hlc: HybridClock) -> int:
+    """Write the Cancel of each assignment of ``agent_id`` cancelled at or
+    after ``since`` that it never reported on to the outbox again. Not
+    through ``cancel_assignments``: these are copies of decisions already
+    made, not new ones."""
+    reported = select(TaskResult.id).where(TaskResult.assignment_id == Assignment.id).exists()
+    stmt = select(Assignment.id).where(Assignment.agent_id == agent_id, Assignment.state == "cancelled", Assignment.finished_at >= since, ~reported)
+    count = 0
+    for assignment_id in session.scalars(stmt.order_by(Assignment.finished_at)):
+        payload = encode(Envelope(Cancel(assignment_id, "cancelled while the device was away (sent again on its return)"), sender="hub", hlc=hlc.now()))
+        session.add(OutboxMessage(topic=assign_topic(agent_id), payload=payload, qos=1, retain=False, assignment_id=None, created_at=now, attempts=0))
         count += 1
     return count
 
@@ -320,8 +343,11 @@ def _as_time(ti: TaskInstance, name: str, value: Any) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
-def agent_state_changed(session: Session, agent_id: str, state: str, now: datetime, dispatcher: Dispatcher, running: Iterable[str] | None = None) -> Changes:
-    """Ingestion's hook: an agent's status or a heartbeat said ``state``."""
+def agent_state_changed(
+    session: Session, agent_id: str, state: str, now: datetime, dispatcher: Dispatcher, running: Iterable[str] | None = None, last_heard: datetime | None = None,
+) -> Changes:
+    """Ingestion's hook: an agent's status or a heartbeat said ``state``
+    (``last_heard``: when the hub heard from it before this message)."""
     if state == "online":
-        return device_returned(session, agent_id, now, dispatcher, running)
+        return device_returned(session, agent_id, now, dispatcher, running, last_heard=last_heard)
     return mark_offline(session, now, None, [agent_id])

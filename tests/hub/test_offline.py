@@ -208,6 +208,12 @@ def test_an_unpinned_task_is_re_targeted_after_its_grace_without_using_a_retry(m
     with hub.sessions() as session:
         assert session.get(Assignment, old).state == "cancelled"
     new = assignment_of(hub, ti).id
+    # The first device returns: the Cancel is sent to it again (the broker may have lost it); nothing else is.
+    hub.agent_online("a1")
+    assert [c.assignment_id for c in cancels(hub)] == [old, old]
+    assert assigns_to(hub, "a1", old) == 1
+    hub.send("a1", Heartbeat("0.1.0"))
+    assert len(cancels(hub)) == 2
     hub.send("a2", Result(new, 2, "success", output={"echo": 1}))
     # The old device's late result is kept, not applied.
     hub.send("a1", Result(old, 1, "success", output={"echo": "late"}))
