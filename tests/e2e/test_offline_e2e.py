@@ -4,6 +4,7 @@ broker's session store."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy import select
 
 from hub.db import make_engine, make_sessionmaker
 from hub.models import Assignment
+from shared.clock import SystemClock
 from tests.e2e.test_fleet import assert_exactly_once
 
 pytestmark = pytest.mark.e2e
@@ -54,3 +56,26 @@ def test_work_reaches_a_returning_device_after_the_broker_lost_every_session(fle
     assert run["task_instances"][0]["output"] == {"echo": "kept by the hub"}
     assert_exactly_once(f, run_pk)
     print(f"agent-2 start to run success: {time.monotonic() - started:.1f}s")
+
+
+AHEAD = """
+from datetime import timedelta
+from hub.dag import DAG, AgentOperator, on_agent
+with DAG("ahead") as dag:
+    AgentOperator(task_id="later", job_type="noop", params={"echo": "on time"}, target=on_agent("agent-1"),
+                  not_before=timedelta(seconds=6), deadline=timedelta(minutes=10))
+"""
+
+
+def test_scheduled_ahead_work_is_delivered_at_once_and_starts_at_not_before(fleet: Any) -> None:
+    f = fleet({"ahead.py": AHEAD})
+    f.start_all(1)
+    triggered = SystemClock().now()
+    run_pk = f.trigger("ahead")
+    f.wait(lambda: f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["state"] == "delivered", 5, "the work to be delivered ahead")
+    ti = f.api("GET", f"/runs/{run_pk}")["task_instances"][0]
+    assert ti["started_at"] is None  # held on the device until not_before
+    run = f.wait_run(run_pk, timeout=30)
+    assert run["state"] == "success", run
+    started = run["task_instances"][0]["started_at"]
+    assert datetime.fromisoformat(started).timestamp() >= triggered + 5  # not before its not_before (the run's logical date + 6 s)
