@@ -298,6 +298,7 @@ class Agent:
             accepting=not self.not_accepting(),
             counters=self.counters.snapshot(),
             not_accepting=self.not_accepting(),
+            clock=self.clock.now(),
         )
 
     def not_accepting(self) -> str:

@@ -761,7 +761,11 @@ class AgentOperator(BaseOperator):
     kind = "agent"
     template_fields: Sequence[str] = ("params",)
 
-    def __init__(self, task_id: str, *, job_type: str, params: dict[str, Any] | None = None, target: Target | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, task_id: str, *, job_type: str, params: dict[str, Any] | None = None, target: Target | None = None,
+        offline_grace: timedelta | float | None = None, not_before: timedelta | float | str | datetime | None = None,
+        deadline: timedelta | float | str | datetime | None = None, **kwargs: Any,
+    ) -> None:
         if not isinstance(job_type, str) or not job_type:
             raise InvalidDag(f"task {task_id!r}: job_type must be a non-empty string")
         if params is not None and not isinstance(params, dict):
@@ -775,6 +779,16 @@ class AgentOperator(BaseOperator):
         self.target = target or any_agent()
         if not isinstance(self.target, Target) or self.target.mode not in ("agent", "any", "all") or (self.target.mode == "agent" and not self.target.agent_id):
             raise InvalidDag(f"task {task_id!r}: invalid target {self.target!r}")
+        # Offline operation (docs/dags.md): how long the hub waits for an
+        # offline device (None: the hub's default_offline_grace), and when the
+        # device may start the job (scheduled ahead) and no longer start it.
+        if offline_grace is not None and (isinstance(offline_grace, bool) or not isinstance(offline_grace, (timedelta, int, float)) or _seconds(offline_grace) < 0):
+            raise InvalidDag(f"task {task_id!r}: offline_grace must be a timedelta or seconds >= 0, got {offline_grace!r}")
+        self.offline_grace = None if offline_grace is None else _seconds(offline_grace)
+        self.not_before = _window_time(task_id, "not_before", not_before)
+        self.deadline = _window_time(task_id, "deadline", deadline)
+        if isinstance(self.not_before, float) and isinstance(self.deadline, float) and self.deadline <= self.not_before:
+            raise InvalidDag(f"task {task_id!r}: deadline ({self.deadline:g}s) must come after not_before ({self.not_before:g}s)")
         super().__init__(task_id, **kwargs)
 
     def params_are_literal(self) -> bool:
@@ -788,6 +802,8 @@ class AgentOperator(BaseOperator):
             **data, "job_type": self.job_type, "params": data["templates"]["params"], "target": self.target.to_dict(),
             # The hub renders these params itself, so it needs the DAG's rendering mode.
             "render_native": bool(self.dag.render_template_as_native_obj),
+            "offline_grace": self.offline_grace,
+            "window": {k: v for k, v in (("not_before", self.not_before), ("deadline", self.deadline)) if v is not None},
         }
 
 
@@ -1135,6 +1151,28 @@ def cross_downstream(from_tasks: Sequence[Any], to_tasks: Any) -> None:
     """Every task of ``from_tasks`` upstream of every task of ``to_tasks``."""
     for node in _nodes(list(from_tasks)):
         node.set_downstream(to_tasks)
+
+
+def _window_time(task_id: str, name: str, value: Any) -> float | str | None:
+    """An agent task's ``not_before`` / ``deadline`` as stored: seconds after
+    the run's data interval end (a timedelta or a number), or a string: a
+    Jinja template rendered at dispatch, or an ISO 8601 time."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidDag(f"task {task_id!r}: {name} must be an aware datetime (with a time zone), got {value!r}")
+        return value.isoformat()
+    if isinstance(value, (timedelta, int, float)) and not isinstance(value, bool):
+        return _seconds(value)
+    if isinstance(value, str) and value.strip():
+        if not templating.is_template(value):
+            try:
+                datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise InvalidDag(f"task {task_id!r}: {name} {value!r} is neither a template nor an ISO 8601 time") from None
+        return value
+    raise InvalidDag(f"task {task_id!r}: {name} must be a timedelta, seconds, a template string or an aware datetime, got {value!r}")
 
 
 def _seconds(value: timedelta | float | int) -> float:

@@ -49,9 +49,13 @@ class Dispatcher:
             for a in session.scalars(select(Agent))
         ]
 
-    def assign(self, session: Session, ti: TaskInstance, agent_id: str, now: datetime, timeout: float | None = None) -> Assignment:
+    def assign(
+        self, session: Session, ti: TaskInstance, agent_id: str, now: datetime, timeout: float | None = None,
+        not_before: datetime | None = None, deadline: datetime | None = None,
+    ) -> Assignment:
         """Queue the next try of ``ti`` on ``agent_id``: new try number,
-        assignment row, outbox row, state ``queued``."""
+        assignment row, outbox row, state ``queued``. ``not_before`` and
+        ``deadline`` (scheduled ahead) travel in the Assign message."""
         ti.try_number += 1
         ti.agent_id = agent_id
         ti.state = TaskState.QUEUED
@@ -67,6 +71,8 @@ class Dispatcher:
             state="pending",
             created_at=now,
             send_count=0,
+            not_before=not_before,
+            deadline=deadline,
         )
         session.add(assignment)
         session.add(self.outbox_row(ti, assignment, now, timeout))
@@ -87,6 +93,8 @@ class Dispatcher:
             params=dict((ti.rendered_fields or {}).get("params", ti.params) or {}),
             map_index=ti.map_index,
             timeout=timeout,
+            not_before=assignment.not_before.timestamp() if assignment.not_before is not None else None,
+            deadline=assignment.deadline.timestamp() if assignment.deadline is not None else None,
         )
         payload = encode(Envelope(body, sender="hub", hlc=self.hlc.now()), self.max_message_bytes)
         return OutboxMessage(

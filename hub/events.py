@@ -28,6 +28,8 @@ MESSAGE_REJECTED = "message_rejected"
 #: An asset event was committed (a task's outlet, an agent event, the API): asset-scheduled DAGs may be due.
 ASSET_UPDATED = "asset_updated"
 AGENT_CHANGED = "agent_changed"
+#: An agent's clock went beyond max_clock_skew (``flagged``: True) or came back within it (False).
+AGENT_CLOCK_SKEW = "agent_clock_skew"
 OUTBOX_WRITTEN = "outbox_written"
 
 

@@ -8,16 +8,29 @@ broker delivers them, not by their HLC stamps: the will is stamped when the
 agent starts, before every ``online`` it publishes later, yet it is the
 newest news when the broker sends it. A retained status is the last one the
 broker saw, so a hub that (re)subscribes gets the truth.
+
+Clock skew: statuses and heartbeats are sent fresh, so the device's time in
+one, minus the hub's time on receipt, is the device clock's skew (plus
+transit, small next to the bound). A heartbeat carries the device clock
+itself (``Heartbeat.clock``); otherwise the HLC stamp's wall time stands in,
+which is exact for a clock ahead and never overstates one behind (an HLC
+wall time is never below the device clock) but can hide it once the device
+merged a newer hub stamp, so it may flag a clock behind but not clear it.
+Past ``max_clock_skew`` either way the agent is flagged
+(``clock_skew_flagged_at``) until a fresh reading is within bounds again;
+``clock_trusted`` is what the conflict rule asks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hub.models import Agent
+from shared.envelope import Envelope
 from shared.hlc import HLC
 from shared.messages import Heartbeat, Status
 
@@ -55,6 +68,73 @@ def apply_heartbeat(session: Session, agent_id: str, beat: Heartbeat, now: datet
     came_back = agent.state != "online"
     agent.state = "online"
     return came_back
+
+
+@dataclass(frozen=True)
+class SkewChange:
+    agent_id: str
+    #: Seconds ahead (+) or behind (-) the hub's clock.
+    skew: float
+    #: True: newly flagged; False: back within bounds.
+    flagged: bool
+
+
+@dataclass(frozen=True)
+class ClockReading:
+    """A device's wall time when it sent a message. ``exact``: read from its
+    clock (``Heartbeat.clock``); otherwise the HLC stamp's wall time, which
+    is exact for a clock ahead but may understate one behind (it is never
+    below the device clock, and jumps to the hub's time when the device
+    merges a hub stamp)."""
+
+    seconds: float
+    exact: bool
+
+    @staticmethod
+    def of(envelope: Envelope) -> ClockReading:
+        body = envelope.body
+        if isinstance(body, Heartbeat) and body.clock is not None:
+            return ClockReading(body.clock, True)
+        return ClockReading(envelope.hlc.wall_ms / 1000.0, False)
+
+
+def observe_clocks(session: Session, readings: dict[str, ClockReading], now: datetime, max_skew: float) -> list[SkewChange]:
+    """Record each agent's clock skew from its freshest status or heartbeat;
+    returns the agents whose flag was set or cleared."""
+    changes = []
+    for agent_id, reading in readings.items():
+        agent = session.get(Agent, agent_id)
+        if agent is None:
+            continue
+        skew = round(reading.seconds - now.timestamp(), 3)
+        if not reading.exact and abs(skew) <= max_skew and agent.clock_skew_flagged_at is not None and (agent.clock_skew or 0) < 0:
+            continue  # an HLC wall time cannot show that a clock behind was fixed
+        agent.clock_skew = skew
+        if abs(skew) > max_skew and agent.clock_skew_flagged_at is None:
+            agent.clock_skew_flagged_at = now
+            changes.append(SkewChange(agent_id, skew, True))
+        elif abs(skew) <= max_skew and agent.clock_skew_flagged_at is not None:
+            agent.clock_skew_flagged_at = None
+            changes.append(SkewChange(agent_id, skew, False))
+    return changes
+
+
+def clock_trusted(session: Session, agent_id: str) -> bool:
+    """False while the agent's clock is flagged as skewed beyond
+    ``max_clock_skew``: its device times (``started_at``, ``finished_at``,
+    HLC wall times) must not decide anything. An agent never measured (no
+    fresh status or heartbeat yet) is trusted: there is no evidence against it."""
+    return session.scalar(select(Agent.clock_skew_flagged_at).where(Agent.agent_id == agent_id)) is None
+
+
+def last_heard(session: Session, agent_id: str) -> datetime | None:
+    """When the hub last heard from the agent (None: never)."""
+    return session.scalar(select(Agent.last_seen).where(Agent.agent_id == agent_id))
+
+
+def flagged_clocks(session: Session) -> set[str]:
+    """The agents whose clocks are flagged now."""
+    return set(session.scalars(select(Agent.agent_id).where(Agent.clock_skew_flagged_at.is_not(None))))
 
 
 def touch(session: Session, agent_ids: set[str], now: datetime) -> None:

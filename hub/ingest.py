@@ -33,17 +33,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, fleet
+from hub import asset_events, fleet, offline
 from hub import events as ev
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
+from hub.dispatcher import Dispatcher
 from hub.events import EventBus
 from hub.lifecycle import CALLBACKS_FLAG, finish_try, task_callback
 from hub.models import AssetEvent, Assignment, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
 from shared.errors import ClockSkew, OutpostError, ProtocolError
-from shared.hlc import HybridClock
+from shared.hlc import HLC, HybridClock
 from shared.messages import AGENT_EVENT_NAME_RE, MAX_AGENT_EVENT_PAYLOAD_BYTES, Accepted, Ack, AgentEvent, Heartbeat, Rejected, Result, Started, Status
 from shared.mqtt import Inbound, MqttLink
 from shared.states import FINISHED, TaskState
@@ -91,6 +92,11 @@ class Ingester:
     max_message_bytes: int = 256 * 1024
     batch_size: int = 500
     counters: Counter[str] = field(default_factory=Counter)
+    #: Seconds a device clock may be off before the agent is flagged (hub.fleet).
+    max_clock_skew: float = 300.0
+    #: Agents flagged for clock skew: their stamps do not move the hub's
+    #: clock. None until read from the DB (at the first batch).
+    untrusted_clocks: set[str] | None = None
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -145,6 +151,9 @@ class Ingester:
 
     def process(self, batch: list[Inbound]) -> None:
         """Apply a batch of inbound messages, then acknowledge them."""
+        if self.untrusted_clocks is None:
+            with self.sessions() as session:
+                self.untrusted_clocks = fleet.flagged_clocks(session)
         out = _Batch()
         decoded: list[tuple[Inbound, str, Envelope]] = []
         for msg in batch:
@@ -211,14 +220,21 @@ class Ingester:
         tis = {t.id: t for t in session.scalars(for_update(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
         known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
         seen: set[str] = set()
+        fresh: dict[str, tuple[HLC, fleet.ClockReading]] = {}
         for msg, agent_id, envelope in items:
             try:
                 self._apply(session, agent_id, envelope, now, out, assignments, tis, known)
             except Reject as exc:
                 self._reject(out, msg, agent_id, exc.code, str(exc))
             seen.add(agent_id)
+            # Stamped when sent (a will or a retained status is older news).
+            if not msg.retain and (isinstance(envelope.body, Heartbeat) or (isinstance(envelope.body, Status) and envelope.body.state == "online")):
+                if agent_id not in fresh or envelope.hlc > fresh[agent_id][0]:
+                    fresh[agent_id] = (envelope.hlc, fleet.ClockReading.of(envelope))
         if seen:
             fleet.touch(session, seen, now)
+        if fresh:
+            self._observe_clocks(session, fresh, now, out)
         session.flush()
 
     # --- decoding ----------------------------------------------------------
@@ -247,6 +263,9 @@ class Ingester:
             self._reject(out, msg, topic.agent_id, "unexpected_type", f"{envelope.type!r} is not valid on a {topic.kind} topic")
             return None
         try:
+            ahead = envelope.hlc.wall_ms / 1000 - self.clock.now()
+            if topic.agent_id in (self.untrusted_clocks or ()) or ahead > self.max_clock_skew:
+                raise ClockSkew(f"stamp {envelope.hlc} is {ahead:+.1f}s off the hub's clock (max_clock_skew {self.max_clock_skew:g}s, or the agent is flagged); not merged")
             self.hlc.update(envelope.hlc)
         except ClockSkew as exc:
             # Reported, never trusted: the message still applies, but its
@@ -270,13 +289,17 @@ class Ingester:
         body = envelope.body
         self.counters[f"received.{envelope.type}"] += 1
         if isinstance(body, Status):
-            fleet.apply_status(session, agent_id, body, envelope.hlc, now)
+            heard = fleet.last_heard(session, agent_id)
+            if fleet.apply_status(session, agent_id, body, envelope.hlc, now) or body.state == "online":
+                self._offline_hook(session, agent_id, body.state, now, out, last_heard=heard)
             # Always an event: a reconnect may bring new labels or job types.
             out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": body.state}))
             return
         if isinstance(body, Heartbeat):
+            heard = fleet.last_heard(session, agent_id)
             if fleet.apply_heartbeat(session, agent_id, body, now):
                 out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "online"}))
+                self._offline_hook(session, agent_id, "online", now, out, body.running, heard)
             return
         if isinstance(body, AgentEvent):
             self._apply_agent_event(session, agent_id, body, now, out)
@@ -362,6 +385,27 @@ class Ingester:
         state = finish_try(ti, success=body.status == "success", now=now, output=body.output, error=error)
         self.counters[f"result.{state}"] += 1
         out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
+
+    def _offline_hook(
+        self, session: Session, agent_id: str, state: str, now: datetime, out: _Batch, running: tuple[str, ...] | None = None, last_heard: datetime | None = None,
+    ) -> None:
+        # Offline operation (hub.offline): device_offline work, and on return
+        # the assignments re-sent from the DB, never from the broker's session.
+        changes = offline.agent_state_changed(session, agent_id, state, now, Dispatcher(self.hlc, self.max_message_bytes), running, last_heard)
+        out.emitted.extend(changes.events())
+
+    def _observe_clocks(self, session: Session, fresh: dict[str, tuple[HLC, fleet.ClockReading]], now: datetime, out: _Batch) -> None:
+        for change in fleet.observe_clocks(session, {agent_id: reading for agent_id, (_hlc, reading) in fresh.items()}, now, self.max_clock_skew):
+            untrusted = self.untrusted_clocks if self.untrusted_clocks is not None else set()
+            self.untrusted_clocks = untrusted
+            if change.flagged:
+                untrusted.add(change.agent_id)
+                log.warning("agent %s: clock is %+.1fs off the hub's (max_clock_skew %gs); flagged, its times are not trusted", change.agent_id, change.skew, self.max_clock_skew)
+            else:
+                untrusted.discard(change.agent_id)
+                log.info("agent %s: clock back within max_clock_skew (%+.1fs); flag cleared", change.agent_id, change.skew)
+            self.counters["clock_skew.flagged" if change.flagged else "clock_skew.cleared"] += 1
+            out.emitted.append((ev.AGENT_CLOCK_SKEW, {"agent_id": change.agent_id, "skew": change.skew, "flagged": change.flagged}))
 
     def _apply_agent_event(self, session: Session, agent_id: str, body: AgentEvent, now: datetime, out: _Batch) -> None:
         """A device reported a condition: an asset event on

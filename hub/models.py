@@ -154,6 +154,10 @@ class TaskInstance(Base):
     #: The worker process running a hub task.
     pid: Mapped[int | None] = mapped_column(Integer)
     note: Mapped[str | None] = mapped_column(Text)
+    #: When the instance became ``device_offline``; its ``offline_grace`` counts from here (hub.offline).
+    offline_since: Mapped[datetime | None]
+    #: When its offline_grace runs out (the scheduler's cheap test for "due").
+    offline_until: Mapped[datetime | None] = mapped_column(index=True)
 
     run: Mapped[DagRun] = relationship(back_populates="task_instances")
 
@@ -179,6 +183,9 @@ class Assignment(Base):
     send_count: Mapped[int] = mapped_column(Integer, default=0)
     accepted_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    #: The Assign's not_before / deadline, fixed at creation so every copy sent is the same message.
+    not_before: Mapped[datetime | None]
+    deadline: Mapped[datetime | None]
 
 
 class OutboxMessage(Base):
@@ -237,6 +244,10 @@ class Agent(Base):
     last_heartbeat: Mapped[dict[str, Any]] = mapped_column(default=dict)
     #: HLC of the last status applied, so a stale retained status never wins.
     status_hlc: Mapped[str] = mapped_column(String(200), default="")
+    #: Seconds the device's clock was ahead (+) or behind (-) the hub's at its last fresh status or heartbeat.
+    clock_skew: Mapped[float | None] = mapped_column(Float)
+    #: Set while |clock_skew| exceeds max_clock_skew: the device's clock is not trusted (hub.fleet.clock_trusted).
+    clock_skew_flagged_at: Mapped[datetime | None]
 
 
 class RejectedMessage(Base):

@@ -245,6 +245,9 @@ def _agent(agent: Agent) -> dict[str, Any]:
         "job_types": agent.job_types,
         "first_seen": agent.first_seen,
         "last_seen": agent.last_seen,
+        "clock_skew": agent.clock_skew,
+        "clock_skew_flagged_at": agent.clock_skew_flagged_at,
+        "clock_trusted": agent.clock_skew_flagged_at is None,
     }
 
 

@@ -65,12 +65,12 @@ class HubRuntime:
             self.sessions, self.dagbag, self.dispatcher, self.clock, self.events, self.executor.submit,
             interval=s.scheduler_interval, redeliver_after=s.redeliver_after, agent_offline_after=s.agent_offline_after,
             dag_reparse_interval=s.dag_reparse_interval, parse_in_tick=False, max_map_length=s.max_map_length,
-            default_pool_slots=s.default_pool_slots,
+            default_pool_slots=s.default_pool_slots, default_offline_grace=s.default_offline_grace,
         )
         # Airflow's schedule_after_task_execution: a finished hub task's
         # downstream is decided and queued in the transaction that records it.
         self.executor.mini_scheduler = self.scheduler
-        self.ingester = Ingester(self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes)
+        self.ingester = Ingester(self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes, max_clock_skew=s.max_clock_skew)
         self.publisher = OutboxPublisher(self.sessions, self.link, self.clock)
         self.events.subscribe(ev.OUTBOX_WRITTEN, lambda _n, _d: self.publisher.wake())
         self.server: uvicorn.Server | None = None

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-from hub import asset_events, timetables
+from hub import asset_events, offline, timetables
 from hub import branching, templating
 from hub import events as ev
 from hub.admission import OCCUPYING, Admission, Candidate, Verdict, effective_weights, ordered
@@ -242,6 +242,9 @@ class Scheduler:
     interval: float = 0.5
     redeliver_after: float = 30.0
     agent_offline_after: float = 35.0
+    #: Seconds an agent task may stay device_offline before it is re-targeted
+    #: or given up, for tasks that set no offline_grace (hub.offline).
+    default_offline_grace: float = 3600.0
     dag_reparse_interval: float = 5.0
     #: Most instances one mapped task may expand to (Airflow's max_map_length).
     max_map_length: int = DEFAULT_MAX_MAP_LENGTH
@@ -432,6 +435,8 @@ class Scheduler:
                 busy |= self._bring_back_retries(session, now)
             with self._step() as session:
                 busy |= check_deadlines(session, now, self._after_commit, self.dispatcher.hlc)
+            with self._step() as session:
+                busy |= self._offline_work(session, now)
         with self._step() as session:
             hub_tasks, changed = self._advance_runs(session, now, None if full or dirty is None or dirty.everything else dirty)
         if changed:
@@ -1076,7 +1081,7 @@ class Scheduler:
             surplus.state, surplus.ended_at = TaskState.REMOVED, now
         fresh = {"state": TaskState.NONE, "try_number": 0, "max_tries": int(task.get("retries", 0)) + 1, "agent_id": None, "output": None, "error": None,
                  "queued_at": None, "started_at": None, "ended_at": None, "next_try_at": None, "rendered_fields": None, "sensor_started_at": None,
-                 "pid": None, "note": None}
+                 "pid": None, "note": None, "offline_since": None, "offline_until": None}
         copied = [c.key for c in TaskInstance.__table__.columns if c.key not in ("id", "map_index", "params", *fresh)]
         instances = list(existing)
         for index, value in enumerate(params[len(existing):], start=len(existing)):
@@ -1162,9 +1167,15 @@ class Scheduler:
                 instances.append(clone)
                 by_task[ti.task_id].append(TaskState.QUEUED)
             session.flush()
+        try:
+            not_before, deadline = offline.assignment_window(session, ti, task)
+        except templating.TemplateError as exc:
+            for instance in instances:
+                instance.state, instance.ended_at, instance.error = TaskState.FAILED, now, exc.as_error()
+            return 0
         for instance, agent_id in zip(instances, agents):
             try:
-                self.dispatcher.assign(session, instance, agent_id, now, timeout=instance.execution_timeout)
+                self.dispatcher.assign(session, instance, agent_id, now, timeout=instance.execution_timeout, not_before=not_before, deadline=deadline)
                 # Count it at once, so the next task of this tick sees the new load.
                 for i, view in enumerate(fleet):
                     if view.agent_id == agent_id:
@@ -1233,6 +1244,25 @@ class Scheduler:
         for agent_id in silent:
             log.info("agent %s silent for %ss: marking offline", agent_id, self.agent_offline_after)
             self._after_commit.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "offline"}))
+        self._announce(offline.mark_offline(session, now, self.default_offline_grace, silent))
+
+    def _offline_work(self, session: Session, now: datetime) -> bool:
+        """Offline operation (hub.offline): work on offline devices shows
+        ``device_offline``, work of returned devices is restored and re-sent,
+        and ``offline_grace`` re-targets or gives up what waited too long."""
+        marked = offline.mark_offline(session, now, self.default_offline_grace)
+        restored = offline.restore_returned(session, now, self.dispatcher)
+        retargeted, given_up = offline.apply_offline_grace(session, now, self.dispatcher.hlc, self.default_offline_grace)
+        for changes in (marked, restored, retargeted, given_up):
+            self._announce(changes)
+        for _ti_id, run_pk, _task_id, _state in retargeted.states + given_up.states:
+            self._mark(run_pk)  # dispatch the re-targeted instance, decide after a failure
+        if retargeted or given_up:
+            self._after_commit.append((ev.OUTBOX_WRITTEN, {}))  # their Cancel messages
+        return bool(retargeted or given_up or restored)
+
+    def _announce(self, changes: offline.Changes) -> None:
+        self._after_commit.extend(changes.events())
 
 
 class _PastChecker:

@@ -295,6 +295,10 @@ class Heartbeat(Message):
     #: Why ``accepting`` is False ("" while accepting): the outbox is over
     #: its disk quota, or the agent is stopping.
     not_accepting: str = ""
+    #: The device's wall clock (epoch seconds) when it sent this. The hub
+    #: measures clock skew from it: an HLC stamp cannot show a clock that is
+    #: behind once the device has merged a newer hub stamp.
+    clock: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,9 @@ LEGAL_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     _T.DELIVERED: frozenset({_T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE}),
     _T.RUNNING: frozenset({_T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE, _T.UP_FOR_RESCHEDULE, _T.SKIPPED}),
     _T.UP_FOR_RESCHEDULE: frozenset({_T.SCHEDULED, _T.QUEUED, _T.FAILED, _T.SKIPPED}),
-    _T.DEVICE_OFFLINE: frozenset({_T.DELIVERED, _T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY}),
+    # Back to queued when the device returns without the work; to scheduled
+    # when offline_grace re-targets it to another device (hub.offline).
+    _T.DEVICE_OFFLINE: frozenset({_T.QUEUED, _T.SCHEDULED, _T.DELIVERED, _T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY}),
     _T.UP_FOR_RETRY: frozenset({_T.SCHEDULED, _T.QUEUED, _T.FAILED}),
     _T.SUCCESS: frozenset({_T.NONE}),
     _T.FAILED: frozenset({_T.NONE}),

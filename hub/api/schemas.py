@@ -159,6 +159,9 @@ class AgentSummary(BaseModel):
     job_types: list[Any] = Field(description='[{"name": ..., "version": ...}] as advertised by the agent.')
     first_seen: datetime
     last_seen: datetime
+    clock_skew: float | None = Field(None, description="Seconds the device's clock was ahead (+) or behind (-) the hub's at its last fresh status or heartbeat; null until measured.")
+    clock_skew_flagged_at: datetime | None = Field(None, description="Set while |clock_skew| exceeds the hub's max_clock_skew: since when the device's clock is not trusted.")
+    clock_trusted: bool = Field(True, description="False while the clock is flagged: conflict resolution does not trust this device's times.")
 
 
 class AgentTaskInstance(TaskInstanceOut):

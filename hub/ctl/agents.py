@@ -36,6 +36,7 @@ def list_agents(client: HubClient, args: argparse.Namespace) -> None:
         ("STATE", lambda a: a["state"]),
         ("LAST_SEEN", lambda a: when(a["last_seen"])),
         ("VERSION", lambda a: a["version"]),
+        ("SKEW", _skew),
         ("LABELS", lambda a: ",".join(f"{k}={v}" for k, v in a["labels"].items())),
     ]) if p["items"] else "")
     if args.output == "table":
@@ -56,6 +57,14 @@ def list_import_errors(client: HubClient, args: argparse.Namespace) -> None:
         page_note(page, "import errors")
 
 
+def _skew(agent: dict[str, Any]) -> str | None:
+    """The device clock's offset; ``!`` while it is flagged (not trusted)."""
+    skew = agent.get("clock_skew")
+    if skew is None:
+        return None
+    return f"{skew:+.1f}s" + ("" if agent.get("clock_trusted", True) else " ! flagged")
+
+
 def _agent_text(agent: dict[str, Any]) -> str:
     head = fields(agent, [
         ("agent_id", lambda a: a["agent_id"]),
@@ -66,6 +75,7 @@ def _agent_text(agent: dict[str, Any]) -> str:
         ("job_types", lambda a: ", ".join(_job_type(j) for j in a["job_types"])),
         ("first_seen", lambda a: when(a["first_seen"])),
         ("last_seen", lambda a: when(a["last_seen"])),
+        ("clock_skew", _skew),
         ("last_heartbeat", lambda a: a["last_heartbeat"] or None),
     ])
     recent = agent["recent_task_instances"]

@@ -119,9 +119,9 @@ def seed(hub: Hub) -> Seeded:
         s.add(DagImportError(fileloc="/dags/broken.py", kind="syntax", error="SyntaxError: invalid syntax (broken.py, line 3)", recorded_at=t0))
         s.add(Agent(agent_id="edge-1", hostname="gw-berlin-1", agent_version="0.1.0", labels={"site": "berlin", "rack": "a"},
                     job_types=[{"name": "diagnostics.collect", "version": "1"}, {"name": "command.run", "version": "1"}], state="online",
-                    first_seen=t0 - timedelta(days=2), last_seen=t0 - timedelta(seconds=5), last_heartbeat={"inbox": 0, "outbox": 1}))
+                    first_seen=t0 - timedelta(days=2), last_seen=t0 - timedelta(seconds=5), last_heartbeat={"inbox": 0, "outbox": 1}, clock_skew=0.4))
         s.add(Agent(agent_id="edge-2", hostname=XSS, agent_version="0.1.0", labels={"site": "paris"}, job_types=[], state="offline",
-                    first_seen=t0 - timedelta(days=1), last_seen=t0 - timedelta(hours=3)))
+                    first_seen=t0 - timedelta(days=1), last_seen=t0 - timedelta(hours=3), clock_skew=-612.0, clock_skew_flagged_at=t0 - timedelta(hours=4)))
         s.add(Agent(agent_id="edge-3", hostname="gw-berlin-2", agent_version="0.1.0", labels={"site": "berlin", "rack": "b"}, job_types=[],
                     state="online", first_seen=t0 - timedelta(days=1), last_seen=t0 - timedelta(seconds=20)))
         s.flush()

@@ -230,7 +230,8 @@ def test_a_hub_task_that_exits_or_returns_unserialisable_output_fails_cleanly(ma
 
 
 def test_redelivery_backs_off_and_skips_offline_agents(make_hub: Any) -> None:
-    hub = make_hub({"fleet.py": FLEET_DAG}, redeliver_after=30, agent_offline_after=1000)
+    # A grace longer than the offline spell below: this is about redelivery, not giving up.
+    hub = make_hub({"fleet.py": FLEET_DAG}, redeliver_after=30, agent_offline_after=1000, default_offline_grace=100_000)
     hub.agent_online("a1")
     hub.trigger("fleet")
     hub.tick()
