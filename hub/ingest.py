@@ -33,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, fleet
+from hub import asset_events, fleet, reconcile
 from hub import events as ev
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
@@ -91,6 +91,8 @@ class Ingester:
     max_message_bytes: int = 256 * 1024
     batch_size: int = 500
     counters: Counter[str] = field(default_factory=Counter)
+    #: Whether an agent's clock may order its results (``hub.reconcile``); None trusts every clock.
+    clock_trusted: Callable[[str], bool] | None = None
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -347,15 +349,18 @@ class Ingester:
                 ti_id=assignment.ti_id, try_number=assignment.try_number, agent_id=agent_id, assignment_id=assignment.id,
                 status=body.status, output=body.output, error=error,
                 started_at=_device_time(body.started_at), finished_at=_device_time(body.finished_at),
-                hlc=str(envelope.hlc), received_at=now, applied=ti is not None,
+                hlc=str(envelope.hlc), received_at=now, applied=ti is not None, received_hlc=str(self.hlc.now()),
             )
         )
         assignment.state, assignment.finished_at = "finished", now
         if ti is None:
-            # The hub already decided this try (cancelled, cleared, retried
-            # elsewhere): keep the report, change nothing. Conflict records
-            # and their rule arrive with the offline-sync work.
+            # The hub already decided this try (given up, cancelled, cleared,
+            # marked, or another success came first): the conflict rule decides.
             self.counters["result.late"] += 1
+            late_ti = session.get(TaskInstance, assignment.ti_id)
+            if late_ti is not None:
+                for record in reconcile.reconcile(session, late_ti, now, self.hlc, out.emitted, trusted=self.clock_trusted):
+                    self.counters[f"conflict.{record.rule}"] += 1
             return
         if ti.started_at is None:
             ti.started_at = now
