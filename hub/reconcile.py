@@ -20,13 +20,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hub import events as ev
+from hub.errors import InvalidRequest
 from hub.lifecycle import cancel_assignments, finish_try, reopen_run, reset_for_rerun, tasks_spec
 from hub.models import ConflictRecord, DagRun, Decision, TaskInstance, TaskResult
-from shared.conflicts import DeviceResult, HubDecision, OperatorAction, Override, Report, Resolution, resolve
+from shared.conflicts import RULES, DeviceResult, HubDecision, OperatorAction, Override, Report, Resolution, resolve
 from shared.hlc import HLC, HybridClock
 from shared.states import FINISHED, RunState, TaskState
 
@@ -190,3 +191,34 @@ def _stamp(text: str, fallback: datetime) -> HLC:
         return HLC.parse(text)
     except ValueError:
         return HLC(int(fallback.timestamp() * 1000), 0, "hub")
+
+
+# --- reading them back (API, dashboard) ------------------------------------------
+
+
+def list_conflicts(
+    session: Session, *, dag_id: str | None = None, run_pk: int | None = None, task_id: str | None = None, map_index: int | None = None,
+    agent_id: str | None = None, rule: str | None = None, limit: int = 100, offset: int = 0,
+) -> dict[str, Any]:
+    """Conflict records, newest first, as a page, plus ``counts`` per rule
+    over every record (filters do not apply). An unknown ``rule`` is an
+    error naming the rules."""
+    if rule is not None and rule not in RULES:
+        raise InvalidRequest(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    stmt = select(ConflictRecord)
+    for column, value in ((ConflictRecord.dag_id, dag_id), (ConflictRecord.run_pk, run_pk), (ConflictRecord.task_id, task_id),
+                          (ConflictRecord.map_index, map_index), (ConflictRecord.agent_id, agent_id), (ConflictRecord.rule, rule)):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = session.scalars(stmt.order_by(ConflictRecord.id.desc()).limit(limit).offset(offset))
+    counts = dict(session.execute(select(ConflictRecord.rule, func.count()).group_by(ConflictRecord.rule).order_by(ConflictRecord.rule)).all())
+    return {"items": [conflict_dict(c) for c in rows], "total": total, "limit": limit, "offset": offset, "counts": {r: counts.get(r, 0) for r in RULES}}
+
+
+def conflict_dict(c: ConflictRecord) -> dict[str, Any]:
+    return {
+        "id": c.id, "dag_id": c.dag_id, "run_pk": c.run_pk, "run_id": c.run_id, "task_id": c.task_id, "map_index": c.map_index,
+        "ti_id": c.ti_id, "agent_id": c.agent_id, "rule": c.rule, "kept": c.kept, "overridden": c.overridden,
+        "resolution": c.resolution, "created_at": c.created_at,
+    }
