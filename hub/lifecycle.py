@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, object_session
 
 from hub.asset_events import record_outlets
 from hub.models import Assignment, CallbackRequest, Dag, DagRun, DagVersion, Decision, OutboxMessage, TaskInstance
-from shared.envelope import Envelope, encode
 from shared.conflicts import AUTOMATIC_KINDS
+from shared.envelope import Envelope, encode
 from shared.hlc import HybridClock
 from shared.messages import Cancel
 from shared.states import RunState, TaskState
@@ -241,9 +241,10 @@ def record_operator_action(
     state: str | None = None, actor: str = "operator", reason: str = "",
 ) -> None:
     """Record an operator's ``mark`` / ``cancel`` / ``clear`` of these
-    agent task instances, stamped, before it changes them: the action
-    covers each instance's tries up to its current one (``shared.conflicts``
-    rule R1). Call it before the state change so ``state_before`` is kept."""
+    agent task instances (hub tasks have no device to disagree with),
+    stamped, in the caller's transaction. The action covers each instance's
+    tries up to its current one (``shared.conflicts`` rule R1), so call it
+    before a clear moves the instance on."""
     for ti in tis:
         if ti.kind != "agent":
             continue
