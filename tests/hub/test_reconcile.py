@@ -238,3 +238,20 @@ def test_an_untrusted_clock_is_said_so_in_the_record(make_hub: Any) -> None:
     hub.send("a1", Result(first.assignment_id, 1, "success", 1))
     [record] = conflicts(hub)
     assert record.kept["clock_trusted"] is False and "untrusted clock" in record.resolution
+
+
+def test_cancel_assignments_records_an_automatic_decision_only_for_automatic_reasons(make_hub: Any) -> None:
+    """The contract other parts of the hub rely on: cancelling with reason
+    "offline_grace" (or decision=...) is an automatic give-up; any other
+    reason is just a cancel."""
+    hub, run_pk = started(make_hub, ANY, "d", ("a1",))
+    [first] = assigns(hub)
+    with transaction(hub.sessions) as session:
+        ti = session.scalar(select(TaskInstance).where(TaskInstance.run_pk == run_pk, TaskInstance.task_id == "t"))
+        with pytest.raises(ValueError, match="not one of"):
+            lifecycle.cancel_assignments(session, [ti.id], utcnow(hub.clock), hub.ingester.hlc, "why", decision="mark")
+        assert lifecycle.cancel_assignments(session, [ti.id], utcnow(hub.clock), hub.ingester.hlc, "offline_grace") == 1
+        assert lifecycle.cancel_assignments(session, [ti.id], utcnow(hub.clock), hub.ingester.hlc, "offline_grace") == 0  # nothing open any more
+    with hub.sessions() as session:
+        [decision] = session.scalars(select(Decision)).all()
+    assert (decision.source, decision.kind, decision.try_number, decision.agent_id, decision.assignment_id) == ("hub", "offline_grace", 1, "a1", first.assignment_id)
