@@ -255,3 +255,26 @@ def test_cancel_assignments_records_an_automatic_decision_only_for_automatic_rea
     with hub.sessions() as session:
         [decision] = session.scalars(select(Decision)).all()
     assert (decision.source, decision.kind, decision.try_number, decision.agent_id, decision.assignment_id) == ("hub", "offline_grace", 1, "a1", first.assignment_id)
+
+
+@pytest.mark.parametrize("order", [("a1", "a2"), ("a2", "a1")])
+def test_late_reports_settle_the_same_way_in_either_arrival_order(make_hub: Any, order: tuple[str, str]) -> None:
+    """Two tries given up on two offline devices; one reports success, the
+    other failure, in either order: the same outcome and the same record."""
+    hub, run_pk = started(make_hub, ANY, "d", ("a1",))
+    [first] = assigns(hub)
+    hub.send("a1", Status("offline"), topic=status_topic("a1"))
+    give_up(hub, run_pk, "offline_grace")
+    hub.agent_online("a2")
+    hub.tick()
+    second = assigns(hub)[-1]
+    hub.send("a2", Status("offline"), topic=status_topic("a2"))
+    give_up(hub, run_pk, "offline_grace")
+    late = {"a1": Result(first.assignment_id, 1, "success", {"from": "a1"}), "a2": Result(second.assignment_id, 2, "failed")}
+    for agent in order:
+        hub.send(agent, late[agent])
+        hub.clock.advance(1)
+    ti = ti_of(hub, run_pk)
+    assert (ti.state, ti.output) == ("success", {"from": "a1"})
+    [record] = conflicts(hub)
+    assert (record.rule, record.overridden["kind"], record.overridden["try_number"]) == ("device_success_wins", "offline_grace", 1)
