@@ -17,7 +17,7 @@ from hub import events as ev
 from hub.admission import OCCUPYING
 from hub.db import for_update, transaction
 from hub.errors import Conflict, DagNotFound, InvalidRequest, PoolNotFound, RunNotFound
-from hub.lifecycle import cancel_assignments, tasks_spec
+from hub.lifecycle import cancel_assignments, record_operator_action, reopen_run, reset_for_rerun, tasks_spec
 from hub.models import Dag, DagRun, Pool, TaskInstance
 from hub.scheduler import start_queued_runs, trigger_run
 from hub.scheduling_options import DEFAULT_POOL
@@ -63,6 +63,7 @@ def clear(
     sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, *,
     task_ids: list[str] | None = None, map_indexes: list[int] | None = None,
     include_downstream: bool = False, include_upstream: bool = False, only_failed: bool = False, dry_run: bool = False,
+    actor: str = "operator",
 ) -> list[dict[str, Any]]:
     """Clear task instances of a run so they run again (Airflow's "clear").
 
@@ -83,18 +84,11 @@ def clear(
         affected = [_brief(ti) for ti in chosen]
         if dry_run or not chosen:
             return affected
+        record_operator_action(session, chosen, "clear", now, _hlc(clock), actor=actor, reason="cleared")
         cancel_assignments(session, [ti.id for ti in chosen if ti.kind == "agent"], now, _hlc(clock), "the task instance was cleared")
         for ti in chosen:
-            retries = int((tasks.get(ti.task_id) or {}).get("retries", max(ti.max_tries - 1, 0)))
-            ti.max_tries = ti.try_number + retries + 1
-            ti.state = TaskState.NONE
-            ti.next_try_at = ti.queued_at = ti.started_at = ti.ended_at = None
-            ti.sensor_started_at = None
-            ti.output = ti.error = None
-            ti.pid = None
-        if run.state in (RunState.SUCCESS, RunState.FAILED):
-            run.state, run.ended_at, run.started_at = RunState.QUEUED, None, None
-            run.clear_number += 1
+            reset_for_rerun(ti, int((tasks.get(ti.task_id) or {}).get("retries", max(ti.max_tries - 1, 0))))
+        if reopen_run(run):
             start_queued_runs(session, now, {run.dag_id})
         dag_id = run.dag_id
     bus.emit(ev.OUTBOX_WRITTEN)
@@ -105,6 +99,7 @@ def clear(
 def mark(
     sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str, *,
     task_ids: list[str], map_indexes: list[int] | None = None, include_downstream: bool = False, include_upstream: bool = False,
+    actor: str = "operator",
 ) -> list[dict[str, Any]]:
     """Set task instances to ``success``, ``failed`` or ``skipped`` by hand
     (Airflow's "mark success/failed"), optionally with their downstream (or
@@ -125,6 +120,7 @@ def mark(
         run, _tasks, chosen = _select(session, run_pk, task_ids, map_indexes, include_downstream, include_upstream)
         chosen = [ti for ti in chosen if ti.state != target]
         affected = [_brief(ti) for ti in chosen]
+        record_operator_action(session, chosen, "mark", now, _hlc(clock), state=str(target), actor=actor, reason=f"marked {target}")
         cancel_assignments(session, [ti.id for ti in chosen if ti.kind == "agent"], now, _hlc(clock), f"the task instance was marked {target}")
         for ti in chosen:
             ti.state, ti.next_try_at = target, None
@@ -190,10 +186,17 @@ def _brief(ti: TaskInstance) -> dict[str, Any]:
     return {"id": ti.id, "task_id": ti.task_id, "map_index": ti.map_index, "state": str(ti.state), "try_number": ti.try_number}
 
 
+_clocks: dict[int, tuple[Clock, HybridClock]] = {}
+
+
 def _hlc(clock: Clock) -> HybridClock:
-    # Stamps for Cancel messages written by the API process; agents only
-    # use them to order what they receive from the hub.
-    return HybridClock("hub", lambda: int(clock.now() * 1000))
+    # Stamps for Cancel messages and operator decisions written by the API
+    # process. One per clock, so this process's stamps never go backwards:
+    # the conflict rule orders operator actions by them.
+    found = _clocks.get(id(clock))
+    if found is None or found[0] is not clock:
+        found = _clocks[id(clock)] = (clock, HybridClock("hub", lambda: int(clock.now() * 1000)))
+    return found[1]
 
 
 # --- pools --------------------------------------------------------------------
@@ -233,7 +236,7 @@ def delete_pool(sessions: sessionmaker[Session], name: str) -> None:
         session.delete(pool)
 
 
-def set_run_state(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str) -> list[dict[str, Any]]:
+def set_run_state(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str, *, actor: str = "operator") -> list[dict[str, Any]]:
     """Mark a whole run ``success`` or ``failed`` by hand (Airflow's "mark
     DAG run as success/failed"). Success: every unfinished task instance
     becomes ``success``. Failed: running ones become ``failed`` and those
@@ -249,9 +252,11 @@ def set_run_state(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Cloc
         cancel_assignments(session, [ti.id for ti in unfinished if ti.kind == "agent"], now, _hlc(clock), f"the run was marked {state}")
         for ti in unfinished:
             if state == RunState.SUCCESS:
-                ti.state = TaskState.SUCCESS
+                new_state = TaskState.SUCCESS
             else:
-                ti.state = TaskState.FAILED if ti.state in _STARTED else TaskState.SKIPPED
+                new_state = TaskState.FAILED if ti.state in _STARTED else TaskState.SKIPPED
+            record_operator_action(session, [ti], "mark" if state == RunState.SUCCESS else "cancel", now, _hlc(clock), state=str(new_state), actor=actor, reason=f"the run was marked {state}")
+            ti.state = new_state
             ti.ended_at, ti.next_try_at = now, None
         run.state, run.ended_at = RunState(state), now
         dag_id = run.dag_id

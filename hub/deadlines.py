@@ -51,7 +51,7 @@ def _time_out(session: Session, run: DagRun, now: datetime, emitted: list[tuple[
     if deadline >= now:
         return False
     unfinished = list(session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run.id, TaskInstance.state.not_in([str(s) for s in FINISHED]))))
-    cancel_assignments(session, [ti.id for ti in unfinished if ti.kind == "agent"], now, hlc, "the run timed out (dagrun_timeout)")
+    cancel_assignments(session, [ti.id for ti in unfinished if ti.kind == "agent"], now, hlc, "the run timed out (dagrun_timeout)", decision="deadline")
     for ti in unfinished:
         ti.state, ti.ended_at, ti.next_try_at = TaskState.SKIPPED, now, None
     run.state, run.ended_at = RunState.FAILED, now

@@ -33,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, fleet, offline
+from hub import asset_events, fleet, offline, reconcile
 from hub import events as ev
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
@@ -370,21 +370,29 @@ class Ingester:
                 ti_id=assignment.ti_id, try_number=assignment.try_number, agent_id=agent_id, assignment_id=assignment.id,
                 status=body.status, output=body.output, error=error,
                 started_at=_device_time(body.started_at), finished_at=_device_time(body.finished_at),
-                hlc=str(envelope.hlc), received_at=now, applied=ti is not None,
+                hlc=str(envelope.hlc), received_at=now, applied=ti is not None, received_hlc=str(self.hlc.now()),
             )
         )
         assignment.state, assignment.finished_at = "finished", now
         if ti is None:
-            # The hub already decided this try (cancelled, cleared, retried
-            # elsewhere): keep the report, change nothing. Conflict records
-            # and their rule arrive with the offline-sync work.
+            # The hub already decided this try (given up, cancelled, cleared,
+            # marked, or another success came first): the conflict rule decides.
             self.counters["result.late"] += 1
+            late_ti = session.get(TaskInstance, assignment.ti_id)
+            if late_ti is not None:
+                for record in reconcile.reconcile(session, late_ti, now, self.hlc, out.emitted, trusted=self.clock_trusted):
+                    self.counters[f"conflict.{record.rule}"] += 1
             return
         if ti.started_at is None:
             ti.started_at = now
         state = finish_try(ti, success=body.status == "success", now=now, output=body.output, error=error)
         self.counters[f"result.{state}"] += 1
         out.emitted.append((ev.RESULT_APPLIED, {"ti_id": ti.id, "state": str(state)}))
+
+    def clock_trusted(self, agent_id: str) -> bool:
+        """Whether this agent's stamps may explain its results in conflict
+        records (``hub.reconcile``): not while its clock is flagged as skewed."""
+        return agent_id not in (self.untrusted_clocks or ())
 
     def _offline_hook(
         self, session: Session, agent_id: str, state: str, now: datetime, out: _Batch, running: tuple[str, ...] | None = None, last_heard: datetime | None = None,

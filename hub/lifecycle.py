@@ -21,11 +21,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
 from hub.asset_events import record_outlets
-from hub.models import Assignment, CallbackRequest, Dag, DagRun, DagVersion, OutboxMessage, TaskInstance
+from hub.models import Assignment, CallbackRequest, Dag, DagRun, DagVersion, Decision, OutboxMessage, TaskInstance
+from shared.conflicts import AUTOMATIC_KINDS
 from shared.envelope import Envelope, encode
 from shared.hlc import HybridClock
 from shared.messages import Cancel
-from shared.states import TaskState
+from shared.states import RunState, TaskState
 from shared.topics import assign_topic
 
 #: Assignment states in which the agent may still be working on it.
@@ -206,16 +207,81 @@ def _remember(key: tuple[Any, ...], structure: dict[str, Any]) -> tuple[dict[str
 # --- stopping work an operator or a deadline took back ------------------------
 
 
-def cancel_assignments(session: Session, ti_ids: list[int], now: datetime, hlc: HybridClock, reason: str) -> int:
+def cancel_assignments(session: Session, ti_ids: list[int], now: datetime, hlc: HybridClock, reason: str, *, decision: str | None = None) -> int:
     """Cancel the open assignments of these task instances: each becomes
     ``cancelled`` and a Cancel message goes to its agent through the outbox,
     in the caller's transaction. A result that still arrives for one is
-    kept but not applied (ingestion checks the assignment). Returns how many."""
+    kept and goes through the conflict rule (``hub.reconcile``).
+
+    ``decision`` (or a ``reason`` that is itself one of
+    ``shared.conflicts.AUTOMATIC_KINDS``, such as "offline_grace") makes
+    each cancelled try an automatic give-up, recorded in ``decisions``
+    with its HLC stamp. Returns how many."""
     if not ti_ids:
         return 0
+    kind = decision or (reason if reason in AUTOMATIC_KINDS else None)
+    if kind is not None and kind not in AUTOMATIC_KINDS:
+        raise ValueError(f"decision {kind!r} is not one of {sorted(AUTOMATIC_KINDS)}")
     open_ = list(session.scalars(select(Assignment).where(Assignment.ti_id.in_(ti_ids), Assignment.state.in_(OPEN_ASSIGNMENT_STATES))))
     for assignment in open_:
         assignment.state, assignment.finished_at = "cancelled", now
-        payload = encode(Envelope(Cancel(assignment.id, reason[:200]), sender="hub", hlc=hlc.now()))
+        stamp = hlc.now()
+        payload = encode(Envelope(Cancel(assignment.id, reason[:200]), sender="hub", hlc=stamp))
         session.add(OutboxMessage(topic=assign_topic(assignment.agent_id), payload=payload, qos=1, retain=False, assignment_id=None, created_at=now, attempts=0))
+        if kind is not None:
+            session.add(Decision(
+                ti_id=assignment.ti_id, try_number=assignment.try_number, source="hub", kind=kind, agent_id=assignment.agent_id,
+                assignment_id=assignment.id, reason=reason[:2000], hlc=str(stamp), created_at=now,
+            ))
     return len(open_)
+
+
+def record_operator_action(
+    session: Session, tis: list[TaskInstance], kind: str, now: datetime, hlc: HybridClock, *,
+    state: str | None = None, actor: str = "operator", reason: str = "",
+) -> None:
+    """Record an operator's ``mark`` / ``cancel`` / ``clear`` of these
+    agent task instances (hub tasks have no device to disagree with),
+    stamped, in the caller's transaction. The action covers each instance's
+    tries up to its current one (``shared.conflicts`` rule R1), so call it
+    before a clear moves the instance on."""
+    for ti in tis:
+        if ti.kind != "agent":
+            continue
+        session.add(Decision(
+            ti_id=ti.id, try_number=ti.try_number, source="operator", kind=kind, state=state, actor=actor[:128],
+            reason=reason[:2000], hlc=str(hlc.now()), created_at=now,
+        ))
+
+
+def abandon_try(session: Session, ti: TaskInstance, now: datetime, hlc: HybridClock, kind: str, message: str) -> TaskState:
+    """The hub gives up ``ti``'s current try without a result from its
+    device (``kind``: "offline_grace", "execution_timeout"): its open
+    assignments are cancelled, the give-up is recorded as an automatic
+    decision, and the try ends as a retryable failure (retried while tries
+    are left). A success the device reports later still wins (rule R2)."""
+    cancel_assignments(session, [ti.id], now, hlc, kind, decision=kind)
+    return finish_try(ti, success=False, now=now, error={"code": kind, "message": message, "retryable": True})
+
+
+def reset_for_rerun(ti: TaskInstance, retries: int) -> None:
+    """Put an instance back to ``none`` with its try history kept: its next
+    try gets the next try number, with ``retries`` more after it (clear)."""
+    ti.max_tries = ti.try_number + retries + 1
+    ti.state = TaskState.NONE
+    ti.next_try_at = ti.queued_at = ti.started_at = ti.ended_at = None
+    ti.sensor_started_at = None
+    ti.output = ti.error = None
+    ti.pid = None
+
+
+def reopen_run(run: DagRun) -> bool:
+    """A finished run goes back to ``queued`` with ``clear_number`` one
+    higher, to start again when ``max_active_runs`` allows (Airflow's rule
+    for a cleared run); a queued or running one carries on. True if it
+    was re-opened."""
+    if run.state not in (RunState.SUCCESS, RunState.FAILED):
+        return False
+    run.state, run.ended_at, run.started_at = RunState.QUEUED, None, None
+    run.clear_number += 1
+    return True

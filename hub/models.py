@@ -225,6 +225,8 @@ class TaskResult(Base):
     received_at: Mapped[datetime]
     #: False when the result arrived too late to decide the task (kept, not applied).
     applied: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: The hub's HLC stamp when it took the result in (``hub.reconcile`` orders reports by it).
+    received_hlc: Mapped[str | None] = mapped_column(String(200))
 
 
 class Agent(Base):
@@ -403,3 +405,56 @@ class CallbackRequest(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Decision(Base):
+    """A decision the hub or an operator made about a task instance's try
+    without a result from its device: an automatic give-up (``source``
+    "hub": ``execution_timeout``, ``offline_grace``, ``deadline``) or an
+    operator's ``mark`` / ``cancel`` / ``clear`` (``source`` "operator").
+    With the instance's ``task_results`` these are the reports
+    ``shared.conflicts`` resolves (``hub.reconcile``)."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ti_id: Mapped[int] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"), index=True)
+    try_number: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(30))
+    #: The device whose try was given up (automatic decisions).
+    agent_id: Mapped[str | None] = mapped_column(String(128))
+    assignment_id: Mapped[str | None] = mapped_column(String(64))
+    #: The state an operator's mark or cancel set.
+    state: Mapped[str | None] = mapped_column(String(20))
+    actor: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    hlc: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+
+
+class ConflictRecord(Base):
+    """One override the conflict rule made: the report that won
+    (``kept``), the one it overrode (``overridden``), both as JSON, the
+    ``rule`` and the ``resolution`` in words. Unique per task instance and
+    ``key`` (rule and overridden report), so a redelivered result never
+    records it twice."""
+
+    __tablename__ = "conflicts"
+    __table_args__ = (UniqueConstraint("ti_id", "key"), Index("ix_conflicts_rule", "rule"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ti_id: Mapped[int] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(300))
+    run_pk: Mapped[int] = mapped_column(Integer, index=True)
+    dag_id: Mapped[str] = mapped_column(String(250), index=True)
+    run_id: Mapped[str] = mapped_column(String(250))
+    task_id: Mapped[str] = mapped_column(String(250))
+    map_index: Mapped[int] = mapped_column(Integer, default=-1)
+    #: The device of the overridden (or else the kept) result.
+    agent_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    rule: Mapped[str] = mapped_column(String(40))
+    kept: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    overridden: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    resolution: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]

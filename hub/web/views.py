@@ -2,7 +2,7 @@
 
 Pages: ``/`` (DAGs and import errors), ``/dags/{dag_id}``, ``/runs``,
 ``/runs/{run_pk}``, ``/agents``, ``/agents/{agent_id}``, ``/pools`` (pools
-and deadline misses); actions
+and deadline misses), ``/conflicts``; actions
 ``POST /dags/{dag_id}/trigger`` (303 to the new run) and
 ``POST /runs/{run_pk}/action`` (clear, rerun, mark; 303 back to the run). Jinja2 autoescapes
 every value, so device-supplied strings (hostnames, labels, outputs) are
@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub import actions, queries
+from hub import actions, queries, reconcile
 from hub import pools as pool_queries
 from hub.errors import HubError, InvalidRequest
 from shared.clock import utcnow
@@ -124,9 +124,10 @@ def run_detail(request: Request, run_pk: int) -> Response:
             # The structure the run follows: its DAG version's, not the file's latest.
             number = run.get("dag_version_number")
             structure = (queries.get_dag_version(session, run["dag_id"], number) if number is not None else queries.get_dag(session, run["dag_id"]))["structure"]
+            conflicts = reconcile.list_conflicts(session, run_pk=run_pk, limit=1)["total"]
     except HubError as exc:
         return _error_page(request, exc)
-    return _render(request, "run.html", nav="runs", run=run, groups=task_groups(run["task_instances"], structure))
+    return _render(request, "run.html", nav="runs", run=run, groups=task_groups(run["task_instances"], structure), conflicts=conflicts)
 
 
 #: The run page's operator actions: clear, rerun, mark (hub.actions).
@@ -171,6 +172,24 @@ def pool_list(request: Request) -> Response:
         pools = pool_queries.list_pools(session, default_slots, limit=1000)
         misses = pool_queries.list_deadline_misses(session, limit=50)
     return _render(request, "pools.html", nav="pools", pools=pools, misses=misses)
+
+
+@router.get("/conflicts", response_class=HTMLResponse)
+def conflict_list(request: Request) -> Response:
+    """Conflict records, newest first; ``dag_id``, ``run``, ``agent_id`` and
+    ``rule`` in the query string filter them."""
+    params = request.query_params
+    filters = {name: params[name] for name in ("dag_id", "run", "agent_id", "rule") if params.get(name)}
+    try:
+        run = int(filters["run"]) if "run" in filters else None
+    except ValueError:
+        return _error_page(request, InvalidRequest(f"run must be a run's numeric id, got {filters['run']!r}"))
+    try:
+        with request.app.state.sessions() as session:
+            page = reconcile.list_conflicts(session, dag_id=filters.get("dag_id"), run_pk=run, agent_id=filters.get("agent_id"), rule=filters.get("rule"), limit=200)
+    except HubError as exc:
+        return _error_page(request, exc)
+    return _render(request, "conflicts.html", nav="conflicts", page=page, filters=filters)
 
 
 @router.get("/agents", response_class=HTMLResponse)

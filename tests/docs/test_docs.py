@@ -43,7 +43,7 @@ def test_readme_names_the_two_commands() -> None:
     assert "./dev test" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("page", ["concepts.md", "dags.md", "porting.md", "configuration.md", "api.md", "cli.md"])
+@pytest.mark.parametrize("page", ["concepts.md", "conflicts.md", "dags.md", "porting.md", "configuration.md", "api.md", "cli.md"])
 def test_docs_pages_linked_from_the_readme_exist(page: str) -> None:
     assert (ROOT / "docs" / page).exists()
     assert f"docs/{page}" in (ROOT / "README.md").read_text()

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from hub import actions
 from hub import events as ev
-from hub.models import Assignment, CallbackRequest, Dag, DagRun, DeadlineMiss, OutboxMessage, TaskInstance, TaskResult
+from hub.models import Assignment, CallbackRequest, ConflictRecord, Dag, DagRun, DeadlineMiss, OutboxMessage, TaskInstance, TaskResult
 from shared.envelope import decode
 from shared.messages import Accepted, Cancel, Result, Started
 
@@ -293,10 +293,13 @@ def test_dagrun_timeout_fails_the_run_skips_its_tasks_and_cancels_agent_work(mak
     cancels = [decode(r.payload).body for r in rows(hub, OutboxMessage) if isinstance(decode(r.payload).body, Cancel)]
     assert [c.assignment_id for c in cancels] == [work.assignment_id]
     assert [(r.kind, r.payload["reason"]) for r in rows(hub, CallbackRequest)] == [("dag_failure", "timed_out")]
-    # The device finishes anyway: kept, not applied.
+    # The device finishes anyway: its success is the instance's (a success is
+    # never lost to an automatic decision, docs/conflicts.md), but the run
+    # stays timed out and its other instances stay skipped.
     hub.send("a1", Result(work.assignment_id, 1, "success", {}))
-    assert [r.applied for r in rows(hub, TaskResult)] == [False]
-    assert states(hub, run_pk)["work"] == "skipped"
+    assert [r.applied for r in rows(hub, TaskResult)] == [True]
+    assert states(hub, run_pk) == {"work": "success", "after": "skipped"} and run_of(hub, run_pk).state == "failed"
+    assert [c.rule for c in rows(hub, ConflictRecord)] == ["device_success_wins"]
     # Cleared, the run gets its full time again, and a second timeout updates the record.
     hub.agent_online("a1")
     actions.clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk)
