@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from agent import __version__
 from agent.config import AgentSettings
 from agent.link import AgentLink, Handlers
-from agent.queues import Inbox, Outbox, PendingResult, event_key
+from agent.queues import Inbox, Outbox, PendingResult, event_key, log_key
 from agent.runner import Runner
 from agent.sync import Sync
 from agent.verify import Rejection, admit
@@ -195,7 +195,7 @@ class Agent:
         log.info("cancel of %s: %s", cancel.assignment_id, outcome)
 
     def _on_ack(self, ack: Ack) -> None:
-        self.sync.on_ack([*ack.assignment_ids, *(event_key(e) for e in ack.event_ids)])
+        self.sync.on_ack([*ack.assignment_ids, *(event_key(e) for e in ack.event_ids), *(log_key(i) for i in ack.log_ids)])
 
     def _on_connect(self) -> None:
         self.sync.resend_all()
