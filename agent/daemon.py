@@ -98,6 +98,9 @@ class Agent:
             {"agent_version": __version__, "command_allowlist": list(settings.command_allowlist), "state_dir": str(settings.state_dir)},
             concurrency=settings.concurrency, max_message_bytes=settings.max_message_bytes,
             on_event=self.link.send_event, on_result=lambda aid: self.sync.wake(), count=count,
+            job_type_concurrency=settings.job_type_concurrency, job_cpu_seconds=settings.job_cpu_seconds,
+            job_memory_mb=settings.job_memory_mb, job_type_cpu_seconds=settings.job_type_cpu_seconds,
+            job_type_memory_mb=settings.job_type_memory_mb, max_log_bytes=settings.max_log_bytes,
         )
         self._stopping = threading.Event()
         self._beat_now = threading.Event()

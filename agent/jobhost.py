@@ -10,8 +10,9 @@ The child, first thing, starts its own session (so it is the leader of a new
 process group and session), points its stdout and stderr at a pipe the agent
 reads into the try's log, sets its limits (``RLIMIT_CPU``, ``RLIMIT_AS``, no
 core files) and runs ``job.run`` with a :class:`ChildContext`. What the job
-does with its context travels over a second pipe as small tuples:
-``("log", line)``, ``("progress", fraction, message)``, ``("event", name,
+does with its context travels over a second pipe as small tuples
+(``ctx.log`` lines go to the output pipe, in order with what the job prints):
+``("progress", fraction, message)``, ``("event", name,
 data)`` (answered by the agent only once the event is in the outbox, so
 ``emit_event`` stays durable), and finally the outcome.
 
@@ -335,6 +336,7 @@ class ChildContext:
         self.settings = spec.settings
         self._ctl = ctl
         self._lock = threading.Lock()  # a job's own threads may log too
+        self._log_fd = os.dup(1)
         self.abort_requested = False
 
     @property
@@ -347,7 +349,14 @@ class ChildContext:
         self._send(("progress", min(1.0, max(0.0, float(fraction))), str(message)[:500]))
 
     def log(self, line: str) -> None:
-        self._send(("log", str(line)))
+        # Through the same pipe as stdout and stderr (a copy of it), not the
+        # control pipe, so the log keeps the order in which things happened.
+        data = (str(line).rstrip("\n") + "\n").encode("utf-8", "replace")
+        with self._lock:
+            _flush()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._log_fd, view):]
 
     def should_abort(self) -> bool:
         return self.abort_requested
