@@ -154,6 +154,9 @@ class TaskInstance(Base):
     #: The worker process running a hub task.
     pid: Mapped[int | None] = mapped_column(Integer)
     note: Mapped[str | None] = mapped_column(Text)
+    #: The device's last progress report for the current try, in [0, 1].
+    progress: Mapped[float | None] = mapped_column(Float)
+    progress_message: Mapped[str | None] = mapped_column(String(500))
 
     run: Mapped[DagRun] = relationship(back_populates="task_instances")
 
@@ -218,6 +221,25 @@ class TaskResult(Base):
     received_at: Mapped[datetime]
     #: False when the result arrived too late to decide the task (kept, not applied).
     applied: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class TaskLogChunk(Base):
+    """One chunk of the log of one try on a device, stored once (unique on
+    assignment and sequence number, so a redelivered chunk is recognised)."""
+
+    __tablename__ = "task_log_chunks"
+    __table_args__ = (UniqueConstraint("assignment_id", "seq"), Index("ix_task_log_chunks_ti_try", "ti_id", "try_number"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ti_id: Mapped[int] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"))
+    try_number: Mapped[int] = mapped_column(Integer)
+    agent_id: Mapped[str] = mapped_column(String(128))
+    assignment_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    data: Mapped[str] = mapped_column(Text)
+    #: True on the try's last chunk: the log is complete.
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    received_at: Mapped[datetime]
 
 
 class Agent(Base):
