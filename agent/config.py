@@ -110,7 +110,7 @@ class AgentSettings:
         "intmap", "Most jobs of one type running at once, per job type (table, e.g. {\"firmware.update\" = 1}); others wait without blocking other types.",
         default_factory=dict, check=_counts(1, 64))
     job_cpu_seconds: int = _setting("int", "CPU seconds one job may use (RLIMIT_CPU in its process); past it the job fails cpu_limit. 0: no limit.", 3600, _between(0, 10**7))
-    job_memory_mb: int = _setting("int", "Address space one job's process may use, in MiB (RLIMIT_AS); past it the job fails memory_limit. 0: no limit.", 1024, _between(0, 10**7))
+    job_memory_mb: int = _setting("int", "Memory (data segment and private writable mappings: heap, anonymous mmap, thread stacks) one job's process may use, in MiB (RLIMIT_DATA); past it the job fails memory_limit. 0: no limit.", 1024, _between(0, 10**7))
     job_type_cpu_seconds: dict[str, int] = _setting("intmap", "job_cpu_seconds per job type (table of job type to seconds; 0: no limit).", default_factory=dict, check=_counts(0, 10**7))
     job_type_memory_mb: dict[str, int] = _setting("intmap", "job_memory_mb per job type (table of job type to MiB; 0: no limit).", default_factory=dict, check=_counts(0, 10**7))
     max_log_bytes: int = _setting("int", "Bytes of log (ctx.log lines, stdout, stderr) kept per try; past it one truncation line.", 1048576, _between(1024, 1024**3))

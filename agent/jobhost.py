@@ -8,7 +8,7 @@ milliseconds; ``bench/agent_exec.py`` measures it).
 
 The child, first thing, starts its own session (so it is the leader of a new
 process group and session), points its stdout and stderr at a pipe the agent
-reads into the try's log, sets its limits (``RLIMIT_CPU``, ``RLIMIT_AS``, no
+reads into the try's log, sets its limits (``RLIMIT_CPU``, ``RLIMIT_DATA``, no
 core files) and runs ``job.run`` with a :class:`ChildContext`. What the job
 does with its context travels over a second pipe as small tuples
 (``ctx.log`` lines go to the output pipe, in order with what the job prints):
@@ -25,12 +25,13 @@ ended.
 
 How the child ended becomes an :class:`Outcome`: the job's return value or
 error, ``cpu_limit`` (killed by ``SIGXCPU``), ``memory_limit`` (a
-``MemoryError`` under ``RLIMIT_AS``), ``killed`` (by the agent), or
+``MemoryError`` under ``RLIMIT_DATA``), ``killed`` (by the agent), or
 ``crashed`` with the exit code or signal.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 PRELOAD = ["__main__", "agent.jobhost", "firmware_jobs.registry", "firmware_jobs.command", "firmware_jobs.diagnostics", "firmware_jobs.noop"]
 #: Exit status of a child that ran out of memory and could not even say so.
 EXIT_MEMORY = 86
+#: Exit status of a child that found the agent gone before it started.
+EXIT_ORPHAN = 87
+_PR_SET_PDEATHSIG = 1
 _MIB = 1024 * 1024
 
 _context: Any = None
@@ -99,6 +103,8 @@ class Spec:
     clock_now: float | None
     settings: Mapping[str, Any]
     limits: Limits
+    #: The agent's pid: a child that outlives it stops at once.
+    agent_pid: int = 0
 
 
 @dataclass
@@ -127,6 +133,8 @@ class Hooks:
     output: Callable[[bytes], None] = lambda data: None
     #: Called with nothing every loop turn; the parent flushes throttled progress here.
     tick: Callable[[], None] = lambda: None
+    #: Called with the child's pid (its session id) once it started.
+    started: Callable[[int], None] = lambda pid: None
 
 
 # --- the parent side ---------------------------------------------------------
@@ -147,6 +155,7 @@ def run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Eve
         out_w.close()
     pid = process.pid
     assert pid is not None
+    hooks.started(pid)
     pump_stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(out_r, hooks.output, pump_stop), name=f"job-output-{pid}", daemon=True)
     pump.start()
@@ -195,7 +204,7 @@ def run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Eve
             kill_session(pid)
             process.join(5)
         # Whatever the job started and left running dies with it.
-        kill_session(pid)
+        kill_session(pid, leader=False)
         ctl.close()
         pump.join(2.0)
         pump_stop.set()
@@ -276,16 +285,19 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def kill_session(sid: int) -> int:
-    """SIGKILL the process group ``sid`` and every process in session ``sid``
-    (what a job started, even in a process group of its own); returns how
-    many processes were signalled."""
+def kill_session(sid: int, leader: bool = True) -> int:
+    """SIGKILL process ``sid`` (unless ``leader`` is false: it exited and its
+    pid may be reused), its process group and every process in session
+    ``sid`` (what a job started, even in a process group of its own);
+    returns how many processes were signalled."""
     killed = 0
-    try:
-        os.killpg(sid, signal.SIGKILL)
-        killed += 1
-    except (ProcessLookupError, PermissionError):
-        pass
+    # The leader itself first, by pid: it may not have made its session yet.
+    for kill in (os.kill, os.killpg) if leader else (os.killpg,):
+        try:
+            kill(sid, signal.SIGKILL)
+            killed += 1
+        except (ProcessLookupError, PermissionError):
+            pass
     # A few rounds: a process may fork between the scan and its kill.
     for _ in range(5):
         members = _session_members(sid)
@@ -376,6 +388,7 @@ class ChildContext:
 
 def _child_main(spec: Spec, ctl: Connection, out: Connection) -> None:
     os.setsid()
+    _die_with_parent(spec.agent_pid)
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()
@@ -428,14 +441,81 @@ def _run_job(spec: Spec, ctx: ChildContext) -> tuple[Any, ...]:
         return ("memory_limit", "the job ran out of memory encoding its output")
 
 
+def _die_with_parent(agent_pid: int) -> None:
+    """If the agent is killed, its fork server exits, and then this child
+    must not run on (the restarted agent would run the job a second time)."""
+    # multiprocessing hands every child the agent's end of the pipe whose EOF
+    # tells the fork server the agent is gone; a child keeping it open would
+    # keep the server, and so itself, alive after the agent died.
+    from multiprocessing import forkserver
+
+    alive_fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+        forkserver._forkserver._forkserver_alive_fd = None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the start-up sweep (sweep_stale) is all there is
+    # The fork server (or the agent) may have died before prctl took effect.
+    if os.getppid() == 1 or (agent_pid and not _exists(agent_pid)):
+        os._exit(EXIT_ORPHAN)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), to tell it from a
+    later process that got the same pid; None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(b")") + 2:].split()[19])
+
+
+def sweep_stale(sid: int, started: int | None) -> int:
+    """After the agent died: kill what is left of the session of a job child
+    that had pid ``sid`` and start time ``started``. Nothing is touched if
+    the pid now belongs to another process (its start time differs).
+    Returns how many processes were signalled."""
+    now = start_time(sid)
+    if now is not None and now != started:
+        return 0  # the pid was reused: that session is someone else's
+    return kill_session(sid, leader=now is not None)
+
+
 def _set_limits(limits: Limits) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if limits.cpu_seconds > 0:
         # SIGXCPU at the soft limit ends the process; SIGKILL a second later
         # if something ignores it.
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+        _limit(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)
     if limits.memory_mb > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * _MIB, limits.memory_mb * _MIB))
+        # RLIMIT_DATA, not RLIMIT_AS: it counts memory a process can write
+        # (heap, anonymous mappings, stacks), not address space reserved but
+        # never used (malloc arenas, runtimes that reserve gigabytes up front).
+        _limit(resource.RLIMIT_DATA, limits.memory_mb * _MIB, limits.memory_mb * _MIB)
+
+
+def _limit(kind: int, soft: int, hard: int) -> None:
+    # The agent may itself run under a lower hard limit, which a child cannot raise.
+    _, current = resource.getrlimit(kind)
+    if current != resource.RLIM_INFINITY:
+        soft, hard = min(soft, current), min(hard, current)
+    resource.setrlimit(kind, (soft, hard))
 
 
 def _flush() -> None:

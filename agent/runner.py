@@ -50,6 +50,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import shutil
 import threading
 import time
@@ -140,6 +141,7 @@ class Runner:
     def start(self) -> None:
         self._stopping.clear()
         self.work_root.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_sessions()
         self._threads = [threading.Thread(target=self._claim_loop, name="runner-claimer", daemon=True)]
         self._threads += [threading.Thread(target=self._work_loop, name=f"runner-{i}", daemon=True) for i in range(self.concurrency)]
         for thread in self._threads:
@@ -382,16 +384,19 @@ class Runner:
         aid = assign.assignment_id
         limits = self._limits(assign.job_type)
         spec = jobhost.Spec(
-            aid, type(job), params, work_dir, None if isinstance(self.clock, SystemClock) else self.clock.now(), self.job_settings, limits,
+            aid, type(job), params, work_dir, None if isinstance(self.clock, SystemClock) else self.clock.now(), self.job_settings, limits, os.getpid(),
         )
+        session_file = self.work_root / f"{dir_name(aid)}.session"
         capture = LogCapture(self._log_path(aid), self.max_log_bytes)
         progress = _ProgressThrottle(aid, self.clock, self._on_event)
         hooks = jobhost.Hooks(
             log=capture.line, progress=progress.report, event=self.emit_event, output=capture.write, tick=progress.flush_due,
+            started=lambda pid: _write_session(session_file, pid),
         )
         try:
             outcome, timed_out = jobhost.run(spec, hooks, timeout=assign.timeout, abort=run.abort_flag, grace=ABORT_GRACE)
         finally:
+            session_file.unlink(missing_ok=True)
             capture.close()
             progress.flush()
             # Also after a kill: the job could not clean up after itself.
@@ -423,6 +428,20 @@ class Runner:
         # or one killed on a cancel that arrived after it finished its work.
         log.error("%s: job %s: %s", aid, assign.job_type, outcome.message or "killed")
         return failed(assign, "job_crashed", f"{outcome.message or 'the job was killed'} (exit code {outcome.exit_code})", True, started_at, finished_at)
+
+    def _sweep_stale_sessions(self) -> None:
+        """Kill what jobs of an agent process that died left running (its
+        children die with it; what they started may not)."""
+        for path in self.work_root.glob("*.session"):
+            try:
+                pid_text, _, started = path.read_text().partition(" ")
+                killed = jobhost.sweep_stale(int(pid_text), int(started) if started.strip() else None)
+            except (OSError, ValueError):
+                log.warning("unreadable job session file %s; removed", path)
+                killed = 0
+            if killed:
+                log.warning("killed %d process(es) left by a job of the previous agent run (%s)", killed, path.stem)
+            path.unlink(missing_ok=True)
 
     # --- logs ----------------------------------------------------------------
 
@@ -491,6 +510,12 @@ class Runner:
         except (TypeError, ValueError) as exc:
             error = ErrorBody("invalid_output", f"the job's output is not JSON: {exc}", False)
         return dataclasses.replace(result, status="failed", output=None, error=error)
+
+
+def _write_session(path: Path, pid: int) -> None:
+    # Not atomic and not fsynced: it only matters after a crash of the agent
+    # alone, when the file system is intact; losing it costs one sweep.
+    path.write_text(f"{pid} {jobhost.start_time(pid) or ''}")
 
 
 class _ProgressThrottle:

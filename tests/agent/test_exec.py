@@ -415,3 +415,55 @@ def test_kill_session_finds_processes_outside_the_group(tmp_path):
     assert jobhost.kill_session(leader.pid) >= 2
     leader.wait(5)
     wait_until(lambda: not alive(grandchild), 5, "grandchild gone")
+
+
+AGENT_SCRIPT = """
+import sys, time
+from pathlib import Path
+from tests.agent.test_exec import REGISTRY
+from agent.queues import Inbox, Outbox
+from agent.runner import Runner
+from shared.clock import SystemClock
+from shared.hlc import HybridClock
+from shared.messages import Assign
+
+
+def main():
+    state = Path(sys.argv[1])
+    inbox, outbox = Inbox(state / "inbox.sqlite3"), Outbox(state / "outbox.sqlite3")
+    clock = SystemClock()
+    hlc = HybridClock("dev-1", lambda: int(clock.now() * 1000))
+    runner = Runner(inbox, outbox, REGISTRY, clock, hlc.now, state / "work", {"state_dir": str(state)})
+    inbox.put(Assign("a-1", "d", "r", "t", 1, "test.spawner", {}))
+    runner.start()
+    runner.wake()
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_killed_agent_leaves_no_job_behind(parts, tmp_path):
+    """kill -9 of the agent: its job's process dies with it (the restarted
+    agent must not find the job still running beside its second run), and
+    what the job started is swept when the agent starts again."""
+    script = tmp_path / "fake_agent.py"
+    script.write_text(AGENT_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    agent = subprocess.Popen([sys.executable, str(script), str(parts.state_dir)], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        seen = parts.pids("a-1")
+        session = parts.state_dir / "work" / "a-1.session"
+        wait_until(session.exists, 5, "session file written")
+        child = int(session.read_text().split()[0])
+        assert alive(child) and all(alive(pid) for pid in seen["pids"])
+    finally:
+        agent.kill()
+        agent.wait(5)
+    wait_until(lambda: not alive(child), 5, "the job's process gone with the agent")
+    assert any(alive(pid) for pid in seen["pids"])  # orphans, until the next start
+    parts.runner()
+    wait_until(lambda: not any(alive(pid) for pid in seen["pids"]), 5, "grandchildren swept at start-up")
+    assert not session.exists()
