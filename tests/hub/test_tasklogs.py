@@ -167,3 +167,14 @@ def test_outpost_runs_log_prints_the_log_of_a_try(live_hub: tuple[Hub, str], cap
     assert f'href="/runs/{run_pk}/tasks/{ti_id}/tries/1/log"' in page.text
     log_page = hub_.client().get(f"/runs/{run_pk}/tasks/{ti_id}/tries/1/log")
     assert log_page.status_code == 200 and "rebooting\n&lt;b&gt;done&lt;/b&gt;" in log_page.text
+
+
+def test_the_run_page_shows_progress_of_running_device_tasks(hub: Hub) -> None:  # noqa: F811
+    with transaction(hub.sessions) as session:
+        ti = session.scalar(select(TaskInstance).where(TaskInstance.task_id == "collect", TaskInstance.state == "running"))
+        assert ti is not None
+        ti.progress, ti.progress_message = 0.42, "<i>uploading</i>"
+        run_pk = ti.run_pk
+    page = hub.client().get(f"/runs/{run_pk}").text
+    assert '<progress max="1" value="0.42"' in page and "42%</progress>" in page
+    assert "&lt;i&gt;uploading&lt;/i&gt;" in page and "<i>uploading" not in page
