@@ -82,6 +82,10 @@ def mp_context() -> Any:
         return _context
 
 
+class StartError(Exception):
+    """The child process could not be started."""
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Per-job resource limits; 0 means none."""
@@ -127,7 +131,6 @@ class Outcome:
 class Hooks:
     """What the parent does with the child's requests."""
 
-    log: Callable[[str], None] = lambda line: None
     progress: Callable[[float, str], None] = lambda fraction, message: None
     event: Callable[[str, Mapping[str, Any] | None], str] = field(default=lambda name, data: "")
     output: Callable[[bytes], None] = lambda data: None
@@ -150,6 +153,10 @@ def run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Eve
     process = ctx.Process(target=_child_main, args=(spec, child_ctl, out_w), name=f"job-{spec.assignment_id}", daemon=False)
     try:
         process.start()
+    except Exception as exc:  # a job class that cannot be pickled, no file descriptors left...
+        ctl.close()
+        out_r.close()
+        raise StartError(f"the job's process could not be started: {type(exc).__name__}: {exc}") from exc
     finally:
         child_ctl.close()
         out_w.close()
@@ -217,9 +224,7 @@ def run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Eve
 def _serve(ctl: Connection, message: tuple[Any, ...], hooks: Hooks) -> None:
     kind = message[0]
     try:
-        if kind == "log":
-            hooks.log(message[1])
-        elif kind == "progress":
+        if kind == "progress":
             hooks.progress(message[1], message[2])
         elif kind == "event":
             try:

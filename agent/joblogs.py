@@ -51,9 +51,6 @@ class LogCapture:
                 self.written += len(data)
             self._file.flush()
 
-    def line(self, text: str) -> None:
-        self.write((text.rstrip("\n") + "\n").encode("utf-8", "replace"))
-
     def close(self) -> None:
         with self._lock:
             self._file.close()

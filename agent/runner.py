@@ -390,11 +390,14 @@ class Runner:
         capture = LogCapture(self._log_path(aid), self.max_log_bytes)
         progress = _ProgressThrottle(aid, self.clock, self._on_event)
         hooks = jobhost.Hooks(
-            log=capture.line, progress=progress.report, event=self.emit_event, output=capture.write, tick=progress.flush_due,
+            progress=progress.report, event=self.emit_event, output=capture.write, tick=progress.flush_due,
             started=lambda pid: _write_session(session_file, pid),
         )
         try:
             outcome, timed_out = jobhost.run(spec, hooks, timeout=assign.timeout, abort=run.abort_flag, grace=ABORT_GRACE)
+        except jobhost.StartError as exc:
+            log.error("%s: %s", aid, exc)
+            return failed(assign, "job_crashed", str(exc), True, started_at, self.clock.now())
         finally:
             session_file.unlink(missing_ok=True)
             capture.close()

@@ -467,3 +467,29 @@ def test_a_killed_agent_leaves_no_job_behind(parts, tmp_path):
     parts.runner()
     wait_until(lambda: not any(alive(pid) for pid in seen["pids"]), 5, "grandchildren swept at start-up")
     assert not session.exists()
+
+
+def test_a_job_whose_process_cannot_start_fails_retryably(state_dir, manual_clock):
+    class Local(Job):  # defined in a function: it cannot be sent to a child process
+        name = "test.local"
+        version = "1"
+        description = "not importable"
+
+        def run(self, ctx: JobContext, params: dict[str, Any]) -> Any:
+            return "never"
+
+    registry = Registry()
+    registry.register(Local)
+    registry.register(Noop)
+    p = Parts(state_dir, manual_clock)
+    try:
+        runner = Runner(p.inbox, p.outbox, registry, p.clock, p.hlc.now, state_dir / "work", {"state_dir": str(state_dir)})
+        runner.start()
+        p.runners.append(runner)
+        p.put("a-1", "test.local")
+        error = p.result("a-1").error
+        assert error.code == "job_crashed" and error.retryable and "could not be started" in error.message  # type: ignore[union-attr]
+        p.put("a-2", "noop", {"echo": 1})
+        assert p.result("a-2").status == "success"
+    finally:
+        p.close()
