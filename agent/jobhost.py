@@ -190,7 +190,8 @@ def run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Eve
                         ready_seen = True
                     else:
                         _serve(ctl, message, hooks)
-                    continue  # read every message before looking at the exit
+            # Every message is read before the exit counts; the time limit is
+            # checked on every turn, so a child that floods the pipe still stops.
             if process.sentinel in ready and not (ctl_open and ctl.poll()):
                 break
             hooks.tick()

@@ -146,8 +146,20 @@ class Slow(Job):
         return params["gate"]
 
 
+class Flood(Job):
+    """Reports progress in a tight loop and never looks at its abort flag."""
+
+    name = "test.flood"
+    version = "1"
+    description = "floods the control pipe"
+
+    def run(self, ctx: JobContext, params: dict[str, Any]) -> Any:
+        while True:
+            ctx.progress(0.5, "busy")
+
+
 REGISTRY = Registry()
-for _cls in (Noop, RunCommand, Spawner, Burn, Hog, Die, Chatty, Slow):
+for _cls in (Noop, RunCommand, Spawner, Burn, Hog, Die, Chatty, Slow, Flood):
     REGISTRY.register(_cls)
 
 
@@ -235,6 +247,14 @@ def test_timeout_kills_the_job_and_everything_it_started(parts, short_grace):
     # Both grandchildren, the one in the job's group and the one in a group of its own.
     wait_until(lambda: not any(alive(pid) for pid in seen["pids"]), 5, "grandchildren gone")
     assert not Path(seen["work_dir"]).exists()  # removed although the job was killed
+
+
+def test_a_job_flooding_its_context_still_times_out(parts, short_grace):
+    parts.runner()
+    parts.put("a-1", "test.flood", timeout=1)
+    assert parts.result("a-1").error.code == "timeout"  # type: ignore[union-attr]
+    reports = [e for e in parts.events if isinstance(e, Progress)]
+    assert 1 <= len(reports) <= 4  # thousands sent, about one a second passed on
 
 
 def test_grandchildren_a_finished_job_left_running_are_killed(parts):
