@@ -330,12 +330,17 @@ def _session_members(sid: int) -> list[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
+            # os.open/os.read: a buffered open() per process made this scan
+            # several times slower, and it runs after every job.
+            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
+            try:
+                stat = os.read(fd, 1024)
+            finally:
+                os.close(fd)
         except OSError:
             continue
         # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2:].split(None, 4)
         if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
             found.append(int(name))
     return found
