@@ -13,8 +13,12 @@ limit demands), which the runner stores in the outbox before the result.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 #: Largest ``LogChunk.data``, in bytes of its JSON encoding.
 CHUNK_BYTES = 32 * 1024
@@ -28,32 +32,49 @@ class LogCapture:
     """One try's log file, written from several threads, capped at ``cap`` bytes."""
 
     def __init__(self, path: Path, cap: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.cap = cap
         self.written = 0
         self.truncated = False
         self._lock = threading.Lock()
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close(); a new try starts afresh
+        self._file: BinaryIO | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "wb")  # noqa: SIM115 - closed by close(); a new try starts afresh
+        except OSError as exc:
+            # The job runs all the same, without a log: output is drained and dropped.
+            log.warning("cannot write the job log %s (%s); this try's output is dropped", path, exc)
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            if self.truncated or self._file.closed:
+            if self.truncated or self._file is None or self._file.closed:
                 return
             room = self.cap - self.written
-            if len(data) > room:
-                self._file.write(data[:room])
-                self._file.write(truncation_line(self.cap))
-                self.written = self.cap
-                self.truncated = True
-            else:
-                self._file.write(data)
-                self.written += len(data)
-            self._file.flush()
+            try:
+                if len(data) > room:
+                    self._file.write(data[:room])
+                    self._file.write(truncation_line(self.cap))
+                    self.written = self.cap
+                    self.truncated = True
+                else:
+                    self._file.write(data)
+                    self.written += len(data)
+                self._file.flush()
+            except OSError as exc:  # a full disk must not stop the job, whose output must still be drained
+                log.warning("writing the job log %s failed (%s); the rest of this try's output is dropped", self.path, exc)
+                file, self._file = self._file, None
+                try:
+                    file.close()
+                except OSError:
+                    pass
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
 
 
 def split(text: str, budget: int) -> list[str]:

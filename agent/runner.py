@@ -459,6 +459,9 @@ class Runner:
             text = path.read_bytes().decode("utf-8", "replace")
         except FileNotFoundError:
             return
+        except OSError as exc:
+            log.warning("%s: the job log cannot be read (%s); it is not sent", assignment_id, exc)
+            return
         if text:
             stamp = self._stamp()
             empty = LogChunk(assignment_id, 0, "", final=True)

@@ -513,3 +513,11 @@ def test_a_job_whose_process_cannot_start_fails_retryably(state_dir, manual_cloc
         assert p.result("a-2").status == "success"
     finally:
         p.close()
+
+
+def test_a_job_runs_even_when_its_log_cannot_be_written(parts):
+    (parts.state_dir / "logs").write_text("a file where the log folder should be")
+    parts.runner()
+    parts.put("a-1", "test.chatty", {"lines": 50})
+    assert parts.result("a-1").output == "ok"  # its output was drained, not left to block it
+    assert parts.log_chunks("a-1") == []
