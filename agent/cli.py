@@ -231,6 +231,11 @@ def _outbox_row(entry: Entry) -> dict[str, Any]:
     if "event" in entry.data:
         return {"assignment_id": entry.key, "status": _OUTBOX_STATUS[entry.status], "result": f"event {entry.data['event'].get('name')}",
                 "error": None, "hlc": entry.data.get("hlc")}
+    if "log" in entry.data:
+        chunk = entry.data["log"]
+        return {"assignment_id": entry.key, "status": _OUTBOX_STATUS[entry.status],
+                "result": f"log chunk {chunk.get('seq')}{' (last)' if chunk.get('final') else ''}, {len(chunk.get('data', ''))} chars",
+                "error": None, "hlc": entry.data.get("hlc")}
     result = entry.data.get("result", {})
     error = result.get("error") or {}
     return {"assignment_id": entry.key, "status": _OUTBOX_STATUS[entry.status], "result": result.get("status"),

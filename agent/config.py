@@ -76,6 +76,13 @@ def _existing_file(v: str | None) -> str | None:
     return None if v is None or Path(v).is_file() else "no such file"
 
 
+def _counts(low: int, high: int) -> Check:
+    def check(v: dict[str, int]) -> str | None:
+        bad = sorted(k for k, n in v.items() if not low <= n <= high)
+        return f"values must be between {low} and {high} (bad: {', '.join(bad)})" if bad else None
+    return check
+
+
 def _not_empty(v: Any) -> str | None:
     return None if str(v) else "must not be empty"
 
@@ -99,6 +106,14 @@ class AgentSettings:
     heartbeat_interval: float = _setting("float", "Seconds between heartbeats.", 10.0, _positive)
     result_resend_after: float = _setting("float", "Seconds to wait for the hub's ack before sending a result again.", 10.0, _positive)
     concurrency: int = _setting("int", "How many jobs run at the same time.", 2, _between(1, 64))
+    job_type_concurrency: dict[str, int] = _setting(
+        "intmap", "Most jobs of one type running at once, per job type (table, e.g. {\"firmware.update\" = 1}); others wait without blocking other types.",
+        default_factory=dict, check=_counts(1, 64))
+    job_cpu_seconds: int = _setting("int", "CPU seconds one job may use (RLIMIT_CPU in its process); past it the job fails cpu_limit. 0: no limit.", 3600, _between(0, 10**7))
+    job_memory_mb: int = _setting("int", "Memory (data segment and private writable mappings: heap, anonymous mmap, thread stacks) one job's process may use, in MiB (RLIMIT_DATA); past it the job fails memory_limit. 0: no limit.", 1024, _between(0, 10**7))
+    job_type_cpu_seconds: dict[str, int] = _setting("intmap", "job_cpu_seconds per job type (table of job type to seconds; 0: no limit).", default_factory=dict, check=_counts(0, 10**7))
+    job_type_memory_mb: dict[str, int] = _setting("intmap", "job_memory_mb per job type (table of job type to MiB; 0: no limit).", default_factory=dict, check=_counts(0, 10**7))
+    max_log_bytes: int = _setting("int", "Bytes of log (ctx.log lines, stdout, stderr) kept per try; past it one truncation line.", 1048576, _between(1024, 1024**3))
     command_allowlist: tuple[str, ...] = _setting("strlist", "Programs command.run may start (exact argv[0] match).", ())
     max_message_bytes: int = _setting("int", "Largest envelope accepted or sent, in bytes.", 262144, _between(1024, 268435455))
     inbox_retention: float = _setting("float", "Seconds a finished assignment is remembered, so a redelivery never runs twice.", 604800.0, _between(0, 10 * 365 * 86400))
@@ -139,6 +154,7 @@ class AgentSettings:
 _KIND_TYPES = {
     "str": "a string", "optstr": "a string", "choice": "a string", "path": "a path", "int": "an integer",
     "float": "a number", "strlist": "a list of strings", "labels": "a table of string to string",
+    "intmap": "a table of string to integer",
 }
 
 
@@ -155,6 +171,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return isinstance(value, float)
     if kind == "strlist":
         return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if kind == "intmap":
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items())
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
@@ -172,7 +190,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         return float(value)
     if kind == "strlist" and isinstance(value, list | tuple):
         value = tuple(value)
-    if kind == "labels" and isinstance(value, dict):
+    if kind in ("labels", "intmap") and isinstance(value, dict):
         value = dict(value)
     if not _is_kind(value, kind):
         raise ConfigError(key, value, f"must be {_KIND_TYPES[kind]}", source)
@@ -195,11 +213,17 @@ def _parse_env(key: str, text: str, source: str) -> Any:
         return text or None
     if kind == "strlist":
         return [item.strip() for item in text.split(",") if item.strip()]
-    if kind == "labels":
+    if kind in ("labels", "intmap"):
         pairs = [item.strip() for item in text.split(",") if item.strip()]
         if not all("=" in p for p in pairs):
             raise ConfigError(key, text, "must be comma-separated key=value pairs", source)
-        return dict(p.split("=", 1) for p in pairs)
+        value = dict(p.split("=", 1) for p in pairs)
+        if kind == "intmap":
+            try:
+                return {k.strip(): int(v) for k, v in value.items()}
+            except ValueError:
+                raise ConfigError(key, text, "must be comma-separated name=integer pairs", source) from None
+        return value
     return text
 
 

@@ -1,24 +1,21 @@
-"""What a job gets while it runs on this device: its ``JobContext`` (the
-``firmware_jobs.base.JobContext`` protocol), its abort flag, and the shape of
-a failed result. Kept apart from the runner's scheduling of work."""
+"""What the runner keeps about a job besides scheduling it: its abort flag,
+agent events it emits, the shape of a failed result and its folder name.
+The ``JobContext`` a job gets lives in its own process
+(:class:`agent.jobhost.ChildContext`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import secrets
 import threading
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from shared.clock import Clock
 from shared.messages import AGENT_EVENT_NAME_RE, MAX_AGENT_EVENT_PAYLOAD_BYTES, AgentEvent, Assign, Result
 from shared.messages import JobError as ErrorBody
 
-log = logging.getLogger("agent.runner")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -35,50 +32,6 @@ class Run:
         if self.reason is None:
             self.reason, self.detail = reason, detail
         self.abort_flag.set()
-
-
-class JobContextImpl:
-    """What a running job gets (the ``firmware_jobs.base.JobContext`` protocol)."""
-
-    def __init__(
-        self, run: Run, work_dir: Path, clock: Clock, settings: Mapping[str, Any],
-        emit: Callable[[str, Mapping[str, Any] | None], str] | None = None,
-    ) -> None:
-        self.assignment_id = run.assignment_id
-        self._work_dir = work_dir
-        self.clock = clock
-        self.settings = settings
-        self.last_progress: tuple[float, str] = (0.0, "")
-        self._run = run
-        self._emit = emit
-
-    @property
-    def work_dir(self) -> Path:
-        """This assignment's own folder, made on first use (most jobs never
-        need one, and making and removing it is most of a no-op job's cost)."""
-        self._work_dir.mkdir(parents=True, exist_ok=True)
-        return self._work_dir
-
-    def progress(self, fraction: float, message: str = "") -> None:
-        self.last_progress = (min(1.0, max(0.0, float(fraction))), message)
-        log.debug("[%s] progress %.0f%% %s", self.assignment_id, self.last_progress[0] * 100, message)
-
-    def log(self, line: str) -> None:
-        log.info("[%s] %s", self.assignment_id, str(line)[:2000])
-
-    def should_abort(self) -> bool:
-        return self._run.abort_flag.is_set()
-
-    def emit_event(self, name: str, data: Mapping[str, Any] | None = None) -> str:
-        """Report a condition of this device (``battery_low``) to the hub,
-        where it triggers the DAGs scheduled on ``AgentEvent(name)``. It is
-        stored in the outbox before this returns and sent like a result,
-        whatever becomes of the job. Returns the event id; raises
-        ``ValueError`` for a bad name or a payload that is not a JSON object
-        of at most 16 KiB."""
-        if self._emit is None:
-            raise RuntimeError("this job context cannot emit events")
-        return self._emit(name, data)
 
 
 def make_agent_event(name: str, data: Mapping[str, Any] | None, now: float) -> AgentEvent:

@@ -40,7 +40,7 @@ from agent import __version__
 from agent.config import AgentSettings
 from agent.durability import BACKPRESSURE_CODE, Backpressure, merge_reload, renew_and_sweep
 from agent.link import AgentLink, Handlers
-from agent.queues import Inbox, Outbox, PendingResult, event_key
+from agent.queues import Inbox, Outbox, PendingResult, event_key, log_key
 from agent.runner import Runner
 from agent.sdnotify import Notifier
 from agent.sync import Sync
@@ -113,6 +113,9 @@ class Agent:
             {"agent_version": __version__, "command_allowlist": list(settings.command_allowlist), "state_dir": str(settings.state_dir)},
             concurrency=settings.concurrency, max_message_bytes=settings.max_message_bytes,
             on_event=self.link.send_event, on_result=lambda aid: self.sync.wake(), count=count,
+            job_type_concurrency=settings.job_type_concurrency, job_cpu_seconds=settings.job_cpu_seconds,
+            job_memory_mb=settings.job_memory_mb, job_type_cpu_seconds=settings.job_type_cpu_seconds,
+            job_type_memory_mb=settings.job_type_memory_mb, max_log_bytes=settings.max_log_bytes,
         )
         self.backpressure = Backpressure(self.outbox, settings.outbox_max_bytes)
         self._stopping = threading.Event()
@@ -274,7 +277,7 @@ class Agent:
         log.info("cancel of %s: %s", cancel.assignment_id, outcome)
 
     def _on_ack(self, ack: Ack) -> None:
-        self.sync.on_ack([*ack.assignment_ids, *(event_key(e) for e in ack.event_ids)])
+        self.sync.on_ack([*ack.assignment_ids, *(event_key(e) for e in ack.event_ids), *(log_key(i) for i in ack.log_ids)])
 
     def _on_connect(self) -> None:
         self.sync.resend_all()

@@ -51,7 +51,7 @@ from litequeue import LiteQueue, MessageStatus
 from shared.clock import Clock, SystemClock
 from shared.errors import InvalidMessage, OutpostError
 from shared.hlc import HLC
-from shared.messages import AgentEvent, Assign, Result
+from shared.messages import AgentEvent, Assign, LogChunk, Result
 
 log = logging.getLogger(__name__)
 
@@ -345,12 +345,26 @@ def event_key(event_id: str) -> str:
     return EVENT_KEY_PREFIX + event_id
 
 
+#: Outbox keys of log chunks: ``log/<assignment id>/<seq>``; the hub acknowledges
+#: them as ``<assignment id>/<seq>`` (``Ack.log_ids``).
+LOG_KEY_PREFIX = "log/"
+
+
+def log_key(log_id: str) -> str:
+    """The outbox key of the chunk the hub calls ``log_id`` (``<aid>/<seq>``)."""
+    return LOG_KEY_PREFIX + log_id
+
+
+def log_id(chunk: LogChunk) -> str:
+    return f"{chunk.assignment_id}/{chunk.seq}"
+
+
 @dataclass(frozen=True, slots=True)
 class PendingResult:
     """A result, or an agent event, waiting in the outbox for the hub's
     acknowledgement. Both travel the same way: sent until acknowledged."""
 
-    result: Result | AgentEvent
+    result: Result | AgentEvent | LogChunk
     hlc: HLC
     message_id: str
     claim_id: int
@@ -360,6 +374,8 @@ class PendingResult:
         """The outbox key: the assignment id, or ``event/<id>`` for an event."""
         if isinstance(self.result, AgentEvent):
             return event_key(self.result.event_id)
+        if isinstance(self.result, LogChunk):
+            return log_key(log_id(self.result))
         return self.result.assignment_id
 
 
@@ -384,6 +400,12 @@ class Outbox(_KeyedQueue):
         data = canonical_json({"hlc": str(hlc), "event": event.to_dict()})
         return not self._put(event_key(event.event_id), data)[1]
 
+    def put_log(self, chunk: LogChunk, hlc: HLC) -> bool:
+        """Durably store a log chunk (sent like a result until the hub
+        acknowledges ``<aid>/<seq>``). False when that chunk is already stored."""
+        data = canonical_json({"hlc": str(hlc), "log": chunk.to_dict()})
+        return not self._put(log_key(log_id(chunk)), data)[1]
+
     def has(self, assignment_id: str) -> bool:
         """True when a result for this assignment is stored, acked or not."""
         return self.get(assignment_id) is not None
@@ -397,7 +419,13 @@ class Outbox(_KeyedQueue):
             message_id, data, claim_id = popped
             try:
                 doc = json.loads(data)
-                body: Result | AgentEvent = AgentEvent.from_dict(doc["event"]) if "event" in doc else Result.from_dict(doc["result"])
+                body: Result | AgentEvent | LogChunk
+                if "event" in doc:
+                    body = AgentEvent.from_dict(doc["event"])
+                elif "log" in doc:
+                    body = LogChunk.from_dict(doc["log"])
+                else:
+                    body = Result.from_dict(doc["result"])
                 return PendingResult(body, HLC.parse(doc["hlc"]), message_id, claim_id)
             except (ValueError, KeyError, TypeError, OutpostError) as exc:
                 # Set aside (status failed, kept for inspection), never retried

@@ -18,11 +18,26 @@ with a :class:`JobContext` and the assignment's ``timeout``. The result is
 stamped with the HLC at the moment the job finished, written to the outbox,
 and only then is the inbox item marked done.
 
-Jobs run in a thread of this process for now. A thread cannot be killed: on
-timeout the runner sets the abort flag (``ctx.should_abort()``), records a
-failed ``timeout`` result, and leaves a job that ignores the flag running in
-the background. A later issue moves jobs into a child process that can be
-killed and limited (memory, CPU).
+Each job runs in a child process of its own (:mod:`agent.jobhost`), in its
+own session, with CPU and memory limits (``job_cpu_seconds``,
+``job_memory_mb``, per job type overrides): a worker thread here only waits
+for it and serves its context. On timeout, cancellation or shutdown the
+child's abort flag is set (SIGTERM); after ``ABORT_GRACE`` seconds the child
+and everything it started are killed. Exceeding a limit fails the result
+(``cpu_limit``, ``memory_limit``); a child that dies without a result fails
+it ``job_crashed`` (retryable), and the agent goes on. Each job has a work
+folder, removed afterwards however the job ended.
+
+Besides ``concurrency`` workers overall, ``job_type_concurrency`` caps the
+jobs of one type running at once: an assignment whose type has no free slot
+waits in the ready list while the workers take other types.
+
+What a job logs (``ctx.log``, stdout, stderr) is kept in a per-try file of at
+most ``max_log_bytes`` (:mod:`agent.joblogs`) and stored in the outbox as
+``LogChunk`` items (key ``log/<assignment id>/<seq>``) *before* the result,
+so the hub has the log when the result lands. Progress reports leave through
+``on_event`` as ``Progress`` messages, at most one a second per assignment,
+the last one always.
 
 No network I/O happens here: events (``started``) leave through the
 ``on_event`` callback and new results are announced through ``on_result``.
@@ -35,6 +50,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import shutil
 import threading
 import time
@@ -42,16 +58,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.context import JobContextImpl, Run, dir_name, failed, make_agent_event
+from agent import jobhost
+from agent.context import Run, dir_name, failed, make_agent_event
+from agent.joblogs import CHUNK_BYTES, LogCapture, split
 from agent.queues import Claimed, Inbox, Outbox, QueueError, event_key
-from firmware_jobs.base import Job, JobAborted, JobError
-from shared.clock import Clock
+from firmware_jobs.base import Job
+from shared.clock import Clock, SystemClock
 from shared.envelope import Envelope, encode
-from shared.errors import InvalidParams, OutpostError, PayloadTooLarge, UnknownJobType
+from shared.errors import InvalidParams, PayloadTooLarge, UnknownJobType
 from shared.files import atomic_write
 from shared.hlc import HLC
 from shared.messages import JobError as ErrorBody
-from shared.messages import Assign, Message, Result, Started
+from shared.messages import Assign, LogChunk, Message, Progress, Result, Started
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +77,10 @@ log = logging.getLogger(__name__)
 POLL = 0.1
 #: How long a job gets to stop after its abort flag is set.
 ABORT_GRACE = 2.0
+#: Least time between two progress reports of one assignment, in seconds.
+PROGRESS_EVERY = 1.0
+#: Most assignments waiting in the ready list for a slot of their job type.
+MAX_WAITING_FOR_TYPE = 256
 
 
 class Registry(Protocol):
@@ -83,6 +105,13 @@ class Runner:
         on_event: Callable[[Message], object] = lambda message: None,
         on_result: Callable[[str], None] = lambda assignment_id: None,
         count: Callable[[str], None] = lambda name: None,
+        job_type_concurrency: Mapping[str, int] | None = None,
+        job_cpu_seconds: int = 0,
+        job_memory_mb: int = 0,
+        job_type_cpu_seconds: Mapping[str, int] | None = None,
+        job_type_memory_mb: Mapping[str, int] | None = None,
+        max_log_bytes: int = 1024 * 1024,
+        log_root: Path | None = None,
     ) -> None:
         self.inbox, self.outbox, self.registry, self.clock = inbox, outbox, registry, clock
         self._stamp = stamp
@@ -96,8 +125,13 @@ class Runner:
         self._held: list[tuple[float, int, Claimed]] = []
         self._seq = itertools.count()
         self._busy = 0
-        self._running: dict[str, Run] = {}
-        self._active: dict[str, Claimed] = {}  # the claims of _running
+        self._running: dict[str, tuple[Run, Claimed]] = {}
+        self._type_slots = dict(job_type_concurrency or {})
+        self._type_busy: collections.Counter[str] = collections.Counter()
+        self._cpu = (job_cpu_seconds, dict(job_type_cpu_seconds or {}))
+        self._memory = (job_memory_mb, dict(job_type_memory_mb or {}))
+        self.max_log_bytes = max_log_bytes
+        self.log_root = log_root if log_root is not None else work_root.parent / "logs"
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -107,6 +141,7 @@ class Runner:
     def start(self) -> None:
         self._stopping.clear()
         self.work_root.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_sessions()
         self._threads = [threading.Thread(target=self._claim_loop, name="runner-claimer", daemon=True)]
         self._threads += [threading.Thread(target=self._work_loop, name=f"runner-{i}", daemon=True) for i in range(self.concurrency)]
         for thread in self._threads:
@@ -125,10 +160,10 @@ class Runner:
             thread.join(max(0.0, end - time.monotonic()))
         if any(t.is_alive() for t in self._threads):
             with self._cv:
-                for run in self._running.values():
+                for run, _ in self._running.values():
                     run.abort("shutdown")
             for thread in self._threads:
-                thread.join(ABORT_GRACE)
+                thread.join(ABORT_GRACE + 3.0)  # the grace, then the kill and its clean-up
             return False
         return True
 
@@ -145,10 +180,10 @@ class Runner:
             return sorted(c.assignment_id for _, _, c in self._held)
 
     def claims(self) -> list[Claimed]:
-        """Every inbox claim this runner holds (running, ready to run, held
-        for ``not_before``): the daemon renews their leases."""
+        """Every inbox claim this runner holds: running, ready (waiting for a
+        worker or a slot of its job type) and held (``not_before``)."""
         with self._cv:
-            return [*self._active.values(), *self._ready, *(c for _, _, c in self._held)]
+            return [c for _, c in self._running.values()] + list(self._ready) + [c for _, _, c in self._held]
 
     def alive(self) -> bool:
         """True while the claimer and every worker thread run (the watchdog's check)."""
@@ -177,9 +212,9 @@ class Runner:
         # Under the lock so no worker starts this assignment in between: a
         # worker checks the outbox under the same lock before starting.
         with self._cv:
-            run = self._running.get(assignment_id)
-            if run is not None:
-                run.abort("cancelled", detail)
+            running = self._running.get(assignment_id)
+            if running is not None:
+                running[0].abort("cancelled", detail)
                 return "aborting"
             claimed = self._take_waiting(assignment_id)
             if claimed is not None:
@@ -210,7 +245,24 @@ class Runner:
     # --- claiming ------------------------------------------------------------
 
     def _free_slots(self) -> int:
-        return self.concurrency - self._busy - len(self._ready)
+        # Ready work blocked by its job type's cap takes no worker: it must
+        # not stop the claiming of other types (up to a bound on the waiting).
+        waiting = sum(1 for c in self._ready if not self._type_free(c.assign.job_type))
+        if waiting >= MAX_WAITING_FOR_TYPE:
+            return 0
+        return self.concurrency - self._busy - (len(self._ready) - waiting)
+
+    def _type_free(self, job_type: str) -> bool:
+        cap = self._type_slots.get(job_type)
+        return cap is None or self._type_busy[job_type] < cap
+
+    def _next_ready(self) -> Claimed | None:
+        """The oldest ready assignment whose job type has a free slot."""
+        for claimed in self._ready:
+            if self._type_free(claimed.assign.job_type):
+                self._ready.remove(claimed)
+                return claimed
+        return None
 
     def _claim_loop(self) -> None:
         while not self._stopping.is_set():
@@ -257,13 +309,17 @@ class Runner:
     def _work_loop(self) -> None:
         while True:
             with self._cv:
-                while not self._ready and not self._stopping.is_set():
+                claimed = None
+                while not self._stopping.is_set():
+                    claimed = self._next_ready()
+                    if claimed is not None:
+                        break
                     self._cv.wait(POLL)
-                if self._stopping.is_set():
+                if claimed is None:
                     return
-                claimed = self._ready.popleft()
-                self._active[claimed.assignment_id] = claimed
                 self._busy += 1
+                job_type = claimed.assign.job_type
+                self._type_busy[job_type] += 1
             try:
                 self._execute(claimed)
             except Exception:
@@ -274,7 +330,8 @@ class Runner:
             finally:
                 with self._cv:
                     self._busy -= 1
-                    self._active.pop(claimed.assignment_id, None)
+                    self._type_busy[job_type] -= 1
+                    self._cv.notify_all()  # a slot of this type may be what another worker waits for
                 self._wake.set()
 
     def _execute(self, claimed: Claimed) -> None:
@@ -283,7 +340,8 @@ class Runner:
             if self.outbox.has(aid):
                 self.inbox.done(claimed)
                 return
-            run = self._running[aid] = Run(aid)
+            run = Run(aid)
+            self._running[aid] = (run, claimed)
         try:
             result = self._attempt(claimed.assign, run)
             if result is not None and self._finish_durably(claimed, result):
@@ -295,12 +353,14 @@ class Runner:
                 del self._running[aid]
 
     def _finish_durably(self, claimed: Claimed, result: Result) -> bool:
-        """Store the result, retrying while the queue fails (a full disk, a
-        locked database): a computed result is never dropped. False only if
-        the agent stops first; the claim then returns at the next start."""
+        """Store the try's log chunks and then the result, retrying while the
+        queue fails (a full disk, a locked database): a computed result is
+        never dropped. False only if the agent stops first; the claim then
+        returns at the next start."""
         delay = 0.5
         while True:
             try:
+                self._ship_log(claimed.assignment_id)
                 self._finish(claimed, result)
                 return True
             except QueueError:
@@ -334,41 +394,104 @@ class Runner:
         self._on_event(Started(assign.assignment_id, started_at))
         return self._call(job, params, assign, run, self.work_root / name, started_at)
 
+    def _limits(self, job_type: str) -> jobhost.Limits:
+        return jobhost.Limits(self._cpu[1].get(job_type, self._cpu[0]), self._memory[1].get(job_type, self._memory[0]))
+
     def _call(self, job: Job, params: dict[str, Any], assign: Assign, run: Run, work_dir: Path, started_at: float) -> Result | None:
-        ctx = JobContextImpl(run, work_dir, self.clock, self.job_settings, emit=self.emit_event)
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["output"] = job.run(ctx, params)
-            except BaseException as exc:
-                box["error"] = exc
-            finally:
-                if work_dir.exists():
-                    shutil.rmtree(work_dir, ignore_errors=True)
-
-        thread = threading.Thread(target=target, name=f"job-{assign.assignment_id}", daemon=True)
-        thread.start()
-        thread.join(assign.timeout)
-        if thread.is_alive():
-            run.abort("timeout")
-            thread.join(ABORT_GRACE)
-            if thread.is_alive():
-                log.warning("%s ignores its abort flag; left running in the background", assign.assignment_id)
-            return failed(assign, "timeout", f"the job exceeded its {assign.timeout}s time limit", True, started_at, self.clock.now())
+        aid = assign.assignment_id
+        limits = self._limits(assign.job_type)
+        spec = jobhost.Spec(
+            aid, type(job), params, work_dir, None if isinstance(self.clock, SystemClock) else self.clock.now(), self.job_settings, limits, os.getpid(),
+        )
+        session_file = self.work_root / f"{dir_name(aid)}.session"
+        capture = LogCapture(self._log_path(aid), self.max_log_bytes)
+        progress = _ProgressThrottle(aid, self.clock, self._on_event)
+        hooks = jobhost.Hooks(
+            progress=progress.report, event=self.emit_event, output=capture.write, tick=progress.flush_due,
+            started=lambda pid: _write_session(session_file, pid),
+        )
+        try:
+            outcome, timed_out = jobhost.run(spec, hooks, timeout=assign.timeout, abort=run.abort_flag, grace=ABORT_GRACE)
+        except jobhost.StartError as exc:
+            log.error("%s: %s", aid, exc)
+            return failed(assign, "job_crashed", str(exc), True, started_at, self.clock.now())
+        finally:
+            session_file.unlink(missing_ok=True)
+            capture.close()
+            progress.flush()
+            # Also after a kill: the job could not clean up after itself.
+            if work_dir.exists():
+                shutil.rmtree(work_dir, ignore_errors=True)
         finished_at = self.clock.now()
-        error = box.get("error")
-        if error is None:
-            return Result(assign.assignment_id, assign.try_number, "success", box.get("output"), None, started_at, finished_at)
-        if run.reason == "shutdown" and isinstance(error, JobAborted):
+        if timed_out:
+            return failed(assign, "timeout", f"the job exceeded its {assign.timeout}s time limit", True, started_at, finished_at)
+        stopped = outcome.kind == "killed" or (outcome.kind == "job_error" and outcome.aborted)
+        if run.reason == "shutdown" and stopped:
             return None
-        if run.reason == "cancelled" and isinstance(error, JobAborted):
+        if run.reason == "cancelled" and stopped:
             return failed(assign, "cancelled", run.detail, False, started_at, finished_at)
-        if isinstance(error, JobError):
-            return failed(assign, error.code, str(error), error.retryable, started_at, finished_at)
-        log.error("%s: job %s crashed", assign.assignment_id, assign.job_type, exc_info=error)
-        code = error.code if isinstance(error, OutpostError) else "job_crashed"
-        return failed(assign, code, f"{type(error).__name__}: {error}", True, started_at, finished_at)
+        kind = outcome.kind
+        if kind == "ok":
+            return Result(aid, assign.try_number, "success", outcome.output, None, started_at, finished_at)
+        if kind == "job_error":
+            return failed(assign, outcome.code or "job_error", outcome.message, outcome.retryable, started_at, finished_at)
+        if kind == "invalid_output":
+            return failed(assign, "invalid_output", outcome.message, False, started_at, finished_at)
+        if kind == "cpu_limit":
+            return failed(assign, "cpu_limit", f"the job used more than its {limits.cpu_seconds} CPU seconds and was stopped", False, started_at, finished_at)
+        if kind == "memory_limit":
+            return failed(assign, "memory_limit", f"the job needed more than its {limits.memory_mb} MiB of memory: {outcome.message}", False, started_at, finished_at)
+        if kind == "exception":
+            log.error("%s: job %s crashed: %s", aid, assign.job_type, outcome.message)
+            return failed(assign, outcome.code or "job_crashed", outcome.message, True, started_at, finished_at)
+        # A child that died without a word (os._exit, a signal, a segfault),
+        # or one killed on a cancel that arrived after it finished its work.
+        log.error("%s: job %s: %s", aid, assign.job_type, outcome.message or "killed")
+        return failed(assign, "job_crashed", f"{outcome.message or 'the job was killed'} (exit code {outcome.exit_code})", True, started_at, finished_at)
+
+    def _sweep_stale_sessions(self) -> None:
+        """Kill what jobs of an agent process that died left running (its
+        children die with it; what they started may not)."""
+        for path in self.work_root.glob("*.session"):
+            try:
+                pid_text, _, started = path.read_text().partition(" ")
+                killed = jobhost.sweep_stale(int(pid_text), int(started) if started.strip() else None)
+            except (OSError, ValueError):
+                log.warning("unreadable job session file %s; removed", path)
+                killed = 0
+            if killed:
+                log.warning("killed %d process(es) left by a job of the previous agent run (%s)", killed, path.stem)
+            path.unlink(missing_ok=True)
+
+    # --- logs ----------------------------------------------------------------
+
+    def _log_path(self, assignment_id: str) -> Path:
+        return self.log_root / f"{dir_name(assignment_id)}.log"
+
+    def _ship_log(self, assignment_id: str) -> None:
+        """Store the try's log (if it logged anything) in the outbox as
+        chunks, then forget the file. Idempotent: chunks are keyed by seq."""
+        path = self._log_path(assignment_id)
+        try:
+            text = path.read_bytes().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("%s: the job log cannot be read (%s); it is not sent", assignment_id, exc)
+            return
+        if text:
+            stamp = self._stamp()
+            empty = LogChunk(assignment_id, 0, "", final=True)
+            overhead = len(encode(Envelope(empty, sender=stamp.node, hlc=stamp), self.limit)) + 16
+            budget = min(CHUNK_BYTES, self.limit - overhead)
+            pieces = split(text, budget) if budget >= 256 else []
+            if not pieces:
+                log.warning("%s: the log cannot be sent: max_message_bytes %d leaves no room for it", assignment_id, self.limit)
+            for seq, piece in enumerate(pieces):
+                chunk = LogChunk(assignment_id, seq, piece, final=seq == len(pieces) - 1)
+                if self.outbox.put_log(chunk, self._stamp()):
+                    self._count("logs.chunks")
+        path.unlink(missing_ok=True)
 
     # --- agent events ----------------------------------------------------------
 
@@ -410,3 +533,46 @@ class Runner:
         except (TypeError, ValueError) as exc:
             error = ErrorBody("invalid_output", f"the job's output is not JSON: {exc}", False)
         return dataclasses.replace(result, status="failed", output=None, error=error)
+
+
+def _write_session(path: Path, pid: int) -> None:
+    # Not atomic and not fsynced: it only matters after a crash of the agent
+    # alone, when the file system is intact; losing it costs one sweep. A full
+    # disk must not stop the job: without the file only that sweep is lost.
+    try:
+        path.write_text(f"{pid} {jobhost.start_time(pid) or ''}")
+    except OSError as exc:
+        log.warning("cannot record the job session in %s (%s); a crash of the agent now would leave its processes to the next sweep", path, exc)
+
+
+class _ProgressThrottle:
+    """Sends a job's progress as ``Progress`` messages: at most one per
+    :data:`PROGRESS_EVERY` seconds, the latest report always in the end."""
+
+    def __init__(self, assignment_id: str, clock: Clock, send: Callable[[Message], object]) -> None:
+        self.assignment_id, self.clock, self._send = assignment_id, clock, send
+        self._last_sent = -PROGRESS_EVERY
+        self._pending: Progress | None = None
+        self._lock = threading.Lock()
+
+    def report(self, fraction: float, message: str) -> None:
+        with self._lock:
+            self._pending = Progress(self.assignment_id, float(fraction), str(message), self.clock.now())
+        self.flush_due()
+
+    def flush_due(self) -> None:
+        with self._lock:
+            if self._pending is None or time.monotonic() - self._last_sent < PROGRESS_EVERY:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            self._last_sent = time.monotonic()
+        try:
+            self._send(pending)  # best effort: a lost report is replaced by the next
+        except Exception:
+            log.debug("%s: progress report not sent", self.assignment_id, exc_info=True)

@@ -14,7 +14,9 @@ owner in the agent configuration. The rule is an exact string match of
   ``/usr/bin/uptime`` is listed. Basename matching is deliberately not done:
   it would let ``/tmp/evil/uptime`` pass for ``uptime``.
 
-The program runs in ``ctx.work_dir`` in its own session (process group) with
+The program runs in ``ctx.work_dir`` in its own process group (inside the
+job's session, so the agent can still find and kill it if this job's process
+is killed before it could clean up) with
 stdin closed and a minimal environment (``PATH``, ``HOME``, ``LANG``): the
 agent's own environment may hold broker credentials and is not passed on.
 When the time limit passes or the job is aborted, the whole group gets
@@ -96,7 +98,7 @@ class RunCommand(Job):
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                start_new_session=True,
+                process_group=0,
             )
         except (OSError, ValueError) as exc:
             raise JobError(f"cannot start {argv[0]!r}: {exc}", code="command_start_failed", retryable=False) from exc

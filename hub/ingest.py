@@ -11,7 +11,10 @@ applied twice.
 
 An ``agent_event`` (a device reporting a condition such as ``battery_low``)
 becomes an asset event on ``agent-event://<name>``, once per device and
-event id, and is acknowledged by id (``Ack.event_ids``).
+event id, and is acknowledged by id (``Ack.event_ids``). A ``log`` chunk
+is stored once per (assignment, seq) by :mod:`hub.tasklogs` and acknowledged
+as ``<assignment id>/<seq>`` (``Ack.log_ids``); ``progress`` updates the
+running try and is never acknowledged (best effort).
 
 Bad input (undecodable, oversized, unknown type, a sender that is not the
 topic's agent, a result for an assignment the hub never made) is logged,
@@ -33,7 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, fleet, offline, reconcile
+from hub import asset_events, fleet, offline, reconcile, tasklogs
 from hub import events as ev
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
@@ -45,7 +48,7 @@ from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
 from shared.errors import ClockSkew, OutpostError, ProtocolError
 from shared.hlc import HLC, HybridClock
-from shared.messages import AGENT_EVENT_NAME_RE, MAX_AGENT_EVENT_PAYLOAD_BYTES, Accepted, Ack, AgentEvent, Heartbeat, Rejected, Result, Started, Status
+from shared.messages import AGENT_EVENT_NAME_RE, MAX_AGENT_EVENT_PAYLOAD_BYTES, Accepted, Ack, AgentEvent, Heartbeat, LogChunk, Progress, Rejected, Result, Started, Status
 from shared.mqtt import Inbound, MqttLink
 from shared.states import FINISHED, TaskState
 from shared.topics import ack_topic, parse
@@ -70,6 +73,8 @@ class _Batch:
     acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     #: Agent events applied (or refused for good), acknowledged by event id.
     event_acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    #: Log chunks stored (or refused for good), acknowledged as "<assignment id>/<seq>".
+    log_acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rejections: list[RejectedMessage] = field(default_factory=list)
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -78,6 +83,8 @@ class _Batch:
             self.acks[agent_id].extend(ids)
         for agent_id, ids in other.event_acks.items():
             self.event_acks[agent_id].extend(ids)
+        for agent_id, ids in other.log_acks.items():
+            self.log_acks[agent_id].extend(ids)
         self.rejections.extend(other.rejections)
         self.emitted.extend(other.emitted)
 
@@ -181,7 +188,7 @@ class Ingester:
                 session.add(record)
             if session.info.pop(CALLBACKS_FLAG, False):
                 out.emitted.append((ev.CALLBACKS_REQUESTED, {}))  # the workers run them now, not at their next poll
-        self._send_acks(out.acks, out.event_acks)
+        self._send_acks(out.acks, out.event_acks, out.log_acks)
         for msg in batch:
             msg.ack()
         for name, data in out.emitted:
@@ -203,6 +210,9 @@ class Ingester:
             elif isinstance(envelope.body, AgentEvent):  # another hub process applied it first
                 self.counters["agent_event.duplicate"] += 1
                 out.event_acks[agent_id].append(envelope.body.event_id)
+            elif isinstance(envelope.body, LogChunk):  # another hub process stored it first
+                self.counters["log.duplicate"] += 1
+                out.log_acks[agent_id].append(f"{envelope.body.assignment_id}/{envelope.body.seq}")
         except OperationalError:
             raise
         except Exception as exc:  # a bug must cost one message, not the worker
@@ -211,7 +221,7 @@ class Ingester:
 
     def _apply_all(self, session: Session, items: list[tuple[Inbound, str, Envelope]], now: datetime, out: _Batch) -> None:
         # Load every row the batch touches with three queries, not three per message.
-        ids = {env.body.assignment_id for _m, _a, env in items if isinstance(env.body, Accepted | Started | Result | Rejected) and env.body.assignment_id}
+        ids = {env.body.assignment_id for _m, _a, env in items if isinstance(env.body, Accepted | Started | Result | Rejected | Progress | LogChunk) and env.body.assignment_id}
         # Row locks (PostgreSQL): another hub process may be applying this
         # agent's other events right now; without them a late "accepted"
         # could overwrite a committed "success".
@@ -258,7 +268,7 @@ class Ingester:
         if envelope.sender != topic.agent_id:
             self._reject(out, msg, topic.agent_id, "sender_mismatch", f"envelope sender {envelope.sender!r} published on {topic.agent_id!r}'s topic")
             return None
-        expected = (Status,) if topic.kind == "status" else (Accepted, Started, Result, Heartbeat, Rejected, AgentEvent)
+        expected = (Status,) if topic.kind == "status" else (Accepted, Started, Result, Heartbeat, Rejected, AgentEvent, Progress, LogChunk)
         if not isinstance(envelope.body, expected):
             self._reject(out, msg, topic.agent_id, "unexpected_type", f"{envelope.type!r} is not valid on a {topic.kind} topic")
             return None
@@ -310,6 +320,9 @@ class Ingester:
             if body.assignment_id:
                 self._apply_refusal(agent_id, body, assignments, tis, now, out)
             return
+        if isinstance(body, LogChunk):
+            # Acknowledged even when refused: a bad chunk must not block the device's outbox.
+            out.log_acks[agent_id].append(f"{body.assignment_id}/{body.seq}")
         assignment = assignments.get(body.assignment_id)
         if assignment is None:
             raise Reject("unknown_assignment", f"{envelope.type} for assignment {body.assignment_id!r}, which this hub never issued")
@@ -331,12 +344,21 @@ class Ingester:
             if current and ti is not None and ti.state in (TaskState.QUEUED, TaskState.DELIVERED, TaskState.DEVICE_OFFLINE):
                 first_start = ti.state != TaskState.DEVICE_OFFLINE
                 ti.state, ti.started_at = TaskState.RUNNING, now
+                tasklogs.reset_progress(ti)
                 out.emitted.append((ev.TASK_STATE_CHANGED, {"ti_id": ti.id, "state": "running"}))
                 # An agent task's on_execute_callback: when the device starts it.
                 if first_start:
                     task_callback(session, ti, TaskState.RUNNING, now)
         elif isinstance(body, Result):
             self._apply_result(session, agent_id, envelope, body, assignment, ti if current else None, now, out, known)
+        elif isinstance(body, Progress):
+            tasklogs.apply_progress(ti if current and ti is not None and ti.state == TaskState.RUNNING else None, body)
+        elif isinstance(body, LogChunk):
+            try:
+                stored = tasklogs.apply_chunk(session, agent_id, body, assignment, now)
+            except ValueError as exc:
+                raise Reject("bad_log_chunk", str(exc)) from None
+            self.counters["log.stored" if stored else "log.duplicate"] += 1
 
     def _apply_refusal(self, agent_id: str, body: Rejected, assignments: dict[str, Assignment], tis: dict[int, TaskInstance], now: datetime, out: _Batch) -> None:
         """The device refused an assignment (its deadline passed before it
@@ -437,12 +459,12 @@ class Ingester:
         self.counters["agent_event.applied"] += 1
         out.emitted.append((ev.ASSET_UPDATED, {"uri": uri, "event_id": event.id}))
 
-    def _send_acks(self, acks: dict[str, list[str]], event_acks: dict[str, list[str]] | None = None) -> None:
-        event_acks = event_acks or {}
-        for agent_id in dict.fromkeys([*acks, *event_acks]):
-            ids, events = acks.get(agent_id, []), event_acks.get(agent_id, [])
-            for start in range(0, max(len(ids), len(events)), 200):
-                body = Ack(tuple(ids[start:start + 200]), event_ids=tuple(events[start:start + 200]))
+    def _send_acks(self, acks: dict[str, list[str]], event_acks: dict[str, list[str]] | None = None, log_acks: dict[str, list[str]] | None = None) -> None:
+        event_acks, log_acks = event_acks or {}, log_acks or {}
+        for agent_id in dict.fromkeys([*acks, *event_acks, *log_acks]):
+            ids, events, logs = acks.get(agent_id, []), event_acks.get(agent_id, []), log_acks.get(agent_id, [])
+            for start in range(0, max(len(ids), len(events), len(logs)), 200):
+                body = Ack(tuple(ids[start:start + 200]), event_ids=tuple(events[start:start + 200]), log_ids=tuple(logs[start:start + 200]))
                 envelope = Envelope(body, sender="hub", hlc=self.hlc.now())
                 # Not through the DB outbox: an ack that gets lost is simply
                 # sent again when the agent re-sends the result.

@@ -158,6 +158,9 @@ class TaskInstance(Base):
     offline_since: Mapped[datetime | None]
     #: When its offline_grace runs out (the scheduler's cheap test for "due").
     offline_until: Mapped[datetime | None] = mapped_column(index=True)
+    #: The device's last progress report for the current try, in [0, 1].
+    progress: Mapped[float | None] = mapped_column(Float)
+    progress_message: Mapped[str | None] = mapped_column(String(500))
 
     run: Mapped[DagRun] = relationship(back_populates="task_instances")
 
@@ -227,6 +230,25 @@ class TaskResult(Base):
     applied: Mapped[bool] = mapped_column(Boolean, default=True)
     #: The hub's HLC stamp when it took the result in (``hub.reconcile`` orders reports by it).
     received_hlc: Mapped[str | None] = mapped_column(String(200))
+
+
+class TaskLogChunk(Base):
+    """One chunk of the log of one try on a device, stored once (unique on
+    assignment and sequence number, so a redelivered chunk is recognised)."""
+
+    __tablename__ = "task_log_chunks"
+    __table_args__ = (UniqueConstraint("assignment_id", "seq"), Index("ix_task_log_chunks_ti_try", "ti_id", "try_number"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ti_id: Mapped[int] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"))
+    try_number: Mapped[int] = mapped_column(Integer)
+    agent_id: Mapped[str] = mapped_column(String(128))
+    assignment_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    data: Mapped[str] = mapped_column(Text)
+    #: True on the try's last chunk: the log is complete.
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    received_at: Mapped[datetime]
 
 
 class Agent(Base):

@@ -232,6 +232,8 @@ def _task_instance(ti: TaskInstance) -> dict[str, Any]:
         "queued_at": ti.queued_at,
         "started_at": ti.started_at,
         "ended_at": ti.ended_at,
+        "progress": ti.progress,
+        "progress_message": ti.progress_message,
     }
 
 

@@ -217,6 +217,8 @@ class Ack(Message):
     assignment_ids: tuple[str, ...]
     #: Agent events the hub committed (``AgentEvent.event_id``).
     event_ids: tuple[str, ...] = ()
+    #: Log chunks the hub stored, as ``"<assignment id>/<seq>"``.
+    log_ids: tuple[str, ...] = ()
 
 
 # --- agent to hub ----------------------------------------------------------
@@ -332,6 +334,33 @@ class AgentEvent(Message):
     occurred_at: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Progress(Message):
+    """How far a running job got. Best effort: sent at most once a second
+    per assignment (the last report always), never queued or acknowledged."""
+
+    TYPE: ClassVar[str] = "progress"
+    assignment_id: str
+    fraction: float
+    message: str = ""
+    #: Epoch seconds on the device when the job reported it.
+    at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk(Message):
+    """Part ``seq`` (from 0) of what one try of an assignment logged.
+    Travels like a result (the agent's outbox, key ``log/<assignment id>/<seq>``)
+    and is acknowledged as ``"<assignment id>/<seq>"`` in ``Ack.log_ids``;
+    ``final`` marks the last chunk of the try's log."""
+
+    TYPE: ClassVar[str] = "log"
+    assignment_id: str
+    seq: int
+    data: str
+    final: bool = False
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Assign, Cancel, Ack, Accepted, Started, Result, Rejected, Heartbeat, Status, AgentEvent)
+    cls.TYPE: cls for cls in (Assign, Cancel, Ack, Accepted, Started, Result, Rejected, Heartbeat, Status, AgentEvent, Progress, LogChunk)
 }

@@ -4,7 +4,7 @@ Per agent ``A``:
 
 * ``outpost/v1/agents/A/assign``  hub to agent: assign, cancel (QoS 1)
 * ``outpost/v1/agents/A/ack``     hub to agent: result acknowledgements (QoS 1)
-* ``outpost/v1/agents/A/events``  agent to hub: accepted, started, result,
+* ``outpost/v1/agents/A/events``  agent to hub: accepted, started, result, progress, log,
   heartbeat, rejected, agent_event (QoS 1)
 * ``outpost/v1/agents/A/status``  agent to hub, retained, and the agent's
   last will (QoS 1)

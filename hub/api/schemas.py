@@ -122,6 +122,24 @@ class TaskInstanceOut(BaseModel):
     queued_at: datetime | None
     started_at: datetime | None
     ended_at: datetime | None
+    progress: float | None = Field(None, description="A device task's last progress report for its current try, 0 to 1 (null: none yet).")
+    progress_message: str | None = Field(None, description="The message of that progress report.")
+
+
+class TaskTryLog(BaseModel):
+    assignment_id: str
+    agent_id: str
+    complete: bool = Field(description="The last chunk arrived and none is missing.")
+    chunks: int = Field(description="Chunks received.")
+    text: str = Field(description="What the job logged (ctx.log lines, stdout, stderr), in order; a missing chunk shows as a marker line.")
+
+
+class TaskLogOut(BaseModel):
+    ti_id: int
+    task_id: str
+    map_index: int
+    try_number: int
+    logs: list[TaskTryLog] = Field(description="One entry per device the try ran on (normally one); empty when nothing was logged or nothing arrived yet.")
 
 
 class RunSummary(BaseModel):

@@ -31,6 +31,13 @@ def register(nouns: Any) -> None:
                       ["outpost runs show 12", "outpost runs show 12 --wait --timeout 600 && echo deployed", "outpost runs show 12 -o json"], [out])
     cmd.add_argument("run", type=int, metavar="RUN", help="the run's numeric id (the ID column of 'outpost runs list')")
     add_wait_options(cmd, "poll until the run finishes; exit 0 on success, 1 on failure")
+
+    cmd = add_command(verbs, "log", "Print what one try of a device task logged (ctx.log lines, stdout, stderr).", show_log,
+                      ["outpost runs log 12 flash", "outpost runs log 12 health --map-index 3 --try 1", "outpost runs log 12 flash -o json"], [out])
+    cmd.add_argument("run", type=int, metavar="RUN", help="the run's numeric id")
+    cmd.add_argument("task", metavar="TASK_ID", help="the task's id in the DAG")
+    cmd.add_argument("--map-index", type=int, default=None, metavar="N", help="which instance of a fan-out (the MAP_INDEX column); needed when there are several")
+    cmd.add_argument("--try", dest="try_number", type=int, default=None, metavar="N", help="which try (default: the latest)")
     operations.register_run_actions(verbs)
 
 
@@ -60,6 +67,29 @@ def show_run(client: HubClient, args: argparse.Namespace) -> int:
         return wait_and_show(client, args, args.run)
     emit(args, client.get(f"/runs/{args.run}"), run_text)
     return ExitCode.OK
+
+
+def show_log(client: HubClient, args: argparse.Namespace) -> int:
+    run = client.get(f"/runs/{args.run}")
+    tis = [t for t in run["task_instances"] if t["task_id"] == args.task and (args.map_index is None or t["map_index"] == args.map_index)]
+    if not tis:
+        raise CtlError(f"run {args.run} has no task {args.task!r}" + ("" if args.map_index is None else f" with map index {args.map_index}"), ExitCode.NOT_FOUND)
+    if len(tis) > 1:
+        raise CtlError(f"task {args.task!r} has {len(tis)} instances in run {args.run}; pick one with --map-index (0-{len(tis) - 1})", ExitCode.USAGE)
+    ti = tis[0]
+    try_number = args.try_number if args.try_number is not None else max(ti["try_number"], 1)
+    emit(args, client.get(f"/runs/{args.run}/tasks/{ti['id']}/tries/{try_number}/log"), log_text)
+    return ExitCode.OK
+
+
+def log_text(doc: dict[str, Any]) -> str:
+    if not doc["logs"]:
+        return f"(try {doc['try_number']} of {doc['task_id']} has no log yet)"
+    parts = []
+    for entry in doc["logs"]:
+        state = "" if entry["complete"] else ", incomplete: more chunks are on their way"
+        parts.append(f"--- {entry['agent_id']} (assignment {entry['assignment_id']}{state}) ---\n{entry['text'].rstrip(chr(10))}")
+    return "\n".join(parts)
 
 
 def wait_and_show(client: HubClient, args: argparse.Namespace, run_pk: int) -> int:

@@ -1,7 +1,7 @@
 """The dashboard: server-rendered pages over ``hub.queries``.
 
 Pages: ``/`` (DAGs and import errors), ``/dags/{dag_id}``, ``/runs``,
-``/runs/{run_pk}``, ``/agents``, ``/agents/{agent_id}``, ``/pools`` (pools
+``/runs/{run_pk}``, ``/runs/{run_pk}/tasks/{ti_id}/tries/{n}/log`` (a device try's log), ``/agents``, ``/agents/{agent_id}``, ``/pools`` (pools
 and deadline misses), ``/conflicts``; actions
 ``POST /dags/{dag_id}/trigger`` (303 to the new run) and
 ``POST /runs/{run_pk}/action`` (clear, rerun, mark; 303 back to the run). Jinja2 autoescapes
@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub import actions, queries, reconcile
+from hub import actions, queries, reconcile, tasklogs
 from hub import pools as pool_queries
 from hub.errors import HubError, InvalidRequest
 from shared.clock import utcnow
@@ -128,6 +128,16 @@ def run_detail(request: Request, run_pk: int) -> Response:
     except HubError as exc:
         return _error_page(request, exc)
     return _render(request, "run.html", nav="runs", run=run, groups=task_groups(run["task_instances"], structure), conflicts=conflicts)
+
+
+@router.get("/runs/{run_pk}/tasks/{ti_id}/tries/{try_number}/log", response_class=HTMLResponse)
+def task_log(request: Request, run_pk: int, ti_id: int, try_number: int) -> Response:
+    try:
+        with request.app.state.sessions() as session:
+            doc = tasklogs.read_log(session, run_pk, ti_id, try_number)
+    except HubError as exc:
+        return _error_page(request, exc)
+    return _render(request, "task_log.html", nav="runs", log=doc, run_pk=run_pk)
 
 
 #: The run page's operator actions: clear, rerun, mark (hub.actions).

@@ -117,3 +117,17 @@ def test_example_file_is_valid_and_documents_every_setting():
     text = EXAMPLE.read_text()
     for key, _default, _doc in describe():
         assert re.search(rf"^(#\s*)?(\[{key}\]|{key}\s*=)", text, re.MULTILINE), f"{key} is not documented in {EXAMPLE.name}"
+
+
+def test_job_limits_and_per_type_tables_from_file_and_environment(tmp_path):
+    path = write(tmp_path, 'agent_id = "a"\njob_cpu_seconds = 60\njob_type_concurrency = { "firmware.update" = 1 }\njob_type_memory_mb = { "noop" = 64 }\n')
+    settings = load_settings(path, env={"OUTPOST_AGENT_JOB_TYPE_CPU_SECONDS": "command.run=5, noop=0", "OUTPOST_AGENT_MAX_LOG_BYTES": "4096"})
+    assert settings.job_cpu_seconds == 60 and settings.job_memory_mb == 1024
+    assert settings.job_type_concurrency == {"firmware.update": 1} and settings.job_type_memory_mb == {"noop": 64}
+    assert settings.job_type_cpu_seconds == {"command.run": 5, "noop": 0} and settings.max_log_bytes == 4096
+    with pytest.raises(ConfigError, match="job_type_concurrency.*between 1 and 64"):
+        load_settings(write(tmp_path, 'agent_id = "a"\njob_type_concurrency = { "x" = 0 }\n'), env={})
+    with pytest.raises(ConfigError, match="table of string to integer"):
+        load_settings(write(tmp_path, 'agent_id = "a"\njob_type_memory_mb = { "x" = "big" }\n'), env={})
+    with pytest.raises(ConfigError, match="name=integer"):
+        load_settings(None, env={"OUTPOST_AGENT_AGENT_ID": "a", "OUTPOST_AGENT_JOB_TYPE_CONCURRENCY": "x=one"})

@@ -3,11 +3,14 @@
 Runs against real inbox/outbox files. Besides the built-in ``noop``, a test
 registry holds job types that block on a gate, ignore their abort flag, crash
 or are not rerunnable, so each runner rule can be shown to happen.
+
+Jobs run in child processes, so a gate is a file (``open_gate`` creates it)
+and what a job saw is written to a file (``seen``) rather than shared memory.
 """
 
 from __future__ import annotations
 
-import threading
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,30 @@ from shared.messages import Assign, Result, Started
 
 from .conftest import wait_until
 
-GATES: dict[str, threading.Event] = {}
-SEEN: dict[str, dict[str, Any]] = {}
+GATE_DIR: list[Path] = []  # the current test's gate folder
+
+
+def _gate(ctx: JobContext, name: str) -> Path:
+    return Path(ctx.settings["state_dir"]) / "gates" / name
+
+
+def _record(ctx: JobContext, data: dict[str, Any]) -> None:
+    folder = Path(ctx.settings["state_dir"]) / "seen"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{len(list(folder.iterdir()))}.json").write_text(json.dumps({"aid": ctx.assignment_id, **data}))
+
+
+def open_gate(name: str) -> None:
+    GATE_DIR[-1].mkdir(exist_ok=True)
+    (GATE_DIR[-1] / name).touch()
+
+
+def seen(state_dir: Path, aid: str) -> dict[str, Any]:
+    for path in (state_dir / "seen").glob("*.json"):
+        data = json.loads(path.read_text())
+        if data["aid"] == aid:
+            return data
+    raise AssertionError(f"job {aid} recorded nothing")
 
 
 class Block(Job):
@@ -38,11 +63,12 @@ class Block(Job):
     params_schema = {"type": "object", "properties": {"gate": {"type": "string"}}, "additionalProperties": False}
 
     def run(self, ctx: JobContext, params: dict[str, Any]) -> Any:
-        SEEN[ctx.assignment_id] = {"work_dir": ctx.work_dir, "exists": ctx.work_dir.is_dir(), "settings": dict(ctx.settings)}
-        gate = GATES.setdefault(params["gate"], threading.Event())
-        while not gate.wait(0.02):
+        _record(ctx, {"work_dir": str(ctx.work_dir), "exists": ctx.work_dir.is_dir(), "settings": dict(ctx.settings)})
+        gate = _gate(ctx, params["gate"])
+        while not gate.exists():
             if ctx.should_abort():
                 raise JobAborted()
+            time.sleep(0.02)
         return {"gate": params["gate"]}
 
 
@@ -52,7 +78,7 @@ class Stubborn(Job):
     description = "ignores its abort flag"
 
     def run(self, ctx: JobContext, params: dict[str, Any]) -> Any:
-        GATES.setdefault("stubborn", threading.Event()).wait(10)
+        time.sleep(10)
         return "late"
 
 
@@ -97,7 +123,7 @@ class Alarm(Job):
     params_schema = {"type": "object", "properties": {"name": {"type": "string"}}, "additionalProperties": False}
 
     def run(self, ctx: JobContext, params: dict[str, Any]) -> Any:
-        SEEN[ctx.assignment_id] = {"event_id": ctx.emit_event(params["name"], {"level": 0.08})}
+        _record(ctx, {"event_id": ctx.emit_event(params["name"], {"level": 0.08})})
         raise JobError("battery too low to go on", code="battery_low", retryable=False)
 
 
@@ -107,12 +133,10 @@ for _cls in (Noop, Block, Stubborn, Crash, Once, Bulky, Alarm):
 
 
 @pytest.fixture(autouse=True)
-def _open_gates():
+def _gates(state_dir):
+    GATE_DIR.append(state_dir / "gates")
     yield
-    for gate in GATES.values():
-        gate.set()
-    GATES.clear()
-    SEEN.clear()
+    GATE_DIR.pop()
 
 
 class Parts:
@@ -155,8 +179,6 @@ class Parts:
         return any(isinstance(e, Started) and e.assignment_id == aid for e in self.events)
 
     def close(self) -> None:
-        for gate in GATES.values():
-            gate.set()
         for runner in self.runners:
             runner.stop(2)
         self.inbox.close()
@@ -325,23 +347,21 @@ def test_output_that_cannot_be_sent_becomes_a_failed_result(parts):
 
 def test_each_job_gets_its_own_work_dir_which_is_removed_after(parts):
     parts.runner()
-    GATES["w"] = threading.Event()
-    GATES["w"].set()
+    open_gate("w")
     parts.put("a-1", job_type="test.block", params={"gate": "w"})
     parts.result("a-1")
-    seen = SEEN["a-1"]
-    assert seen["exists"] and seen["work_dir"] == parts.state_dir / "work" / "a-1"
-    assert seen["settings"]["agent_version"] == "0.1.0" and seen["settings"]["command_allowlist"] == []
-    wait_until(lambda: not seen["work_dir"].exists(), what="work dir removed")
+    saw = seen(parts.state_dir, "a-1")
+    assert saw["exists"] and Path(saw["work_dir"]) == parts.state_dir / "work" / "a-1"
+    assert saw["settings"]["agent_version"] == "0.1.0" and saw["settings"]["command_allowlist"] == []
+    wait_until(lambda: not Path(saw["work_dir"]).exists(), what="work dir removed")
 
 
 def test_hostile_assignment_id_cannot_escape_the_work_folder(parts):
     parts.runner()
-    GATES["h"] = threading.Event()
-    GATES["h"].set()
+    open_gate("h")
     parts.put("../../etc/x", job_type="test.block", params={"gate": "h"})
     parts.result("../../etc/x")
-    assert SEEN["../../etc/x"]["work_dir"].parent == parts.state_dir / "work"
+    assert Path(seen(parts.state_dir, "../../etc/x")["work_dir"]).parent == parts.state_dir / "work"
 
 
 def test_jobs_run_concurrently_up_to_the_limit(parts):
@@ -351,7 +371,7 @@ def test_jobs_run_concurrently_up_to_the_limit(parts):
     wait_until(lambda: runner.running() == ["a-0", "a-1"], what="two jobs running")
     time.sleep(0.2)
     assert runner.running() == ["a-0", "a-1"]  # the third waits for a free worker
-    GATES["g0"].set()
+    open_gate("g0")
     wait_until(lambda: "a-2" in runner.running(), what="third job started")
 
 
@@ -363,7 +383,7 @@ def test_stop_interrupts_jobs_past_the_budget_without_recording_a_result(parts):
     assert not parts.outbox.has("a-1")
     # The claim is still held; the next start-up releases it and it runs again.
     assert parts.inbox.release_expired_claims(0) == 1
-    GATES["never"].set()
+    open_gate("never")
     parts.runner()
     assert parts.result("a-1").output == {"gate": "never"}
 
@@ -372,7 +392,7 @@ def test_a_job_emits_agent_events_through_the_outbox_whatever_its_outcome(parts)
     parts.runner()
     parts.put("a-1", "test.alarm", {"name": "battery_low"})
     assert parts.result("a-1").error.code == "battery_low"
-    event_id = SEEN["a-1"]["event_id"]
+    event_id = seen(parts.state_dir, "a-1")["event_id"]
     entry = parts.outbox.get(event_key(event_id))
     assert entry is not None and entry.status == "ready"
     assert entry.data["event"] == {"event_id": event_id, "name": "battery_low", "payload": {"level": 0.08}, "occurred_at": parts.clock.now()}
@@ -389,4 +409,6 @@ def test_a_bad_event_name_fails_the_job_that_emits_it_and_queues_nothing(parts):
     parts.put("a-1", "test.alarm", {"name": "battery low!"})
     result = parts.result("a-1")
     assert result.error.code == "job_crashed" and "event name 'battery low!' is invalid" in result.error.message
-    assert [e.key for e in parts.outbox.items()] == ["a-1"]
+    # No event; the crash's traceback is in the try's log, queued before the result.
+    assert [e.key for e in parts.outbox.items()] == ["log/a-1/0", "a-1"]
+    assert "Traceback" in parts.outbox.get("log/a-1/0").data["log"]["data"]  # type: ignore[union-attr]

@@ -24,7 +24,9 @@ from shared.messages import (
     Heartbeat,
     JobError,
     JobTypeInfo,
+    LogChunk,
     Message,
+    Progress,
     Rejected,
     Result,
     Started,
@@ -48,6 +50,9 @@ EXAMPLES: list[Message] = [
     Status("offline"),
     AgentEvent("ev-1", "battery_low", {"level": 0.08, "cells": [3.1, 3.0]}, 1_767_225_602.5),
     Ack(("as-3",), event_ids=("ev-1",)),
+    Ack((), log_ids=("as-3/0", "as-3/1")),
+    Progress("as-1", 0.5, "flashing", 1_767_225_603.0),
+    LogChunk("as-1", 0, "line one\nline two\n", final=True),
 ]
 
 

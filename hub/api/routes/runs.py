@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from hub import queries
+from hub import queries, tasklogs
 from hub.api.deps import PageParams, ReadSession
-from hub.api.schemas import ErrorResponse, Page, RunDetail, RunSummary, TaskInstanceOut
+from hub.api.schemas import ErrorResponse, Page, RunDetail, RunSummary, TaskInstanceOut, TaskLogOut
 from shared.states import RunState
 
 router = APIRouter(tags=["runs"])
@@ -36,3 +36,12 @@ def get_run(run_pk: int, session: ReadSession) -> dict[str, Any]:
 def list_run_tasks(run_pk: int, session: ReadSession, page: PageParams) -> dict[str, Any]:
     """The task instances of one run, paginated (large fan-outs)."""
     return queries.list_task_instances(session, run_pk, limit=page.limit, offset=page.offset)
+
+
+@router.get(
+    "/runs/{run_pk}/tasks/{ti_id}/tries/{try_number}/log", response_model=TaskLogOut,
+    responses={404: {"model": ErrorResponse, "description": "No such run, task instance or try."}},
+)
+def get_task_try_log(run_pk: int, ti_id: int, try_number: int, session: ReadSession) -> dict[str, Any]:
+    """What one try of a device task logged (ctx.log lines, stdout, stderr), as shipped by the agent."""
+    return tasklogs.read_log(session, run_pk, ti_id, try_number)
