@@ -204,3 +204,56 @@ def test_half_open_hub_link_is_noticed_within_one_and_a_half_keepalives(fleet: A
     run = f.wait_run(f.trigger("pinned"), timeout=30)
     assert run["state"] == "success"
     assert_each_assignment_decided_once(f, run["id"])
+
+
+# --- kill -9 of the agent ---------------------------------------------------------
+
+KILLS = 100
+
+
+def churn_dag(ran_log: Path, rerunnable: int, once: int) -> str:
+    # command.run is not re-runnable: each program writes its marker once
+    # when it starts, so a second run would show as a second line.
+    script = f"echo $0 >> {ran_log}; sleep 0.4"
+    return (
+        "from hub.dag import DAG, AgentOperator, on_agent\n"
+        "with DAG('churn', max_active_tasks=2000) as dag:\n"
+        "    AgentOperator.partial(task_id='noop', job_type='noop', target=on_agent('edge-1'), retries=0)"
+        f".expand(params={[{'echo': i, 'sleep': 0.3} for i in range(rerunnable)]!r})\n"
+        "    AgentOperator.partial(task_id='once', job_type='command.run', target=on_agent('edge-1'), retries=0)"
+        f".expand(params={[{'argv': ['sh', '-c', script, f'm-{i}']} for i in range(once)]!r})\n"
+    )
+
+
+@pytest.mark.timeout(240)
+def test_agent_killed_mid_task_100_times_leaves_one_result_per_assignment(fleet: Any, mosquitto: Any, tmp_path: Path) -> None:
+    ran = tmp_path / "ran.log"
+    f = fleet({"churn.py": churn_dag(ran, rerunnable=60, once=30)})
+    f.start_hub()
+    agent = add_agent(f, "edge-1", mosquitto.port)
+    f.wait_agents_online(1)
+    run_pk = f.trigger("churn")
+    rng = random.Random(4)
+    started = time.monotonic()
+    for _ in range(KILLS):
+        time.sleep(rng.uniform(0.3, 1.0))
+        agent.kill()
+        agent.start()
+    loop = time.monotonic() - started
+    run = f.wait_run(run_pk, timeout=90)
+    tis, results = assert_each_assignment_decided_once(f, run_pk)
+    by_id = {r.ti_id: r for r in results}
+    noops = [t for t in tis if t.task_id == "noop"]
+    assert all(t.state == "success" and by_id[t.id].output == {"echo": t.map_index} for t in noops)
+    lines = Counter(ran.read_text().split()) if ran.exists() else Counter()
+    assert max(lines.values()) == 1, [m for m, n in lines.items() if n > 1]
+    interrupted = 0
+    for ti in (t for t in tis if t.task_id == "once"):
+        result = by_id[ti.id]
+        if ti.state == "success":
+            assert lines[f"m-{ti.map_index}"] == 1
+        else:
+            assert ti.state == "failed" and result.error["code"] == "interrupted", (ti.map_index, result.error)
+            interrupted += 1
+    print(f"{KILLS} kills in {loop:.0f}s; {interrupted} of 30 command.run jobs interrupted; run {run['state']}")
+    assert interrupted >= 1, "no kill landed while a command.run job ran: the scenario did not test that path"
