@@ -257,3 +257,52 @@ def test_agent_killed_mid_task_100_times_leaves_one_result_per_assignment(fleet:
             interrupted += 1
     print(f"{KILLS} kills in {loop:.0f}s; {interrupted} of 30 command.run jobs interrupted; run {run['state']}")
     assert interrupted >= 1, "no kill landed while a command.run job ran: the scenario did not test that path"
+
+
+# --- broker kill -9 -----------------------------------------------------------------
+
+DELIVERIES = 1000
+
+
+def finished_count(f: Any, run_pk: int) -> int:
+    engine = make_engine(f.db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return len(list(session.scalars(select(TaskResult.id).join(TaskInstance, TaskInstance.id == TaskResult.ti_id).where(TaskInstance.run_pk == run_pk))))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(180)
+def test_broker_killed_during_1000_deliveries_applies_each_exactly_once(fleet: Any, mosquitto: Any) -> None:
+    half = DELIVERIES // 2
+    dag = (
+        "from hub.dag import DAG, AgentOperator, on_agent\n"
+        "with DAG('burst', max_active_tasks=2000) as dag:\n"
+        + "".join(
+            f"    AgentOperator.partial(task_id='to_{a}', job_type='noop', target=on_agent('edge-{a}'), retries=0)"
+            f".expand(params=[{{'echo': i}} for i in range({half})])\n"
+            for a in (1, 2)
+        )
+    )
+    f = fleet({"burst.py": dag})
+    hub_config(f, default_pool_slots=-1)
+    f.start_hub()
+    for a in (1, 2):
+        add_agent(f, f"edge-{a}", mosquitto.port, concurrency=8)
+    f.wait_agents_online(2)
+    started = time.monotonic()
+    run_pk = f.trigger("burst")
+    at_kill = []
+    # Twice: while assignments are still going out, and with results flowing back.
+    for share in (0.02, 0.5):
+        f.wait(lambda: finished_count(f, run_pk) >= DELIVERIES * share, 60, f"{share:.0%} of the results")
+        at_kill.append(finished_count(f, run_pk))
+        mosquitto.restart(kill=True)  # kill -9; persistence saved at most a second ago
+    run = f.wait_run(run_pk, timeout=120)
+    took = time.monotonic() - started
+    tis, results = assert_each_assignment_decided_once(f, run_pk)
+    assert len(tis) == DELIVERIES and len(results) == DELIVERIES
+    assert run["state"] == "success" and all(t.state == "success" for t in tis)
+    print(f"{DELIVERIES} assignments and results, broker kill -9ed after {at_kill} results: all applied once in {took:.1f}s")
+    assert at_kill[-1] < DELIVERIES, "everything had finished before the broker died"
