@@ -90,6 +90,7 @@ class AgentLink:
                 username=settings.broker_username,
                 password=settings.broker_password,
                 keepalive=settings.keepalive,
+                reconnect_max=settings.reconnect_max,
                 session_expiry=settings.session_expiry,
                 tls_ca=settings.tls_ca,
                 tls_cert=settings.tls_cert,
