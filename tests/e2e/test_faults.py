@@ -306,3 +306,61 @@ def test_broker_killed_during_1000_deliveries_applies_each_exactly_once(fleet: A
     assert run["state"] == "success" and all(t.state == "success" for t in tis)
     print(f"{DELIVERIES} assignments and results, broker kill -9ed after {at_kill} results: all applied once in {took:.1f}s")
     assert at_kill[-1] < DELIVERIES, "everything had finished before the broker died"
+
+
+# --- a partition ------------------------------------------------------------------
+
+#: How long the agent's link is blackholed (the issue says "for minutes"; a
+#: minute is twelve of the agent's keepalives and six agent_offline_after).
+BLACKHOLE = 60.0
+
+
+def applied_count(f: Any, run_pk: int) -> int:
+    _, results, _ = db_rows(f, run_pk)
+    return sum(1 for r in results if r.applied)
+
+
+def agent_state(f: Any, agent_id: str) -> str:
+    return str(f.api("GET", f"/agents/{agent_id}")["state"])
+
+
+@pytest.mark.timeout(200)
+def test_link_blackholed_for_a_minute_while_tasks_run_then_healed(fleet: Any, mosquitto: Any, proxies: list[FaultProxy]) -> None:
+    tasks = 20
+    f = fleet({"offline.py": mapped_dag("offline", "edge-1", [{"echo": i, "sleep": 1.5} for i in range(tasks)])})
+    hub_config(f, agent_offline_after=10.0)
+    f.start_hub()
+    proxy = FaultProxy(mosquitto.port).start()
+    proxies.append(proxy)
+    # reconnect_max 5: with the default 30 s back-off the first attempt after
+    # the heal can come 30 s late (measured 31 s), which only costs test time.
+    agent = add_agent(f, "edge-1", proxy.port, keepalive=5, reconnect_max=5)
+    f.wait_agents_online(1)
+    run_pk = f.trigger("offline")
+
+    def all_accepted() -> bool:
+        _, _, assignments = db_rows(f, run_pk)
+        return len(assignments) == tasks and all(a.state not in ("pending", "sent") for a in assignments)
+
+    f.wait(all_accepted, 30, "every assignment to be in the agent's inbox")
+    proxy.blackhole()
+    cut = time.monotonic()
+    before = applied_count(f, run_pk)
+    assert before < tasks
+    f.wait(lambda: agent_state(f, "edge-1") == "offline", 30, "the hub to mark the agent offline")
+    time.sleep(max(0.0, BLACKHOLE - (time.monotonic() - cut)))
+    # The agent worked on while cut off: every result is waiting in its outbox.
+    pending = agent.outbox()
+    assert applied_count(f, run_pk) == before, "a result crossed the blackhole"
+    assert pending["0"] + pending["1"] >= tasks - before, pending
+    assert agent.proc is not None and agent.proc.poll() is None
+    proxy.pass_through()
+    healed = time.monotonic()
+    run = f.wait_run(run_pk, timeout=30)
+    synced = time.monotonic() - healed
+    assert run["state"] == "success"
+    tis, results = assert_each_assignment_decided_once(f, run_pk)
+    assert sorted(r.output["echo"] for r in results) == list(range(tasks))
+    assert agent_state(f, "edge-1") == "online"
+    f.wait(lambda: agent.outbox()["0"] + agent.outbox()["1"] == 0, 20, "the agent's outbox to empty")
+    print(f"blackhole {BLACKHOLE:.0f}s: {tasks - before} results buffered offline, synced {synced:.1f}s after the heal, none twice")
