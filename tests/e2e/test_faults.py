@@ -364,3 +364,38 @@ def test_link_blackholed_for_a_minute_while_tasks_run_then_healed(fleet: Any, mo
     assert agent_state(f, "edge-1") == "online"
     f.wait(lambda: agent.outbox()["0"] + agent.outbox()["1"] == 0, 20, "the agent's outbox to empty")
     print(f"blackhole {BLACKHOLE:.0f}s: {tasks - before} results buffered offline, synced {synced:.1f}s after the heal, none twice")
+
+
+# --- a frozen agent ---------------------------------------------------------------
+
+OFFLINE_AFTER = 4.0
+
+
+@pytest.mark.timeout(120)
+def test_agent_stopped_past_agent_offline_after_recovers_after_sigcont(fleet: Any, mosquitto: Any) -> None:
+    tasks = 10
+    f = fleet({"frozen.py": mapped_dag("frozen", "edge-1", [{"echo": i, "sleep": 1.0} for i in range(tasks)])})
+    hub_config(f, agent_offline_after=OFFLINE_AFTER)
+    f.start_hub()
+    agent = add_agent(f, "edge-1", mosquitto.port)  # keepalive 30: the broker keeps the session open
+    f.wait_agents_online(1)
+    run_pk = f.trigger("frozen")
+    f.wait(lambda: applied_count(f, run_pk) >= 2, 30, "the first results")
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        at_stop = applied_count(f, run_pk)
+        f.wait(lambda: agent_state(f, "edge-1") == "offline", OFFLINE_AFTER + 6, "the hub to mark the stopped agent offline")
+        offline_after = time.monotonic() - stopped
+        time.sleep(2.0)
+        assert applied_count(f, run_pk) <= at_stop + 2  # at most what was on the wire when it froze
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+        frozen = time.monotonic() - stopped
+    f.wait(lambda: agent_state(f, "edge-1") == "online", 10, "the agent to be online again")
+    run = f.wait_run(run_pk, timeout=40)
+    assert run["state"] == "success"
+    _, results = assert_each_assignment_decided_once(f, run_pk)
+    assert sorted(r.output["echo"] for r in results) == list(range(tasks))
+    print(f"SIGSTOP: marked offline after {offline_after:.1f}s (agent_offline_after {OFFLINE_AFTER}s), stopped {frozen:.1f}s; all {tasks} results once")
