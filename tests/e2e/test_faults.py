@@ -80,13 +80,9 @@ class FaultAgent:
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGCONT)  # in case a scenario left it stopped
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        # kill -9: whatever state it is left in is what these tests survive anyway.
+        self.proc.kill()
+        self.proc.wait(timeout)
 
     @property
     def log(self) -> str:
@@ -165,42 +161,26 @@ def mapped_dag(dag_id: str, agent_id: str, params: list[dict[str, Any]], job_typ
 KEEPALIVE = 6
 
 
-def test_half_open_agent_link_is_noticed_within_one_and_a_half_keepalives(fleet: Any, mosquitto: Any, proxies: list[FaultProxy]) -> None:
+def test_half_open_links_are_noticed_within_one_and_a_half_keepalives(fleet: Any, mosquitto: Any, proxies: list[FaultProxy]) -> None:
+    """The agent and the hub each behind their own proxy; both links go
+    half-open at once. paho alone took 2 keepalives (11.8 s for 6 s)."""
     f = fleet({"pinned.py": mapped_dag("pinned", "edge-1", [{"echo": i} for i in range(3)])})
+    to_hub, to_agent = FaultProxy(mosquitto.port).start(), FaultProxy(mosquitto.port).start()
+    proxies += [to_hub, to_agent]
+    f.config.write_text(f.config.read_text().replace(f"broker_port = {mosquitto.port}", f"broker_port = {to_hub.port}") + f"mqtt_keepalive = {KEEPALIVE}\n")
     f.start_hub()
-    proxy = FaultProxy(mosquitto.port).start()
-    proxies.append(proxy)
-    agent = add_agent(f, "edge-1", proxy.port, keepalive=KEEPALIVE, heartbeat_interval=2.0)
+    agent = add_agent(f, "edge-1", to_agent.port, keepalive=KEEPALIVE, heartbeat_interval=2.0)
     f.wait_agents_online(1)
     time.sleep(1.0)
-    before = len(proxy.accepted())
-    proxy.half_open()
+    before = {proxy.port: len(proxy.accepted()) for proxy in proxies}
+    for proxy in proxies:
+        proxy.half_open()
     cut = time.monotonic()
-    f.wait(lambda: len(proxy.accepted()) > before, 3 * KEEPALIVE, "the agent to reconnect")
-    took = proxy.accepted()[before].at - cut
-    print(f"half-open agent link: reconnected after {took:.2f}s (keepalive {KEEPALIVE}s)")
-    assert took <= 1.5 * KEEPALIVE, f"reconnected after {took:.1f}s; keepalive {KEEPALIVE}s\n{agent.log[-2000:]}"
-    run = f.wait_run(f.trigger("pinned"), timeout=30)
-    assert run["state"] == "success"
-    assert_each_assignment_decided_once(f, run["id"])
-
-
-def test_half_open_hub_link_is_noticed_within_one_and_a_half_keepalives(fleet: Any, mosquitto: Any, proxies: list[FaultProxy]) -> None:
-    f = fleet({"pinned.py": mapped_dag("pinned", "edge-1", [{"echo": i} for i in range(3)])})
-    proxy = FaultProxy(mosquitto.port).start()
-    proxies.append(proxy)
-    f.config.write_text(f.config.read_text().replace(f"broker_port = {mosquitto.port}", f"broker_port = {proxy.port}") + f"mqtt_keepalive = {KEEPALIVE}\n")
-    f.start_hub()
-    add_agent(f, "edge-1", mosquitto.port)
-    f.wait_agents_online(1)
-    time.sleep(1.0)
-    before = len(proxy.accepted())
-    proxy.half_open()
-    cut = time.monotonic()
-    f.wait(lambda: len(proxy.accepted()) > before, 3 * KEEPALIVE, "the hub to reconnect")
-    took = proxy.accepted()[before].at - cut
-    print(f"half-open hub link: reconnected after {took:.2f}s (keepalive {KEEPALIVE}s)")
-    assert took <= 1.5 * KEEPALIVE, f"reconnected after {took:.1f}s; keepalive {KEEPALIVE}s\n{f.log('scheduler')[-2000:]}"
+    f.wait(lambda: all(len(p.accepted()) > before[p.port] for p in proxies), 3 * KEEPALIVE, "both to reconnect")
+    took = {name: p.accepted()[before[p.port]].at - cut for name, p in (("hub", to_hub), ("agent", to_agent))}
+    print(f"half-open links: reconnected after {took['agent']:.2f}s (agent), {took['hub']:.2f}s (hub); keepalive {KEEPALIVE}s")
+    assert took["agent"] <= 1.5 * KEEPALIVE, f"{took}\n{agent.log[-2000:]}"
+    assert took["hub"] <= 1.5 * KEEPALIVE, f"{took}\n{f.log('scheduler')[-2000:]}"
     run = f.wait_run(f.trigger("pinned"), timeout=30)
     assert run["state"] == "success"
     assert_each_assignment_decided_once(f, run["id"])
