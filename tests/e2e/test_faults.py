@@ -425,7 +425,7 @@ def test_hub_killed_twice_while_400_results_arrive_applies_each_once(fleet: Any,
 @pytest.mark.timeout(150)
 def test_link_that_slices_lags_and_resets_loses_and_doubles_nothing(fleet: Any, mosquitto: Any, proxies: list[FaultProxy]) -> None:
     tasks = 200
-    f = fleet({"rough.py": mapped_dag("rough", "edge-1", [{"echo": i, "sleep": 0.05} for i in range(tasks)])})
+    f = fleet({"rough.py": mapped_dag("rough", "edge-1", [{"echo": i, "sleep": 0.15} for i in range(tasks)])})
     f.start_hub()
     proxy = FaultProxy(mosquitto.port).start()
     proxies.append(proxy)
@@ -433,10 +433,9 @@ def test_link_that_slices_lags_and_resets_loses_and_doubles_nothing(fleet: Any, 
     f.wait_agents_online(1)
     run_pk = f.trigger("rough")
     resets = 0
-    started = time.monotonic()
     # Packets split at every 5th byte, then 80 ms each way, then every
-    # connection reset: 1.5 s each, until the work is done or 20 s passed.
-    while time.monotonic() - started < 20 and finished_count(f, run_pk) < tasks:
+    # connection reset: three rounds of ~4 s, about as long as the work takes.
+    for _ in range(3):
         proxy.slicing(5)
         time.sleep(1.5)
         proxy.latency(0.08)
@@ -453,4 +452,3 @@ def test_link_that_slices_lags_and_resets_loses_and_doubles_nothing(fleet: Any, 
     _, results = assert_each_assignment_decided_once(f, run_pk)
     assert sorted(r.output["echo"] for r in results) == list(range(tasks))
     print(f"rough link: {resets} resets, {len(proxy.accepted())} connections, {at_end} of {tasks} results during the faults; all once")
-    assert resets >= 2
