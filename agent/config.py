@@ -101,6 +101,7 @@ class AgentSettings:
     tls_cert: str | None = _setting("optstr", "Client certificate file for mutual TLS.", None, _existing_file)
     tls_key: str | None = _setting("optstr", "Client private key file for mutual TLS.", None, _existing_file)
     keepalive: int = _setting("int", "MQTT keepalive in seconds.", 30, _between(5, 65535))
+    reconnect_max: int = _setting("int", "Longest wait in seconds between two attempts to reach the broker (the wait doubles from 1 s up to this).", 30, _between(1, 3600))
     session_expiry: int = _setting("int", "Seconds the broker keeps this agent's session and queued messages.", 604800, _between(0, 4294967295))
     labels: dict[str, str] = _setting("labels", "Labels the hub targets devices by (table of string to string).", default_factory=dict)
     heartbeat_interval: float = _setting("float", "Seconds between heartbeats.", 10.0, _positive)

@@ -34,7 +34,7 @@ from shared.errors import ClockSkew, PayloadTooLarge, ProtocolError
 from shared.hlc import HLC, HybridClock
 from shared.messages import Ack, Assign, Cancel, Message, Rejected, Status
 from shared.mqtt import Inbound, MqttLink, MqttSettings, Will
-from shared.topics import ack_topic, assign_topic, events_topic, parse, status_topic
+from shared.topics import ack_topic, assign_topic, events_topic, parse, probe_topic, status_topic
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,12 @@ class AgentLink:
                 username=settings.broker_username,
                 password=settings.broker_password,
                 keepalive=settings.keepalive,
+                reconnect_max=settings.reconnect_max,
                 session_expiry=settings.session_expiry,
                 tls_ca=settings.tls_ca,
                 tls_cert=settings.tls_cert,
                 tls_key=settings.tls_key,
+                probe_topic=probe_topic(self.agent_id),
             ),
             subscriptions=[(assign_topic(self.agent_id), 1), (ack_topic(self.agent_id), 1)],
             will=will,

@@ -31,6 +31,7 @@ class HubSettings(BaseSettings):
     broker_username: str | None = Field(None, description="MQTT user name of the hub.")
     broker_password: str | None = Field(None, description="MQTT password of the hub.")
     mqtt_client_id: str = Field("outpost-hub", description="MQTT client id; unique per hub process.")
+    mqtt_keepalive: int = Field(30, ge=5, le=65535, description="MQTT keepalive in seconds; a connection silent for about this long (a half-open link) is dropped and reopened.")
     api_host: str = Field("127.0.0.1", description="Address the REST API and dashboard listen on.")
     api_port: int = Field(8080, ge=0, le=65535, description="Port of the REST API and dashboard (0: any free port).")
     scheduler_interval: float = Field(0.5, gt=0, description="Seconds between scheduler ticks when idle.")

@@ -30,7 +30,7 @@ from hub.scheduler import Scheduler
 from shared.clock import Clock, SystemClock, utcnow
 from shared.hlc import HybridClock
 from shared.mqtt import MqttLink, MqttSettings
-from shared.topics import hub_subscriptions
+from shared.topics import hub_probe_topic, hub_subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ class HubRuntime:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.link = MqttLink(
-            MqttSettings(host=s.broker_host, port=s.broker_port, client_id=s.mqtt_client_id, username=s.broker_username, password=s.broker_password),
+            MqttSettings(
+                host=s.broker_host, port=s.broker_port, client_id=s.mqtt_client_id, username=s.broker_username, password=s.broker_password,
+                keepalive=s.mqtt_keepalive, probe_topic=hub_probe_topic(s.mqtt_client_id),
+            ),
             subscriptions=[(t, 1) for t in hub_subscriptions()],
         )
         # DAG files are parsed in other processes; the hub keeps their serialized DAGs.

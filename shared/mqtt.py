@@ -6,6 +6,15 @@ broker. Incoming messages are acknowledged manually: the callback thread only
 puts them on a thread-safe queue, and the consumer calls :meth:`Inbound.ack`
 after it has made the message durable. A crash before that ack leaves the
 message with the broker, which redelivers it on the next connection.
+
+paho notices a dead connection only when a PINGREQ goes unanswered for a
+whole keepalive, up to two keepalives after the last byte came in: too slow
+for a half-open link (a NAT entry or a peer that vanished without a FIN).
+A watchdog thread therefore probes a link that has been silent for half a
+keepalive with a QoS 1 publish on ``probe_topic`` (nobody subscribes; the
+broker's PUBACK is the answer) and drops the socket when nothing at all
+came in for another half keepalive. paho then reconnects as after any
+lost connection. Busy links (heartbeats, acks) never need a probe.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,6 +53,9 @@ class MqttSettings:
     max_inflight: int = 100
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    #: Where the watchdog publishes its liveness probe (see the module
+    #: docstring); None: no watchdog, paho's own keepalive only.
+    probe_topic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,8 +121,18 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_socket_open = self._handle_socket_open
+        client.on_publish = self._handle_inbound_ack
+        client.on_subscribe = self._handle_inbound_ack
         self.client = client
         self._started = False
+        #: time.monotonic() of the last packet from the broker, and of the
+        #: unanswered probe (None: none outstanding).
+        self._last_in = time.monotonic()
+        self._probe_sent: float | None = None
+        self._watchdog_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        #: Connections the watchdog dropped (a test and a log read it).
+        self.dropped_silent = 0
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -126,6 +149,10 @@ class MqttLink:
         )
         self.client.loop_start()
         self._started = True
+        if self.settings.probe_topic and self.settings.keepalive > 0:
+            self._watchdog_stop.clear()
+            self._watchdog = threading.Thread(target=self._watch, name=f"mqtt-watchdog-{self.settings.client_id}", daemon=True)
+            self._watchdog.start()
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -135,6 +162,10 @@ class MqttLink:
         (the agent's ``offline`` status, so the broker need not send the will)."""
         if not self._started:
             return
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout)
+            self._watchdog = None
         if last_words is not None and self.connected.is_set():
             info = self.client.publish(last_words[0], last_words[1], qos=1, retain=True)
             try:
@@ -166,12 +197,58 @@ class MqttLink:
             return False
         return info.is_published()
 
+    # --- liveness ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        half = self.settings.keepalive / 2
+        # Worst case from the last byte in to the drop: a keepalive plus two ticks.
+        tick = max(0.1, self.settings.keepalive / 20)
+        while not self._watchdog_stop.wait(tick):
+            try:
+                self._check_liveness(time.monotonic(), half)
+            except Exception:  # the watchdog must outlive a failed probe
+                log.exception("mqtt liveness check failed")
+
+    def _check_liveness(self, now: float, half: float) -> None:
+        if not self.connected.is_set():
+            self._probe_sent = None
+            return
+        if self._probe_sent is None:
+            if now - self._last_in >= half:
+                self._probe_sent = now
+                self.client.publish(self.settings.probe_topic or "", b"", qos=1)
+            return
+        if now - self._probe_sent < half:
+            return
+        sock = self.client.socket()
+        log.warning(
+            "mqtt: nothing from %s:%s for %.1fs (probe unanswered); dropping the connection to reconnect",
+            self.settings.host, self.settings.port, now - self._last_in,
+        )
+        self._probe_sent = None
+        self.dropped_silent += 1
+        if isinstance(sock, socket.socket):
+            # paho's network thread then reads EOF and reconnects; closing
+            # the socket under it instead would race with its select().
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _saw_inbound(self) -> None:
+        self._last_in = time.monotonic()
+        self._probe_sent = None
+
+    def _handle_inbound_ack(self, *args: object) -> None:
+        self._saw_inbound()
+
     # --- paho callbacks (network thread) -----------------------------------
 
     def _handle_connect(self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, properties: object) -> None:
         if reason.is_failure:
             log.warning("mqtt connect to %s:%s refused: %s", self.settings.host, self.settings.port, reason)
             return
+        self._saw_inbound()
         log.info("mqtt connected to %s:%s as %s", self.settings.host, self.settings.port, self.settings.client_id)
         if self.subscriptions:
             client.subscribe(self.subscriptions)
@@ -194,4 +271,5 @@ class MqttLink:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        self._saw_inbound()
         self.inbound.put(Inbound(msg.topic, msg.payload, msg.qos, msg.retain, msg.mid, client))

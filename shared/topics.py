@@ -8,6 +8,10 @@ Per agent ``A``:
   heartbeat, rejected, agent_event (QoS 1)
 * ``outpost/v1/agents/A/status``  agent to hub, retained, and the agent's
   last will (QoS 1)
+* ``outpost/v1/agents/A/probe``   agent's liveness probe; nobody subscribes
+  (the broker's PUBACK is the answer, see shared/mqtt.py)
+
+The hub probes on ``outpost/v1/hub/probe/<client id>``.
 
 Every topic an agent uses contains its id, so a broker ACL of the form
 ``outpost/v1/agents/%c/#`` confines each agent to its own topics.
@@ -52,6 +56,17 @@ def events_topic(agent_id: str) -> str:
 
 def status_topic(agent_id: str) -> str:
     return agent_topic(agent_id, "status")
+
+
+def probe_topic(agent_id: str) -> str:
+    """The agent's liveness-probe topic: inside its ACL namespace, read by nobody."""
+    return f"{PREFIX}/agents/{check_agent_id(agent_id)}/probe"
+
+
+def hub_probe_topic(client_id: str) -> str:
+    """A hub process's liveness-probe topic (wildcards and levels removed from the id)."""
+    safe = "".join("_" if c in "+#/" else c for c in client_id) or "hub"
+    return f"{PREFIX}/hub/probe/{safe}"
 
 
 def hub_subscriptions(shared: bool = True) -> list[str]:

@@ -10,6 +10,7 @@ import select
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ import pytest
 
 from shared.mqtt import Inbound, MqttLink, MqttSettings, Will
 from shared.topics import assign_topic, status_topic
+from tests.faultproxy import FaultProxy
 
 if TYPE_CHECKING:  # the fixture's type; several conftest modules exist, so never import it at run time
     from tests.conftest import Broker
@@ -186,3 +188,20 @@ def test_clean_stop_sends_last_words_instead_of_the_will(mosquitto: Broker, link
     assert msg.payload == b"offline-clean"
     msg.ack()
     assert nothing_arrives(observer, 1.0)
+
+
+def test_watchdog_probes_a_quiet_link_and_replaces_a_half_open_one(links: list[MqttLink], mosquitto: Broker) -> None:
+    with FaultProxy(mosquitto.port) as proxy:
+        link = MqttLink(MqttSettings(host=mosquitto.host, port=proxy.port, client_id="watched", keepalive=2, probe_topic="outpost/v1/hub/probe/watched"))
+        links.append(link)
+        link.start()
+        assert link.wait_connected(TIMEOUT)
+        time.sleep(3.5)  # quiet, healthy: probes go out, answers come back
+        assert link.dropped_silent == 0 and link.connected.is_set() and len(proxy.accepted()) == 1
+        proxy.half_open()
+        cut = time.monotonic()
+        while len(proxy.accepted()) < 2 and time.monotonic() - cut < 10:
+            time.sleep(0.05)
+        # Dropped about a keepalive after the last answer, plus paho's 1 s reconnect wait.
+        assert link.dropped_silent == 1 and time.monotonic() - cut <= 2 * 1.5 + 1
+        assert link.wait_connected(TIMEOUT)
