@@ -25,7 +25,7 @@ from shared.errors import OutpostError
 from shared.topics import check_agent_id
 
 ENV_PREFIX = "OUTPOST_AGENT_"
-_SECRET_KEYS = frozenset({"broker_password"})
+_SECRET_KEYS = frozenset({"broker_password", "sync_token"})
 
 
 class ConfigError(OutpostError):
@@ -76,6 +76,10 @@ def _existing_file(v: str | None) -> str | None:
     return None if v is None or Path(v).is_file() else "no such file"
 
 
+def _http_url(v: str | None) -> str | None:
+    return None if v is None or v.startswith(("http://", "https://")) else "must start with http:// or https://"
+
+
 def _not_empty(v: Any) -> str | None:
     return None if str(v) else "must not be empty"
 
@@ -103,6 +107,11 @@ class AgentSettings:
     max_message_bytes: int = _setting("int", "Largest envelope accepted or sent, in bytes.", 262144, _between(1024, 268435455))
     inbox_retention: float = _setting("float", "Seconds a finished assignment is remembered, so a redelivery never runs twice.", 604800.0, _between(0, 10 * 365 * 86400))
     sqlite_synchronous: str = _setting("choice", "SQLite synchronous mode for the queues: FULL survives power loss, NORMAL only process crashes.", "FULL", _one_of("NORMAL", "FULL"))
+    hub_url: str | None = _setting("optstr", "Hub API base URL (e.g. https://hub.example:8080) for the HTTP bulk sync of large outbox backlogs; none: MQTT only.", None, _http_url)
+    sync_token: str | None = _setting("optstr", "Bearer secret for the hub's HTTP sync endpoint (the hub's agent_sync_token; per-agent signatures replace it in issue 5).", None)
+    http_sync_threshold: int = _setting("int", "Outbox backlog (items) from which the outbox drains over HTTP, when hub_url is set; smaller backlogs go over MQTT.", 200, _between(1, 100_000_000))
+    http_sync_batch: int = _setting("int", "Outbox items per HTTP sync batch (the hub's sync_max_batch_items must allow it).", 500, _between(1, 100_000))
+    http_sync_timeout: float = _setting("float", "Seconds an HTTP sync request may take before it counts as failed (the outbox then falls back to MQTT for a while).", 60.0, _positive)
     log_level: str = _setting("choice", "Logging level.", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:

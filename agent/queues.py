@@ -307,3 +307,37 @@ class Outbox(_KeyedQueue):
                 (MessageStatus.DONE.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, *ids),
             )
             return cursor.rowcount
+
+    # --- HTTP bulk sync (agent.sync) -----------------------------------------
+    # Outbox order is litequeue's message id order: UUIDv7 text, which sorts
+    # by creation time and, within one process, strictly increases.
+
+    def newest_message_id(self) -> str | None:
+        """The highest message id stored (any status), or None when empty."""
+        with _errors(self.path, "reading"), self._q.transaction():
+            row = self._q.conn.execute('SELECT MAX(message_id) FROM "Queue"').fetchone()
+        return row[0] if row else None
+
+    def ack_through(self, message_id: str, now: float) -> list[str]:
+        """Mark done every pending item up to and including ``message_id``
+        (the hub's sync cursor); returns their keys."""
+        with _errors(self.path, "acknowledging"), self._q.transaction("IMMEDIATE"):
+            rows = self._q.conn.execute(
+                'UPDATE "Queue" SET status = ?, done_time = ? WHERE status IN (?, ?) AND message_id <= ? RETURNING idempotency_key',
+                (MessageStatus.DONE.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, message_id),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def set_aside(self, keys: Iterable[str], now: float) -> int:
+        """Park pending items as failed (kept for inspection, never sent
+        again): the hub refused them for good. Returns how many changed."""
+        ids = list(keys)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with _errors(self.path, "setting aside"), self._q.transaction("IMMEDIATE"):
+            cursor = self._q.conn.execute(
+                f'UPDATE "Queue" SET status = ?, done_time = ? WHERE status IN (?, ?) AND idempotency_key IN ({marks})',
+                (MessageStatus.FAILED.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, *ids),
+            )
+            return cursor.rowcount

@@ -71,6 +71,10 @@ class _Batch:
     event_acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rejections: list[RejectedMessage] = field(default_factory=list)
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: The messages refused, with their rejection records.
+    refused: list[tuple[Inbound, RejectedMessage]] = field(default_factory=list)
+    #: Where the messages came from, as stored in ``rejected_messages.source``.
+    source: str = "mqtt"
 
     def merge(self, other: _Batch) -> None:
         for agent_id, ids in other.acks.items():
@@ -79,6 +83,7 @@ class _Batch:
             self.event_acks[agent_id].extend(ids)
         self.rejections.extend(other.rejections)
         self.emitted.extend(other.emitted)
+        self.refused.extend(other.refused)
 
 
 @dataclass
@@ -145,7 +150,20 @@ class Ingester:
 
     def process(self, batch: list[Inbound]) -> None:
         """Apply a batch of inbound messages, then acknowledge them."""
-        out = _Batch()
+        out = self.apply(batch)
+        self._send_acks(out.acks, out.event_acks)
+        for msg in batch:
+            msg.ack()
+        self.announce(out)
+
+    def apply(self, batch: list[Inbound], *, source: str = "mqtt", in_transaction: Callable[[Session], None] | None = None) -> _Batch:
+        """Decode, check and apply ``batch`` in order in one transaction and
+        commit; returns what to acknowledge (``acks``, ``event_acks`` per
+        agent) and what was refused. Acknowledges nothing itself: the MQTT
+        path publishes acks (``process``), the HTTP sync route answers them.
+        ``in_transaction`` runs last inside the same transaction (the HTTP
+        sync cursor commits with the items it covers)."""
+        out = _Batch(source=source)
         decoded: list[tuple[Inbound, str, Envelope]] = []
         for msg in batch:
             item = self._decode(msg, out)
@@ -155,7 +173,7 @@ class Ingester:
             now = utcnow(self.clock)
             try:
                 # The fast path: the whole batch in one savepoint.
-                attempt = _Batch()
+                attempt = _Batch(source=source)
                 with session.begin_nested():
                     self._apply_all(session, decoded, now, attempt)
                 out.merge(attempt)
@@ -172,9 +190,12 @@ class Ingester:
                 session.add(record)
             if session.info.pop(CALLBACKS_FLAG, False):
                 out.emitted.append((ev.CALLBACKS_REQUESTED, {}))  # the workers run them now, not at their next poll
-        self._send_acks(out.acks, out.event_acks)
-        for msg in batch:
-            msg.ack()
+            if in_transaction is not None:
+                in_transaction(session)
+        return out
+
+    def announce(self, out: _Batch) -> None:
+        """Tell the rest of the hub what a committed batch changed."""
         for name, data in out.emitted:
             self.events.emit(name, **data)
         for record in out.rejections:
@@ -182,7 +203,7 @@ class Ingester:
 
     def _apply_one_isolated(self, session: Session, item: tuple[Inbound, str, Envelope], now: datetime, out: _Batch) -> None:
         msg, agent_id, envelope = item
-        attempt = _Batch()
+        attempt = _Batch(source=out.source)
         try:
             with session.begin_nested():
                 self._apply_all(session, [item], now, attempt)
@@ -259,7 +280,9 @@ class Ingester:
     def _reject(self, out: _Batch, msg: Inbound, agent_id: str | None, code: str, detail: str) -> None:
         self.counters[f"rejected.{code}"] += 1
         log.warning("rejected message on %s (%s): %s", msg.topic, code, detail)
-        out.rejections.append(_rejection(msg.topic, agent_id, code, detail, msg.payload))
+        record = _rejection(msg.topic, agent_id, code, detail, msg.payload, source=out.source)
+        out.rejections.append(record)
+        out.refused.append((msg, record))
 
     # --- applying ----------------------------------------------------------
 
@@ -384,6 +407,12 @@ class Ingester:
         event = asset_events.record_asset_event(session, uri, now, extra=body.payload, source_agent_id=agent_id, source_event_id=key)
         self.counters["agent_event.applied"] += 1
         out.emitted.append((ev.ASSET_UPDATED, {"uri": uri, "event_id": event.id}))
+
+    @staticmethod
+    def ack_of(out: _Batch, agent_id: str) -> Ack:
+        """Everything ``out`` acknowledges to one agent, as one ``Ack`` (the
+        HTTP sync route answers with it; MQTT sends it in chunks)."""
+        return Ack(tuple(out.acks.get(agent_id, ())), event_ids=tuple(out.event_acks.get(agent_id, ())))
 
     def _send_acks(self, acks: dict[str, list[str]], event_acks: dict[str, list[str]] | None = None) -> None:
         event_acks = event_acks or {}

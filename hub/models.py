@@ -392,3 +392,19 @@ class CallbackRequest(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class SyncCursor(Base):
+    """How far an agent's HTTP bulk sync got: the highest outbox sequence
+    (litequeue message id) of a batch the hub committed, per outbox stream.
+    Only saves re-sending after a restart; idempotency never depends on it."""
+
+    __tablename__ = "sync_cursors"
+
+    agent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: The agent's outbox stream id; a new outbox (or a clock that went back) starts a new stream.
+    stream: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[str] = mapped_column(String(64))
+    #: Items committed over HTTP on this stream.
+    items: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime]
