@@ -81,7 +81,8 @@ class HubSyncClient:
     def __init__(self, base_url: str, agent_id: str, token: str | None, timeout: float = 60.0) -> None:
         # httpx logs every request at INFO: one line per batch says nothing the counters do not.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers={"Authorization": f"Bearer {token or ''}"}, timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}  # none: the hub answers 401, which the log shows
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
         self._path = f"/api/v1/agents/{agent_id}/sync"
 
     def cursor(self) -> dict[str, Any]:

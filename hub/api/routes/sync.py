@@ -223,7 +223,7 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     except OperationalError as exc:
         log.warning("sync batch from %s not applied, database unavailable: %s", agent_id, exc)
         raise DatabaseUnavailable("the hub's database is unavailable; nothing was applied, send the batch again later") from None
-    ingester.announce(out)
+    await run_in_threadpool(ingester.announce, out)  # subscribers may block; not on the event loop
     positions = {id(msg): i for i, msg in enumerate(messages)}
     refused = [{"index": positions[id(msg)], "code": record.code, "detail": record.detail} for msg, record in out.refused]
     body = {**ingester.ack_of(out, agent_id).to_dict(), "refused": refused, "cursor": cursor}
