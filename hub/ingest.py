@@ -39,7 +39,7 @@ from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
 from hub.events import EventBus
 from hub.lifecycle import CALLBACKS_FLAG, finish_try, task_callback
-from hub.models import AssetEvent, Assignment, RejectedMessage, TaskInstance, TaskResult
+from hub.models import AssetEvent, Assignment, DagRun, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
 from shared.errors import ClockSkew, OutpostError, ProtocolError
@@ -231,6 +231,10 @@ class Ingester:
         ti_ids = {a.ti_id for a in assignments.values()}
         tis = {t.id: t for t in session.scalars(for_update(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
         known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
+        # Held until the batch is applied: the session's identity map is weak,
+        # and finish_try looks each result's run up by key, which otherwise
+        # costs a SELECT and an autoflush per result.
+        runs = list(session.scalars(select(DagRun).where(DagRun.id.in_({t.run_pk for t in tis.values()})))) if tis else []
         seen: set[str] = set()
         for msg, agent_id, envelope in items:
             try:
@@ -241,6 +245,7 @@ class Ingester:
         if seen:
             fleet.touch(session, seen, now)
         session.flush()
+        del runs
 
     # --- decoding ----------------------------------------------------------
 
