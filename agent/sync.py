@@ -198,6 +198,7 @@ class Sync:
         self._http = http
         self._http_retry_at = 0.0  # time.monotonic() before which HTTP is not tried
         self._http_delay = HTTP_BACKOFF_FIRST
+        self._http_failures = 0  # in a row
         self._http_batch_size = http.batch if http is not None else 0
         self._stream: str | None = None
         self._high_water: str | None = None
@@ -291,7 +292,7 @@ class Sync:
             if not self._resumed:
                 self._resume()
             while not self._stopping.is_set() and self._http_batch():
-                pass
+                self._http_failures = 0
             self._http_delay = HTTP_BACKOFF_FIRST
         except (httpx.HTTPError, OutpostError) as exc:
             self._count("errors.http_sync")
@@ -302,7 +303,11 @@ class Sync:
             delay = HTTP_BACKOFF_REFUSED if isinstance(exc, SyncRefused) and exc.status in (401, 403) else self._http_delay
             self._http_delay = min(self._http_delay * 2, HTTP_BACKOFF_MAX)
             self._http_retry_at = time.monotonic() + delay
-            log.warning("HTTP sync failed (%s); the outbox goes over MQTT, HTTP is tried again in %.0fs", exc, delay)
+            self._http_failures += 1
+            # A device offline for days fails every minute: say so at the
+            # start of a streak and then every tenth time, not each time.
+            level = logging.WARNING if self._http_failures % 10 == 1 else logging.DEBUG
+            log.log(level, "HTTP sync failed (%s, %d in a row); the outbox goes over MQTT, HTTP is tried again in %.0fs", exc, self._http_failures, delay)
 
     def _resume(self) -> None:
         """Skip what the hub committed before this process started (its
