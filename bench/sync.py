@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -42,11 +43,13 @@ from shared.hlc import HLC  # noqa: E402
 from shared.messages import JobTypeInfo, Result, Status  # noqa: E402
 from shared.topics import status_topic  # noqa: E402
 
+# One mapped task per device, CHUNK instances per run: the hub expands a
+# 10,000-wide map in seconds, a 100,000-wide one not within minutes.
 DAG = """
 from hub.dag import DAG, AgentOperator, on_agent
-for agent_id, n in {sizes!r}.items():
-    with DAG(f"backlog_{{agent_id.replace('-', '_')}}", max_active_tasks=max(n, 1)) as dag:
-        AgentOperator.partial(task_id="work", job_type="noop", target=on_agent(agent_id)).expand(params=[{{"echo": str(i)}} for i in range(n)])
+for agent_id in {agents!r}:
+    with DAG(f"backlog_{{agent_id.replace('-', '_')}}", max_active_tasks=1_000_000, max_active_runs=1000) as dag:
+        AgentOperator.partial(task_id="work", job_type="noop", target=on_agent(agent_id)).expand(params=[{{"echo": str(i)}} for i in range({chunk})])
     globals()[f"dag_{{agent_id.replace('-', '_')}}"] = dag
 """
 
@@ -84,13 +87,15 @@ def main() -> int:
     parser.add_argument("--http", type=int, default=100_000, help="backlog synced over HTTP (0: skip)")
     parser.add_argument("--mqtt", type=int, default=20_000, help="backlog synced over MQTT for comparison (0: skip)")
     parser.add_argument("--batch", type=int, default=500, help="items per HTTP batch (agent http_sync_batch)")
+    parser.add_argument("--chunk", type=int, default=10_000, help="assignments per run the hub issues (sizes are rounded up to a multiple)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the clean-up below
     os.environ["OUTPOST_AGENT_HTTP_SYNC_BATCH"] = str(args.batch)  # the agents inherit it
-    sizes = {a: n for a, n in (("dev-http", args.http), ("dev-mqtt", args.mqtt)) if n}
+    sizes = {a: -(-n // args.chunk) * args.chunk for a, n in (("dev-http", args.http), ("dev-mqtt", args.mqtt)) if n}
 
     root = Path(tempfile.mkdtemp(prefix="outpost-bench-sync-"))
     (root / "dags").mkdir()
-    (root / "dags" / "backlog.py").write_text(DAG.format(sizes=sizes))
+    (root / "dags" / "backlog.py").write_text(DAG.format(agents=list(sizes), chunk=args.chunk))
     broker = PrivateBroker(root / "broker")
     broker.start()
     token = secrets.token_urlsafe(24)
@@ -98,7 +103,7 @@ def main() -> int:
     config = root / "hub.toml"
     config.write_text(
         f'state_dir = "{root / "hub"}"\ndags_folder = "{root / "dags"}"\nbroker_port = {broker.port}\napi_port = {api_port}\n'
-        f'agent_sync_token = "{token}"\nmax_map_length = {max(sizes.values())}\nredeliver_after = 86400.0\n'
+        f'agent_sync_token = "{token}"\nmax_map_length = {args.chunk}\nredeliver_after = 86400.0\n'
         "agent_offline_after = 86400.0\ndefault_pool_slots = -1\nscheduler_interval = 0.2\nsqlite_synchronous = \"FULL\"\n"
     )
     url = f"http://127.0.0.1:{api_port}"
@@ -113,10 +118,10 @@ def main() -> int:
             if role == "scheduler":
                 wait(lambda: "mqtt connected" in (root / "hub-scheduler.log").read_text(), 60, "the scheduler")
         wait(lambda: httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200, 60, "the API")
-        print(f"machine: {os.cpu_count()} CPUs, load average {loadavg()} at start; state in {root}")
+        print(f"machine: {os.cpu_count()} CPUs, load average {loadavg()} at start; state in {root}", flush=True)
 
         for agent_id, n in sizes.items():
-            issue(broker, url, db, agent_id, n)
+            issue(broker, url, db, agent_id, n, args.chunk)
         for agent_id, n in sizes.items():
             fill(root, db, agent_id)
         for agent_id, n in sizes.items():
@@ -144,7 +149,8 @@ def main() -> int:
                 f"{'HTTP' if over_http else 'MQTT'}: {n} results in {wall:.1f}s = {n / wall:,.0f} results/s; "
                 f"CPU s: hub scheduler {after['scheduler'] - before['scheduler']:.1f}, hub api {after['api'] - before['api']:.1f}, agent {agent_cpu:.1f}; "
                 f"applied {applied[0]} ({applied[1]} distinct); load {load_before} -> {loadavg()}; "
-                f"HTTP errors in agent log: {log_text.count('HTTP sync failed')}"
+                f"HTTP errors in agent log: {log_text.count('HTTP sync failed')}",
+                flush=True,
             )
     finally:
         for agent in agents:
@@ -159,23 +165,24 @@ def main() -> int:
     return 0
 
 
-def issue(broker: PrivateBroker, url: str, db: Path, agent_id: str, n: int) -> None:
+def issue(broker: PrivateBroker, url: str, db: Path, agent_id: str, n: int, chunk: int) -> None:
     """The device announces itself with no MQTT session yet, so the
     assignments the hub sends reach nobody: it ran them offline."""
     status = Envelope(Status("online", "0.1.0", agent_id, {"site": "bench"}, (JobTypeInfo("noop", "1.0"),)), sender=agent_id, hlc=HLC(int(time.time() * 1000), 0, agent_id))
     mqtt_publish.single(status_topic(agent_id), encode(status), qos=1, retain=True, hostname="127.0.0.1", port=broker.port, protocol=MQTTv5)
     wait(lambda: any(a["agent_id"] == agent_id for a in httpx.get(f"{url}/api/v1/agents", params={"state": "online"}, timeout=5).json()["items"]), 30, f"{agent_id} online")
     started = time.monotonic()
-    response = httpx.post(f"{url}/api/v1/dags/backlog_{agent_id.replace('-', '_')}/runs", json={"conf": {}}, timeout=30)
-    response.raise_for_status()
-    wait(lambda: query(db, "SELECT COUNT(*) FROM assignments WHERE agent_id = ?", agent_id)[0][0] >= n, 1800, f"{n} assignments for {agent_id}", poll=1.0)
-    print(f"{agent_id}: hub issued {n} assignments in {time.monotonic() - started:.1f}s")
+    for _ in range(n // chunk):
+        response = httpx.post(f"{url}/api/v1/dags/backlog_{agent_id.replace('-', '_')}/runs", json={"conf": {}}, timeout=30)
+        response.raise_for_status()
+    wait(lambda: query(db, "SELECT COUNT(*) FROM assignments WHERE agent_id = ?", agent_id)[0][0] >= n, 3600, f"{n} assignments for {agent_id}", poll=1.0)
+    print(f"{agent_id}: hub issued {n} assignments in {time.monotonic() - started:.1f}s", flush=True)
 
 
 def fill(root: Path, db: Path, agent_id: str) -> None:
     issued = query(
         db,
-        "SELECT a.id, a.try_number, t.map_index FROM assignments a JOIN task_instances t ON t.id = a.ti_id WHERE a.agent_id = ? ORDER BY t.map_index",
+        "SELECT a.id, a.try_number, t.map_index FROM assignments a JOIN task_instances t ON t.id = a.ti_id WHERE a.agent_id = ? ORDER BY t.run_pk, t.map_index",
         agent_id,
     )
     started = time.monotonic()
@@ -184,7 +191,7 @@ def fill(root: Path, db: Path, agent_id: str) -> None:
     for assignment_id, try_number, map_index in issued:
         outbox.put_result(Result(assignment_id, try_number, "success", {"i": map_index}), HLC(wall, map_index % 100_000, agent_id))
     outbox.close()
-    print(f"{agent_id}: outbox filled with {len(issued)} results in {time.monotonic() - started:.1f}s")
+    print(f"{agent_id}: outbox filled with {len(issued)} results in {time.monotonic() - started:.1f}s", flush=True)
 
 
 def outbox_depth(root: Path, agent_id: str) -> int:
