@@ -284,15 +284,21 @@ class Outbox(_KeyedQueue):
             if message is None:
                 return None
             try:
-                doc = json.loads(message.data)
-                body: Result | AgentEvent = AgentEvent.from_dict(doc["event"]) if "event" in doc else Result.from_dict(doc["result"])
-                return PendingResult(body, HLC.parse(doc["hlc"]), message.message_id, message.claim_id)
+                return self._item(message.data, message.message_id, message.claim_id)
             except (ValueError, KeyError, TypeError, OutpostError) as exc:
                 # Set aside (status failed, kept for inspection), never retried
                 # forever in front of the results behind it.
                 log.error("outbox item %s is unreadable and is set aside: %s", message.message_id, exc)
                 with _errors(self.path, "setting aside"):
                     self._q.mark_failed(message.message_id, claim_id=message.claim_id)
+
+    @staticmethod
+    def _item(data: str, message_id: str, claim_id: int) -> PendingResult:
+        """A stored item read back (every item kind is decoded here).
+        Raises ValueError, KeyError, TypeError or OutpostError when unreadable."""
+        doc = json.loads(data)
+        body: Result | AgentEvent = AgentEvent.from_dict(doc["event"]) if "event" in doc else Result.from_dict(doc["result"])
+        return PendingResult(body, HLC.parse(doc["hlc"]), message_id, claim_id)
 
     def ack(self, assignment_ids: Iterable[str], now: float) -> int:
         """Mark these results acknowledged (done), whether in flight or not;
@@ -311,6 +317,25 @@ class Outbox(_KeyedQueue):
     # --- HTTP bulk sync (agent.sync) -----------------------------------------
     # Outbox order is litequeue's message id order: UUIDv7 text, which sorts
     # by creation time and, within one process, strictly increases.
+
+    def oldest(self, limit: int) -> list[PendingResult]:
+        """Up to ``limit`` pending items (ready or in flight), oldest first,
+        without claiming them: one read instead of a commit per item. An
+        unreadable item is set aside, as ``claim`` does."""
+        with _errors(self.path, "reading"), self._q.transaction():
+            rows = self._q.conn.execute(
+                'SELECT data, message_id, claim_id FROM "Queue" WHERE status IN (?, ?) ORDER BY message_id LIMIT ?',
+                (MessageStatus.READY.value, MessageStatus.LOCKED.value, limit),
+            ).fetchall()
+        items = []
+        for row in rows:
+            try:
+                items.append(self._item(row["data"], row["message_id"], row["claim_id"]))
+            except (ValueError, KeyError, TypeError, OutpostError) as exc:
+                log.error("outbox item %s is unreadable and is set aside: %s", row["message_id"], exc)
+                with _errors(self.path, "setting aside"), self._q.transaction("IMMEDIATE"):
+                    self._q.conn.execute('UPDATE "Queue" SET status = ? WHERE message_id = ?', (MessageStatus.FAILED.value, row["message_id"]))
+        return items
 
     def newest_message_id(self) -> str | None:
         """The highest message id stored (any status), or None when empty."""

@@ -12,7 +12,8 @@ Large backlogs go over HTTP instead (:class:`HttpPath`, when ``hub_url`` is
 set): once the outbox holds ``threshold`` items or more, this same thread
 posts them to the hub's bulk endpoint in batches, oldest first, each batch
 starting with every item still in flight over MQTT, and waits for each answer
-(the hub commits, then acknowledges) before the next. It keeps going until
+(the hub commits, then acknowledges) before the next; items are read, not
+claimed, so a batch costs one read and one commit. It keeps going until
 the outbox is empty, then MQTT takes over again. Only one thread sends, so
 the two paths never interleave; an item sent over MQTT and then in an HTTP
 batch may reach the hub twice, which is harmless (results are unique per
@@ -328,31 +329,31 @@ class Sync:
         """Send the oldest pending items as one batch; False when there were none."""
         http = self._http
         assert http is not None and self._stream is not None
-        self._fill_window(self._http_batch_size)
-        with self._lock:
-            entries = sorted(self._in_flight.values(), key=lambda e: e.item.message_id)[: self._http_batch_size]
-        if not entries:
+        # The oldest pending items, those in flight over MQTT included (they
+        # are the oldest): no newer item may reach the hub before them.
+        items = self.outbox.oldest(self._http_batch_size)
+        if not items:
             return False
         keys: list[str] = []
         envelopes: list[str] = []
-        for entry in entries:
+        for item in items:
             try:
-                envelopes.append(http.encode(entry.item).decode())
+                envelopes.append(http.encode(item).decode())
             except OutpostError as exc:  # too large to send at all: it would block everything behind it
-                log.error("outbox item %s cannot be sent and is set aside: %s", entry.item.assignment_id, exc)
-                self.outbox.set_aside([entry.item.assignment_id], self.clock.now())
+                log.error("outbox item %s cannot be sent and is set aside: %s", item.assignment_id, exc)
+                self.outbox.set_aside([item.assignment_id], self.clock.now())
                 with self._lock:
-                    self._in_flight.pop(entry.item.assignment_id, None)
+                    self._in_flight.pop(item.assignment_id, None)
                 continue
-            keys.append(entry.item.assignment_id)
+            keys.append(item.assignment_id)
         if not envelopes:
             return True
-        last = entries[-1].item.message_id
+        last = items[-1].message_id
         if self._high_water is None or last > self._high_water:
             # Written before sending: a later start compares it with the clock.
             atomic_write(http.stream_file, json.dumps({"stream": self._stream, "high_water": last}).encode())
             self._high_water = last
-        answer = http.client.post(self._stream, entries[0].item.message_id, last, envelopes)
+        answer = http.client.post(self._stream, items[0].message_id, last, envelopes)
         http.apply_ack(Ack.from_dict(answer))
         refused = self._refused(answer, keys)
         if refused:
@@ -376,13 +377,10 @@ class Sync:
                 log.warning("the hub refused outbox item %s for good (%s: %s); set aside", keys[index], entry.get("code"), entry.get("detail"))
         return refused
 
-    # --- claims -----------------------------------------------------------
-
-    def _fill_window(self, size: int | None = None) -> None:
-        limit = self.window if size is None else max(size, self.window)
+    def _fill_window(self) -> None:
         while True:
             with self._lock:
-                if len(self._in_flight) >= limit:
+                if len(self._in_flight) >= self.window:
                     return
             item = self.outbox.claim()
             if item is None:
