@@ -1,6 +1,7 @@
 """HTTP bulk sync end to end: a device's backlog of 10,000 results for
 assignments the hub issued drains over HTTP; the hub's API process is killed
--9 in the middle and restarted; at the end the hub holds exactly one applied
+-9 in the middle and restarted, then the agent is killed -9 and restarted;
+at the end the hub holds exactly one applied
 result per assignment, committed in the device's outbox order, and the
 device's outbox is empty."""
 
@@ -87,13 +88,18 @@ def test_ten_thousand_buffered_results_sync_over_http_through_a_kill_9_of_the_hu
     f.kill("api")
     time.sleep(1.0)
     f.start_hub_role("api")
+    # And the device side: kill -9 the agent mid-drain too, then start it again.
+    f.wait(lambda: results() >= at_kill + 3000, 60, "the drain to resume")
+    f.kill_agent(AGENT)
+    at_agent_kill = results()
+    agent.start(f.broker.port, {"site": "test"}, f.url, token)
     f.wait(lambda: results() >= N, 60, f"all {N} results at the hub")
     elapsed = time.monotonic() - t0
     # Let the last acknowledgements reach the outbox before stopping the agent.
     f.wait(lambda: _outbox_depth(agent_dir) == 0, 20, "the device's outbox to empty")
     agent.stop()
     log = (agent_dir / "agent.log").read_text()
-    print(f"synced {N} results in {elapsed:.1f}s; hub API killed at {at_kill}")
+    print(f"synced {N} results in {elapsed:.1f}s; hub API killed at {at_kill}, agent at {at_agent_kill}")
 
     rows = query(db, "SELECT r.assignment_id, r.applied, t.map_index FROM task_results r JOIN task_instances t ON t.id = r.ti_id ORDER BY r.id")
     assert len(rows) == N
