@@ -172,10 +172,12 @@ def issue(broker: PrivateBroker, url: str, db: Path, agent_id: str, n: int, chun
     mqtt_publish.single(status_topic(agent_id), encode(status), qos=1, retain=True, hostname="127.0.0.1", port=broker.port, protocol=MQTTv5)
     wait(lambda: any(a["agent_id"] == agent_id for a in httpx.get(f"{url}/api/v1/agents", params={"state": "online"}, timeout=5).json()["items"]), 30, f"{agent_id} online")
     started = time.monotonic()
-    for _ in range(n // chunk):
-        response = httpx.post(f"{url}/api/v1/dags/backlog_{agent_id.replace('-', '_')}/runs", json={"conf": {}}, timeout=30)
+    for k in range(1, n // chunk + 1):
+        # One run at a time: a trigger waits for the database while the
+        # scheduler expands a run in one long transaction.
+        response = httpx.post(f"{url}/api/v1/dags/backlog_{agent_id.replace('-', '_')}/runs", json={"conf": {}}, timeout=600)
         response.raise_for_status()
-    wait(lambda: query(db, "SELECT COUNT(*) FROM assignments WHERE agent_id = ?", agent_id)[0][0] >= n, 3600, f"{n} assignments for {agent_id}", poll=1.0)
+        wait(lambda: query(db, "SELECT COUNT(*) FROM assignments WHERE agent_id = ?", agent_id)[0][0] >= k * chunk, 3600, f"{k * chunk} assignments for {agent_id}", poll=1.0)
     print(f"{agent_id}: hub issued {n} assignments in {time.monotonic() - started:.1f}s", flush=True)
 
 
