@@ -323,10 +323,16 @@ class Outbox(_KeyedQueue):
         without claiming them: one read instead of a commit per item. An
         unreadable item is set aside, as ``claim`` does."""
         with _errors(self.path, "reading"), self._q.transaction():
-            rows = self._q.conn.execute(
-                'SELECT data, message_id, claim_id FROM "Queue" WHERE status IN (?, ?) ORDER BY message_id LIMIT ?',
-                (MessageStatus.READY.value, MessageStatus.LOCKED.value, limit),
-            ).fetchall()
+            # One query per status, each an ordered walk of the (status,
+            # message_id) index, rather than sorting every pending row.
+            rows = [
+                row
+                for status in (MessageStatus.LOCKED, MessageStatus.READY)
+                for row in self._q.conn.execute(
+                    'SELECT data, message_id, claim_id FROM "Queue" WHERE status = ? ORDER BY message_id LIMIT ?', (status.value, limit)
+                ).fetchall()
+            ]
+        rows = sorted(rows, key=lambda r: r["message_id"])[:limit]
         items = []
         for row in rows:
             try:

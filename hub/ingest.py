@@ -7,7 +7,8 @@ others), commits, and only then sends result acknowledgements and PUBACKs.
 A crash before the commit leaves every message un-acknowledged at the
 broker, which redelivers them; results are unique on (task instance, try,
 agent), so a redelivered result is recognised, acknowledged again and not
-applied twice.
+applied twice. The HTTP bulk sync route (``hub.api.routes.sync``) applies
+an agent's outbox batches through the same :meth:`Ingester.apply`.
 
 An ``agent_event`` (a device reporting a condition such as ``battery_low``)
 becomes an asset event on ``agent-event://<name>``, once per device and
