@@ -122,6 +122,9 @@ def main() -> int:
 
         for agent_id, n in sizes.items():
             issue(broker, url, db, agent_id, n, args.chunk)
+        # Every assignment published (to nobody) before any device connects:
+        # one that connected earlier would receive the rest and work on them.
+        wait(lambda: query(db, "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")[0][0] == 0, 1800, "the hub to publish every assignment", poll=1.0)
         for agent_id, n in sizes.items():
             fill(root, db, agent_id)
         for agent_id, n in sizes.items():
