@@ -104,7 +104,7 @@ def main() -> int:
     config.write_text(
         f'state_dir = "{root / "hub"}"\ndags_folder = "{root / "dags"}"\nbroker_port = {broker.port}\napi_port = {api_port}\n'
         f'agent_sync_token = "{token}"\nmax_map_length = {args.chunk}\nredeliver_after = 86400.0\n'
-        "agent_offline_after = 86400.0\ndefault_pool_slots = -1\nscheduler_interval = 0.2\nsqlite_synchronous = \"FULL\"\n"
+        "agent_offline_after = 86400.0\ndefault_pool_slots = -1\nsqlite_synchronous = \"FULL\"\n"
     )
     url = f"http://127.0.0.1:{api_port}"
     db = root / "hub" / "hub.db"

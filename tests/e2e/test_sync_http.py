@@ -40,7 +40,7 @@ def query(db: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.timeout(240)
-def test_ten_thousand_buffered_results_sync_over_http_through_a_kill_9_of_the_hub(fleet: Any) -> None:
+def test_ten_thousand_buffered_results_sync_over_http_through_kill_9s_of_the_hub_api_and_the_agent(fleet: Any) -> None:
     f = fleet({"backlog.py": DAG})
     token = secrets.token_urlsafe(16)
     # No re-sends of the assignments while the test runs: the backlog is the subject.
