@@ -13,6 +13,15 @@ scheduler process (MQTT ingestion), of its API process (HTTP ingestion) and
 of the agent, and the machine's load average.
 
 Usage: python bench/sync.py [--http 100000] [--mqtt 20000] [--batch 500]
+
+Figures on the 2-core development machine (shared, load average 1-1.4),
+SQLite with synchronous FULL, agent outbox NORMAL, 100,000 results each:
+
+* HTTP (batches of 500): 64.5 s, 1,550 results/s; CPU s: hub API 27.0, hub
+  scheduler 25.7 (scheduling the finished task instances, not ingesting),
+  agent 12.1.
+* MQTT (window of 100): 149.9 s, 667 results/s; CPU s: hub scheduler 119.2
+  (ingestion and scheduling), agent 67.5.
 """
 
 from __future__ import annotations
