@@ -25,7 +25,7 @@ from shared.errors import OutpostError
 from shared.topics import check_agent_id
 
 ENV_PREFIX = "OUTPOST_AGENT_"
-_SECRET_KEYS = frozenset({"broker_password"})
+_SECRET_KEYS = frozenset({"broker_password", "sync_token"})
 
 
 class ConfigError(OutpostError):
@@ -83,6 +83,10 @@ def _counts(low: int, high: int) -> Check:
     return check
 
 
+def _http_url(v: str | None) -> str | None:
+    return None if v is None or v.startswith(("http://", "https://")) else "must start with http:// or https://"
+
+
 def _not_empty(v: Any) -> str | None:
     return None if str(v) else "must not be empty"
 
@@ -125,6 +129,11 @@ class AgentSettings:
     claim_lease: float = _setting("float", "Seconds a claim (a job running or held, a result in flight) lives unless renewed; a claim left by a dead worker is ready again after it.", 300.0, _between(1, 86400))
     outbox_max_bytes: int = _setting("int", "Outbox disk quota in bytes (pages in use plus WAL); over it the agent refuses new assignments until results drain.", 268435456, _between(65536, 2**50))
     stop_timeout: float = _setting("float", "Seconds running jobs get to finish on SIGTERM before they are aborted.", 20.0, _between(0, 3600))
+    hub_url: str | None = _setting("optstr", "Hub API base URL (e.g. https://hub.example:8080) for the HTTP bulk sync of large outbox backlogs; none: MQTT only.", None, _http_url)
+    sync_token: str | None = _setting("optstr", "Bearer secret for the hub's HTTP sync endpoint (the hub's agent_sync_token; per-agent signatures replace it in issue 5).", None)
+    http_sync_threshold: int = _setting("int", "Outbox backlog (items) from which the outbox drains over HTTP, when hub_url is set; smaller backlogs go over MQTT.", 200, _between(1, 100_000_000))
+    http_sync_batch: int = _setting("int", "Outbox items per HTTP sync batch (the hub's sync_max_batch_items must allow it).", 500, _between(1, 100_000))
+    http_sync_timeout: float = _setting("float", "Seconds an HTTP sync request may take before it counts as failed (the outbox then falls back to MQTT for a while).", 60.0, _positive)
     log_level: str = _setting("choice", "Logging level.", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:

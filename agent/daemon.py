@@ -9,6 +9,7 @@ each other::
                  │ on_cancel ──► runner.cancel
                  │ on_ack    ──► sync.on_ack
     runner ──► outbox ──► sync ──► link.send_event(result, hlc at finish)
+                           └──► HTTP bulk sync (large backlogs) ──► answer ──► on_ack
 
 It also owns the heartbeat, the counters, pruning of finished queue items
 after ``inbox_retention``, and start-up recovery: claims left by a process
@@ -43,11 +44,11 @@ from agent.link import AgentLink, Handlers
 from agent.queues import Inbox, Outbox, PendingResult, event_key, log_key
 from agent.runner import Runner
 from agent.sdnotify import Notifier
-from agent.sync import Sync
+from agent.sync import HttpPath, HubSyncClient, Sync
 from agent.verify import Rejection, admit
 from firmware_jobs.base import Job
 from shared.clock import Clock, SystemClock
-from shared.envelope import Envelope
+from shared.envelope import Envelope, encode
 from shared.hlc import HybridClock
 from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Status
 from shared.mqtt import Inbound
@@ -106,7 +107,7 @@ class Agent:
         self.link = AgentLink(settings, self.hlc, handlers, self._online_status())
         self.sync = Sync(
             self.outbox, self._publish_result, lambda: self.link.connected, self.clock,
-            resend_after=settings.result_resend_after, count=count,
+            resend_after=settings.result_resend_after, count=count, http=self._http_path(settings),
         )
         self.runner = Runner(
             self.inbox, self.outbox, registry, self.clock, self.hlc.now, settings.work_dir,
@@ -285,6 +286,18 @@ class Agent:
 
     def _publish_result(self, item: PendingResult) -> bool:
         return self.link.send_event(item.result, hlc=item.hlc)
+
+    def _http_path(self, settings: AgentSettings) -> HttpPath | None:
+        """The HTTP bulk sync, when a hub URL is configured."""
+        if not settings.hub_url:
+            return None
+        client = HubSyncClient(settings.hub_url, settings.agent_id, settings.sync_token, settings.http_sync_timeout)
+
+        def envelope(item: PendingResult) -> bytes:
+            # Byte for byte what the MQTT path publishes for this item.
+            return encode(Envelope(item.result, sender=settings.agent_id, hlc=item.hlc), settings.max_message_bytes)
+
+        return HttpPath(client, envelope, self._on_ack, settings.state_dir / "outbox.stream", settings.http_sync_threshold, settings.http_sync_batch)
 
     # --- status and heartbeat ------------------------------------------------
 

@@ -418,15 +418,7 @@ class Outbox(_KeyedQueue):
                 return None
             message_id, data, claim_id = popped
             try:
-                doc = json.loads(data)
-                body: Result | AgentEvent | LogChunk
-                if "event" in doc:
-                    body = AgentEvent.from_dict(doc["event"])
-                elif "log" in doc:
-                    body = LogChunk.from_dict(doc["log"])
-                else:
-                    body = Result.from_dict(doc["result"])
-                return PendingResult(body, HLC.parse(doc["hlc"]), message_id, claim_id)
+                return self._item(data, message_id, claim_id)
             except (ValueError, KeyError, TypeError, OutpostError) as exc:
                 # Set aside (status failed, kept for inspection), never retried
                 # forever in front of the results behind it.
@@ -441,6 +433,20 @@ class Outbox(_KeyedQueue):
         with self._tx("pruning", "IMMEDIATE"):
             return self._q.conn.execute('DELETE FROM "Queue" WHERE status = ?', (MessageStatus.DONE.value,)).rowcount
 
+    @staticmethod
+    def _item(data: str, message_id: str, claim_id: int) -> PendingResult:
+        """A stored item read back (every item kind is decoded here).
+        Raises ValueError, KeyError, TypeError or OutpostError when unreadable."""
+        doc = json.loads(data)
+        body: Result | AgentEvent | LogChunk
+        if "event" in doc:
+            body = AgentEvent.from_dict(doc["event"])
+        elif "log" in doc:
+            body = LogChunk.from_dict(doc["log"])
+        else:
+            body = Result.from_dict(doc["result"])
+        return PendingResult(body, HLC.parse(doc["hlc"]), message_id, claim_id)
+
     def ack(self, assignment_ids: Iterable[str], now: float) -> int:
         """Mark these results acknowledged (done), whether in flight or not;
         returns how many changed. Unknown or already acked ids are ignored."""
@@ -452,5 +458,64 @@ class Outbox(_KeyedQueue):
             cursor = self._q.conn.execute(
                 f'UPDATE "Queue" SET status = ?, done_time = ? WHERE status IN (?, ?) AND idempotency_key IN ({marks})',
                 (MessageStatus.DONE.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, *ids),
+            )
+            return cursor.rowcount
+
+    # --- HTTP bulk sync (agent.sync) -----------------------------------------
+    # Outbox order is litequeue's message id order: UUIDv7 text, which sorts
+    # by creation time and, within one process, strictly increases.
+
+    def oldest(self, limit: int) -> list[PendingResult]:
+        """Up to ``limit`` pending items (ready or in flight), oldest first,
+        without claiming them: one read instead of a commit per item. An
+        unreadable item is set aside, as ``claim`` does."""
+        with _errors(self.path, "reading"), self._q.transaction():
+            # One query per status, each an ordered walk of the (status,
+            # message_id) index, rather than sorting every pending row.
+            rows = [
+                row
+                for status in (MessageStatus.LOCKED, MessageStatus.READY)
+                for row in self._q.conn.execute(
+                    'SELECT data, message_id, claim_id FROM "Queue" WHERE status = ? ORDER BY message_id LIMIT ?', (status.value, limit)
+                ).fetchall()
+            ]
+        rows = sorted(rows, key=lambda r: r["message_id"])[:limit]
+        items = []
+        for row in rows:
+            try:
+                items.append(self._item(row["data"], row["message_id"], row["claim_id"]))
+            except (ValueError, KeyError, TypeError, OutpostError) as exc:
+                log.error("outbox item %s is unreadable and is set aside: %s", row["message_id"], exc)
+                with _errors(self.path, "setting aside"), self._q.transaction("IMMEDIATE"):
+                    self._q.conn.execute('UPDATE "Queue" SET status = ? WHERE message_id = ?', (MessageStatus.FAILED.value, row["message_id"]))
+        return items
+
+    def newest_message_id(self) -> str | None:
+        """The highest message id stored (any status), or None when empty."""
+        with _errors(self.path, "reading"), self._q.transaction():
+            row = self._q.conn.execute('SELECT MAX(message_id) FROM "Queue"').fetchone()
+        return row[0] if row else None
+
+    def ack_through(self, message_id: str, now: float) -> list[str]:
+        """Mark done every pending item up to and including ``message_id``
+        (the hub's sync cursor); returns their keys."""
+        with _errors(self.path, "acknowledging"), self._q.transaction("IMMEDIATE"):
+            rows = self._q.conn.execute(
+                'UPDATE "Queue" SET status = ?, done_time = ? WHERE status IN (?, ?) AND message_id <= ? RETURNING idempotency_key',
+                (MessageStatus.DONE.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, message_id),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def set_aside(self, keys: Iterable[str], now: float) -> int:
+        """Park pending items as failed (kept for inspection, never sent
+        again): the hub refused them for good. Returns how many changed."""
+        ids = list(keys)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with _errors(self.path, "setting aside"), self._q.transaction("IMMEDIATE"):
+            cursor = self._q.conn.execute(
+                f'UPDATE "Queue" SET status = ?, done_time = ? WHERE status IN (?, ?) AND idempotency_key IN ({marks})',
+                (MessageStatus.FAILED.value, int(now * _NS), MessageStatus.READY.value, MessageStatus.LOCKED.value, *ids),
             )
             return cursor.rowcount

@@ -8,29 +8,153 @@ outbox, sent, not yet acknowledged), so a device that was offline for days
 catches up in order without flooding the broker. Each result travels with the
 HLC stamp taken when its job finished, not the time of sending.
 
+Large backlogs go over HTTP instead (:class:`HttpPath`, when ``hub_url`` is
+set): once the outbox holds ``threshold`` items or more, this same thread
+posts them to the hub's bulk endpoint in batches, oldest first, each batch
+starting with every item still in flight over MQTT, and waits for each answer
+(the hub commits, then acknowledges) before the next; items are read, not
+claimed, so a batch costs one read and one commit. It keeps going until
+the outbox is empty, then MQTT takes over again. Only one thread sends, so
+the two paths never interleave; an item sent over MQTT and then in an HTTP
+batch may reach the hub twice, which is harmless (results are unique per
+assignment, events per id) and cannot reorder anything: an HTTP batch holds
+every older unacknowledged item before the newer ones. An HTTP error falls
+back to MQTT, and HTTP is tried again after a backoff (1 s doubling to 60 s;
+5 minutes after 401/403, a configuration error).
+
+The hub keeps a cursor per agent and outbox stream: the highest sequence
+(litequeue message id) of a batch it committed. Before its first HTTP batch a
+(re)started agent asks for it and marks its items up to it done, so a batch
+the hub committed just before the agent was killed is not sent again. The
+stream id lives next to the outbox (``outbox.stream``) and changes whenever
+message ids might no longer grow (the outbox is empty at start, or the clock
+is behind the newest id), so an old cursor never skips a new item.
+
 Only the in-flight bookkeeping (last send time) lives in memory. After a
 crash the outbox's claims return to ready at start-up and everything not
 acknowledged is sent again: the hub applies results idempotently.
-
-Only MQTT is used for now; the HTTP bulk path for large backlogs is a later
-issue.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
 
 from agent.queues import Outbox, PendingResult
 from shared.clock import Clock
+from shared.errors import OutpostError
+from shared.files import atomic_write
+from shared.messages import Ack
 
 log = logging.getLogger(__name__)
 
 #: How often the loop looks for work when nothing wakes it.
 POLL = 0.2
+#: HTTP sync backoff after an error: first delay, longest delay, and the
+#: delay after 401/403 (a configuration error no quick retry fixes).
+HTTP_BACKOFF_FIRST = 1.0
+HTTP_BACKOFF_MAX = 60.0
+HTTP_BACKOFF_REFUSED = 300.0
+
+
+class SyncRefused(OutpostError):
+    """The hub answered an HTTP sync request with an error status."""
+
+    code = "sync_refused"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class HubSyncClient:
+    """The agent's side of the hub's ``/api/v1/agents/{agent_id}/sync``."""
+
+    def __init__(self, base_url: str, agent_id: str, token: str | None, timeout: float = 60.0) -> None:
+        # httpx logs every request at INFO: one line per batch says nothing the counters do not.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}  # none: the hub answers 401, which the log shows
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._path = f"/api/v1/agents/{agent_id}/sync"
+
+    def cursor(self) -> dict[str, Any]:
+        """The hub's cursor for this agent: ``stream`` and ``seq`` (or nulls)."""
+        return self._check(self._client.get(self._path))
+
+    def post(self, stream: str, first_seq: str, last_seq: str, envelopes: list[str]) -> dict[str, Any]:
+        """Send one batch; returns the hub's answer once it committed it."""
+        body = json.dumps({"stream": stream, "first_seq": first_seq, "last_seq": last_seq, "envelopes": envelopes}, separators=(",", ":"))
+        return self._check(self._client.post(self._path, content=body.encode(), headers={"Content-Type": "application/json"}))
+
+    def close(self) -> None:
+        self._client.close()
+
+    @staticmethod
+    def _check(response: httpx.Response) -> dict[str, Any]:
+        try:
+            doc = response.json()
+        except ValueError:
+            doc = None
+        if response.status_code != 200 or not isinstance(doc, dict):
+            error = doc.get("error") if isinstance(doc, dict) else None
+            message = error.get("message") if isinstance(error, dict) else response.text[:200]
+            raise SyncRefused(response.status_code, str(message))
+        return doc
+
+
+@dataclass
+class HttpPath:
+    """What the outbox needs to drain over HTTP.
+
+    ``encode(item)`` gives the envelope the MQTT path would publish for it;
+    ``apply_ack`` is the daemon's MQTT ack handler, which every HTTP answer
+    goes through too; ``stream_file`` holds the outbox stream id."""
+
+    client: HubSyncClient
+    encode: Callable[[PendingResult], bytes]
+    apply_ack: Callable[[Ack], None]
+    stream_file: Path
+    threshold: int = 200
+    batch: int = 500
+
+
+def _uuid7_ms(message_id: str) -> int | None:
+    try:
+        return int(message_id.replace("-", "")[:12], 16)
+    except ValueError:
+        return None
+
+
+def load_stream(path: Path, newest: str | None, now: float) -> tuple[str, str | None]:
+    """The outbox stream id and the highest sequence ever sent over HTTP on
+    it, from ``path``; a new stream when there is none, when the outbox is
+    empty (``newest`` None) or when a stored id is stamped after ``now`` (the
+    clock went back: new ids could sort before ones a cursor covers)."""
+    doc: dict[str, Any] = {}
+    try:
+        loaded = json.loads(path.read_text())
+        doc = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        pass
+    stream, high = doc.get("stream"), doc.get("high_water")
+    marks = [m for m in (newest, high) if isinstance(m, str)]
+    stamps = [_uuid7_ms(m) for m in marks]
+    behind = any(t is None or t > now * 1000 for t in stamps)
+    if not isinstance(stream, str) or not stream or newest is None or behind:
+        if behind:
+            log.warning("the clock is behind the outbox's newest item; starting a new sync stream so no old cursor skips new items")
+        stream, high = uuid.uuid4().hex, None
+        atomic_write(path, json.dumps({"stream": stream, "high_water": None}).encode())
+    return stream, high if isinstance(high, str) else None
 
 
 @dataclass
@@ -57,6 +181,7 @@ class Sync:
         resend_after: float = 10.0,
         window: int = 100,
         count: Callable[[str], None] = lambda name: None,
+        http: HttpPath | None = None,
     ) -> None:
         self.outbox = outbox
         self._publish = publish
@@ -71,8 +196,19 @@ class Sync:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._http = http
+        self._http_retry_at = 0.0  # time.monotonic() before which HTTP is not tried
+        self._http_delay = HTTP_BACKOFF_FIRST
+        self._http_failures = 0  # in a row
+        self._http_batch_size = http.batch if http is not None else 0
+        self._stream: str | None = None
+        self._high_water: str | None = None
+        self._resumed = False
 
     def start(self) -> None:
+        if self._http is not None:
+            self._stream, self._high_water = load_stream(self._http.stream_file, self.outbox.newest_message_id(), self.clock.now())
+            self._resumed = False
         self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="sync", daemon=True)
         self._thread.start()
@@ -82,6 +218,8 @@ class Sync:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._http is not None:
+            self._http.client.close()
 
     def wake(self) -> None:
         """A new result is in the outbox: look now."""
@@ -134,6 +272,8 @@ class Sync:
                 self._stopping.wait(1.0)
 
     def _step(self) -> None:
+        if self._http is not None and time.monotonic() >= self._http_retry_at and self.outbox.depth() >= self._http.threshold:
+            self._http_drain()
         if not self._is_connected():
             return
         with self._lock:
@@ -152,6 +292,99 @@ class Sync:
             entry.sends += 1
             self._count("results.sent" if entry.sends == 1 else "results.resent")
             log.debug("result %s sent (send %d)", entry.item.assignment_id, entry.sends)
+
+    # --- HTTP ------------------------------------------------------------
+
+    def _http_drain(self) -> None:
+        """Send batches until the outbox is empty; on an error, back off and
+        leave the rest to MQTT for now."""
+        try:
+            if not self._resumed:
+                self._resume()
+            while not self._stopping.is_set() and self._http_batch():
+                self._http_failures = 0
+            self._http_delay = HTTP_BACKOFF_FIRST
+        except (httpx.HTTPError, OutpostError) as exc:
+            self._count("errors.http_sync")
+            if isinstance(exc, SyncRefused) and exc.status == 413 and self._http_batch_size > 1:
+                self._http_batch_size = max(1, self._http_batch_size // 2)
+                log.warning("hub refused an HTTP sync batch as too large; trying %d items per batch (%s)", self._http_batch_size, exc)
+                return
+            delay = HTTP_BACKOFF_REFUSED if isinstance(exc, SyncRefused) and exc.status in (401, 403) else self._http_delay
+            self._http_delay = min(self._http_delay * 2, HTTP_BACKOFF_MAX)
+            self._http_retry_at = time.monotonic() + delay
+            self._http_failures += 1
+            # A device offline for days fails every minute: say so at the
+            # start of a streak and then every tenth time, not each time.
+            level = logging.WARNING if self._http_failures % 10 == 1 else logging.DEBUG
+            log.log(level, "HTTP sync failed (%s, %d in a row); the outbox goes over MQTT, HTTP is tried again in %.0fs", exc, self._http_failures, delay)
+
+    def _resume(self) -> None:
+        """Skip what the hub committed before this process started (its
+        cursor on our stream): a batch acknowledged too late for us to see."""
+        assert self._http is not None
+        cursor = self._http.client.cursor()
+        seq = cursor.get("seq")
+        if cursor.get("stream") == self._stream and isinstance(seq, str):
+            keys = self.outbox.ack_through(seq, self.clock.now())
+            with self._lock:
+                for key in keys:
+                    self._in_flight.pop(key, None)
+            if keys:
+                log.info("the hub had already committed %d outbox item(s) up to %s; marked done", len(keys), seq)
+        self._resumed = True
+
+    def _http_batch(self) -> bool:
+        """Send the oldest pending items as one batch; False when there were none."""
+        http = self._http
+        assert http is not None and self._stream is not None
+        # The oldest pending items, those in flight over MQTT included (they
+        # are the oldest): no newer item may reach the hub before them.
+        items = self.outbox.oldest(self._http_batch_size)
+        if not items:
+            return False
+        keys: list[str] = []
+        envelopes: list[str] = []
+        for item in items:
+            try:
+                envelopes.append(http.encode(item).decode())
+            except OutpostError as exc:  # too large to send at all: it would block everything behind it
+                log.error("outbox item %s cannot be sent and is set aside: %s", item.assignment_id, exc)
+                self.outbox.set_aside([item.assignment_id], self.clock.now())
+                with self._lock:
+                    self._in_flight.pop(item.assignment_id, None)
+                continue
+            keys.append(item.assignment_id)
+        if not envelopes:
+            return True
+        last = items[-1].message_id
+        if self._high_water is None or last > self._high_water:
+            # Written before sending: a later start compares it with the clock.
+            atomic_write(http.stream_file, json.dumps({"stream": self._stream, "high_water": last}).encode())
+            self._high_water = last
+        answer = http.client.post(self._stream, items[0].message_id, last, envelopes)
+        http.apply_ack(Ack.from_dict(answer))
+        refused = self._refused(answer, keys)
+        if refused:
+            self.outbox.set_aside(refused, self.clock.now())
+        # The hub committed the whole batch (its cursor covers it): an item it
+        # neither acknowledged nor refused has no id to acknowledge by.
+        self.on_ack([k for k in keys if k not in refused])
+        with self._lock:
+            for key in refused:
+                self._in_flight.pop(key, None)
+        self._count_n("results.sent_http", len(keys))
+        return True
+
+    @staticmethod
+    def _refused(answer: dict[str, Any], keys: list[str]) -> set[str]:
+        refused: set[str] = set()
+        for entry in answer.get("refused") or ():
+            index = entry.get("index") if isinstance(entry, dict) else None
+            if isinstance(index, int) and 0 <= index < len(keys):
+                refused.add(keys[index])
+                log.warning("the hub refused outbox item %s for good (%s: %s); set aside", keys[index], entry.get("code"), entry.get("detail"))
+        return refused
 
     def _fill_window(self) -> None:
         while True:

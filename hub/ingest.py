@@ -7,7 +7,8 @@ others), commits, and only then sends result acknowledgements and PUBACKs.
 A crash before the commit leaves every message un-acknowledged at the
 broker, which redelivers them; results are unique on (task instance, try,
 agent), so a redelivered result is recognised, acknowledged again and not
-applied twice.
+applied twice. The HTTP bulk sync route (``hub.api.routes.sync``) applies
+an agent's outbox batches through the same :meth:`Ingester.apply`.
 
 An ``agent_event`` (a device reporting a condition such as ``battery_low``)
 becomes an asset event on ``agent-event://<name>``, once per device and
@@ -43,7 +44,7 @@ from hub.db import for_update, transaction
 from hub.dispatcher import Dispatcher
 from hub.events import EventBus
 from hub.lifecycle import CALLBACKS_FLAG, finish_try, task_callback
-from hub.models import AssetEvent, Assignment, RejectedMessage, TaskInstance, TaskResult
+from hub.models import AssetEvent, Assignment, DagRun, RejectedMessage, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
 from shared.envelope import Envelope, decode, encode
 from shared.errors import ClockSkew, OutpostError, ProtocolError
@@ -77,6 +78,10 @@ class _Batch:
     log_acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rejections: list[RejectedMessage] = field(default_factory=list)
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: The messages refused, with their rejection records.
+    refused: list[tuple[Inbound, RejectedMessage]] = field(default_factory=list)
+    #: Where the messages came from, as stored in ``rejected_messages.source``.
+    source: str = "mqtt"
 
     def merge(self, other: _Batch) -> None:
         for agent_id, ids in other.acks.items():
@@ -87,6 +92,7 @@ class _Batch:
             self.log_acks[agent_id].extend(ids)
         self.rejections.extend(other.rejections)
         self.emitted.extend(other.emitted)
+        self.refused.extend(other.refused)
 
 
 @dataclass
@@ -158,10 +164,23 @@ class Ingester:
 
     def process(self, batch: list[Inbound]) -> None:
         """Apply a batch of inbound messages, then acknowledge them."""
+        out = self.apply(batch)
+        self._send_acks(out.acks, out.event_acks, out.log_acks)
+        for msg in batch:
+            msg.ack()
+        self.announce(out)
+
+    def apply(self, batch: list[Inbound], *, source: str = "mqtt", in_transaction: Callable[[Session], None] | None = None) -> _Batch:
+        """Decode, check and apply ``batch`` in order in one transaction and
+        commit; returns what to acknowledge (``acks``, ``event_acks`` per
+        agent) and what was refused. Acknowledges nothing itself: the MQTT
+        path publishes acks (``process``), the HTTP sync route answers them.
+        ``in_transaction`` runs last inside the same transaction (the HTTP
+        sync cursor commits with the items it covers)."""
         if self.untrusted_clocks is None:
             with self.sessions() as session:
                 self.untrusted_clocks = fleet.flagged_clocks(session)
-        out = _Batch()
+        out = _Batch(source=source)
         decoded: list[tuple[Inbound, str, Envelope]] = []
         for msg in batch:
             item = self._decode(msg, out)
@@ -171,7 +190,7 @@ class Ingester:
             now = utcnow(self.clock)
             try:
                 # The fast path: the whole batch in one savepoint.
-                attempt = _Batch()
+                attempt = _Batch(source=source)
                 with session.begin_nested():
                     self._apply_all(session, decoded, now, attempt)
                 out.merge(attempt)
@@ -188,9 +207,12 @@ class Ingester:
                 session.add(record)
             if session.info.pop(CALLBACKS_FLAG, False):
                 out.emitted.append((ev.CALLBACKS_REQUESTED, {}))  # the workers run them now, not at their next poll
-        self._send_acks(out.acks, out.event_acks, out.log_acks)
-        for msg in batch:
-            msg.ack()
+            if in_transaction is not None:
+                in_transaction(session)
+        return out
+
+    def announce(self, out: _Batch) -> None:
+        """Tell the rest of the hub what a committed batch changed."""
         for name, data in out.emitted:
             self.events.emit(name, **data)
         for record in out.rejections:
@@ -198,7 +220,7 @@ class Ingester:
 
     def _apply_one_isolated(self, session: Session, item: tuple[Inbound, str, Envelope], now: datetime, out: _Batch) -> None:
         msg, agent_id, envelope = item
-        attempt = _Batch()
+        attempt = _Batch(source=out.source)
         try:
             with session.begin_nested():
                 self._apply_all(session, [item], now, attempt)
@@ -229,6 +251,10 @@ class Ingester:
         ti_ids = {a.ti_id for a in assignments.values()}
         tis = {t.id: t for t in session.scalars(for_update(select(TaskInstance).where(TaskInstance.id.in_(ti_ids)).order_by(TaskInstance.id), session))} if ti_ids else {}
         known = set(session.scalars(select(TaskResult.assignment_id).where(TaskResult.assignment_id.in_(ids)))) if ids else set()
+        # Held until the batch is applied: the session's identity map is weak,
+        # and finish_try looks each result's run up by key, which otherwise
+        # costs a SELECT and an autoflush per result.
+        runs = list(session.scalars(select(DagRun).where(DagRun.id.in_({t.run_pk for t in tis.values()})))) if tis else []
         seen: set[str] = set()
         fresh: dict[str, tuple[HLC, fleet.ClockReading]] = {}
         for msg, agent_id, envelope in items:
@@ -246,6 +272,7 @@ class Ingester:
         if fresh:
             self._observe_clocks(session, fresh, now, out)
         session.flush()
+        del runs
 
     # --- decoding ----------------------------------------------------------
 
@@ -288,7 +315,9 @@ class Ingester:
     def _reject(self, out: _Batch, msg: Inbound, agent_id: str | None, code: str, detail: str) -> None:
         self.counters[f"rejected.{code}"] += 1
         log.warning("rejected message on %s (%s): %s", msg.topic, code, detail)
-        out.rejections.append(_rejection(msg.topic, agent_id, code, detail, msg.payload))
+        record = _rejection(msg.topic, agent_id, code, detail, msg.payload, source=out.source)
+        out.rejections.append(record)
+        out.refused.append((msg, record))
 
     # --- applying ----------------------------------------------------------
 
@@ -458,6 +487,12 @@ class Ingester:
         event = asset_events.record_asset_event(session, uri, now, extra=body.payload, source_agent_id=agent_id, source_event_id=key)
         self.counters["agent_event.applied"] += 1
         out.emitted.append((ev.ASSET_UPDATED, {"uri": uri, "event_id": event.id}))
+
+    @staticmethod
+    def ack_of(out: _Batch, agent_id: str) -> Ack:
+        """Everything ``out`` acknowledges to one agent, as one ``Ack`` (the
+        HTTP sync route answers with it; MQTT sends it in chunks)."""
+        return Ack(tuple(out.acks.get(agent_id, ())), event_ids=tuple(out.event_acks.get(agent_id, ())), log_ids=tuple(out.log_acks.get(agent_id, ())))
 
     def _send_acks(self, acks: dict[str, list[str]], event_acks: dict[str, list[str]] | None = None, log_acks: dict[str, list[str]] | None = None) -> None:
         event_acks, log_acks = event_acks or {}, log_acks or {}

@@ -480,3 +480,19 @@ class ConflictRecord(Base):
     overridden: Mapped[dict[str, Any]] = mapped_column(default=dict)
     resolution: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
+
+
+class SyncCursor(Base):
+    """How far an agent's HTTP bulk sync got: the highest outbox sequence
+    (litequeue message id) of a batch the hub committed, per outbox stream.
+    Only saves re-sending after a restart; idempotency never depends on it."""
+
+    __tablename__ = "sync_cursors"
+
+    agent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: The agent's outbox stream id; a new outbox (or a clock that went back) starts a new stream.
+    stream: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[str] = mapped_column(String(64))
+    #: Items committed over HTTP on this stream.
+    items: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime]

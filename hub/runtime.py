@@ -144,6 +144,7 @@ class HubRuntime:
             self.settings, self.sessions, self.events, self.clock, self.readiness,
             extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()},
         )
+        app.state.ingester = self.ingester  # HTTP sync batches go through the same ingester
         config = uvicorn.Config(app, host=self.settings.api_host, port=self.settings.api_port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         thread = threading.Thread(target=self.server.run, name="hub-http", daemon=True)

@@ -14,6 +14,7 @@ import getpass
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -149,13 +150,19 @@ class LocalAgent:
     folder: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, broker_port: int, labels: dict[str, str]) -> None:
+    def start(self, broker_port: int, labels: dict[str, str], hub_url: str | None = None, sync_token: str | None = None) -> None:
+        """Write the agent's config and start it. With ``hub_url`` and
+        ``sync_token`` its large outbox backlogs sync over HTTP."""
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "agent.toml"
         label_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in labels.items())
+        http_lines = f"hub_url = {json.dumps(hub_url)}\nsync_token = {json.dumps(sync_token)}\n" if hub_url and sync_token else ""
+        config.touch(mode=0o600)
+        config.chmod(0o600)  # it may hold the sync token
         config.write_text(
             "# Written by outpost-hub standalone.\n"
-            f'agent_id = "{self.agent_id}"\n'
+            + http_lines
+            + f'agent_id = "{self.agent_id}"\n'
             f"state_dir = {json.dumps(str(self.folder))}\n"
             'broker_host = "127.0.0.1"\n'
             f"broker_port = {broker_port}\n"
@@ -202,11 +209,16 @@ class Standalone:
         if port and not port_free("127.0.0.1", port):
             log.warning("port %d is taken; the dashboard will use another one", port)
             port = free_port()
-        settings = HubSettings.load(self.config_file, **{"state_dir": self.state_dir / "hub", "broker_port": self.broker.port, "api_port": port, **self.overrides})
+        overrides = {"state_dir": self.state_dir / "hub", "broker_port": self.broker.port, "api_port": port, **self.overrides}
+        settings = HubSettings.load(self.config_file, **overrides)
+        if not settings.agent_sync_token:
+            # A fresh HTTP sync secret per run (unless configured), so the
+            # demo's agents sync large backlogs over HTTP like real ones.
+            settings = HubSettings.load(self.config_file, **{**overrides, "agent_sync_token": secrets.token_urlsafe(32)})
         self.runtime = HubRuntime(settings)
         self.runtime.start()
         for i, agent in enumerate(self.local_agents):
-            agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"})
+            agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url, settings.agent_sync_token or None)
         return self.runtime
 
     def stop(self) -> None:
