@@ -60,3 +60,31 @@ class ConfigError(HubError):
     """A hub setting is missing or invalid."""
 
     code = "config_error"
+
+
+class Unauthorized(HubError):
+    """No credentials, or the wrong ones."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class SyncDisabled(HubError):
+    """The HTTP sync endpoint is off (the hub's ``agent_sync_token`` is empty)."""
+
+    status = 403
+    code = "sync_disabled"
+
+
+class BatchTooLarge(HubError):
+    """A sync batch over ``sync_max_batch_items`` or ``sync_max_batch_bytes``."""
+
+    status = 413
+    code = "batch_too_large"
+
+
+class DatabaseUnavailable(HubError):
+    """The metadata DB cannot be reached or is locked; nothing was applied."""
+
+    status = 503
+    code = "database_unavailable"

@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from hub.api.schemas import ErrorResponse
 from hub.config import HubSettings
 from hub.db import for_update
-from hub.errors import HubError, InvalidRequest
+from hub.errors import BatchTooLarge, DatabaseUnavailable, InvalidRequest, SyncDisabled, Unauthorized
 from hub.ingest import Ingester
 from hub.models import SyncCursor
 from shared.clock import utcnow
@@ -50,26 +50,6 @@ router = APIRouter(tags=["sync"])
 
 #: Longest stream id and sequence accepted (UUID text is 36 characters).
 _ID_MAX = 64
-
-
-class SyncDisabled(HubError):
-    status = 403
-    code = "sync_disabled"
-
-
-class Unauthorized(HubError):
-    status = 401
-    code = "unauthorized"
-
-
-class BatchTooLarge(HubError):
-    status = 413
-    code = "batch_too_large"
-
-
-class DatabaseUnavailable(HubError):
-    status = 503
-    code = "database_unavailable"
 
 
 class SyncBatch(BaseModel):
