@@ -291,3 +291,43 @@ def test_a_clock_flagged_by_one_hub_process_is_untrusted_in_another(make_hub: An
     [record] = api_conflicts(hub)["items"]
     assert record["rule"] == "device_success_wins"
     assert record["kept"]["clock_trusted"] is False and "untrusted clock" in record["resolution"]
+
+
+DEADLINE = """
+from datetime import timedelta
+from hub.dag import DAG, AgentOperator, PythonOperator, on_agent
+with DAG("deadline", default_args={"retries": 0}, dagrun_timeout=timedelta(seconds=120)) as dag:
+    flash = AgentOperator(task_id="flash", job_type="noop", target=on_agent("a1"), offline_grace=600)
+    flash >> PythonOperator(task_id="verify", python_callable=lambda ti: "ran")
+"""
+
+
+def test_a_run_deadline_passing_while_the_device_is_offline_then_its_success(make_hub: Any) -> None:
+    """The run's dagrun_timeout passes while its device is offline (before
+    offline_grace): the run fails, the try is given up as a deadline
+    decision. The device returns with success: the instance succeeds, the
+    run stays failed (docs/conflicts.md, R2's exception)."""
+    hub = make_hub({"deadline.py": DEADLINE}, agent_offline_after=35)
+    hub.agent_online("a1")
+    run_pk = hub.trigger("deadline")
+    hub.tick()
+    publish(hub)
+    aid = assignment_of(hub, ti_of(hub, run_pk, "flash")).id
+    hub.send("a1", Accepted(aid))
+    silent(hub, 40)
+    assert ti_of(hub, run_pk, "flash").state == "device_offline"
+    silent(hub, 100)
+    with hub.sessions() as session:
+        assert session.get(DagRun, run_pk).state == "failed"
+        assert [(d.source, d.kind, d.try_number) for d in session.scalars(select(Decision))] == [("hub", "deadline", 1)]
+        assert session.get(Assignment, aid).state == "cancelled"
+    assert ti_of(hub, run_pk, "flash").state not in ("device_offline", "running", "queued")
+    come_back(hub, "a1")
+    hub.send("a1", Result(aid, 1, "success", output={"flashed": True}))
+    hub.tick()
+    ti = ti_of(hub, run_pk, "flash")
+    assert (ti.state, ti.output) == ("success", {"flashed": True})
+    with hub.sessions() as session:
+        assert session.get(DagRun, run_pk).state == "failed"
+    [record] = api_conflicts(hub)["items"]
+    assert (record["rule"], record["overridden"]["kind"]) == ("device_success_wins", "deadline")
