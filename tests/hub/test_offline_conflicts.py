@@ -331,3 +331,38 @@ def test_a_run_deadline_passing_while_the_device_is_offline_then_its_success(mak
         assert session.get(DagRun, run_pk).state == "failed"
     [record] = api_conflicts(hub)["items"]
     assert (record["rule"], record["overridden"]["kind"]) == ("device_success_wins", "deadline")
+
+
+def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_hub: Any) -> None:
+    """The returning device's backlog comes over HTTP bulk sync (the API's
+    own ingester, as in a hub whose API runs apart from ingestion): the
+    late success wins by R2 the same way, the re-targeted try is cancelled,
+    and the taken-back try's log is stored and readable."""
+    from shared.envelope import Envelope, encode
+    from shared.messages import LogChunk
+
+    hub, run_pk, old, new = retargeted(make_hub)
+    token = "t0ken"
+    app = create_app(HubSettings(agent_sync_token=token), hub.sessions, hub.ingester.events, hub.clock)
+    clock = hub.agent_clocks["a1"]
+    envelopes = [encode(Envelope(body, sender="a1", hlc=clock.now())).decode() for body in (
+        LogChunk(old, 0, "flashing\ndone\n", final=True), Result(old, 1, "success", output={"from": "a1"}),
+    )]
+    batch = {"stream": "s1", "first_seq": "0001", "last_seq": "0002", "envelopes": envelopes}
+    with TestClient(app) as client:
+        auth = {"Authorization": f"Bearer {token}"}
+        answer = client.post("/api/v1/agents/a1/sync", json=batch, headers=auth)
+        assert answer.status_code == 200, answer.text
+        assert (answer.json()["assignment_ids"], answer.json()["refused"]) == ([old], [])
+        again = client.post("/api/v1/agents/a1/sync", json=batch, headers=auth)  # its answer was lost
+        assert again.status_code == 200 and again.json()["assignment_ids"] == [old]
+        log = client.get(f"/api/v1/runs/{run_pk}/tasks/{ti_of(hub, run_pk, 'work').id}/tries/1/log").json()
+    ti = ti_of(hub, run_pk, "work")
+    assert (ti.state, ti.output) == ("success", {"from": "a1"})
+    with hub.sessions() as session:
+        assert session.get(Assignment, new).state == "cancelled"
+    assert cancels_to(hub, "a2") == [new]
+    [record] = api_conflicts(hub)["items"]
+    assert (record["rule"], record["agent_id"], record["overridden"]["kind"]) == ("device_success_wins", "a1", "offline_grace")
+    [entry] = log["logs"]
+    assert (entry["agent_id"], entry["complete"], entry["text"]) == ("a1", True, "flashing\ndone\n")
