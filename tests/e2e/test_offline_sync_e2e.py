@@ -60,7 +60,7 @@ def pending(outbox: Path) -> dict[str, int]:
     return counts
 
 
-def start_agent(folder: Path, broker_port: int, hub_url: str, token: str) -> subprocess.Popen[bytes]:
+def start_agent(folder: Path, broker_port: int, hub_url: str, token: str, agent_id: str = AGENT) -> subprocess.Popen[bytes]:
     """The agent as standalone starts it (hub_url and sync_token), with
     short keepalive/reconnect times and a small HTTP threshold."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def start_agent(folder: Path, broker_port: int, hub_url: str, token: str) -> sub
     config.touch(mode=0o600)
     config.write_text(
         f"hub_url = {json.dumps(hub_url)}\nsync_token = {json.dumps(token)}\n"
-        f'agent_id = "{AGENT}"\nstate_dir = {json.dumps(str(folder))}\n'
+        f'agent_id = "{agent_id}"\nstate_dir = {json.dumps(str(folder))}\n'
         f'broker_host = "127.0.0.1"\nbroker_port = {broker_port}\n'
         "heartbeat_interval = 1.0\nkeepalive = 5\nreconnect_max = 1\n"
         f"http_sync_threshold = {THRESHOLD}\nhttp_sync_timeout = 2.0\nconcurrency = 4\n"
@@ -136,3 +136,55 @@ def test_a_device_offline_with_work_drains_its_backlog_over_http_on_return(fleet
             assert entry["complete"] and entry["agent_id"] == AGENT, body
             assert "$ hostname" in entry["text"] and "hostname ended" in entry["text"], entry["text"]
     assert "Traceback" not in agent_log, agent_log[-3000:]
+
+
+RETARGET = """
+from hub.dag import DAG, AgentOperator, any_agent
+with DAG("retarget", default_args={"retries": 0}) as dag:
+    AgentOperator(task_id="work", job_type="noop", params={"echo": "done", "sleep": 8}, target=any_agent(), offline_grace=2)
+"""
+
+
+def test_work_re_targeted_past_offline_grace_then_the_first_device_returns_with_success(fleet: Any) -> None:
+    """Real processes, docs/conflicts.md's `collect` example: edge-1 is cut
+    off while running the job, the hub re-targets it to edge-2 after
+    offline_grace, edge-1 finishes offline and returns first with its
+    success. The instance keeps edge-1's success, edge-2's try is
+    cancelled (its job stopped on the device), one device_success_wins
+    record, nothing rejected."""
+    f = fleet({"retarget.py": RETARGET})
+    token = secrets.token_urlsafe(16)
+    f.config.write_text(f.config.read_text() + f'agent_sync_token = "{token}"\nagent_offline_after = 3.0\n')
+    f.start_hub()
+    db = f.root / "hub" / "hub.db"
+    with FaultProxy(f.broker.port) as mqtt:
+        first = start_agent(f.root / "agents" / "edge-1", mqtt.port, f.url, token, "edge-1")
+        procs = [first]
+        try:
+            f.wait_agents_online(1, timeout=20)
+            run_pk = f.trigger("retarget")
+            f.wait(lambda: f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["state"] == "running", 10, "edge-1 running the job")
+            assert f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["agent_id"] == "edge-1"
+            mqtt.blackhole()
+            # Only now a second device: the work can go nowhere else before.
+            procs.append(start_agent(f.root / "agents" / "edge-2", f.broker.port, f.url, token, "edge-2"))
+            f.wait(lambda: f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["state"] == "device_offline", 10, "device_offline")
+            f.wait(lambda: (ti := f.api("GET", f"/runs/{run_pk}")["task_instances"][0])["agent_id"] == "edge-2" and ti["state"] == "running", 15, "re-targeted to edge-2")
+            # edge-1 finishes offline (8 s), before edge-2 can, and comes back.
+            f.wait(lambda: pending(f.root / "agents" / "edge-1" / "outbox.sqlite3")["result"] == 1, 15, "edge-1's result in its outbox")
+            mqtt.pass_through()
+            run = f.wait_run(run_pk, timeout=30)
+            f.wait(lambda: query(db, "SELECT COUNT(*) FROM task_results")[0][0] == 2, 20, "edge-2's report of its stopped try")
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
+    assert run["state"] == "success", run
+    [ti] = run["task_instances"]
+    assert (ti["state"], ti["output"], ti["try_number"]) == ("success", {"echo": "done"}, 2)
+    results = query(db, "SELECT agent_id, try_number, status, applied FROM task_results ORDER BY id")
+    assert results[0] == ("edge-1", 1, "success", 1) and results[1][:2] == ("edge-2", 2) and results[1][3] == 0, results
+    assert query(db, "SELECT state FROM assignments ORDER BY created_at") == [("finished",), ("finished",)]
+    conflicts = f.api("GET", "/conflicts")
+    assert [(c["rule"], c["agent_id"], c["overridden"]["kind"]) for c in conflicts["items"]] == [("device_success_wins", "edge-1", "offline_grace")]
+    assert query(db, "SELECT COUNT(*) FROM rejected_messages") == [(0,)]
