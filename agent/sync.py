@@ -20,7 +20,8 @@ batch may reach the hub twice, which is harmless (results are unique per
 assignment, events per id) and cannot reorder anything: an HTTP batch holds
 every older unacknowledged item before the newer ones. An HTTP error falls
 back to MQTT, and HTTP is tried again after a backoff (1 s doubling to 60 s;
-5 minutes after 401/403, a configuration error).
+5 minutes after 401/403, a configuration error); a reconnect of the MQTT link
+ends the backoff (but not a 401/403 wait): the network is back.
 
 The hub keeps a cursor per agent and outbox stream: the highest sequence
 (litequeue message id) of a batch it committed. Before its first HTTP batch a
@@ -200,6 +201,7 @@ class Sync:
         self._http_retry_at = 0.0  # time.monotonic() before which HTTP is not tried
         self._http_delay = HTTP_BACKOFF_FIRST
         self._http_failures = 0  # in a row
+        self._http_refused = False  # the last attempt got 401/403: a reconnect does not cut its wait
         self._http_batch_size = http.batch if http is not None else 0
         self._stream: str | None = None
         self._high_water: str | None = None
@@ -226,9 +228,13 @@ class Sync:
         self._wake.set()
 
     def resend_all(self) -> None:
-        """Send everything in flight again (after a reconnect)."""
+        """Send everything in flight again (after a reconnect). The network
+        is back, so a backlog that built up while it was away goes over HTTP
+        now, not after the backoff its failed attempts meanwhile grew."""
         with self._lock:
             self._resend_requested = True
+            if not self._http_refused:
+                self._http_retry_at, self._http_delay = 0.0, HTTP_BACKOFF_FIRST
         self._wake.set()
 
     def on_ack(self, assignment_ids: Iterable[str]) -> int:
@@ -310,7 +316,8 @@ class Sync:
                 self._http_batch_size = max(1, self._http_batch_size // 2)
                 log.warning("hub refused an HTTP sync batch as too large; trying %d items per batch (%s)", self._http_batch_size, exc)
                 return
-            delay = HTTP_BACKOFF_REFUSED if isinstance(exc, SyncRefused) and exc.status in (401, 403) else self._http_delay
+            self._http_refused = isinstance(exc, SyncRefused) and exc.status in (401, 403)
+            delay = HTTP_BACKOFF_REFUSED if self._http_refused else self._http_delay
             self._http_delay = min(self._http_delay * 2, HTTP_BACKOFF_MAX)
             self._http_retry_at = time.monotonic() + delay
             self._http_failures += 1

@@ -431,7 +431,10 @@ class Ingester:
             self.counters["result.late"] += 1
             late_ti = session.get(TaskInstance, assignment.ti_id)
             if late_ti is not None:
-                for record in reconcile.reconcile(session, late_ti, now, self.hlc, out.emitted, trusted=self.clock_trusted):
+                # The flag as stored, not this process's cache: another hub
+                # process (MQTT ingestion vs the HTTP sync route) may have set it.
+                trusted = lambda agent: fleet.clock_trusted(session, agent)  # noqa: E731
+                for record in reconcile.reconcile(session, late_ti, now, self.hlc, out.emitted, trusted=trusted):
                     self.counters[f"conflict.{record.rule}"] += 1
             return
         if ti.started_at is None:

@@ -188,18 +188,24 @@ def _unique(reports: Iterable[Report]) -> list[Report]:
     return list(by_ref.values())
 
 
+def _sentence(text: str) -> str:
+    # Not str.capitalize(): it lowercases the rest, and agent ids and actor
+    # names are case-sensitive ("Edge-7B" must not read "edge-7b").
+    return text[:1].upper() + text[1:]
+
+
 def _side(report: Report) -> str:
     if isinstance(report, DeviceResult):
-        return f"{report.agent_id}'s {report.status} for try {report.try_number}"
+        return f"device {report.agent_id}'s {report.status} for try {report.try_number}"
     if isinstance(report, HubDecision):
         return f"the hub's {report.kind} give-up of try {report.try_number}" + (f" on {report.agent_id}" if report.agent_id else "")
     what = f"{report.kind} {report.state}" if report.kind == "mark" else report.kind
-    return f"{report.actor}'s {what} (at try {report.try_number})"
+    return f"operator {report.actor}'s {what} (at try {report.try_number})"
 
 
 def _explain_operator(action: OperatorAction, result: DeviceResult) -> str:
     then = "voided that try; the new tries decide" if action.kind == "clear" else f"set {action.state}"
-    return f"{_side(result).capitalize()} arrived after {_side(action)}, which {then}. The result is kept, not applied."
+    return f"{_sentence(_side(result))} arrived after {_side(action)}, which {then}. The result is kept, not applied."
 
 
 def _explain_success(winner: DeviceResult, decision: HubDecision) -> str:
@@ -207,8 +213,8 @@ def _explain_success(winner: DeviceResult, decision: HubDecision) -> str:
         when = "had finished before the hub gave up" if winner.finished < decision.hlc else "finished after the hub gave up"
     else:
         when = "finished at a time its untrusted clock cannot tell"
-    return f"{_side(decision).capitalize()} was overridden: the device {when}, and a device's success is never lost to an automatic decision. The instance succeeds with that output."
+    return f"{_sentence(_side(decision))} was overridden: the device {when}, and a device's success is never lost to an automatic decision. The instance succeeds with that output."
 
 
 def _explain_duplicate(winner: DeviceResult, duplicate: DeviceResult) -> str:
-    return f"{_side(duplicate).capitalize()} came after {_side(winner)}, which the hub received first and keeps. The duplicate's output is discarded."
+    return f"{_sentence(_side(duplicate))} came after {_side(winner)}, which the hub received first and keeps. The duplicate's output is discarded."
