@@ -76,6 +76,16 @@ class FaultAgent:
             )
         self.starts += 1
 
+    def wait_started(self, timeout: float) -> None:
+        """Wait until this incarnation logged the end of its start-up."""
+        end = time.monotonic() + timeout
+        while self.log.count(" started (state in ") < self.starts:  # one such line per incarnation (the log is appended)
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode} during start-up:\n{self.log[-2000:]}")
+            if time.monotonic() > end:
+                raise AssertionError(f"agent start {self.starts} did not finish its start-up within {timeout}s:\n{self.log[-2000:]}")
+            time.sleep(0.02)
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -220,6 +230,11 @@ def test_agent_killed_mid_task_100_times_leaves_one_result_per_assignment(fleet:
     rng = random.Random(4)
     started = time.monotonic()
     for _ in range(KILLS):
+        # Each kill lands while the agent works: after its start-up (imports,
+        # recovery, the job fork server) has finished, not during it, or a
+        # slow start-up on a loaded machine turns the loop into 100 kills of
+        # an agent that never got to run anything.
+        agent.wait_started(timeout=20)
         time.sleep(rng.uniform(0.3, 1.0))
         agent.kill()
         agent.start()
@@ -257,13 +272,13 @@ def finished_count(f: Any, run_pk: int) -> int:
         engine.dispose()
 
 
-def burst_dag(per_agent: int) -> str:
+def burst_dag(per_agent: int, sleep: float = 0.0) -> str:
     return (
         "from hub.dag import DAG, AgentOperator, on_agent\n"
         "with DAG('burst', max_active_tasks=2000) as dag:\n"
         + "".join(
             f"    AgentOperator.partial(task_id='to_{a}', job_type='noop', target=on_agent('edge-{a}'), retries=0)"
-            f".expand(params=[{{'echo': i}} for i in range({per_agent})])\n"
+            f".expand(params=[{{'echo': i, 'sleep': {sleep}}} for i in range({per_agent})])\n"
             for a in (1, 2)
         )
     )
@@ -399,7 +414,10 @@ def test_agent_stopped_past_agent_offline_after_recovers_after_sigcont(fleet: An
 @pytest.mark.timeout(180)
 def test_hub_killed_twice_while_400_results_arrive_applies_each_once(fleet: Any, mosquitto: Any) -> None:
     total = 400
-    f = fleet({"burst.py": burst_dag(total // 2)})
+    # Jobs of a quarter second: results keep arriving for several seconds,
+    # so the second kill still lands mid-flight after the first restart's
+    # backlog (no-op jobs finished before the restarted hub was up).
+    f = fleet({"burst.py": burst_dag(total // 2, sleep=0.25)})
     hub_config(f, default_pool_slots=-1)
     f.start_hub()
     for a in (1, 2):
