@@ -28,7 +28,9 @@ the tick loop only while the runner, sync and link threads are alive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import signal
 import socket
 import threading
@@ -167,26 +169,44 @@ class Agent:
         jobs ``stop_timeout`` seconds (default: the ``stop_timeout``
         setting). On SIGHUP, ``reload()`` reads the configuration again and
         :meth:`reload` applies it; a reload that fails is logged and ignored."""
-        stop, hup = threading.Event(), threading.Event()
+        received: list[int] = []
+        # The C-level handler writes a byte to this socket for every signal,
+        # so the main thread can sleep in select() until one arrives instead
+        # of waking five times a second to look at flags.
+        wakeup_r, wakeup_w = socket.socketpair()
+        wakeup_r.setblocking(False)
+        wakeup_w.setblocking(False)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            # Only set flags here: the handler runs between bytecodes of the
-            # main thread, which may hold a lock the real work needs.
-            (hup if signum == signal.SIGHUP else stop).set()
+            # Only record it here: the handler runs between bytecodes of the
+            # main thread, which may hold a lock the real work needs (so no
+            # Event.set, whose lock the interrupted code may be holding).
+            received.append(signum)
 
         sigs = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload is not None else ())
         previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
+        previous_fd = signal.set_wakeup_fd(wakeup_w.fileno())
         try:
             self.start()
-            while not stop.wait(0.2):
-                if hup.is_set():
-                    hup.clear()
-                    self._reload_from(reload)
+            stop = False
+            while not stop:
+                if not received:
+                    select.select([wakeup_r], [], [], 30.0)
+                with contextlib.suppress(OSError):
+                    wakeup_r.recv(4096)
+                while received:
+                    if received.pop(0) == signal.SIGHUP:
+                        self._reload_from(reload)
+                    else:
+                        stop = True
             log.info("stop signal received, stopping")
             self.stop(self.settings.stop_timeout if stop_timeout is None else stop_timeout)
         finally:
+            signal.set_wakeup_fd(previous_fd)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            wakeup_r.close()
+            wakeup_w.close()
 
     def _reload_from(self, reload: Callable[[], AgentSettings] | None) -> None:
         log.info("SIGHUP: reloading the configuration")

@@ -57,8 +57,11 @@ from shared.messages import Ack
 
 log = logging.getLogger(__name__)
 
-#: How often the loop looks for work when nothing wakes it.
-POLL = 0.2
+#: Longest the loop sleeps when nothing wakes it: a backstop only (it also
+#: picks up items another process, ``outpost-agent emit``, put in the outbox).
+#: A new item, an ack, a reconnect or a released claim wake it at once, and
+#: the next resend deadline or HTTP retry sets the wake-up time otherwise.
+IDLE_WAIT = 5.0
 #: HTTP sync backoff after an error: first delay, longest delay, and the
 #: delay after 401/403 (a configuration error no quick retry fixes).
 HTTP_BACKOFF_FIRST = 1.0
@@ -261,21 +264,25 @@ class Sync:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        timeout = 0.0  # the first pass at once: there may be a backlog
         while not self._stopping.is_set():
-            self._wake.wait(POLL)
+            self._wake.wait(timeout)
+            # Cleared before the pass, so a wake() during it is not lost.
             self._wake.clear()
             try:
-                self._step()
+                timeout = self._step()
             except Exception:  # this thread must outlive any one bad item or error
                 log.exception("sending the outbox failed; retrying")
                 self._count("errors.sync")
                 self._stopping.wait(1.0)
+                timeout = 0.0
 
-    def _step(self) -> None:
+    def _step(self) -> float:
+        """One pass; returns how long to sleep before the next unless woken."""
         if self._http is not None and time.monotonic() >= self._http_retry_at and self.outbox.depth() >= self._http.threshold:
             self._http_drain()
         if not self._is_connected():
-            return
+            return self._http_wait()  # a reconnect wakes the loop (resend_all)
         with self._lock:
             if self._resend_requested:
                 for entry in self._in_flight.values():
@@ -287,11 +294,29 @@ class Sync:
             due = [e for e in self._in_flight.values() if e.sent_at is None or now - e.sent_at >= self.resend_after]
         for entry in due:  # oldest first: the dict keeps claim order
             if self._stopping.is_set() or not self._publish(entry.item):
-                return  # disconnected meanwhile: the reconnect resends
+                return IDLE_WAIT  # disconnected meanwhile: the reconnect resends
             entry.sent_at = now
             entry.sends += 1
             self._count("results.sent" if entry.sends == 1 else "results.resent")
             log.debug("result %s sent (send %d)", entry.item.assignment_id, entry.sends)
+        return self._next_wake()
+
+    def _next_wake(self) -> float:
+        """Seconds to the next known due time: the earliest resend deadline
+        of what is in flight, or the HTTP retry while a backlog waits for it."""
+        now = time.monotonic()
+        with self._lock:
+            sent = [e.sent_at for e in self._in_flight.values() if e.sent_at is not None]
+        wake = self._http_wait()
+        if sent:
+            wake = min(wake, max(0.0, min(sent) + self.resend_after - now))
+        return wake
+
+    def _http_wait(self) -> float:
+        """Seconds to the end of the HTTP backoff (capped by IDLE_WAIT)."""
+        if self._http is None:
+            return IDLE_WAIT
+        return max(0.0, min(IDLE_WAIT, self._http_retry_at - time.monotonic())) if self._http_retry_at > time.monotonic() else IDLE_WAIT
 
     # --- HTTP ------------------------------------------------------------
 
@@ -309,6 +334,7 @@ class Sync:
             if isinstance(exc, SyncRefused) and exc.status == 413 and self._http_batch_size > 1:
                 self._http_batch_size = max(1, self._http_batch_size // 2)
                 log.warning("hub refused an HTTP sync batch as too large; trying %d items per batch (%s)", self._http_batch_size, exc)
+                self._wake.set()  # the smaller batch at once
                 return
             delay = HTTP_BACKOFF_REFUSED if isinstance(exc, SyncRefused) and exc.status in (401, 403) else self._http_delay
             self._http_delay = min(self._http_delay * 2, HTTP_BACKOFF_MAX)

@@ -226,7 +226,7 @@ def test_not_before_holds_an_assignment_without_blocking_other_work(parts):
     parts.put("later", not_before=now + 60)
     parts.put("now")
     assert parts.result("now").status == "success"
-    time.sleep(0.3)  # the claimer polls every 0.1 s: it had its chances to start "later"
+    time.sleep(0.3)  # the claimer had its chances to start "later" (it was woken for "now")
     assert not parts.outbox.has("later") and not parts.started("later")
     assert parts.inbox.assignment("later")[1] == "claimed"  # type: ignore[index]  # held, so a crash releases it
     parts.clock.advance(61)
