@@ -52,7 +52,8 @@ from firmware_jobs.base import Job
 from shared.clock import Clock, SystemClock
 from shared.envelope import Envelope, encode
 from shared.hlc import HybridClock
-from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Status
+from shared.errors import PayloadTooLarge
+from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Rejected, Status
 from shared.mqtt import Inbound
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,14 @@ class Agent:
         self._beat_now.set()
 
     def _publish_result(self, item: PendingResult) -> bool:
-        return self.link.send_event(item.result, hlc=item.hlc)
+        try:
+            return self.link.send_item(item.result, item.hlc)
+        except PayloadTooLarge as exc:
+            # Stored under a larger max_message_bytes (changed since, by a
+            # reload or a restart): Sync sets it aside; the hub gets a record.
+            detail = f"outbox item {item.assignment_id} cannot be sent and was set aside on the device: {exc}"
+            self.link.send_event(Rejected(exc.code, detail[:500], None, getattr(item.result, "assignment_id", None)))
+            raise
 
     def _http_path(self, settings: AgentSettings) -> HttpPath | None:
         """The HTTP bulk sync, when a hub URL is configured."""

@@ -158,6 +158,15 @@ class AgentLink:
             return False
         return self.mqtt.publish(self._events_topic, data, qos=1).rc == _MQTT_OK
 
+    def send_item(self, message: Message, hlc: HLC) -> bool:
+        """Publish an outbox item like :meth:`send_event`, but raise
+        :class:`PayloadTooLarge` when it is over ``max_message_bytes`` instead
+        of returning False: such an item can never be sent, and the outbox
+        must set it aside rather than wait for a reconnect that cannot help."""
+        if not self.connected:
+            return False
+        return self.mqtt.publish(self._events_topic, self._envelope(message, hlc), qos=1).rc == _MQTT_OK
+
     def _envelope(self, message: Message, hlc: HLC | None = None) -> bytes:
         return encode(Envelope(message, sender=self.agent_id, hlc=hlc or self._hlc.now()), self.limit)
 

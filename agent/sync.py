@@ -51,7 +51,7 @@ import httpx
 
 from agent.queues import Outbox, PendingResult
 from shared.clock import Clock
-from shared.errors import OutpostError
+from shared.errors import OutpostError, ProtocolError
 from shared.files import atomic_write
 from shared.messages import Ack
 
@@ -171,7 +171,10 @@ class Sync:
     """The outbox drain loop; see the module docstring.
 
     ``publish(item)`` sends one result and returns False when it could not
-    (disconnected); ``is_connected()`` says whether sending is worth trying.
+    (disconnected), or raises :class:`ProtocolError` (``PayloadTooLarge``)
+    when the item can never be sent: it is then set aside (status failed,
+    kept for inspection) and the items behind it go on. ``is_connected()``
+    says whether sending is worth trying.
     """
 
     def __init__(
@@ -293,13 +296,29 @@ class Sync:
         with self._lock:
             due = [e for e in self._in_flight.values() if e.sent_at is None or now - e.sent_at >= self.resend_after]
         for entry in due:  # oldest first: the dict keeps claim order
-            if self._stopping.is_set() or not self._publish(entry.item):
+            if self._stopping.is_set():
+                return IDLE_WAIT
+            try:
+                sent = self._publish(entry.item)
+            except ProtocolError as exc:
+                self._set_aside_unsendable(entry.item, exc)
+                continue
+            if not sent:
                 return IDLE_WAIT  # disconnected meanwhile: the reconnect resends
             entry.sent_at = now
             entry.sends += 1
             self._count("results.sent" if entry.sends == 1 else "results.resent")
             log.debug("result %s sent (send %d)", entry.item.assignment_id, entry.sends)
         return self._next_wake()
+
+    def _set_aside_unsendable(self, item: PendingResult, exc: ProtocolError) -> None:
+        """An item ``publish`` can never send (over ``max_message_bytes``):
+        parked as failed, kept for inspection, so the items behind it go on."""
+        log.error("outbox item %s cannot be sent and is set aside (see outpost-agent queue ls): %s", item.assignment_id, exc)
+        self.outbox.set_aside([item.assignment_id], self.clock.now())
+        with self._lock:
+            self._in_flight.pop(item.assignment_id, None)
+        self._count("results.set_aside")
 
     def _next_wake(self) -> float:
         """Seconds to the next known due time: the earliest resend deadline
