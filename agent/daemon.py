@@ -300,6 +300,8 @@ class Agent:
 
     def _on_ack(self, ack: Ack) -> None:
         self.sync.on_ack([*ack.assignment_ids, *(event_key(e) for e in ack.event_ids), *(log_key(i) for i in ack.log_ids)])
+        if ack.refused_ids:
+            self.sync.on_refused(ack.refused_ids)
 
     def _on_connect(self) -> None:
         self.sync.resend_all()

@@ -2,7 +2,11 @@
 
 The rule (ARCHITECTURE.md, "Delivery contract", point 3): a result leaves the
 outbox only when an ``ack`` naming its assignment id arrives; until then it
-is sent again every ``resend_after`` seconds and after every reconnect. Sends
+is sent again every ``resend_after`` seconds and after every reconnect. An
+ack may instead name it in ``refused_ids`` (the hub will never apply it: an
+assignment it never issued, or issued to another agent; malformed): it is
+then set aside, status failed and kept for inspection, as is an item too
+large to send at all. Sends
 go oldest first, with at most ``window`` results in flight (claimed in the
 outbox, sent, not yet acknowledged), so a device that was offline for days
 catches up in order without flooding the broker. Each result travels with the
@@ -246,6 +250,21 @@ class Sync:
             for aid in ids:
                 self._in_flight.pop(aid, None)
         self._count_n("results.acked", changed)
+        self._wake.set()
+        return changed
+
+    def on_refused(self, assignment_ids: Iterable[str]) -> int:
+        """The hub recorded these results as rejected and will never apply
+        them (the ack's ``refused_ids``): set them aside (status failed, kept
+        for inspection) instead of re-sending them. Returns how many changed."""
+        ids = list(assignment_ids)
+        changed = self.outbox.set_aside(ids, self.clock.now())
+        with self._lock:
+            for aid in ids:
+                self._in_flight.pop(aid, None)
+        if changed:
+            log.warning("the hub refused %d result(s) for good (%s); set aside, see the hub's rejected messages", changed, ", ".join(ids[:5]))
+        self._count_n("results.refused", changed)
         self._wake.set()
         return changed
 
