@@ -412,3 +412,13 @@ def test_a_bad_event_name_fails_the_job_that_emits_it_and_queues_nothing(parts):
     # No event; the crash's traceback is in the try's log, queued before the result.
     assert [e.key for e in parts.outbox.items()] == ["log/a-1/0", "a-1"]
     assert "Traceback" in parts.outbox.get("log/a-1/0").data["log"]["data"]  # type: ignore[union-attr]
+
+
+def test_the_claimer_sleeps_until_woken_instead_of_polling_the_inbox(parts):
+    runner = parts.runner()
+    time.sleep(0.3)  # past the start-up look
+    parts.inbox.put(Assign("quiet", "dag", "run", "task", 1, "noop", {"echo": 1}))  # no wake()
+    time.sleep(0.5)
+    assert not parts.outbox.has("quiet") and parts.inbox.assignment("quiet")[1] == "ready"  # type: ignore[index]
+    runner.wake()
+    assert parts.result("quiet").status == "success"
