@@ -7,7 +7,7 @@ each other::
     inbound ──► link ──admit──► verify
                  │ on_assign ──► inbox.put ──► PUBACK ──► accepted event ──► runner.wake
                  │ on_cancel ──► runner.cancel
-                 │ on_ack    ──► sync.on_ack
+                 │ on_ack    ──► sync.on_ack (its refused_ids: sync.on_refused, set aside)
     runner ──► outbox ──► sync ──► link.send_event(result, hlc at finish)
                            └──► HTTP bulk sync (large backlogs) ──► answer ──► on_ack
 

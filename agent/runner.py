@@ -39,7 +39,7 @@ so the hub has the log when the result lands. Progress reports leave through
 ``on_event`` as ``Progress`` messages, at most one a second per assignment,
 the last one always.
 
-Nothing here polls: the claimer and idle workers sleep until woken
+An idle runner does not poll: the claimer and idle workers sleep until woken
 (:meth:`Runner.wake` on new work or a released claim, a finished job) or
 until the next held assignment is due, with a long backstop timeout
 (:data:`IDLE_WAIT`), so an idle agent costs a device almost no CPU.
