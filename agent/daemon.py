@@ -7,7 +7,7 @@ each other::
     inbound ──► link ──admit──► verify
                  │ on_assign ──► inbox.put ──► PUBACK ──► accepted event ──► runner.wake
                  │ on_cancel ──► runner.cancel
-                 │ on_ack    ──► sync.on_ack
+                 │ on_ack    ──► sync.on_ack (its refused_ids: sync.on_refused, set aside)
     runner ──► outbox ──► sync ──► link.send_event(result, hlc at finish)
                            └──► HTTP bulk sync (large backlogs) ──► answer ──► on_ack
 
@@ -28,7 +28,9 @@ the tick loop only while the runner, sync and link threads are alive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import signal
 import socket
 import threading
@@ -50,7 +52,8 @@ from firmware_jobs.base import Job
 from shared.clock import Clock, SystemClock
 from shared.envelope import Envelope, encode
 from shared.hlc import HybridClock
-from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Status
+from shared.errors import PayloadTooLarge
+from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Rejected, Status
 from shared.mqtt import Inbound
 
 log = logging.getLogger(__name__)
@@ -167,26 +170,44 @@ class Agent:
         jobs ``stop_timeout`` seconds (default: the ``stop_timeout``
         setting). On SIGHUP, ``reload()`` reads the configuration again and
         :meth:`reload` applies it; a reload that fails is logged and ignored."""
-        stop, hup = threading.Event(), threading.Event()
+        received: list[int] = []
+        # The C-level handler writes a byte to this socket for every signal,
+        # so the main thread can sleep in select() until one arrives instead
+        # of waking five times a second to look at flags.
+        wakeup_r, wakeup_w = socket.socketpair()
+        wakeup_r.setblocking(False)
+        wakeup_w.setblocking(False)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            # Only set flags here: the handler runs between bytecodes of the
-            # main thread, which may hold a lock the real work needs.
-            (hup if signum == signal.SIGHUP else stop).set()
+            # Only record it here: the handler runs between bytecodes of the
+            # main thread, which may hold a lock the real work needs (so no
+            # Event.set, whose lock the interrupted code may be holding).
+            received.append(signum)
 
         sigs = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload is not None else ())
         previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
+        previous_fd = signal.set_wakeup_fd(wakeup_w.fileno())
         try:
             self.start()
-            while not stop.wait(0.2):
-                if hup.is_set():
-                    hup.clear()
-                    self._reload_from(reload)
+            stop = False
+            while not stop:
+                if not received:
+                    select.select([wakeup_r], [], [], 30.0)
+                with contextlib.suppress(OSError):
+                    wakeup_r.recv(4096)
+                while received:
+                    if received.pop(0) == signal.SIGHUP:
+                        self._reload_from(reload)
+                    else:
+                        stop = True
             log.info("stop signal received, stopping")
             self.stop(self.settings.stop_timeout if stop_timeout is None else stop_timeout)
         finally:
+            signal.set_wakeup_fd(previous_fd)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            wakeup_r.close()
+            wakeup_w.close()
 
     def _reload_from(self, reload: Callable[[], AgentSettings] | None) -> None:
         log.info("SIGHUP: reloading the configuration")
@@ -279,13 +300,22 @@ class Agent:
 
     def _on_ack(self, ack: Ack) -> None:
         self.sync.on_ack([*ack.assignment_ids, *(event_key(e) for e in ack.event_ids), *(log_key(i) for i in ack.log_ids)])
+        if ack.refused_ids:
+            self.sync.on_refused(ack.refused_ids)
 
     def _on_connect(self) -> None:
         self.sync.resend_all()
         self._beat_now.set()
 
     def _publish_result(self, item: PendingResult) -> bool:
-        return self.link.send_event(item.result, hlc=item.hlc)
+        try:
+            return self.link.send_item(item.result, item.hlc)
+        except PayloadTooLarge as exc:
+            # Stored under a larger max_message_bytes (changed since, by a
+            # reload or a restart): Sync sets it aside; the hub gets a record.
+            detail = f"outbox item {item.assignment_id} cannot be sent and was set aside on the device: {exc}"
+            self.link.send_event(Rejected(exc.code, detail[:500], None, getattr(item.result, "assignment_id", None)))
+            raise
 
     def _http_path(self, settings: AgentSettings) -> HttpPath | None:
         """The HTTP bulk sync, when a hub URL is configured."""

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 _MQTT_OK = 0  # paho's MQTT_ERR_SUCCESS; the enum lives in paho, which only shared.mqtt imports
 _DETAIL_MAX = 500
+#: Put on the inbound queue by stop() to wake the consumer (never acknowledged).
+_STOP = Inbound("", b"", 0, False, 0)
+#: Backstop for the consumer's blocking wait on the inbound queue.
+_IDLE_WAIT = 30.0
 
 
 class Refusal(Protocol):
@@ -115,6 +119,7 @@ class AgentLink:
         """Stop consuming, publish the offline status, disconnect. Messages
         received but not handled stay unacknowledged and come back later."""
         self._stopping.set()
+        self.mqtt.inbound.put(_STOP)  # wakes the consumer, which blocks on the queue
         if self._consumer is not None:
             self._consumer.join(timeout)
         self.mqtt.stop(last_words=(self._status_topic, self._envelope(Status("offline"))), timeout=timeout)
@@ -153,6 +158,15 @@ class AgentLink:
             return False
         return self.mqtt.publish(self._events_topic, data, qos=1).rc == _MQTT_OK
 
+    def send_item(self, message: Message, hlc: HLC) -> bool:
+        """Publish an outbox item like :meth:`send_event`, but raise
+        :class:`PayloadTooLarge` when it is over ``max_message_bytes`` instead
+        of returning False: such an item can never be sent, and the outbox
+        must set it aside rather than wait for a reconnect that cannot help."""
+        if not self.connected:
+            return False
+        return self.mqtt.publish(self._events_topic, self._envelope(message, hlc), qos=1).rc == _MQTT_OK
+
     def _envelope(self, message: Message, hlc: HLC | None = None) -> bytes:
         return encode(Envelope(message, sender=self.agent_id, hlc=hlc or self._hlc.now()), self.limit)
 
@@ -165,8 +179,11 @@ class AgentLink:
     def _consume(self) -> None:
         while not self._stopping.is_set():
             try:
-                inbound = self.mqtt.inbound.get(timeout=0.2)
+                # Long: stop() wakes it with _STOP, so an idle link costs nothing.
+                inbound = self.mqtt.inbound.get(timeout=_IDLE_WAIT)
             except queue.Empty:
+                continue
+            if inbound is _STOP:
                 continue
             try:
                 self._handle(inbound)

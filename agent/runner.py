@@ -39,6 +39,11 @@ so the hub has the log when the result lands. Progress reports leave through
 ``on_event`` as ``Progress`` messages, at most one a second per assignment,
 the last one always.
 
+An idle runner does not poll: the claimer and idle workers sleep until woken
+(:meth:`Runner.wake` on new work or a released claim, a finished job) or
+until the next held assignment is due, with a long backstop timeout
+(:data:`IDLE_WAIT`), so an idle agent costs a device almost no CPU.
+
 No network I/O happens here: events (``started``) leave through the
 ``on_event`` callback and new results are announced through ``on_result``.
 """
@@ -73,8 +78,17 @@ from shared.messages import Assign, LogChunk, Message, Progress, Result, Started
 
 log = logging.getLogger(__name__)
 
-#: How often the claimer looks for due held work when nothing wakes it.
-POLL = 0.1
+#: Longest the claimer and an idle worker sleep when nothing wakes them: a
+#: backstop only. New work, a finished job, a released claim or a reload wake
+#: them at once, and a held assignment's ``not_before`` sets the next wake-up;
+#: polling instead cost an idle device a SQLite claim ten times a second.
+IDLE_WAIT = 30.0
+#: Delay of the first look at the inbox after start (see _claim_loop).
+START_DELAY = 0.1
+#: Longest wait while assignments are held: their ``not_before`` is on the
+#: device's wall clock, which may jump (NTP, no RTC), so a sleep computed from
+#: it is rechecked at least this often.
+HELD_RECHECK = 1.0
 #: How long a job gets to stop after its abort flag is set.
 ABORT_GRACE = 2.0
 #: Least time between two progress reports of one assignment, in seconds.
@@ -265,16 +279,37 @@ class Runner:
         return None
 
     def _claim_loop(self) -> None:
+        # The first look a moment after start, as when this loop polled: the
+        # link, started just after, usually connects within it, so a job
+        # re-run after a restart gets its (best effort) ``started`` out.
+        timeout = START_DELAY
         while not self._stopping.is_set():
-            self._wake.wait(POLL)
+            self._wake.wait(timeout)
+            # Cleared before looking, so a wake() during the look is not lost.
             self._wake.clear()
+            timeout = IDLE_WAIT
             try:
                 self._release_due()
                 self._claim_more()
+                timeout = self._next_due()
             except Exception:  # this thread must outlive any one bad item or error
                 log.exception("claiming from the inbox failed; retrying")
                 self._count("errors.claim")
                 self._stopping.wait(1.0)
+
+    def _next_due(self) -> float:
+        """Seconds until the earliest held assignment is due (capped: see
+        :data:`HELD_RECHECK`), or :data:`IDLE_WAIT` when none is held. A due
+        one waiting for a worker is woken by the worker that frees up."""
+        with self._cv:
+            if not self._held:
+                return IDLE_WAIT
+            ahead = self._held[0][0] - self.clock.now()
+            if ahead > 0:
+                return min(HELD_RECHECK, ahead)
+            # Due already: look again now if a worker is free (it became due
+            # during this look), else the worker that frees up wakes us.
+            return 0.0 if self._free_slots() > 0 else IDLE_WAIT
 
     def _release_due(self) -> None:
         now = self.clock.now()
@@ -314,7 +349,9 @@ class Runner:
                     claimed = self._next_ready()
                     if claimed is not None:
                         break
-                    self._cv.wait(POLL)
+                    # Every change that can give this worker something to
+                    # run notifies the condition; the timeout is a backstop.
+                    self._cv.wait(IDLE_WAIT)
                 if claimed is None:
                     return
                 self._busy += 1

@@ -2,7 +2,11 @@
 
 The rule (ARCHITECTURE.md, "Delivery contract", point 3): a result leaves the
 outbox only when an ``ack`` naming its assignment id arrives; until then it
-is sent again every ``resend_after`` seconds and after every reconnect. Sends
+is sent again every ``resend_after`` seconds and after every reconnect. An
+ack may instead name it in ``refused_ids`` (the hub will never apply it: an
+assignment it never issued, or issued to another agent; malformed): it is
+then set aside, status failed and kept for inspection, as is an item too
+large to send at all. Sends
 go oldest first, with at most ``window`` results in flight (claimed in the
 outbox, sent, not yet acknowledged), so a device that was offline for days
 catches up in order without flooding the broker. Each result travels with the
@@ -52,14 +56,17 @@ import httpx
 
 from agent.queues import Outbox, PendingResult
 from shared.clock import Clock
-from shared.errors import OutpostError
+from shared.errors import OutpostError, ProtocolError
 from shared.files import atomic_write
 from shared.messages import Ack
 
 log = logging.getLogger(__name__)
 
-#: How often the loop looks for work when nothing wakes it.
-POLL = 0.2
+#: Longest the loop sleeps when nothing wakes it: a backstop only (it also
+#: picks up items another process, ``outpost-agent emit``, put in the outbox).
+#: A new item, an ack, a reconnect or a released claim wake it at once, and
+#: the next resend deadline or HTTP retry sets the wake-up time otherwise.
+IDLE_WAIT = 5.0
 #: HTTP sync backoff after an error: first delay, longest delay, and the
 #: delay after 401/403 (a configuration error no quick retry fixes).
 HTTP_BACKOFF_FIRST = 1.0
@@ -169,7 +176,10 @@ class Sync:
     """The outbox drain loop; see the module docstring.
 
     ``publish(item)`` sends one result and returns False when it could not
-    (disconnected); ``is_connected()`` says whether sending is worth trying.
+    (disconnected), or raises :class:`ProtocolError` (``PayloadTooLarge``)
+    when the item can never be sent: it is then set aside (status failed,
+    kept for inspection) and the items behind it go on. ``is_connected()``
+    says whether sending is worth trying.
     """
 
     def __init__(
@@ -249,6 +259,21 @@ class Sync:
         self._wake.set()
         return changed
 
+    def on_refused(self, assignment_ids: Iterable[str]) -> int:
+        """The hub recorded these results as rejected and will never apply
+        them (the ack's ``refused_ids``): set them aside (status failed, kept
+        for inspection) instead of re-sending them. Returns how many changed."""
+        ids = list(assignment_ids)
+        changed = self.outbox.set_aside(ids, self.clock.now())
+        with self._lock:
+            for aid in ids:
+                self._in_flight.pop(aid, None)
+        if changed:
+            log.warning("the hub refused %d result(s) for good (%s); set aside, see the hub's rejected messages", changed, ", ".join(ids[:5]))
+        self._count_n("results.refused", changed)
+        self._wake.set()
+        return changed
+
     def pending(self) -> int:
         """Results not yet acknowledged (in flight or waiting)."""
         return self.outbox.depth()
@@ -267,21 +292,25 @@ class Sync:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        timeout = 0.0  # the first pass at once: there may be a backlog
         while not self._stopping.is_set():
-            self._wake.wait(POLL)
+            self._wake.wait(timeout)
+            # Cleared before the pass, so a wake() during it is not lost.
             self._wake.clear()
             try:
-                self._step()
+                timeout = self._step()
             except Exception:  # this thread must outlive any one bad item or error
                 log.exception("sending the outbox failed; retrying")
                 self._count("errors.sync")
                 self._stopping.wait(1.0)
+                timeout = 0.0
 
-    def _step(self) -> None:
+    def _step(self) -> float:
+        """One pass; returns how long to sleep before the next unless woken."""
         if self._http is not None and time.monotonic() >= self._http_retry_at and self.outbox.depth() >= self._http.threshold:
             self._http_drain()
         if not self._is_connected():
-            return
+            return self._http_wait()  # a reconnect wakes the loop (resend_all)
         with self._lock:
             if self._resend_requested:
                 for entry in self._in_flight.values():
@@ -292,12 +321,46 @@ class Sync:
         with self._lock:
             due = [e for e in self._in_flight.values() if e.sent_at is None or now - e.sent_at >= self.resend_after]
         for entry in due:  # oldest first: the dict keeps claim order
-            if self._stopping.is_set() or not self._publish(entry.item):
-                return  # disconnected meanwhile: the reconnect resends
+            if self._stopping.is_set():
+                return IDLE_WAIT
+            try:
+                sent = self._publish(entry.item)
+            except ProtocolError as exc:
+                self._set_aside_unsendable(entry.item, exc)
+                continue
+            if not sent:
+                return IDLE_WAIT  # disconnected meanwhile: the reconnect resends
             entry.sent_at = now
             entry.sends += 1
             self._count("results.sent" if entry.sends == 1 else "results.resent")
             log.debug("result %s sent (send %d)", entry.item.assignment_id, entry.sends)
+        return self._next_wake()
+
+    def _set_aside_unsendable(self, item: PendingResult, exc: ProtocolError) -> None:
+        """An item ``publish`` can never send (over ``max_message_bytes``):
+        parked as failed, kept for inspection, so the items behind it go on."""
+        log.error("outbox item %s cannot be sent and is set aside (see outpost-agent queue ls): %s", item.assignment_id, exc)
+        self.outbox.set_aside([item.assignment_id], self.clock.now())
+        with self._lock:
+            self._in_flight.pop(item.assignment_id, None)
+        self._count("results.set_aside")
+
+    def _next_wake(self) -> float:
+        """Seconds to the next known due time: the earliest resend deadline
+        of what is in flight, or the HTTP retry while a backlog waits for it."""
+        now = time.monotonic()
+        with self._lock:
+            sent = [e.sent_at for e in self._in_flight.values() if e.sent_at is not None]
+        wake = self._http_wait()
+        if sent:
+            wake = min(wake, max(0.0, min(sent) + self.resend_after - now))
+        return wake
+
+    def _http_wait(self) -> float:
+        """Seconds to the end of the HTTP backoff (capped by IDLE_WAIT)."""
+        if self._http is None:
+            return IDLE_WAIT
+        return max(0.0, min(IDLE_WAIT, self._http_retry_at - time.monotonic())) if self._http_retry_at > time.monotonic() else IDLE_WAIT
 
     # --- HTTP ------------------------------------------------------------
 
@@ -315,6 +378,7 @@ class Sync:
             if isinstance(exc, SyncRefused) and exc.status == 413 and self._http_batch_size > 1:
                 self._http_batch_size = max(1, self._http_batch_size // 2)
                 log.warning("hub refused an HTTP sync batch as too large; trying %d items per batch (%s)", self._http_batch_size, exc)
+                self._wake.set()  # the smaller batch at once
                 return
             self._http_refused = isinstance(exc, SyncRefused) and exc.status in (401, 403)
             delay = HTTP_BACKOFF_REFUSED if self._http_refused else self._http_delay

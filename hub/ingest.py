@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 
 #: Agent refusal codes that end the try: the device will not run it.
 FINAL_REFUSALS = frozenset({"deadline_passed"})
+#: Why a result can never be applied, whenever it is sent: answered in the
+#: ack's ``refused_ids`` so the agent sets it aside. Not a race with the
+#: hub's own commit: an assignment is committed before it is published, so
+#: a result for it cannot arrive before it is visible. Errors that a hub
+#: upgrade or a setting could cure (version, size, apply_error) are not here.
+FINAL_RESULT_REFUSALS = frozenset({"unknown_assignment", "foreign_assignment", "invalid_message"})
 
 
 class Reject(OutpostError):
@@ -80,6 +86,8 @@ class _Batch:
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: The messages refused, with their rejection records.
     refused: list[tuple[Inbound, RejectedMessage]] = field(default_factory=list)
+    #: Results refused for good (FINAL_RESULT_REFUSALS), per agent: the MQTT ack says so.
+    refusals: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     #: Where the messages came from, as stored in ``rejected_messages.source``.
     source: str = "mqtt"
 
@@ -93,6 +101,8 @@ class _Batch:
         self.rejections.extend(other.rejections)
         self.emitted.extend(other.emitted)
         self.refused.extend(other.refused)
+        for agent_id, ids in other.refusals.items():
+            self.refusals[agent_id].extend(ids)
 
 
 @dataclass
@@ -165,7 +175,7 @@ class Ingester:
     def process(self, batch: list[Inbound]) -> None:
         """Apply a batch of inbound messages, then acknowledge them."""
         out = self.apply(batch)
-        self._send_acks(out.acks, out.event_acks, out.log_acks)
+        self._send_acks(out.acks, out.event_acks, out.log_acks, out.refusals)
         for msg in batch:
             msg.ack()
         self.announce(out)
@@ -262,6 +272,8 @@ class Ingester:
                 self._apply(session, agent_id, envelope, now, out, assignments, tis, known)
             except Reject as exc:
                 self._reject(out, msg, agent_id, exc.code, str(exc))
+                if exc.code in FINAL_RESULT_REFUSALS and isinstance(envelope.body, Result):
+                    out.refusals[agent_id].append(envelope.body.assignment_id)
             seen.add(agent_id)
             # Stamped when sent (a will or a retained status is older news).
             if not msg.retain and (isinstance(envelope.body, Heartbeat) or (isinstance(envelope.body, Status) and envelope.body.state == "online")):
@@ -291,6 +303,10 @@ class Ingester:
             envelope = decode(msg.payload, self.max_message_bytes)
         except ProtocolError as exc:
             self._reject(out, msg, topic.agent_id, exc.code, str(exc))
+            if exc.code in FINAL_RESULT_REFUSALS:
+                malformed = _malformed_result_id(msg.payload, topic.agent_id)
+                if malformed is not None:
+                    out.refusals[topic.agent_id].append(malformed)
             return None
         if envelope.sender != topic.agent_id:
             self._reject(out, msg, topic.agent_id, "sender_mismatch", f"envelope sender {envelope.sender!r} published on {topic.agent_id!r}'s topic")
@@ -497,16 +513,35 @@ class Ingester:
         HTTP sync route answers with it; MQTT sends it in chunks)."""
         return Ack(tuple(out.acks.get(agent_id, ())), event_ids=tuple(out.event_acks.get(agent_id, ())), log_ids=tuple(out.log_acks.get(agent_id, ())))
 
-    def _send_acks(self, acks: dict[str, list[str]], event_acks: dict[str, list[str]] | None = None, log_acks: dict[str, list[str]] | None = None) -> None:
-        event_acks, log_acks = event_acks or {}, log_acks or {}
-        for agent_id in dict.fromkeys([*acks, *event_acks, *log_acks]):
-            ids, events, logs = acks.get(agent_id, []), event_acks.get(agent_id, []), log_acks.get(agent_id, [])
-            for start in range(0, max(len(ids), len(events), len(logs)), 200):
-                body = Ack(tuple(ids[start:start + 200]), event_ids=tuple(events[start:start + 200]), log_ids=tuple(logs[start:start + 200]))
+    def _send_acks(
+        self, acks: dict[str, list[str]], event_acks: dict[str, list[str]] | None = None, log_acks: dict[str, list[str]] | None = None,
+        refusals: dict[str, list[str]] | None = None,
+    ) -> None:
+        event_acks, log_acks, refusals = event_acks or {}, log_acks or {}, refusals or {}
+        for agent_id in dict.fromkeys([*acks, *event_acks, *log_acks, *refusals]):
+            ids, events, logs, refused = acks.get(agent_id, []), event_acks.get(agent_id, []), log_acks.get(agent_id, []), refusals.get(agent_id, [])
+            for start in range(0, max(len(ids), len(events), len(logs), len(refused)), 200):
+                body = Ack(
+                    tuple(ids[start:start + 200]), event_ids=tuple(events[start:start + 200]), log_ids=tuple(logs[start:start + 200]),
+                    refused_ids=tuple(refused[start:start + 200]),
+                )
                 envelope = Envelope(body, sender="hub", hlc=self.hlc.now())
                 # Not through the DB outbox: an ack that gets lost is simply
                 # sent again when the agent re-sends the result.
                 self.link.publish(ack_topic(agent_id), encode(envelope, self.max_message_bytes), qos=1)
+
+
+def _malformed_result_id(payload: bytes, agent_id: str) -> str | None:
+    """The assignment id of a result envelope from ``agent_id`` that failed to
+    decode as one (so it never will), when it names one; else None."""
+    try:
+        doc: Any = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("type") != "result" or doc.get("from") != agent_id or not isinstance(doc.get("body"), dict):
+        return None
+    aid = doc["body"].get("assignment_id")
+    return aid if isinstance(aid, str) and 0 < len(aid) <= 128 else None
 
 
 def _text(value: str, limit: int) -> str:

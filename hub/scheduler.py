@@ -262,6 +262,9 @@ class Scheduler:
     _version_cache: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     #: Events of the current step, emitted once its transaction committed.
     _after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: Online agents whose last heartbeat said ``accepting: false``, as of
+    #: the last redelivery pass (one that accepts again is re-sent to at once).
+    _not_accepting: set[str] = field(default_factory=set)
     #: Each DAG's schedule as last seen, to notice a changed one.
     _schedule_fingerprints: dict[str, str] = field(default_factory=dict)
     #: DAGs whose schedule has no next run (until their schedule changes).
@@ -1210,12 +1213,20 @@ class Scheduler:
 
         Only to online agents (the broker's session already holds a copy for
         an offline one), and backing off: after the n-th copy the next waits
-        ``redeliver_after * 2**(n-1)``, at most 32 times as long."""
+        ``redeliver_after * 2**(n-1)``, at most 32 times as long.
+
+        Not to agents whose last heartbeat says ``accepting: false`` (outbox
+        over its quota): each copy would be refused, and each refusal would
+        only grow the backoff. Once such an agent accepts again, what it holds
+        back is re-sent at the next pass, whatever the backoff."""
         cutoff = now - timedelta(seconds=self.redeliver_after)
         online = select(Agent.agent_id).where(Agent.state == "online")
+        refusing = set(session.scalars(online.where(Agent.last_heartbeat["accepting"].as_boolean().is_(False))))
+        accepting_again, self._not_accepting = self._not_accepting - refusing, refusing
         stmt = skip_locked(
             select(Assignment)
             .where(Assignment.state == "sent", Assignment.last_sent_at < cutoff, Assignment.agent_id.in_(online))
+            .where(Assignment.agent_id.not_in(refusing))
             .order_by(Assignment.last_sent_at)
             .limit(500),
             session,
@@ -1223,7 +1234,8 @@ class Scheduler:
         resent = False
         for assignment in session.scalars(stmt):
             backoff = self.redeliver_after * 2 ** min(max(assignment.send_count - 1, 0), 5)
-            if assignment.last_sent_at is not None and assignment.last_sent_at > now - timedelta(seconds=backoff):
+            held_back = assignment.agent_id in accepting_again
+            if not held_back and assignment.last_sent_at is not None and assignment.last_sent_at > now - timedelta(seconds=backoff):
                 continue
             ti = session.get(TaskInstance, assignment.ti_id)
             if ti is None or ti.try_number != assignment.try_number or ti.state in FINISHED:

@@ -219,6 +219,11 @@ class Ack(Message):
     event_ids: tuple[str, ...] = ()
     #: Log chunks the hub stored, as ``"<assignment id>/<seq>"``.
     log_ids: tuple[str, ...] = ()
+    #: Results the hub recorded as rejected and will never apply (an
+    #: assignment it never issued, or issued to another agent; a malformed
+    #: result): the agent sets them aside instead of re-sending them. An
+    #: older agent ignores the field and keeps re-sending, as before.
+    refused_ids: tuple[str, ...] = ()
 
 
 # --- agent to hub ----------------------------------------------------------

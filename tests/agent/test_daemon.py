@@ -172,3 +172,23 @@ def test_results_survive_kill_9_and_each_assignment_has_one_outcome(spawn_agent,
     report = json.loads(listing.stdout)
     assert report["inbox"]["depth"] == 0 and report["outbox"]["depth"] == 0
     assert {i["assignment_id"]: i["status"] for i in report["outbox"]["items"]} == {"quick": "acked", "slow": "acked"}
+
+
+def test_result_too_large_after_a_reload_is_set_aside_and_does_not_block_the_outbox(make_agent, settings_for, hub):
+    """A result stored under a larger max_message_bytes (a reload lowered it)
+    can never be sent: it is set aside (failed, kept, reported to the hub)
+    instead of stopping every pass of the outbox at the same item."""
+    agent = make_agent()
+    hub.assign("big", params={"echo": "x" * 3000})
+    hub.wait_for("result", "big")  # sent once, never acknowledged
+    assert "max_message_bytes" in agent.reload(settings_for(max_message_bytes=2048))
+    wait_until(lambda: agent.counters.snapshot().get("results.set_aside") == 1, 10, "the unsendable result set aside")
+    rejected = hub.wait_for("rejected")[0]
+    assert rejected.code == "payload_too_large" and rejected.assignment_id == "big" and "set aside" in rejected.detail
+    hub.assign("small")  # behind it: still sent, and acknowledged
+    assert hub.wait_for("result", "small")[0].status == "success"
+    hub.ack("small")
+    wait_until(lambda: agent.outbox.depth() == 0, 10, "the outbox drained")
+    entry = agent.outbox.get("big")
+    assert entry is not None and entry.status == "failed" and entry.data["result"]["output"] == {"echo": "x" * 3000}  # kept for inspection
+    assert len(hub.of("result", "big")) == 1  # never sent again

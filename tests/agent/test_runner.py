@@ -226,7 +226,7 @@ def test_not_before_holds_an_assignment_without_blocking_other_work(parts):
     parts.put("later", not_before=now + 60)
     parts.put("now")
     assert parts.result("now").status == "success"
-    time.sleep(0.3)  # the claimer polls every 0.1 s: it had its chances to start "later"
+    time.sleep(0.3)  # the claimer had its chances to start "later" (it was woken for "now")
     assert not parts.outbox.has("later") and not parts.started("later")
     assert parts.inbox.assignment("later")[1] == "claimed"  # type: ignore[index]  # held, so a crash releases it
     parts.clock.advance(61)
@@ -412,3 +412,13 @@ def test_a_bad_event_name_fails_the_job_that_emits_it_and_queues_nothing(parts):
     # No event; the crash's traceback is in the try's log, queued before the result.
     assert [e.key for e in parts.outbox.items()] == ["log/a-1/0", "a-1"]
     assert "Traceback" in parts.outbox.get("log/a-1/0").data["log"]["data"]  # type: ignore[union-attr]
+
+
+def test_the_claimer_sleeps_until_woken_instead_of_polling_the_inbox(parts):
+    runner = parts.runner()
+    time.sleep(0.3)  # past the start-up look
+    parts.inbox.put(Assign("quiet", "dag", "run", "task", 1, "noop", {"echo": 1}))  # no wake()
+    time.sleep(0.5)
+    assert not parts.outbox.has("quiet") and parts.inbox.assignment("quiet")[1] == "ready"  # type: ignore[index]
+    runner.wake()
+    assert parts.result("quiet").status == "success"

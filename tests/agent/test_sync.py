@@ -149,3 +149,34 @@ def test_results_left_in_flight_by_a_dead_process_are_sent_again(state_dir, wire
     finally:
         sync.stop()
         second.close()
+
+
+def test_a_result_the_hub_refuses_for_good_is_set_aside_and_never_sent_again(outbox, wire, make_sync):
+    sync = make_sync(resend_after=0.2)
+    put(outbox, "stray")
+    put(outbox, "a-1")
+    sync.wake()
+    wait_until(lambda: wire.ids().count("stray") >= 2, what="re-sends")
+    assert sync.on_refused(["stray"]) == 1
+    assert sync.on_refused(["stray"]) == 0  # a repeated refusal changes nothing
+    entry = outbox.get("stray")
+    assert entry is not None and entry.status == "failed" and entry.data["result"]["output"] == "stray"  # kept for inspection
+    assert sync.in_flight() == ["a-1"] and outbox.depth() == 1
+    sent = wire.ids().count("stray")
+    wait_until(lambda: wire.ids().count("a-1") >= 3, what="the other result still re-sent")
+    assert wire.ids().count("stray") == sent
+
+
+def test_an_idle_loop_sleeps_until_the_next_resend_is_due(outbox, wire, make_sync):
+    """No polling: nothing in flight, nothing is looked at; one result in
+    flight is re-sent at its deadline, not earlier."""
+    sync = make_sync(resend_after=0.6)
+    time.sleep(0.3)
+    put(outbox, "a-1")
+    time.sleep(0.3)
+    assert wire.ids() == []  # not woken: only IDLE_WAIT would find it
+    sync.wake()
+    wait_until(lambda: wire.ids() == ["a-1"], what="the send")
+    first = time.monotonic()
+    wait_until(lambda: wire.ids().count("a-1") == 2, what="the re-send")
+    assert 0.5 <= time.monotonic() - first <= 1.5

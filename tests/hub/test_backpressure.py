@@ -71,6 +71,54 @@ def test_refused_for_backpressure_stays_queued_and_is_redelivered(make_hub: Any)
     assert ti.state == "delivered"
 
 
+def test_no_redelivery_to_an_agent_that_is_not_accepting_and_at_once_when_it_accepts_again(make_hub: Any) -> None:
+    hub = make_hub({"pinned.py": PINNED_DAG}, redeliver_after=30)
+    hub.agent_online("a1")
+    hub.trigger("pinned")
+    hub.tick()
+    _mark_published(hub)
+    [first] = hub.assignments_sent()
+    aid = first.body.assignment_id
+    hub.send("a1", Rejected("agent_backpressure", "not accepting new work: outbox over quota", first.id, aid))
+    hub.send("a1", Heartbeat("0.1.0", accepting=False, not_accepting="outbox holds 300 bytes, over its 200 byte quota"))
+    for _ in range(4):  # two hours: no copy that the agent would only refuse
+        hub.clock.advance(1800)
+        hub.send("a1", Heartbeat("0.1.0", accepting=False, not_accepting="outbox holds 300 bytes, over its 200 byte quota"))
+        hub.tick()
+        _mark_published(hub)
+    assert len(hub.assignments_sent()) == 1
+    with hub.sessions() as session:
+        assert session.get(Assignment, aid).send_count == 1  # so no grown backoff either
+    hub.clock.advance(1)
+    hub.send("a1", Heartbeat("0.1.0", accepting=True))
+    hub.tick()
+    _mark_published(hub)
+    assert [a.body for a in hub.assignments_sent()] == [first.body, first.body]  # re-sent at once
+
+
+def test_after_a_refusal_streak_an_agent_accepting_again_gets_its_work_without_the_backoff(make_hub: Any) -> None:
+    hub = make_hub({"pinned.py": PINNED_DAG}, redeliver_after=30)
+    hub.agent_online("a1")
+    hub.trigger("pinned")
+    hub.tick()
+    _mark_published(hub)
+    for _ in range(4):  # refused before the hub heard the heartbeat: the backoff grew to 8 x 30 s
+        hub.clock.advance(300)
+        hub.send("a1", Heartbeat("0.1.0", accepting=True))
+        hub.tick()
+        _mark_published(hub)
+    sent = len(hub.assignments_sent())
+    assert sent == 5
+    hub.send("a1", Heartbeat("0.1.0", accepting=False, not_accepting="quota"))
+    hub.clock.advance(31)
+    hub.tick()
+    hub.send("a1", Heartbeat("0.1.0", accepting=True))
+    hub.clock.advance(1)
+    hub.tick()  # 32 s after the last copy, well inside its 240 s backoff
+    _mark_published(hub)
+    assert len(hub.assignments_sent()) == sent + 1
+
+
 def _mark_published(hub: Any) -> None:
     from hub.outbox import OutboxPublisher
 

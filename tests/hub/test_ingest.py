@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from hub.models import Agent, RejectedMessage, TaskResult
 from shared.messages import Heartbeat, Rejected, Result, Status
 from shared.mqtt import Inbound
-from shared.topics import events_topic, status_topic
+from shared.topics import ack_topic, events_topic, status_topic
 
 DAG = """
 from hub.dag import DAG, AgentOperator, on_agent
@@ -30,6 +30,13 @@ def setup(make_hub: Any) -> tuple[Any, int, Any]:
 def rejected_codes(hub: Any) -> list[str]:
     with hub.sessions() as session:
         return [r.code for r in session.scalars(select(RejectedMessage).order_by(RejectedMessage.id))]
+
+
+def acks_sent(hub: Any) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(topic, acknowledged ids, refused ids) of every ack the hub published."""
+    from shared.envelope import decode
+
+    return [(t, (b := decode(p).body).assignment_ids, b.refused_ids) for t, p in hub.link.published if t.endswith("/ack")]
 
 
 def test_duplicate_result_is_applied_once_and_acknowledged_each_time(make_hub: Any) -> None:
@@ -80,6 +87,8 @@ def test_result_for_an_unknown_assignment_is_rejected_but_acknowledged(make_hub:
     hub, _run_pk, _assign = setup(make_hub)
     hub.send("a1", Result("f" * 32, 1, "success"))
     assert rejected_codes(hub) == ["unknown_assignment"]
+    # Acknowledged as refused, so the agent sets it aside instead of re-sending it forever.
+    assert acks_sent(hub) == [(ack_topic("a1"), (), ("f" * 32,))]
 
 
 def test_result_from_another_agent_is_refused(make_hub: Any) -> None:
@@ -87,6 +96,21 @@ def test_result_from_another_agent_is_refused(make_hub: Any) -> None:
     hub.agent_online("a2")
     hub.send("a2", Result(assign.assignment_id, 1, "success"))
     assert rejected_codes(hub) == ["foreign_assignment"]
+    assert hub.tis(run_pk)[0].state == "queued"
+    # Refused to the sender only; the assignment's own agent may still report.
+    assert acks_sent(hub) == [(ack_topic("a2"), (), (assign.assignment_id,))]
+    hub.send("a1", Result(assign.assignment_id, 1, "success"))
+    assert hub.tis(run_pk)[0].state == "success"
+
+
+def test_malformed_result_is_refused_but_one_a_hub_upgrade_could_apply_is_not(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    topic, aid = events_topic("a1"), assign.assignment_id
+    hub.send_raw(topic, b'{"v":1,"type":"result","id":"1","from":"a1","hlc":"0000000000001.00000@a1","body":{"assignment_id":"bad-1","try_number":"x"}}')
+    hub.send_raw(topic, ('{"v":9,"type":"result","id":"2","from":"a1","hlc":"0000000000001.00000@a1","body":{"assignment_id":"%s"}}' % aid).encode())
+    hub.send_raw(topic, b"{not json")
+    assert rejected_codes(hub) == ["invalid_message", "unsupported_version", "decode_error"]
+    assert [a.body.refused_ids for a in hub.acks()] == [("bad-1",)]  # a newer protocol version may apply later: no answer
     assert hub.tis(run_pk)[0].state == "queued"
 
 
