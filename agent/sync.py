@@ -91,7 +91,10 @@ class HubSyncClient:
         # httpx logs every request at INFO: one line per batch says nothing the counters do not.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         headers = {"Authorization": f"Bearer {token}"} if token else {}  # none: the hub answers 401, which the log shows
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        # A short connect timeout: a hub that cannot be reached (a link that is
+        # still down) must not hold the only sending thread, and so the MQTT
+        # path, for the whole read timeout a large batch may need.
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
         self._path = f"/api/v1/agents/{agent_id}/sync"
 
     def cursor(self) -> dict[str, Any]:
