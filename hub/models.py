@@ -237,7 +237,11 @@ class TaskLogChunk(Base):
     assignment and sequence number, so a redelivered chunk is recognised)."""
 
     __tablename__ = "task_log_chunks"
-    __table_args__ = (UniqueConstraint("assignment_id", "seq"), Index("ix_task_log_chunks_ti_try", "ti_id", "try_number"))
+    __table_args__ = (
+        UniqueConstraint("assignment_id", "seq"), Index("ix_task_log_chunks_ti_try", "ti_id", "try_number"),
+        # Retention (tasklogs.prune_chunks) finds the oldest chunks by it.
+        Index("ix_task_log_chunks_received_at", "received_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     ti_id: Mapped[int] = mapped_column(ForeignKey("task_instances.id", ondelete="CASCADE"))

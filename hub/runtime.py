@@ -69,6 +69,7 @@ class HubRuntime:
             interval=s.scheduler_interval, redeliver_after=s.redeliver_after, agent_offline_after=s.agent_offline_after,
             dag_reparse_interval=s.dag_reparse_interval, parse_in_tick=False, max_map_length=s.max_map_length,
             default_pool_slots=s.default_pool_slots, default_offline_grace=s.default_offline_grace,
+            task_log_retention_days=s.task_log_retention_days,
         )
         # Airflow's schedule_after_task_execution: a finished hub task's
         # downstream is decided and queued in the transaction that records it.

@@ -30,7 +30,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from hub import asset_events, offline, timetables
-from hub import branching, templating
+from hub import branching, tasklogs, templating
 from hub import events as ev
 from hub.admission import OCCUPYING, Admission, Candidate, Verdict, effective_weights, ordered
 from hub.dagprocessor import SerializedDagBag
@@ -253,6 +253,12 @@ class Scheduler:
     parse_in_tick: bool = True
     #: Slots of ``default_pool`` unless the pools table sets them.
     default_pool_slots: int = 128
+    #: Days stored log chunks of finished tries are kept (0: forever).
+    task_log_retention_days: float = 30.0
+    #: Seconds between log-pruning passes while no backlog is left.
+    log_prune_interval: float = 60.0
+    #: When the next log-pruning pass is due (None: at the next full pass).
+    _next_log_prune: datetime | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
     _last_parse: float = float("-inf")
     #: A parse whose DB write failed is written again at the next interval.
@@ -455,6 +461,7 @@ class Scheduler:
             self.events.emit(ev.OUTBOX_WRITTEN)
         with self._step() as session:
             self._mark_silent_agents(session, now)
+        self._prune_logs(now)
         return busy or redelivered
 
     # --- steps -------------------------------------------------------------
@@ -1257,6 +1264,18 @@ class Scheduler:
             log.info("agent %s silent for %ss: marking offline", agent_id, self.agent_offline_after)
             self._after_commit.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "offline"}))
         self._announce(offline.mark_offline(session, now, self.default_offline_grace, silent))
+
+    def _prune_logs(self, now: datetime) -> None:
+        """Log retention: one bounded batch (its own short transaction) per
+        pass; while a full batch went, the next full pass goes on at once,
+        otherwise after ``log_prune_interval``."""
+        if self.task_log_retention_days <= 0 or (self._next_log_prune is not None and now < self._next_log_prune):
+            return
+        with self._step() as session:
+            pruned = tasklogs.prune_chunks(session, now, self.task_log_retention_days)
+        if pruned:
+            log.info("pruned %d log chunk(s) older than %s day(s)", pruned, self.task_log_retention_days)
+        self._next_log_prune = None if pruned >= tasklogs.PRUNE_BATCH else now + timedelta(seconds=self.log_prune_interval)
 
     def _offline_work(self, session: Session, now: datetime) -> bool:
         """Offline operation (hub.offline): work on offline devices shows

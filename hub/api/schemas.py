@@ -142,6 +142,25 @@ class TaskLogOut(BaseModel):
     logs: list[TaskTryLog] = Field(description="One entry per device the try ran on (normally one); empty when nothing was logged or nothing arrived yet.")
 
 
+class TaskLogEntry(BaseModel):
+    try_number: int
+    assignment_id: str
+    agent_id: str
+    chunks: int = Field(description="Chunks received.")
+    bytes: int = Field(description="Size of the stored text in bytes (UTF-8).")
+    complete: bool = Field(description="The last chunk arrived and none is missing.")
+    first_received_at: datetime = Field(description="When the hub stored the first chunk that arrived.")
+    last_received_at: datetime = Field(description="When the hub stored the latest chunk; retention counts from each chunk's arrival.")
+
+
+class TaskLogsOut(BaseModel):
+    ti_id: int
+    task_id: str
+    map_index: int
+    try_number: int = Field(description="The task instance's current try (it may have no log yet).")
+    logs: list[TaskLogEntry] = Field(description="Tries with a stored log, oldest first: one entry per try and device (more than one when the try moved between devices).")
+
+
 class RunSummary(BaseModel):
     id: int = Field(description="Numeric run id, used in /runs/{id}.")
     dag_id: str

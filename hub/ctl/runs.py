@@ -33,11 +33,11 @@ def register(nouns: Any) -> None:
     add_wait_options(cmd, "poll until the run finishes; exit 0 on success, 1 on failure")
 
     cmd = add_command(verbs, "log", "Print what one try of a device task logged (ctx.log lines, stdout, stderr).", show_log,
-                      ["outpost runs log 12 flash", "outpost runs log 12 health --map-index 3 --try 1", "outpost runs log 12 flash -o json"], [out])
+                      ["outpost runs log 12 flash", "outpost runs log 12 health --map-index 3 --try 1", "outpost runs log 12 flash -o json", "outpost runs log 12 flash --try 2"], [out])
     cmd.add_argument("run", type=int, metavar="RUN", help="the run's numeric id")
     cmd.add_argument("task", metavar="TASK_ID", help="the task's id in the DAG")
     cmd.add_argument("--map-index", type=int, default=None, metavar="N", help="which instance of a fan-out (the MAP_INDEX column); needed when there are several")
-    cmd.add_argument("--try", dest="try_number", type=int, default=None, metavar="N", help="which try (default: the latest)")
+    cmd.add_argument("--try", dest="try_number", type=int, default=None, metavar="N", help="which try (default: the latest try that has a log, else the current one)")
     operations.register_run_actions(verbs)
 
 
@@ -77,9 +77,23 @@ def show_log(client: HubClient, args: argparse.Namespace) -> int:
     if len(tis) > 1:
         raise CtlError(f"task {args.task!r} has {len(tis)} instances in run {args.run}; pick one with --map-index (0-{len(tis) - 1})", ExitCode.USAGE)
     ti = tis[0]
-    try_number = args.try_number if args.try_number is not None else max(ti["try_number"], 1)
+    try_number = args.try_number if args.try_number is not None else latest_logged_try(client, args.run, ti)
     emit(args, client.get(f"/runs/{args.run}/tasks/{ti['id']}/tries/{try_number}/log"), log_text)
     return ExitCode.OK
+
+
+def latest_logged_try(client: HubClient, run_pk: int, ti: dict[str, Any]) -> int:
+    """The latest try of ``ti`` that has a stored log; the current try when
+    none has (its log may be on its way). Says so on stderr when that is an
+    earlier try than the current one (a retry that has logged nothing yet)."""
+    current = max(ti["try_number"], 1)
+    logged = [entry["try_number"] for entry in client.get(f"/runs/{run_pk}/tasks/{ti['id']}/logs")["logs"]]
+    if not logged:
+        return current
+    latest = max(logged)
+    if latest < current:
+        print(f"(try {current} has no log yet; showing try {latest}, the latest with one; --try {current} for the current try)", file=sys.stderr)
+    return latest
 
 
 def log_text(doc: dict[str, Any]) -> str:

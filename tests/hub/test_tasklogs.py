@@ -4,12 +4,13 @@ dashboard; progress applied to the running try only."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
+from hub import tasklogs
 from hub.db import transaction
 from hub.models import RejectedMessage, TaskInstance, TaskLogChunk
 from shared.envelope import Envelope, encode
@@ -140,6 +141,103 @@ def test_progress_updates_the_running_try_only(make_hub: Any) -> None:
     assert ti.try_number == 2 and ti.state == "running" and ti.progress is None and ti.progress_message is None
 
 
+def api_logs(hub: Any, run_pk: int, ti_id: int) -> Any:
+    engine = hub.sessions.kw["bind"]
+    return Hub(str(engine.url), engine, hub.sessions, hub.clock).client().get(f"/api/v1/runs/{run_pk}/tasks/{ti_id}/logs")
+
+
+def stored_seqs(hub: Any) -> list[tuple[int, int]]:
+    with hub.sessions() as session:
+        return [(c.try_number, c.seq) for c in session.scalars(select(TaskLogChunk).order_by(TaskLogChunk.try_number, TaskLogChunk.seq))]
+
+
+def fail_first_try_with_a_log(hub: Any, run_pk: int, assign: Any) -> str:
+    """Try 1 logs two chunks and fails; try 2 starts and logs one chunk. The
+    assignment id of try 2."""
+    aid = assign.assignment_id
+    hub.send("a1", Started(aid, hub.clock.now()))
+    hub.send("a1", LogChunk(aid, 0, "try 1\n"))
+    hub.send("a1", LogChunk(aid, 1, "boom\n", final=True))
+    hub.send("a1", Result(aid, 1, "failed", None, None))
+    hub.clock.advance(600)
+    hub.tick()
+    (retry,) = [a.body for a in hub.assignments_sent() if a.body.try_number == 2]
+    hub.send("a1", Started(retry.assignment_id, hub.clock.now()))
+    hub.send("a1", LogChunk(retry.assignment_id, 0, "try 2: h\u00e9llo\n"))
+    return retry.assignment_id
+
+
+def test_the_logs_api_lists_the_tries_that_have_a_log(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    ti = hub.tis(run_pk)[0]
+    assert api_logs(hub, run_pk, ti.id).json() == {"ti_id": ti.id, "task_id": "t", "map_index": -1, "try_number": 1, "logs": []}
+    started = hub.clock.now()
+    retry_aid = fail_first_try_with_a_log(hub, run_pk, assign)
+    doc = api_logs(hub, run_pk, ti.id).json()
+    assert doc["try_number"] == 2
+    first, second = doc["logs"]
+    assert {k: first[k] for k in ("try_number", "assignment_id", "agent_id", "chunks", "bytes", "complete")} == {
+        "try_number": 1, "assignment_id": assign.assignment_id, "agent_id": "a1", "chunks": 2, "bytes": len(b"try 1\nboom\n"), "complete": True,
+    }
+    assert datetime.fromisoformat(first["first_received_at"]).timestamp() == started
+    assert datetime.fromisoformat(first["last_received_at"]).timestamp() == started
+    # Bytes, not characters; running and not complete yet.
+    assert (second["try_number"], second["assignment_id"], second["chunks"], second["complete"]) == (2, retry_aid, 1, False)
+    assert second["bytes"] == len("try 2: h\u00e9llo\n".encode()) == len("try 2: h\u00e9llo\n") + 1
+    assert datetime.fromisoformat(second["last_received_at"]).timestamp() == started + 600
+    assert api_logs(hub, run_pk + 1, ti.id).status_code == 404
+    assert api_logs(hub, run_pk, ti.id + 100).status_code == 404
+
+
+def test_old_logs_of_finished_tries_are_pruned_and_recent_or_running_ones_kept(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)  # task_log_retention_days: 30 by default
+    retry_aid = fail_first_try_with_a_log(hub, run_pk, assign)
+    hub.clock.advance(timedelta(days=31).total_seconds())
+    hub.agent_online("a1")
+    hub.tick()
+    # Try 1 is over and its chunks are 31 days old: gone. Try 2 is running: its old chunk stays.
+    assert stored_seqs(hub) == [(2, 0)]
+    ti = hub.tis(run_pk)[0]
+    assert [e["try_number"] for e in api_logs(hub, run_pk, ti.id).json()["logs"]] == [2]
+    assert api_log(hub, run_pk, ti.id, 1).json()["logs"] == []
+    hub.send("a1", LogChunk(retry_aid, 1, "done\n", final=True))
+    hub.send("a1", Result(retry_aid, 2, "success", None, None))
+    assert hub.tis(run_pk)[0].state == "success"
+    hub.clock.advance(61)
+    hub.tick()
+    # Try 2 is finished now: its old chunk goes, the one that arrived a minute ago stays.
+    assert stored_seqs(hub) == [(2, 1)]
+    hub.clock.advance(timedelta(days=30).total_seconds())
+    hub.tick()
+    assert stored_seqs(hub) == []
+
+
+def test_pruning_deletes_in_bounded_batches(make_hub: Any) -> None:
+    hub, run_pk, assign = setup(make_hub)
+    fail_first_try_with_a_log(hub, run_pk, assign)
+    now = datetime.fromtimestamp(hub.clock.now(), UTC) + timedelta(days=31)
+    with transaction(hub.sessions) as session:
+        assert tasklogs.prune_chunks(session, now, 30, batch=1) == 1
+    assert stored_seqs(hub) == [(1, 1), (2, 0)]
+    with transaction(hub.sessions) as session:
+        assert tasklogs.prune_chunks(session, now, 30, batch=5) == 1  # try 2 is still running
+        assert tasklogs.prune_chunks(session, now, 30) == 0
+    assert stored_seqs(hub) == [(2, 0)]
+
+
+def test_retention_of_zero_days_keeps_logs_forever(make_hub: Any) -> None:
+    hub = make_hub({"d.py": DAG}, task_log_retention_days=0)
+    hub.agent_online("a1")
+    run_pk = hub.trigger("d")
+    hub.tick()
+    assign = hub.assignments_sent()[0].body
+    fail_first_try_with_a_log(hub, run_pk, assign)
+    hub.clock.advance(timedelta(days=3650).total_seconds())
+    hub.agent_online("a1")
+    hub.tick()
+    assert stored_seqs(hub) == [(1, 0), (1, 1), (2, 0)]
+
+
 # --- the CLI and the dashboard, over the seeded hub ---------------------------------------
 
 
@@ -167,6 +265,23 @@ def test_outpost_runs_log_prints_the_log_of_a_try(live_hub: tuple[Hub, str], cap
     assert f'href="/runs/{run_pk}/tasks/{ti_id}/tries/1/log"' in page.text
     log_page = hub_.client().get(f"/runs/{run_pk}/tasks/{ti_id}/tries/1/log")
     assert log_page.status_code == 200 and "rebooting\n&lt;b&gt;done&lt;/b&gt;" in log_page.text
+
+
+@pytest.mark.timeout(60)
+def test_outpost_runs_log_shows_the_latest_try_that_has_a_log(live_hub: tuple[Hub, str], capsys: pytest.CaptureFixture[str]) -> None:
+    hub_, url = live_hub
+    run_pk, ti_id = _add_log(hub_, "try 1 failed\n")
+    with transaction(hub_.sessions) as session:
+        ti = session.get(TaskInstance, ti_id)
+        assert ti is not None
+        ti.try_number, ti.state = 2, "running"  # the retry has logged nothing yet
+    cli = Cli(url, capsys)
+    code, out, err = cli("runs", "log", str(run_pk), "reboot")
+    assert code == 0, err
+    assert out == "--- edge-1 (assignment as-reboot) ---\ntry 1 failed\n"
+    assert "try 2 has no log yet; showing try 1" in err
+    code, out, err = cli("runs", "log", str(run_pk), "reboot", "--try", "2")
+    assert code == 0 and out == "(try 2 of reboot has no log yet)\n"
 
 
 def test_the_run_page_shows_progress_of_running_device_tasks(hub: Hub) -> None:  # noqa: F811

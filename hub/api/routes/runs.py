@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from hub import queries, tasklogs
 from hub.api.deps import PageParams, ReadSession
-from hub.api.schemas import ErrorResponse, Page, RunDetail, RunSummary, TaskInstanceOut, TaskLogOut
+from hub.api.schemas import ErrorResponse, Page, RunDetail, RunSummary, TaskInstanceOut, TaskLogOut, TaskLogsOut
 from shared.states import RunState
 
 router = APIRouter(tags=["runs"])
@@ -36,6 +36,15 @@ def get_run(run_pk: int, session: ReadSession) -> dict[str, Any]:
 def list_run_tasks(run_pk: int, session: ReadSession, page: PageParams) -> dict[str, Any]:
     """The task instances of one run, paginated (large fan-outs)."""
     return queries.list_task_instances(session, run_pk, limit=page.limit, offset=page.offset)
+
+
+@router.get(
+    "/runs/{run_pk}/tasks/{ti_id}/logs", response_model=TaskLogsOut,
+    responses={404: {"model": ErrorResponse, "description": "No such run or task instance."}},
+)
+def list_task_logs(run_pk: int, ti_id: int, session: ReadSession) -> dict[str, Any]:
+    """Which tries of a device task have a stored log (chunks, bytes, complete, when they arrived)."""
+    return tasklogs.list_logs(session, run_pk, ti_id)
 
 
 @router.get(
