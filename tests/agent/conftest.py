@@ -29,10 +29,12 @@ from paho.mqtt.properties import Properties
 
 from agent.config import AgentSettings
 from agent.daemon import Agent
+from agent.queues import Inbox, Outbox
+from agent.runner import Runner
 from shared.clock import Clock, SystemClock
 from shared.envelope import Envelope, decode, encode
 from shared.hlc import HybridClock
-from shared.messages import Ack, Assign, Cancel, Message
+from shared.messages import Ack, Assign, Cancel, Message, Result
 from shared.topics import ack_topic, assign_topic, events_topic, status_topic
 
 AGENT_ID = "dev-1"
@@ -245,3 +247,53 @@ def spawn_agent(mosquitto: Any, state_dir: Path, tmp_path: Path) -> Iterator[Cal
             proc.wait(5)
     for log in logs:
         log.close()
+
+
+class RunnerParts:
+    """A :class:`agent.runner.Runner` on real queue files in ``state_dir``,
+    driven by a test (tests/agent/test_runner.py, test_exec.py): the test
+    puts assignments in the inbox and reads results from the outbox."""
+
+    #: How long ``result`` waits by default.
+    result_timeout = 5.0
+
+    def __init__(self, state_dir: Path, clock: Any, registry: Any, command_allowlist: tuple[str, ...] = ()) -> None:
+        self.state_dir = state_dir
+        self.clock = clock
+        self.registry = registry
+        self.command_allowlist = list(command_allowlist)
+        self.inbox = Inbox(state_dir / "inbox.sqlite3")
+        self.outbox = Outbox(state_dir / "outbox.sqlite3")
+        self.hlc = HybridClock("dev-1", lambda: int(clock.now() * 1000))
+        self.events: list[Any] = []
+        self.announced: list[str] = []
+        self.runners: list[Runner] = []
+
+    def runner(self, start: bool = True, **options: Any) -> Runner:
+        runner = Runner(
+            self.inbox, self.outbox, self.registry, self.clock, self.hlc.now, self.state_dir / "work",
+            {"agent_version": "0.1.0", "command_allowlist": self.command_allowlist, "state_dir": str(self.state_dir)},
+            on_event=self.events.append, on_result=self.announced.append, **options,
+        )
+        if start:
+            runner.start()
+        self.runners.append(runner)
+        return runner
+
+    def put_assign(self, body: Assign) -> Assign:
+        self.inbox.put(body)
+        for runner in self.runners:
+            runner.wake()
+        return body
+
+    def result(self, aid: str, timeout: float | None = None) -> Result:
+        wait_until(lambda: self.outbox.has(aid), timeout or self.result_timeout, f"a result for {aid}")
+        entry = self.outbox.get(aid)
+        assert entry is not None
+        return Result.from_dict(entry.data["result"])
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.stop(2)
+        self.inbox.close()
+        self.outbox.close()

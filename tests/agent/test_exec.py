@@ -32,7 +32,7 @@ from shared.envelope import Envelope, encode
 from shared.hlc import HybridClock
 from shared.messages import Ack, Assign, LogChunk, Progress, Result
 
-from .conftest import wait_until
+from .conftest import RunnerParts, wait_until
 
 
 def _pids_file(ctx: JobContext) -> Path:
@@ -172,36 +172,14 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
 
 
-class Parts:
-    def __init__(self, state_dir: Path, clock: Any) -> None:
-        self.state_dir = state_dir
-        self.clock = clock
-        self.inbox = Inbox(state_dir / "inbox.sqlite3")
-        self.outbox = Outbox(state_dir / "outbox.sqlite3")
-        self.hlc = HybridClock("dev-1", lambda: int(clock.now() * 1000))
-        self.events: list[Any] = []
-        self.runners: list[Runner] = []
+class Parts(RunnerParts):
+    result_timeout = 15.0
 
-    def runner(self, **kw: Any) -> Runner:
-        runner = Runner(
-            self.inbox, self.outbox, REGISTRY, self.clock, self.hlc.now, self.state_dir / "work",
-            {"agent_version": "0.1.0", "command_allowlist": ["sleep", "echo"], "state_dir": str(self.state_dir)},
-            on_event=self.events.append, **kw,
-        )
-        runner.start()
-        self.runners.append(runner)
-        return runner
+    def __init__(self, state_dir: Path, clock: Any) -> None:
+        super().__init__(state_dir, clock, REGISTRY, command_allowlist=("sleep", "echo"))
 
     def put(self, aid: str, job_type: str, params: dict[str, Any] | None = None, **fields: Any) -> None:
-        self.inbox.put(Assign(aid, "dag", "run", "task", 1, job_type, params or {}, **fields))
-        for runner in self.runners:
-            runner.wake()
-
-    def result(self, aid: str, timeout: float = 15.0) -> Result:
-        wait_until(lambda: self.outbox.has(aid), timeout, f"a result for {aid}")
-        entry = self.outbox.get(aid)
-        assert entry is not None
-        return Result.from_dict(entry.data["result"])
+        self.put_assign(Assign(aid, "dag", "run", "task", 1, job_type, params or {}, **fields))
 
     def pids(self, aid: str) -> dict[str, Any]:
         path = self.state_dir / f"pids-{aid}.json"
@@ -212,12 +190,6 @@ class Parts:
         return sorted(
             (LogChunk.from_dict(e.data["log"]) for e in self.outbox.items() if e.key.startswith(f"log/{aid}/")), key=lambda c: c.seq,
         )
-
-    def close(self) -> None:
-        for runner in self.runners:
-            runner.stop(2)
-        self.inbox.close()
-        self.outbox.close()
 
 
 @pytest.fixture

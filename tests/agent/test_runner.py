@@ -18,15 +18,13 @@ from typing import Any
 import pytest
 
 from agent import runner as runner_module
-from agent.queues import Inbox, Outbox, event_key
-from agent.runner import Runner
+from agent.queues import event_key
 from firmware_jobs.base import Job, JobAborted, JobContext, JobError
 from firmware_jobs.noop import Noop
 from firmware_jobs.registry import Registry
-from shared.hlc import HybridClock
 from shared.messages import Assign, Result, Started
 
-from .conftest import wait_until
+from .conftest import RunnerParts, wait_until
 
 GATE_DIR: list[Path] = []  # the current test's gate folder
 
@@ -139,50 +137,15 @@ def _gates(state_dir):
     GATE_DIR.pop()
 
 
-class Parts:
+class Parts(RunnerParts):
     def __init__(self, state_dir: Path, clock: Any) -> None:
-        self.state_dir = state_dir
-        self.clock = clock
-        self.inbox = Inbox(state_dir / "inbox.sqlite3")
-        self.outbox = Outbox(state_dir / "outbox.sqlite3")
-        self.hlc = HybridClock("dev-1", lambda: int(clock.now() * 1000))
-        self.events: list[Any] = []
-        self.announced: list[str] = []
-        self.runners: list[Runner] = []
-
-    def runner(self, concurrency: int = 2, max_message_bytes: int = 262144, start: bool = True) -> Runner:
-        runner = Runner(
-            self.inbox, self.outbox, REGISTRY, self.clock, self.hlc.now, self.state_dir / "work",
-            {"agent_version": "0.1.0", "command_allowlist": [], "state_dir": str(self.state_dir)},
-            concurrency=concurrency, max_message_bytes=max_message_bytes,
-            on_event=self.events.append, on_result=self.announced.append,
-        )
-        if start:
-            runner.start()
-        self.runners.append(runner)
-        return runner
+        super().__init__(state_dir, clock, REGISTRY)
 
     def put(self, aid: str, job_type: str = "noop", params: dict[str, Any] | None = None, **fields: Any) -> Assign:
-        body = Assign(aid, "dag", "run", "task", 1, job_type, params if params is not None else {"echo": aid}, **fields)
-        self.inbox.put(body)
-        for runner in self.runners:
-            runner.wake()
-        return body
-
-    def result(self, aid: str, timeout: float = 5.0) -> Result:
-        wait_until(lambda: self.outbox.has(aid), timeout, f"a result for {aid}")
-        entry = self.outbox.get(aid)
-        assert entry is not None
-        return Result.from_dict(entry.data["result"])
+        return self.put_assign(Assign(aid, "dag", "run", "task", 1, job_type, params if params is not None else {"echo": aid}, **fields))
 
     def started(self, aid: str) -> bool:
         return any(isinstance(e, Started) and e.assignment_id == aid for e in self.events)
-
-    def close(self) -> None:
-        for runner in self.runners:
-            runner.stop(2)
-        self.inbox.close()
-        self.outbox.close()
 
 
 @pytest.fixture
