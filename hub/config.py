@@ -52,6 +52,7 @@ class HubSettings(BaseSettings):
     sync_max_batch_items: int = Field(1000, ge=1, le=100_000, description="Most outbox items one HTTP sync batch may carry; more is refused with 413 batch_too_large.")
     sync_max_batch_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest HTTP sync request body in bytes; more is refused with 413 batch_too_large (each envelope also obeys max_message_bytes).")
     task_log_retention_days: int = Field(30, ge=0, description="Days the hub keeps the stored logs of finished tries (by when each chunk arrived); older chunks are deleted by the scheduler in batches of at most 10,000. Logs of running tries are kept. 0: keep logs forever.")
+    fernet_keys: str = Field("", repr=False, description="Comma-separated Fernet keys that encrypt variables and connections at rest; the first encrypts, all decrypt (rotation: put a new key first, run 'outpost-hub secrets rotate', then drop the old one). Required: the hub refuses to start without a valid key ('outpost-hub secrets generate-key' makes one). 'outpost-hub standalone' keeps one in <state-dir>/hub/fernet.key.")
     dag_file_processor_memory_mb: int = Field(2048, ge=0, description="Memory (MB of data) one DAG file may allocate while being parsed; over it the file fails with a memory import error. 0: no limit.")
 
     _toml_path: ClassVar[Path | None] = None

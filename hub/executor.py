@@ -51,7 +51,7 @@ from hub.events import EventBus
 from hub.lifecycle import finish_try
 from hub.models import CallbackRequest, DagRun, TaskInstance
 from hub.xcom import XComValueError, record_return
-from hub.worker import MAX_CALLBACK_ATTEMPTS, MAX_OUTPUT_BYTES, WorkerRuntime, execute_task, run_callback, worker_main
+from hub.worker import MAX_CALLBACK_ATTEMPTS, MAX_OUTPUT_BYTES, WorkerRuntime, execute_task, run_callback, worker_main, worker_store
 from shared.clock import Clock, utcnow
 from shared.states import TaskState
 
@@ -120,6 +120,7 @@ class LocalExecutor:
         kill_grace: float = 5.0,
         sqlite_synchronous: str = "FULL",
         callback_timeout: float = CALLBACK_TIMEOUT,
+        fernet_keys: str = "",
     ) -> None:
         self.sessions = sessions
         self.clock = clock
@@ -128,6 +129,8 @@ class LocalExecutor:
         self.kill_grace = kill_grace
         self.callback_timeout = callback_timeout
         self.sqlite_synchronous = sqlite_synchronous
+        #: Handed to each worker so task code can read variables and connections.
+        self.fernet_keys = fernet_keys
         engine = sessions.kw["bind"]
         self.db_url = engine.url.render_as_string(hide_password=False)
         self._lock = threading.Lock()
@@ -267,7 +270,7 @@ class LocalExecutor:
 
     def _inline_runtime(self) -> WorkerRuntime:
         if self._inline is None:
-            self._inline = WorkerRuntime(self.sessions, self.clock)
+            self._inline = WorkerRuntime(self.sessions, self.clock, store=worker_store(self.sessions, self.fernet_keys))
         return self._inline
 
     # --- the executor thread -----------------------------------------------
@@ -286,7 +289,7 @@ class LocalExecutor:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         life_r, life_w = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=worker_main, args=(child, life_r, self.db_url, self.sqlite_synchronous), name="outpost-hub-worker", daemon=True)
+        process = self._ctx.Process(target=worker_main, args=(child, life_r, self.db_url, self.sqlite_synchronous, self.fernet_keys), name="outpost-hub-worker", daemon=True)
         process.start()
         child.close()
         life_r.close()

@@ -500,3 +500,38 @@ class SyncCursor(Base):
     #: Items committed over HTTP on this stream.
     items: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime]
+
+
+class Variable(Base):
+    """Airflow's Variable: a named value DAGs read (``var.value.NAME``,
+    ``Variable.get``). The value is stored encrypted (hub.encryption) and
+    never returned by the API."""
+
+    __tablename__ = "variables"
+
+    key: Mapped[str] = mapped_column(String(250), primary_key=True)
+    #: Fernet token of the value (text).
+    value_encrypted: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Connection(Base):
+    """Airflow's Connection: where and how tasks reach a system. ``password``
+    and ``extra`` (a JSON object) are stored encrypted; host, login, port
+    and schema are not secrets and are stored plain."""
+
+    __tablename__ = "connections"
+
+    conn_id: Mapped[str] = mapped_column(String(250), primary_key=True)
+    conn_type: Mapped[str] = mapped_column(String(100), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    host: Mapped[str | None] = mapped_column(String(500))
+    login: Mapped[str | None] = mapped_column(String(500))
+    port: Mapped[int | None] = mapped_column(Integer)
+    schema: Mapped[str | None] = mapped_column(String(500))
+    password_encrypted: Mapped[str | None] = mapped_column(Text)
+    extra_encrypted: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

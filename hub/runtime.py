@@ -21,10 +21,13 @@ from hub import events as ev
 from hub.config import HubSettings
 from hub.dagprocessor import DagFileProcessor, SerializedDagBag, stop_parse_processes
 from hub.db import make_engine, make_sessionmaker, upgrade
+from hub import secretvars, vault
 from hub.dispatcher import Dispatcher
+from hub.encryption import parse_keys
 from hub.events import EventBus
 from hub.executor import LocalExecutor
 from hub.ingest import Ingester
+from hub.masking import MASKER, install_log_filter
 from hub.outbox import OutboxPublisher
 from hub.scheduler import Scheduler
 from shared.clock import Clock, SystemClock, utcnow
@@ -44,6 +47,8 @@ class HubRuntime:
 
     def __post_init__(self) -> None:
         s = self.settings
+        # Before anything else: a hub that cannot encrypt secrets does not start (ConfigError).
+        self.cipher = parse_keys(s.fernet_keys)
         self.events = EventBus()
         self.engine = make_engine(s.db_url, sqlite_synchronous=s.sqlite_synchronous)
         self.sessions = make_sessionmaker(self.engine)
@@ -62,6 +67,7 @@ class HubRuntime:
         self.dagbag = SerializedDagBag(s.dags_folder, processor, min_file_process_interval=s.min_file_process_interval)
         self.executor = LocalExecutor(
             self.sessions, self.clock, self.events, workers=s.executor_workers, kill_grace=s.executor_kill_grace, sqlite_synchronous=s.sqlite_synchronous,
+            fernet_keys=s.fernet_keys,
         )
         self.dispatcher = Dispatcher(self.hlc, s.max_message_bytes)
         self.scheduler = Scheduler(
@@ -83,6 +89,11 @@ class HubRuntime:
 
     def start(self) -> None:
         upgrade(self.settings.db_url)
+        # Agent-task params are rendered here ({{ var.value.X }}); what this
+        # process logs and stores for humans is masked (hub.masking).
+        secretvars.set_default_store(secretvars.SecretStore(self.sessions, self.cipher))
+        MASKER.set_source(vault.secret_values(self.sessions, self.cipher))
+        install_log_filter()
         if self.run_scheduler:
             self.executor.start()
             adopted = self.executor.adopt_orphans()

@@ -40,10 +40,13 @@ from hub.dag import (
     on_agent,
 )
 from hub.assets import AgentEvent, Asset, AssetAll, AssetAny, Dataset
+from hub.masking import mask_secret
 from hub.params import Param
+from hub.secretvars import Connection, Variable
 from hub.taskflow import dag, task, task_group
 
 __all__ = [
+    "Connection", "Variable", "mask_secret",
     "Asset", "AssetAll", "AssetAny", "AgentEvent", "Dataset",
     "DAG", "AgentOperator", "AirflowFailException", "AirflowSensorTimeout", "AirflowSkipException", "BaseBranchOperator",
     "BaseOperator", "BaseSensorOperator", "BranchPythonOperator", "EmptyOperator", "Param", "PokeReturnValue", "PythonOperator",

@@ -30,11 +30,13 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, xcom
+from hub import asset_events, secretvars, vault, xcom
 from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped, import_dag_file
 from hub.db import make_engine, make_sessionmaker, transaction
-from hub.errors import InvalidDag
+from hub.encryption import parse_keys
+from hub.errors import ConfigError, InvalidDag
 from hub.mapping import same_group_index, unmap
+from hub.masking import MASKER, install_log_filter
 from hub.models import CallbackRequest, Dag, DagRun, DagVersion, TaskInstance, XCom
 from hub.templating import build_context as template_context
 from shared.clock import Clock, SystemClock, utcnow
@@ -99,6 +101,8 @@ class WorkerRuntime:
     sessions: sessionmaker[Session]
     clock: Clock = field(default_factory=SystemClock)
     cache: DagFileCache = field(default_factory=DagFileCache)
+    #: Variables and connections for DAG code (None: the hub has no fernet_keys).
+    store: secretvars.SecretStore | None = None
 
 
 # --- the context -------------------------------------------------------------
@@ -208,7 +212,7 @@ def build_context(runtime: WorkerRuntime, dag: DAG, task: Any, ti: TaskInstance,
         dag_id=run.dag_id, run_id=run.run_id, run_type=run.run_type, conf=dict(run.conf or {}), params=_params(dag, run),
         logical_date=run.logical_date, data_interval_start=run.data_interval_start, data_interval_end=run.data_interval_end,
         ti=proxy, map_index=ti.map_index, task=task, dag=dag, outlets=list(getattr(task, "outlets", None) or []),
-        sensor_started_at=ti.sensor_started_at or ti.started_at,
+        sensor_started_at=ti.sensor_started_at or ti.started_at, **secretvars.template_accessors(),
     )
     context.setdefault("try_number", ti.try_number)
     context.setdefault("clock", runtime.clock)  # sensors time their pokes with it
@@ -286,6 +290,18 @@ def execute_task(runtime: WorkerRuntime, ti_id: int, started_at: datetime, on_st
 
 
 def _run(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) -> dict[str, Any]:
+    """Run the try with the runtime's secret store; what the hub records for
+    humans to see (errors, rendered fields) leaves with secrets masked. The
+    output is data for downstream tasks and is masked where it is shown."""
+    with secretvars.using(runtime.store):
+        outcome = _run_task(runtime, ti, run, fileloc)
+    for key in ("error", "rendered_fields"):
+        if outcome.get(key) is not None:
+            outcome[key] = MASKER.redact(outcome[key])
+    return outcome
+
+
+def _run_task(runtime: WorkerRuntime, ti: TaskInstance, run: DagRun, fileloc: str) -> dict[str, Any]:
     try:
         dag = runtime.cache.dag(fileloc, ti.dag_id)
     except DagFileError as exc:
@@ -393,7 +409,13 @@ def callback_attribute(kind: str) -> str:
 
 def run_callback(runtime: WorkerRuntime, callback_id: int) -> str | None:
     """Run callback request ``callback_id``; returns None on success or the
-    error. Every callable is called even when an earlier one raised."""
+    error (secrets masked). Every callable is called even when an earlier one raised."""
+    with secretvars.using(runtime.store):
+        error = _run_callback(runtime, callback_id)
+    return MASKER.mask_text(error) if error else error
+
+
+def _run_callback(runtime: WorkerRuntime, callback_id: int) -> str | None:
     with runtime.sessions() as session:
         request = session.get(CallbackRequest, callback_id)
         if request is None:
@@ -452,13 +474,28 @@ def _dag_context(runtime: WorkerRuntime, dag: DAG, run: DagRun, extra: dict[str,
     context = template_context(
         dag_id=run.dag_id, run_id=run.run_id, run_type=run.run_type, conf=dict(run.conf or {}), params=_params(dag, run),
         logical_date=run.logical_date, data_interval_start=run.data_interval_start, data_interval_end=run.data_interval_end,
-        ti=None, dag=dag,
+        ti=None, dag=dag, **secretvars.template_accessors(),
     )
     context.update(extra)
     return context
 
 
 # --- the worker process ------------------------------------------------------
+
+
+def worker_store(sessions: sessionmaker[Session], fernet_keys: str) -> secretvars.SecretStore | None:
+    """The secret store of a process running DAG code, and the masker's
+    source of stored secrets (None without keys: DAG code then gets
+    ``SecretsUnavailable`` when it reads a variable)."""
+    if not fernet_keys:
+        return None
+    try:
+        cipher = parse_keys(fernet_keys)
+    except ConfigError as exc:
+        log.error("hub worker: %s", exc)
+        return None
+    MASKER.set_source(vault.secret_values(sessions, cipher))
+    return secretvars.SecretStore(sessions, cipher)
 
 
 def _die_with_hub(lifeline: Any) -> None:
@@ -477,21 +514,24 @@ def _die_with_hub(lifeline: Any) -> None:
     threading.Thread(target=watch, name="hub-lifeline", daemon=True).start()
 
 
-def worker_main(conn: Any, lifeline: Any, db_url: str, sqlite_synchronous: str) -> None:
+def worker_main(conn: Any, lifeline: Any, db_url: str, sqlite_synchronous: str, fernet_keys: str = "") -> None:
     """A worker's loop: one request at a time until told to stop or the
     executor's end of the pipe closes.
 
     Requests: ``("task", ti_id, started_at)`` answered by ``("started",
     ti_id, try_number, execution_timeout)`` (unless the instance is no longer
     queued) and then ``("task", ti_id, try_number, outcome)``; ``("callback", id)`` answered by ``("callback",
-    id, error_or_None)``; ``None`` to stop."""
+    id, error_or_None)``; ``None`` to stop. ``fernet_keys`` (the hub's
+    setting) lets task code read variables and connections."""
     _die_with_hub(lifeline)
+    install_log_filter()
     # Ctrl-C in a terminal reaches the whole process group; the hub decides
     # when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One task at a time: two connections cover a task's reads and its XCom writes.
     engine = make_engine(db_url, sqlite_synchronous=sqlite_synchronous, pool_size=2, max_overflow=2)
-    runtime = WorkerRuntime(make_sessionmaker(engine))
+    sessions = make_sessionmaker(engine)
+    runtime = WorkerRuntime(sessions, store=worker_store(sessions, fernet_keys))
     try:
         while True:
             try:

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from hub import templating
+from hub import secretvars, templating
 from hub.models import DagRun, TaskInstance, XCom
 from shared.states import TaskState
 
@@ -219,7 +219,7 @@ def run_context(session_scope: SessionScope, ti: TaskInstance, run: DagRun, *, r
         map_index=ti.map_index,
         sensor_started_at=ti.sensor_started_at,
         try_number=ti.try_number,
-        **extra,
+        **{**secretvars.template_accessors(), **extra},
     )
 
 

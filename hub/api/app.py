@@ -26,10 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
-from hub.api.routes import agents, assets, backfills, conflicts, dags, health, operations, pools, runs, sync
+from hub import vault
+from hub.api.routes import agents, assets, backfills, connections, conflicts, dags, health, operations, pools, runs, sync, variables
 from hub.config import HubSettings
+from hub.encryption import parse_keys
 from hub.errors import HubError
 from hub.events import EventBus
+from hub.masking import MASKER
 from shared.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -81,8 +84,16 @@ def create_app(
     app.state.events = events
     app.state.clock = clock
     app.state.readiness = readiness
+    # HubRuntime refuses to start without keys; an app built bare (tests of
+    # other routes) answers 503 secrets_unavailable on the secret routes.
+    app.state.cipher = parse_keys(settings.fernet_keys) if settings.fernet_keys else None
+    if app.state.cipher is not None and sessions is not None:
+        MASKER.set_source(vault.secret_values(sessions, app.state.cipher))
 
-    for router in (dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, sync.router, health.router):
+    for router in (
+        dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, sync.router, health.router,
+        variables.router, connections.router,
+    ):
         app.include_router(router, prefix=API_PREFIX)
     _install_docs(app)
     for router in extra_routers:

@@ -14,7 +14,9 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from hub.encryption import SecretCipher
 from hub.events import EventBus
+from hub.secretvars import SecretsUnavailable
 from shared.clock import Clock
 
 #: Largest page any list returns.
@@ -40,6 +42,13 @@ def clock(request: Request) -> Clock:
     return request.app.state.clock
 
 
+def cipher(request: Request) -> SecretCipher:
+    found = getattr(request.app.state, "cipher", None)
+    if found is None:
+        raise SecretsUnavailable("variables and connections are not available: the hub runs without fernet_keys")
+    return found
+
+
 @dataclass(frozen=True)
 class Paging:
     limit: int
@@ -58,3 +67,4 @@ Sessions = Annotated[sessionmaker[Session], Depends(sessions)]
 Events = Annotated[EventBus, Depends(event_bus)]
 HubClock = Annotated[Clock, Depends(clock)]
 PageParams = Annotated[Paging, Depends(paging)]
+Cipher = Annotated[SecretCipher, Depends(cipher)]
