@@ -1,14 +1,14 @@
 """variables and connections, encrypted at rest
 
-Revision ID: 0008_secrets
-Revises: 0007_log_retention
+Revision ID: 0009_secrets
+Revises: 0008_identity
 """
 import sqlalchemy as sa
 from alembic import op
 
 
-revision = '0008_secrets'
-down_revision = '0007_log_retention'
+revision = '0009_secrets'
+down_revision = '0008_identity'
 branch_labels = None
 depends_on = None
 
