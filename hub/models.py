@@ -513,7 +513,6 @@ class SyncCursor(Base):
     updated_at: Mapped[datetime]
 
 
-<<<<<<< HEAD
 class Variable(Base):
     """Airflow's Variable: a named value DAGs read (``var.value.NAME``,
     ``Variable.get``). The value is stored encrypted (hub.encryption) and
@@ -547,7 +546,8 @@ class Connection(Base):
     extra_encrypted: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
-=======
+
+
 class AuditRecord(Base):
     """Who did what to what, for logins, keys, roles, triggers, clears,
     rollouts, enrolments and revocations (``hub.audit``). Append-only."""
@@ -566,4 +566,3 @@ class AuditRecord(Base):
     #: Client address for actions made over HTTP.
     remote: Mapped[str] = mapped_column(String(100), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
->>>>>>> main

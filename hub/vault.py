@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from hub import audit
 from hub.db import transaction
 from hub.encryption import SecretCipher
 from hub.errors import Conflict, InvalidRequest, NotFound
@@ -77,7 +78,8 @@ def get_variable(session: Session, key: str) -> Variable:
 
 
 def set_variable(
-    sessions: sessionmaker[Session], cipher: SecretCipher, key: str, value: str, now: datetime, *, description: str | None = None, create_only: bool = False
+    sessions: sessionmaker[Session], cipher: SecretCipher, key: str, value: str, now: datetime, *,
+    description: str | None = None, create_only: bool = False, actor: str = "hub",
 ) -> bool:
     """Create or replace variable ``key``; True when it was created.
     ``description`` None keeps the current one."""
@@ -95,13 +97,15 @@ def set_variable(
         row.value_encrypted, row.updated_at = token, now
         if description is not None:
             row.description = description
+        audit.record(session, actor, "variable.create" if created else "variable.update", key, at=now)
     MASKER.invalidate()
     return created
 
 
-def delete_variable(sessions: sessionmaker[Session], key: str) -> None:
+def delete_variable(sessions: sessionmaker[Session], key: str, now: datetime, *, actor: str = "hub") -> None:
     with transaction(sessions) as session:
         session.delete(get_variable(session, key))
+        audit.record(session, actor, "variable.delete", key, at=now)
     MASKER.invalidate()
 
 
@@ -158,7 +162,7 @@ def get_connection(session: Session, conn_id: str) -> Connection:
 
 
 def save_connection(
-    sessions: sessionmaker[Session], cipher: SecretCipher, conn_id: str, fields: dict[str, Any], now: datetime, *, create: bool
+    sessions: sessionmaker[Session], cipher: SecretCipher, conn_id: str, fields: dict[str, Any], now: datetime, *, create: bool, actor: str = "hub"
 ) -> None:
     """Create connection ``conn_id`` (``create``; Conflict if it exists) or
     change the ``fields`` given (NotFound if it does not exist). A field
@@ -199,12 +203,15 @@ def save_connection(
         if "extra" in fields:
             row.extra_encrypted = cipher.encrypt(extra) if extra else None
         row.updated_at = now
+        # Which fields changed, never their values.
+        audit.record(session, actor, "connection.create" if create else "connection.update", conn_id, at=now, fields=sorted(fields))
     MASKER.invalidate()
 
 
-def delete_connection(sessions: sessionmaker[Session], conn_id: str) -> None:
+def delete_connection(sessions: sessionmaker[Session], conn_id: str, now: datetime, *, actor: str = "hub") -> None:
     with transaction(sessions) as session:
         session.delete(get_connection(session, conn_id))
+        audit.record(session, actor, "connection.delete", conn_id, at=now)
     MASKER.invalidate()
 
 
