@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.queues import Outbox  # noqa: E402
+from hub.encryption import generate_key  # noqa: E402
 from hub.standalone import LocalAgent, PrivateBroker, free_port  # noqa: E402
 from shared.envelope import Envelope, encode  # noqa: E402
 from shared.hlc import HLC  # noqa: E402
@@ -111,7 +112,7 @@ def main() -> int:
     api_port = free_port()
     config = root / "hub.toml"
     config.write_text(
-        f'state_dir = "{root / "hub"}"\ndags_folder = "{root / "dags"}"\nbroker_port = {broker.port}\napi_port = {api_port}\n'
+        f'state_dir = "{root / "hub"}"\ndags_folder = "{root / "dags"}"\nbroker_port = {broker.port}\napi_port = {api_port}\nfernet_keys = "{generate_key()}"\n'
         f'agent_sync_token = "{token}"\nmax_map_length = {args.chunk}\nredeliver_after = 86400.0\n'
         "agent_offline_after = 86400.0\ndefault_pool_slots = -1\nsqlite_synchronous = \"FULL\"\n"
     )

@@ -23,6 +23,12 @@ _EPILOG = {
     "api": "example:\n  outpost-hub api --config /etc/outpost/hub.toml --port 8080",
     "db": "example:\n  outpost-hub db upgrade --config /etc/outpost/hub.toml",
     "dags": "example:\n  outpost-hub dags check ./dags     # exit 1 and the reasons if any file fails",
+    "secrets": (
+        "examples:\n  outpost-hub secrets generate-key                 # print a new Fernet key\n"
+        "  OUTPOST_HUB_FERNET_KEYS=NEW,OLD outpost-hub secrets rotate --config /etc/outpost/hub.toml\n\n"
+        "rotation: put the new key first in fernet_keys (keep the old one after it), restart the hub,\n"
+        "run 'secrets rotate' (re-encrypts every stored value with the first key), then remove the old key."
+    ),
 }
 
 
@@ -61,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dags", "DAG file maintenance.")
     p.add_argument("action", choices=["check"], help="check: load every DAG file and report errors")
     p.add_argument("folder", nargs="?", type=Path, help="DAG folder (default: the configured dags_folder)")
+
+    p = command("secrets", "Encryption keys of variables and connections.")
+    p.add_argument("action", choices=["rotate", "reencrypt", "generate-key"], help="rotate (or reencrypt): re-encrypt every stored value with the first key of fernet_keys; generate-key: print a new key")
+    p.add_argument("--batch", type=int, default=500, help="values re-encrypted per transaction (default 500)")
     return parser
 
 
@@ -75,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "db":
             return _db(args)
+        if args.command == "secrets":
+            return _secrets(args)
         return _dags(args)
     except OutpostError as exc:
         print(f"outpost-hub: {exc}", file=sys.stderr)
@@ -173,6 +185,27 @@ def _db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     upgrade(settings.db_url)
     print(f"database at {settings.db_url} is up to date")
+    return EXIT_OK
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    from hub import vault
+    from hub.db import make_engine, make_sessionmaker
+    from hub.encryption import generate_key, parse_keys
+
+    if args.action == "generate-key":
+        print(generate_key())
+        return EXIT_OK
+    settings = _settings(args)
+    cipher = parse_keys(settings.fernet_keys)
+    engine = make_engine(settings.db_url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        counts = vault.reencrypt(make_sessionmaker(engine), cipher, batch=max(1, args.batch))
+    finally:
+        engine.dispose()
+    print(f"re-encrypted {counts['rotated']} stored value(s) with the first key; {counts['unchanged']} already used it")
+    if cipher.key_count > 1:
+        print(f"every value now uses the first key: the other {cipher.key_count - 1} key(s) can be removed from fernet_keys")
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from hub.errors import AgentNotFound, DagNotFound, InvalidRequest, NotFound, RunNotFound
+from hub.masking import MASKER
 from hub.models import Agent, Dag, DagImportError, DagRun, DagVersion, RejectedMessage, TaskInstance
 
 Page = dict[str, Any]
@@ -205,7 +206,7 @@ def _run(run: DagRun) -> dict[str, Any]:
         "run_type": run.run_type,
         "state": run.state,
         "logical_date": run.logical_date,
-        "conf": run.conf,
+        "conf": MASKER.redact(run.conf),
         "created_at": run.created_at,
         "started_at": run.started_at,
         "ended_at": run.ended_at,
@@ -227,8 +228,10 @@ def _task_instance(ti: TaskInstance) -> dict[str, Any]:
         "kind": ti.kind,
         "job_type": ti.job_type,
         "agent_id": ti.agent_id,
-        "output": ti.output,
-        "error": ti.error,
+        # What humans see: secrets masked (hub.masking); tasks read the stored values.
+        "output": MASKER.redact(ti.output),
+        "error": MASKER.redact(ti.error),
+        "rendered_fields": MASKER.redact(ti.rendered_fields),
         "queued_at": ti.queued_at,
         "started_at": ti.started_at,
         "ended_at": ti.ended_at,

@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from hub import events as ev
 from hub.config import HubSettings
 from hub.db import transaction
+from hub.encryption import ensure_key_file
 from hub.models import Agent, DagRun, TaskInstance
 from hub.runtime import HubRuntime
 from hub.scheduler import trigger_run
@@ -37,6 +38,9 @@ from shared.clock import utcnow
 from shared.states import RunState
 
 log = logging.getLogger(__name__)
+
+#: The Fernet key standalone generates in <state-dir>/hub/ when none is configured.
+FERNET_KEY_FILE = "fernet.key"
 
 
 def _die_with_parent() -> list[str]:
@@ -215,6 +219,10 @@ class Standalone:
             # A fresh HTTP sync secret per run (unless configured), so the
             # demo's agents sync large backlogs over HTTP like real ones.
             settings = HubSettings.load(self.config_file, **{**overrides, "agent_sync_token": secrets.token_urlsafe(32)})
+        if not settings.fernet_keys:
+            # No configuration for the demo: a key of its own in the state
+            # folder (0600), reused by later runs so stored secrets stay readable.
+            settings = settings.model_copy(update={"fernet_keys": ensure_key_file(self.state_dir / "hub" / FERNET_KEY_FILE)})
         self.runtime = HubRuntime(settings)
         self.runtime.start()
         for i, agent in enumerate(self.local_agents):

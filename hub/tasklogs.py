@@ -21,6 +21,7 @@ from sqlalchemy import LargeBinary, case, cast, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from hub.errors import NotFound
+from hub.masking import MASKER
 from hub.models import Assignment, TaskInstance, TaskLogChunk
 from shared.messages import LogChunk, Progress
 from shared.states import FINISHED
@@ -49,7 +50,8 @@ def apply_chunk(session: Session, agent_id: str, chunk: LogChunk, assignment: As
         TaskLogChunk(
             ti_id=assignment.ti_id, try_number=assignment.try_number, agent_id=agent_id, assignment_id=assignment.id,
             # PostgreSQL text cannot hold NUL; a device's log can.
-            seq=chunk.seq, data=chunk.data.replace("\x00", "\\x00"), final=chunk.final, received_at=now,
+            # Secrets the device was given never reach the stored log (read_log masks again: one may span chunks).
+            seq=chunk.seq, data=MASKER.mask_text(chunk.data.replace("\x00", "\\x00")), final=chunk.final, received_at=now,
         )
     )
     return True
@@ -105,7 +107,8 @@ def read_log(session: Session, run_pk: int, ti_id: int, try_number: int) -> dict
             parts.append(row.data)
             expected = row.seq + 1
         complete = chunks[-1].final and len(chunks) == chunks[-1].seq + 1
-        logs.append({"assignment_id": assignment_id, "agent_id": chunks[0].agent_id, "complete": complete, "chunks": len(chunks), "text": "".join(parts)})
+        text = MASKER.mask_text("".join(parts))
+        logs.append({"assignment_id": assignment_id, "agent_id": chunks[0].agent_id, "complete": complete, "chunks": len(chunks), "text": text})
     return {"ti_id": ti_id, "task_id": ti.task_id, "map_index": ti.map_index, "try_number": try_number, "logs": logs}
 
 

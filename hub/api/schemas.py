@@ -124,6 +124,7 @@ class TaskInstanceOut(BaseModel):
     ended_at: datetime | None
     progress: float | None = Field(None, description="A device task's last progress report for its current try, 0 to 1 (null: none yet).")
     progress_message: str | None = Field(None, description="The message of that progress report.")
+    rendered_fields: dict[str, Any] | None = Field(None, description="The templated fields as rendered for the current try (an agent task's params, a hub task's op_args...), secrets as ***.")
 
 
 class TaskTryLog(BaseModel):

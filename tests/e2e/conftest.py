@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import select
 
 from hub.db import make_engine, make_sessionmaker
@@ -43,6 +44,8 @@ class Fleet:
             f"api_port = {self.api_port}\n"
             "redeliver_after = 3.0\n"
             "scheduler_interval = 0.2\n"
+            # The hub refuses to start without one (hub.encryption).
+            f'fernet_keys = "{Fernet.generate_key().decode()}"\n'
         )
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.db_url = f"sqlite:///{self.root / 'hub' / 'hub.db'}"

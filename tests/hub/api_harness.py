@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 import uvicorn
+from cryptography.fernet import Fernet
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -37,6 +38,8 @@ from shared.clock import ManualClock, to_datetime
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 XSS = "<img src=x onerror=alert(1)>"
+#: The harness hub's key for variables and connections (a fresh one per test session).
+FERNET_KEY = Fernet.generate_key().decode()
 
 
 def _summarise(ti: Any) -> dict[str, Any]:
@@ -70,7 +73,7 @@ class Hub:
 
     def __post_init__(self) -> None:
         self.app = create_app(
-            HubSettings(database_url=self.url),
+            HubSettings(database_url=self.url, fernet_keys=FERNET_KEY),
             self.sessions,
             self.events,
             self.clock,
