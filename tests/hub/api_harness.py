@@ -31,7 +31,8 @@ from hub.config import HubSettings
 from hub.dag import DAG, AgentOperator, PythonOperator, every_agent, on_agent
 from hub.db import make_engine, make_sessionmaker, transaction, upgrade
 from hub.events import EventBus
-from hub.models import Agent, Dag, DagImportError, DagRun, RejectedMessage, TaskInstance
+from hub.encryption import parse_keys
+from hub.models import Agent, Connection, Dag, DagImportError, DagRun, RejectedMessage, TaskInstance, Variable
 from hub.web import views
 from shared.clock import ManualClock, to_datetime
 
@@ -40,6 +41,8 @@ START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 XSS = "<img src=x onerror=alert(1)>"
 #: The harness hub's key for variables and connections (a fresh one per test session).
 FERNET_KEY = Fernet.generate_key().decode()
+#: The value of the seeded sensitive variable; no API answer may contain it.
+SEEDED_SECRET = "seeded-token-8f3a1c"
 
 
 def _summarise(ti: Any) -> dict[str, Any]:
@@ -142,6 +145,13 @@ def seed(hub: Hub) -> Seeded:
         for i, code in enumerate(["bad_signature", "bad_signature", "decode_error"]):
             s.add(RejectedMessage(source="mqtt", topic="outpost/v1/agents/edge-2/events", agent_id="edge-2", code=code, detail=f"rejected #{i}",
                                   excerpt="", received_at=t0 - timedelta(minutes=10 - i)))
+        # Secrets tasks read: one plain variable, one sensitive, one connection (stored encrypted).
+        cipher = parse_keys(FERNET_KEY)
+        s.add(Variable(key="region", value_encrypted=cipher.encrypt("eu-central-1"), description="Default region.", created_at=t0, updated_at=t0))
+        s.add(Variable(key="fleet_api_token", value_encrypted=cipher.encrypt(SEEDED_SECRET), description="", created_at=t0, updated_at=t0))
+        s.add(Connection(conn_id="warehouse", conn_type="postgres", description="Results warehouse.", host="db.example", login="etl", port=5432,
+                         schema="fleet", password_encrypted=cipher.encrypt(SEEDED_SECRET + "-pw"),
+                         extra_encrypted=cipher.encrypt('{"sslmode": "require", "client_secret": "cs-seeded-1"}'), created_at=t0, updated_at=t0))
         return Seeded(ok.id, running.id, failed.id)
 
 
