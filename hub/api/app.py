@@ -104,6 +104,7 @@ def create_app(
     _document_error_shape(app)
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OverflowError, _out_of_range)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
@@ -121,6 +122,13 @@ async def _hub_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return error_response(422, "invalid_request", "; ".join(_describe(e) for e in exc.errors()))
+
+
+async def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
+    # A number past what the database stores (SQLite: 64-bit signed), in a
+    # path, query or body: the request's fault, not the hub's (found by the
+    # API fuzz test; it was a 500).
+    return error_response(422, "invalid_request", f"a number in the request is out of range (at most {2**63 - 1}): {exc}")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
