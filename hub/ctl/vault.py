@@ -61,8 +61,9 @@ def _register_connections(nouns: Any) -> None:
     cmd = add_command(verbs, "get", "Show one connection (password as ***).", get_connection, ["outpost connections get warehouse"], [output_parent()])
     cmd.add_argument("conn_id", metavar="CONN_ID")
     cmd = add_command(verbs, "add", "Create a connection.", add_connection,
-                      ["printf %s \"$PW\" | outpost connections add warehouse --type postgres --host db.example --port 5432 --login etl --password-stdin",
-                       "outpost connections add weather_api --type http --host api.example --extra '{\"api_key\": \"...\"}'"], [output_parent()])
+                      ["outpost connections add weather_api --type http --host api.example --extra '{\"units\": \"metric\"}'",
+                       "printf %s \"$PW\" | outpost connections add warehouse --type postgres --host db.example --port 5432 --login etl --password-stdin"],
+                      [output_parent()])
     _connection_options(cmd)
     cmd = add_command(verbs, "update", "Change the fields given; the others (the password too) stay.", update_connection,
                       ["outpost connections update warehouse --host db2.example", "outpost connections update warehouse --clear-password"], [output_parent()])
