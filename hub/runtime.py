@@ -21,13 +21,13 @@ from hub import events as ev
 from hub.config import HubSettings
 from hub.dagprocessor import DagFileProcessor, SerializedDagBag, stop_parse_processes
 from hub.db import make_engine, make_sessionmaker, upgrade
-from hub import secretvars, vault
+from hub import secretvars
 from hub.dispatcher import Dispatcher
 from hub.encryption import parse_keys
 from hub.events import EventBus
 from hub.executor import LocalExecutor
 from hub.ingest import Ingester
-from hub.masking import MASKER, install_log_filter
+from hub.masking import install_log_filter
 from hub.outbox import OutboxPublisher
 from hub.scheduler import Scheduler
 from shared.clock import Clock, SystemClock, utcnow
@@ -91,8 +91,7 @@ class HubRuntime:
         upgrade(self.settings.db_url)
         # Agent-task params are rendered here ({{ var.value.X }}); what this
         # process logs and stores for humans is masked (hub.masking).
-        secretvars.set_default_store(secretvars.SecretStore(self.sessions, self.cipher))
-        MASKER.set_source(vault.secret_values(self.sessions, self.cipher))
+        secretvars.set_default_store(secretvars.open_store(self.sessions, self.cipher))
         install_log_filter()
         if self.run_scheduler:
             self.executor.start()

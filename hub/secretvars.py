@@ -95,6 +95,13 @@ class SecretStore:
         return ConnectionValue(**found)
 
 
+def open_store(sessions: sessionmaker[Session], cipher: SecretCipher) -> SecretStore:
+    """The store of a process that runs DAG code or renders templates; the
+    process's masker learns the stored secrets from the same database."""
+    MASKER.set_source(vault.secret_values(sessions, cipher))
+    return SecretStore(sessions, cipher)
+
+
 _current: contextvars.ContextVar[SecretStore | None] = contextvars.ContextVar("outpost_secret_store", default=None)
 _default: list[SecretStore | None] = [None]
 

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, secretvars, vault, xcom
+from hub import asset_events, secretvars, xcom
 from hub.dag import DAG, BaseSensorOperator, SensorTimeout, TaskFailedNoRetry, TaskRescheduled, TaskSkipped, import_dag_file
 from hub.db import make_engine, make_sessionmaker, transaction
 from hub.encryption import parse_keys
@@ -484,18 +484,15 @@ def _dag_context(runtime: WorkerRuntime, dag: DAG, run: DagRun, extra: dict[str,
 
 
 def worker_store(sessions: sessionmaker[Session], fernet_keys: str) -> secretvars.SecretStore | None:
-    """The secret store of a process running DAG code, and the masker's
-    source of stored secrets (None without keys: DAG code then gets
-    ``SecretsUnavailable`` when it reads a variable)."""
+    """The secret store of a process running DAG code (None without keys:
+    DAG code then gets ``SecretsUnavailable`` when it reads a variable)."""
     if not fernet_keys:
         return None
     try:
-        cipher = parse_keys(fernet_keys)
+        return secretvars.open_store(sessions, parse_keys(fernet_keys))
     except ConfigError as exc:
         log.error("hub worker: %s", exc)
         return None
-    MASKER.set_source(vault.secret_values(sessions, cipher))
-    return secretvars.SecretStore(sessions, cipher)
 
 
 def _die_with_hub(lifeline: Any) -> None:
