@@ -118,8 +118,7 @@ class Masker:
                 values = self._registered | self._stored
                 if not values:
                     return None
-                # Longest first: a secret that contains another is masked whole.
-                self._pattern = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+                self._pattern = compile_alternatives(values)
             return self._pattern
 
     def mask_text(self, text: str) -> str:
@@ -142,6 +141,44 @@ class Masker:
         if isinstance(value, tuple):
             return tuple(self.redact(v) for v in value)
         return value
+
+
+def compile_alternatives(values: Iterable[str]) -> re.Pattern[str]:
+    """One regex matching any of ``values``, the longest where several
+    match at one place. A plain ``a|b|c`` makes the regex engine try every
+    value at every position of the text (0.6 s for a 64 KiB log with 1,000
+    secrets); a trie of the values tries only the branches that match so
+    far (bench/secret_store.py)."""
+    trie: dict[str, Any] = {}
+    for value in values:
+        node = trie
+        for ch in value:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+    try:
+        return re.compile(_trie_regex(trie))
+    except (RecursionError, re.error):  # pathological nesting: the slow form still works
+        return re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+
+
+def _trie_regex(node: dict[str, Any]) -> str:
+    branches = []
+    for ch, child in sorted(node.items()):
+        if ch == "":
+            continue
+        run = [ch]
+        # A chain of single-child nodes is one literal: nesting only at real branches.
+        while len(child) == 1 and "" not in child:
+            [(next_ch, child)] = child.items()
+            run.append(next_ch)
+        branches.append(re.escape("".join(run)) + _trie_regex(child))
+    if not branches:
+        return ""
+    ends_here = "" in node
+    if len(branches) == 1 and not ends_here:
+        return branches[0]
+    group = "(?:" + "|".join(branches) + ")"
+    return group + "?" if ends_here else group  # greedy: the longer value wins
 
 
 #: The masker of this process.

@@ -7,8 +7,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -18,13 +18,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.fernet import Fernet
+from sqlalchemy import text
 
 from hub import vault
 from hub.db import make_engine, make_sessionmaker, upgrade
 from hub.encryption import DOCUMENTED_EXAMPLE_KEY, SecretUnreadable, ensure_key_file, parse_keys
 from hub.errors import ConfigError
-from hub.masking import MASK, Masker, MaskingFilter, is_sensitive
+from hub.masking import MASK, Masker, MaskingFilter, compile_alternatives, is_sensitive
 from hub.secretvars import Connection, SecretStore, Variable, using
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -36,6 +39,15 @@ def db(tmp_path: Path):  # type: ignore[no-untyped-def]
     upgrade(url)
     engine = make_engine(url)
     yield tmp_path / "hub.db", make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def any_db(hub_db_url: str):  # type: ignore[no-untyped-def]
+    """SQLite and PostgreSQL (the production store)."""
+    upgrade(hub_db_url)
+    engine = make_engine(hub_db_url)
+    yield hub_db_url, make_sessionmaker(engine)
     engine.dispose()
 
 
@@ -76,18 +88,24 @@ def test_key_file_is_created_owner_only_and_reused(tmp_path: Path) -> None:
 # --- at rest --------------------------------------------------------------------------
 
 
-def test_values_are_encrypted_at_rest_and_read_back(db) -> None:  # type: ignore[no-untyped-def]
-    path, sessions = db
+def test_values_are_encrypted_at_rest_and_read_back(any_db) -> None:  # type: ignore[no-untyped-def]
+    url, sessions = any_db
+    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite") else None
     cipher = parse_keys(key())
     vault.set_variable(sessions, cipher, "api_token", "tok-3141592653", NOW)
     vault.save_connection(sessions, cipher, "warehouse", {"conn_type": "postgres", "host": "db.example", "login": "etl", "port": 5432,
                                                           "password": "hunter2-long", "extra": {"region": "eu", "api_key": "ak-271828"}}, NOW, create=True)
-    raw = path.read_bytes()
-    for secret in (b"tok-3141592653", b"hunter2-long", b"ak-271828"):
-        assert secret not in raw
-    with sqlite3.connect(path) as conn:
-        [(token,)] = conn.execute("select value_encrypted from variables").fetchall()
+    with sessions() as session:  # every column of both tables, as stored
+        rows = [tuple(r) for table in ("variables", "connections") for r in session.execute(text(f"select * from {table}"))]
+    stored = repr(rows)
+    for secret in ("tok-3141592653", "hunter2-long", "ak-271828"):
+        assert secret not in stored
+    assert "db.example" in stored  # host is not a secret: stored plain
+    [token] = [r[1] for r in rows if r[0] == "api_token"]
     assert token.startswith("gAAAA")  # a Fernet token
+    if path is not None:  # SQLite: not in the file either (free pages, WAL)
+        files = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+        assert b"tok-3141592653" not in files and b"hunter2-long" not in files
     store = SecretStore(sessions, cipher)
     with using(store):
         assert Variable.get("api_token") == "tok-3141592653"
@@ -100,8 +118,8 @@ def test_values_are_encrypted_at_rest_and_read_back(db) -> None:  # type: ignore
         Variable.get("missing")
 
 
-def test_rotation_rewrites_every_value_so_only_the_new_key_is_needed(db) -> None:  # type: ignore[no-untyped-def]
-    _path, sessions = db
+def test_rotation_rewrites_every_value_so_only_the_new_key_is_needed(any_db) -> None:  # type: ignore[no-untyped-def]
+    _url, sessions = any_db
     old, new = key(), key()
     old_cipher = parse_keys(old)
     for i in range(7):
@@ -251,3 +269,10 @@ def test_standalone_needs_no_configuration_and_keeps_its_key(tmp_path: Path) -> 
             assert vault.read_variable(session, parse_keys(first_key), "demo_token") == "standalone-secret-1"
     finally:
         engine.dispose()
+
+
+@given(values=st.sets(st.text(alphabet="ab.*\n", min_size=1, max_size=8), min_size=1, max_size=12), text=st.text(alphabet="ab.*\nc", max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_the_trie_regex_masks_exactly_like_longest_first_alternation(values: set[str], text: str) -> None:
+    naive = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+    assert compile_alternatives(values).sub("#", text) == naive.sub("#", text)
