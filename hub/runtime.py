@@ -156,7 +156,8 @@ class HubRuntime:
             extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()},
         )
         app.state.ingester = self.ingester  # HTTP sync batches go through the same ingester
-        config = uvicorn.Config(app, host=self.settings.api_host, port=self.settings.api_port, log_level="warning", lifespan="off")
+        # log_config=None: uvicorn's records go to the root handlers, which mask secrets (hub.masking).
+        config = uvicorn.Config(app, host=self.settings.api_host, port=self.settings.api_port, log_level="warning", lifespan="off", log_config=None)
         self.server = uvicorn.Server(config)
         thread = threading.Thread(target=self.server.run, name="hub-http", daemon=True)
         thread.start()
