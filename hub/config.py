@@ -58,7 +58,6 @@ class HubSettings(BaseSettings):
     min_file_process_interval: float = Field(30.0, ge=0, description="Seconds after which an unchanged DAG file is parsed again, so a DAG built from data the file reads follows that data (changed files are parsed at the next check anyway). 0: only changed files.")
     dag_file_processor_timeout: float = Field(30.0, gt=0, description="Seconds one DAG file may take to import; past it the file's parsing process is killed and a timeout import error recorded.")
     dag_parsing_processes: int = Field(2, ge=1, le=64, description="DAG files parsed at once, each in its own process.")
-    agent_sync_token: str = Field("", description="Shared bearer secret agents present to the HTTP bulk sync endpoint (POST /api/v1/agents/{agent_id}/sync). Empty: the endpoint is disabled (403 sync_disabled). Temporary: per-agent Ed25519 signatures replace it (issue 5).")
     sync_max_batch_items: int = Field(1000, ge=1, le=100_000, description="Most outbox items one HTTP sync batch may carry; more is refused with 413 batch_too_large.")
     sync_max_batch_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest HTTP sync request body in bytes; more is refused with 413 batch_too_large (each envelope also obeys max_message_bytes).")
     task_log_retention_days: int = Field(30, ge=0, description="Days the hub keeps the stored logs of finished tries (by when each chunk arrived); older chunks are deleted by the scheduler in batches of at most 10,000. Logs of running tries are kept. 0: keep logs forever.")
