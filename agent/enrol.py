@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def enrol(
     key, is_new = _device_key(settings, fresh=force)
     body = {"token": token, "agent_id": agent_id, "public_key": key.public.to_text()}
     try:
-        response = httpx.post(f"{hub_url}/api/v1/enroll", json=body, timeout=timeout, verify=ca_file if ca_file else True)
+        response = httpx.post(f"{hub_url}/api/v1/enroll", json=body, timeout=timeout, verify=ssl.create_default_context(cafile=ca_file) if ca_file else True)
     except httpx.HTTPError as exc:
         raise EnrolmentFailed(f"cannot reach the hub at {hub_url}: {exc}") from None
     answer = _answer(response)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 import uuid
@@ -97,7 +98,7 @@ class HubSyncClient:
         # still down) must not hold the only sending thread, and so the MQTT
         # path, for the whole read timeout a large batch may need.
         self._client = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)), verify=ca_file if ca_file else True,
+            base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)), verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
         )
         self._prefix = httpx.URL(base_url.rstrip("/")).path.rstrip("/")
         self._path = f"/api/v1/agents/{agent_id}/sync"
