@@ -180,7 +180,8 @@ class BrokerAdmin:
             # Every admin client reads the same response topic: take ours.
             raw = request(self.mqtt, CONTROL_TOPIC, payload, RESPONSE_TOPIC, self.timeout, accept=lambda b: batch.encode() in b)
         except MqttRequestError as exc:
-            raise BrokerAdminError(f"broker admin: {exc}") from None
+            hint = " Is the dynamic-security plugin loaded, and is this its admin client (broker_admin_username)?" if "no answer" in str(exc) else ""
+            raise BrokerAdminError(f"broker admin: {exc}.{hint}") from None
         try:
             answers = json.loads(raw)["responses"]
         except (ValueError, KeyError, TypeError):

@@ -15,9 +15,10 @@ import time
 import pytest
 
 from hub.brokeradmin import BrokerAdmin, BrokerAdminError
-from shared.mqtt import MqttLink, MqttRequestError, request
+from shared.mqtt import MqttLink, MqttRequestError, MqttSettings, request
 from shared.topics import ack_topic, assign_topic, events_topic, hub_subscriptions, status_topic
 from tests.broker.conftest import ADMIN_USER, HUB_PASSWORD, HUB_USER, Listener, SecureBroker, connect_result
+from tests.conftest import Broker
 
 
 def _agent(broker: SecureBroker, agent_id: str) -> tuple[str, str]:
@@ -130,3 +131,11 @@ def test_setup_can_run_again(secure_broker: SecureBroker) -> None:
     assert connect_result(secure_broker.settings(user, password, "pump-a")) == "Success"
     with pytest.raises(MqttRequestError, match="refused the connection of 'outpost-admin'"):
         request(secure_broker.settings(ADMIN_USER, "x", "a"), "t", json.dumps({}).encode(), "t", timeout=5)
+
+
+def test_broker_admin_without_the_plugin_says_so(mosquitto: Broker) -> None:
+    """A broker without dynamic security (the development one) never answers
+    the control topic: the error names the likely cause."""
+    admin = BrokerAdmin(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id="admin", username="outpost-admin", password="x"), timeout=2)
+    with pytest.raises(BrokerAdminError, match="no answer on .* Is the dynamic-security plugin loaded"):
+        admin.provision_agent("pump-a")
