@@ -10,14 +10,18 @@ anything the broker would have delivered is in too.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from hub.brokeradmin import BrokerAdmin, BrokerAdminError
 from shared.mqtt import MqttLink, MqttRequestError, MqttSettings, request
 from shared.topics import ack_topic, assign_topic, events_topic, hub_subscriptions, status_topic
-from tests.broker.conftest import ADMIN_USER, HUB_PASSWORD, HUB_USER, Listener, SecureBroker, connect_result
+from tests.broker.conftest import ADMIN_PASSWORD, ADMIN_USER, HUB_PASSWORD, HUB_USER, Listener, SecureBroker, connect_result
+from tests.broker.pki import Pki
 from tests.conftest import Broker
 
 
@@ -139,3 +143,24 @@ def test_broker_admin_without_the_plugin_says_so(mosquitto: Broker) -> None:
     admin = BrokerAdmin(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id="admin", username="outpost-admin", password="x"), timeout=2)
     with pytest.raises(BrokerAdminError, match="no answer on .* Is the dynamic-security plugin loaded"):
         admin.provision_agent("pump-a")
+
+
+def test_broker_setup_command_prepares_a_fresh_broker_for_the_hub(tmp_path: Path, pki: Pki) -> None:
+    broker = SecureBroker(tmp_path / "fresh", pki)
+    broker.start()
+    try:
+        config = tmp_path / "hub.toml"
+        config.write_text(
+            f'broker_port = {broker.plain_port}\nbroker_username = "{HUB_USER}"\nbroker_password = "{HUB_PASSWORD}"\n'
+            f'broker_admin_username = "{ADMIN_USER}"\nbroker_admin_password = "{ADMIN_PASSWORD}"\n'
+        )
+        assert connect_result(broker.hub_settings()) == "Not authorized"
+        done = subprocess.run([sys.executable, "-m", "hub", "broker", "setup", "--config", str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert connect_result(broker.hub_settings()) == "Success"
+        unmanaged = tmp_path / "unmanaged.toml"
+        unmanaged.write_text(f"broker_port = {broker.plain_port}\n")
+        done = subprocess.run([sys.executable, "-m", "hub", "broker", "setup", "--config", str(unmanaged)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "managed outside Outpost" in done.stderr
+    finally:
+        broker.stop()
