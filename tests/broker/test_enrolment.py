@@ -25,12 +25,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import load_settings
+from agent.sync import HubSyncClient
 from hub import enrolment
+from hub import events as ev
 from hub.api.app import create_app
 from hub.config import HubSettings
 from hub.db import make_engine, make_sessionmaker, transaction, upgrade
 from hub.events import EventBus
-from hub.models import Agent, AuditRecord
+from hub.models import Agent, AuditRecord, DagRun
+from hub.runtime import HubRuntime
+from hub.scheduler import trigger_run
 from shared.clock import SystemClock, utcnow
 from shared.mqtt import MqttLink
 from shared.requestsig import HEADER, sign_request
@@ -270,3 +274,56 @@ def test_admin_api_creates_tokens_and_revokes(enrol_hub: EnrolHub) -> None:
     assert bad.status_code == 422
     missing = httpx.post(f"{enrol_hub.url}/api/v1/agents/nobody/revoke", verify=enrol_hub.tls(), timeout=10)
     assert missing.status_code == 404
+
+
+DAG = """
+from hub.dag import DAG, AgentOperator, on_agent
+with DAG("enrolled_work") as dag:
+    AgentOperator(task_id="t", job_type="noop", target=on_agent("pump-1"))
+"""
+
+
+def test_an_enrolled_device_runs_work_and_syncs_with_what_enrolment_stored(tmp_path: Path, enrol_hub: EnrolHub, secure_broker: SecureBroker) -> None:
+    """Enrol, then 'outpost-agent run' with a file that names neither the id
+    nor the broker: it connects over TLS with its own credentials and runs
+    work from the real hub (which holds only the outpost-hub role); its HTTP
+    sync client, built from the same settings, is accepted by the hub."""
+    state = tmp_path / "device"
+    assert enroll(enrol_hub, state, enrol_hub.token(), "--agent-id", "pump-1").returncode == 0
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{state}"\nheartbeat_interval = 1.0\nsqlite_synchronous = "NORMAL"\n')
+    settings = load_settings(config, env={})
+    client = HubSyncClient(settings.hub_url or "", settings.agent_id, SigningKey.load(state / "identity" / "device.key"), timeout=10, ca_file=settings.hub_ca)
+    try:
+        assert client.cursor()["agent_id"] == "pump-1"
+    finally:
+        client.close()
+
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "enrolled_work.py").write_text(DAG)
+    runtime = HubRuntime(HubSettings.load(enrol_hub.config, dags_folder=dags, scheduler_interval=0.2), run_api=False)
+    log = open(tmp_path / "agent.log", "ab")
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    runtime.start()
+    try:
+        assert runtime.link.wait_connected(15)
+        with transaction(runtime.sessions) as session:
+            run_pk = trigger_run(session, "enrolled_work", {}, utcnow(runtime.clock)).id
+        runtime.events.emit(ev.RUN_TRIGGERED, dag_id="enrolled_work", run_pk=run_pk)
+        deadline = time.monotonic() + 60
+        state_of_run = None
+        while time.monotonic() < deadline and state_of_run not in ("success", "failed"):
+            time.sleep(0.2)
+            with runtime.sessions() as session:
+                state_of_run = session.get(DagRun, run_pk).state  # type: ignore[union-attr]
+        assert state_of_run == "success", (tmp_path / "agent.log").read_text()[-3000:]
+    finally:
+        agent.terminate()
+        try:
+            agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(10)
+        runtime.stop()
