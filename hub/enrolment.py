@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "opte_"
 MAX_TOKEN_LIFETIME = timedelta(days=30)
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"^(\d{1,7})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

@@ -47,6 +47,6 @@ def parse_header(value: str) -> tuple[str, int, str, bytes]:
         raise SignatureError(f"{HEADER} must be 'agent=<id>,ts=<unix seconds>,nonce=<hex>,sig=<base64url>'", "malformed_signature")
     if not 8 <= len(fields["nonce"]) <= 64 or not all(c in "0123456789abcdef" for c in fields["nonce"]):
         raise SignatureError(f"{HEADER}: nonce must be 8-64 lowercase hex digits", "malformed_signature")
-    if not fields["ts"].isdigit() or len(fields["ts"]) > 12:
+    if not (fields["ts"].isascii() and fields["ts"].isdigit()) or len(fields["ts"]) > 12:
         raise SignatureError(f"{HEADER}: ts must be whole Unix seconds", "malformed_signature")
     return fields["agent"], int(fields["ts"]), fields["nonce"], decode_signature(fields["sig"])
