@@ -327,3 +327,35 @@ def test_an_enrolled_device_runs_work_and_syncs_with_what_enrolment_stored(tmp_p
             agent.kill()
             agent.wait(10)
         runtime.stop()
+
+
+def test_without_broker_admin_enrolment_returns_no_credentials_and_a_broker_failure_changes_nothing(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import free_port
+
+    def app_with(**settings: Any) -> tuple[Any, sessionmaker[Session]]:
+        hub_settings = HubSettings(state_dir=tmp_path / "hub", **settings)
+        upgrade(hub_settings.db_url)
+        sessions = make_sessionmaker(make_engine(hub_settings.db_url))
+        return create_app(hub_settings, sessions, EventBus(), SystemClock()), sessions
+
+    (tmp_path / "hub").mkdir()
+    # The broker admin is configured but nothing listens: the enrolment fails whole.
+    broken, sessions = app_with(broker_port=free_port(), broker_admin_username="outpost-admin", broker_admin_password="x")
+    with transaction(sessions) as session:
+        token = enrolment.create_token(session, utcnow(SystemClock()), timedelta(hours=1), "test").token
+    body = {"token": token, "agent_id": "pump-1", "public_key": SigningKey.generate().public.to_text()}
+    with TestClient(broken) as client:
+        answer = client.post("/api/v1/enroll", json=body)
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "broker_provisioning_failed"
+    assert "cannot reach the broker" in answer.json()["error"]["message"]
+    with sessions() as session:
+        assert session.get(Agent, "pump-1") is None
+    # Credentials managed outside Outpost: the same token still works, without broker credentials.
+    unmanaged, _ = app_with()
+    with TestClient(unmanaged) as client:
+        answer = client.post("/api/v1/enroll", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["broker"] is None and answer.json()["agent_id"] == "pump-1"
+    assert len(answer.json()["hub_public_keys"]) == 1
