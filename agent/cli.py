@@ -127,7 +127,6 @@ STOPPING=1, and WATCHDOG=1 every WatchdogSec/2 while its threads are healthy."""
     enroll.add_argument("--config", metavar="FILE", help="TOML configuration file (for state_dir)")
     enroll.add_argument("--state-dir", metavar="DIR", help="folder for the device's identity and queues (overrides state_dir)")
     enroll.add_argument("--force", action="store_true", help="enrol again with a new key, replacing this device's identity")
-    enroll.add_argument("--allow-http", action="store_true", help=argparse.SUPPRESS)  # tests and loopback demos only
 
     queue = command("queue", "Inspect the agent's queues.", _QUEUE_EXAMPLE)
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
@@ -315,7 +314,7 @@ def _enroll(args: argparse.Namespace) -> int:
         # Enrolled already under another id: enroll decides (--force).
         settings = load_settings(args.config, overrides={"agent_id": "enrolling", **overrides}, enrolment=False)
     try:
-        done = enrol(settings, args.hub, args.token, args.agent_id, args.ca_file, force=args.force, allow_http=args.allow_http)
+        done = enrol(settings, args.hub, args.token, args.agent_id, args.ca_file, force=args.force)
     except (EnrolmentFailed, BadKey, OSError) as exc:
         print(f"outpost-agent: {exc}", file=sys.stderr)
         return ExitCode.FAILURE

@@ -48,11 +48,11 @@ class Enrolled:
 
 def enrol(
     settings: AgentSettings, hub_url: str, token: str, agent_id: str | None = None, ca_file: str | None = None,
-    force: bool = False, allow_http: bool = False, timeout: float = 30.0,
+    force: bool = False, timeout: float = 30.0,
 ) -> Enrolled:
     """Enrol this device (see the module docstring). Raises EnrolmentFailed."""
     hub_url = hub_url.rstrip("/")
-    if not hub_url.startswith("https://") and not (allow_http and hub_url.startswith("http://")):
+    if not hub_url.startswith("https://"):
         raise EnrolmentFailed(f"the hub URL must start with https:// (got {hub_url!r}): the token and the broker password travel in this exchange")
     if ca_file is not None and not Path(ca_file).is_file():
         raise EnrolmentFailed(f"CA file {ca_file} does not exist")
