@@ -164,3 +164,30 @@ def test_broker_setup_command_prepares_a_fresh_broker_for_the_hub(tmp_path: Path
         assert done.returncode == 2 and "managed outside Outpost" in done.stderr
     finally:
         broker.stop()
+
+
+def _mosquitto_version() -> tuple[int, ...]:
+    out = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, timeout=10).stdout
+    words = out.split()
+    return tuple(int(p) for p in words[words.index("version") + 1].split("."))
+
+
+def test_dynamic_security_substitutes_u_only_from_mosquitto_2_1(secure_broker: SecureBroker) -> None:
+    """Why each agent has a role of its own (hub/brokeradmin.py): on
+    Mosquitto 2.0 a dynsec ACL on ``.../%u/events`` is the literal topic, so a
+    shared role could not confine agents. From 2.1 the plugin substitutes it
+    (then one shared role would do; the per-agent roles keep working)."""
+    admin = secure_broker.admin()
+    admin.run([
+        {"command": "createRole", "rolename": "pattern-probe", "acls": [{"acltype": "publishClientSend", "topic": "probe/%u/events", "allow": True}]},
+        {"command": "createClient", "username": "pattern-user", "password": "pw", "roles": [{"rolename": "pattern-probe"}]},
+    ])
+    client = Listener(secure_broker.settings("pattern-user", "pw", "pattern-user"), [])
+    try:
+        reason = client.publish("probe/pattern-user/events", b"x")
+    finally:
+        client.close()
+    if _mosquitto_version() < (2, 1):
+        assert reason == "Not authorized"
+    else:
+        assert reason in ("Success", "No matching subscribers")
