@@ -304,17 +304,19 @@ def _enroll(args: argparse.Namespace) -> int:
     from shared.signing import BadKey
 
     overrides = {k: v for k, v in _overrides(args).items() if k == "state_dir"}
+    # Without the enrolment file: enrolling needs state_dir, and the agent id
+    # the file names (unless --agent-id gives one) is the one to enrol as.
+    agent_id = args.agent_id
     try:
-        # The agent id is not known before enrolling; state_dir is all this needs.
-        settings = load_settings(args.config, overrides={"agent_id": args.agent_id or "enrolling", **overrides})
+        settings = load_settings(args.config, overrides=overrides, enrolment=False)
+        agent_id = agent_id or settings.agent_id
     except ConfigError as exc:
         if exc.key != "agent_id":
             print(f"outpost-agent: configuration error: {exc}", file=sys.stderr)
             return ExitCode.CONFIG_ERROR
-        # Enrolled already under another id: enroll decides (--force).
         settings = load_settings(args.config, overrides={"agent_id": "enrolling", **overrides}, enrolment=False)
     try:
-        done = enrol(settings, args.hub, args.token, args.agent_id, args.ca_file, force=args.force)
+        done = enrol(settings, args.hub, args.token, agent_id, args.ca_file, force=args.force)
     except (EnrolmentFailed, BadKey, OSError) as exc:
         print(f"outpost-agent: {exc}", file=sys.stderr)
         return ExitCode.FAILURE

@@ -359,3 +359,13 @@ def test_without_broker_admin_enrolment_returns_no_credentials_and_a_broker_fail
     assert answer.status_code == 200, answer.text
     assert answer.json()["broker"] is None and answer.json()["agent_id"] == "pump-1"
     assert len(answer.json()["hub_public_keys"]) == 1
+
+
+def test_enrol_takes_the_agent_id_the_configuration_file_names(tmp_path: Path, enrol_hub: EnrolHub) -> None:
+    state = tmp_path / "device"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'agent_id = "pump-2"\nstate_dir = "{state}"\n')
+    done = agent_cli("enroll", "--hub", enrol_hub.url, "--token", enrol_hub.token(), "--ca-file", str(enrol_hub.ca), "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "enrolled as pump-2" in done.stdout
+    assert load_settings(config, env={}).broker_username == "pump-2"
