@@ -26,7 +26,8 @@ _EPILOG = {
     "agents": (
         "example:\n  outpost-hub agents token create --expires 24h --labels site=north --config /etc/outpost/hub.toml\n"
         "  outpost-hub agents register --id pump-7 --public-key ed25519:... --config hub.toml\n"
-        "  outpost-hub agents revoke pump-7 --config hub.toml"
+        "  outpost-hub agents revoke pump-7 --config hub.toml\n"
+        "  outpost-hub agents reinstate pump-7 --config hub.toml"
     ),
     "broker": "example:\n  outpost-hub broker setup --config /etc/outpost/hub.toml   # roles and the hub's client, once per broker",
 }
@@ -80,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--public-key", required=True, help="the device's public key, ed25519:<base64url>")
     v = actions.add_parser("revoke", help="revoke a device: refuse its messages and API calls, delete its broker client")
     v.add_argument("agent_id", help="the agent id")
-    for sub_parser in (c, r, v):
+    i = actions.add_parser("reinstate", help="lift a revocation; the device then enrols again with a token made for its id")
+    i.add_argument("agent_id", help="the agent id")
+    for sub_parser in (c, r, v, i):
         sub_parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="hub TOML settings file")
 
     p = command("broker", "Set up the broker's dynamic security for Outpost (needs broker_admin_username).")
@@ -259,6 +262,10 @@ def _agents(args: argparse.Namespace) -> int:
             if credentials is not None:
                 print(f"broker_username = {json.dumps(credentials.username)}\nbroker_password = {json.dumps(credentials.password)}")
                 print("(put these in the device's agent.toml; the password is not shown again)", file=sys.stderr)
+            return EXIT_OK
+        if args.action == "reinstate":
+            enrolment.reinstate(sessions, now, args.agent_id, "cli")
+            print(f"reinstated {args.agent_id}; enrol it again: outpost-hub agents token create --agent-id {args.agent_id}")
             return EXIT_OK
         done = enrolment.revoke(sessions, broker, now, args.agent_id, "cli")
         where = "its broker client is deleted" if done.broker == "removed" else "broker credentials are managed outside Outpost: remove its broker client there"

@@ -16,7 +16,7 @@
   public key made on the device by other means (a factory, a TPM).
 * Revocation (:func:`revoke`) marks the agent revoked (its messages and HTTP
   requests are refused from then on) and deletes its broker client, which
-  disconnects it.
+  disconnects it. :func:`reinstate` lifts it; the device then enrols again.
 
 A token without an agent id lets the device choose one, but never one that
 already has a key: that would let any token holder take over a device.
@@ -42,7 +42,7 @@ from hub.brokeradmin import AgentCredentials, BrokerAdmin, BrokerAdminError
 from hub.config import HubSettings
 from hub.db import for_update, transaction
 from hub.errors import Conflict, HubError, InvalidRequest
-from hub.identity import HubKeyring, register_agent, revoke_agent
+from hub.identity import HubKeyring, register_agent, reinstate_agent, revoke_agent
 from hub.models import Agent, EnrolmentToken
 from shared.signing import BadKey, PublicKey
 from shared.topics import check_agent_id
@@ -250,6 +250,14 @@ def revoke(sessions: sessionmaker[Session], broker: BrokerAdmin | None, now: dat
             audit.record(session, actor, "agent.revoke_broker", agent_id, at=now, success=False, reason=str(exc))
         raise BrokerProvisioningFailed(f"agent {agent_id!r} is revoked at the hub, but its broker client could not be removed: {exc}; run the revocation again") from None
     return Revocation(agent_id, revoked_at, "removed")
+
+
+def reinstate(sessions: sessionmaker[Session], now: datetime, agent_id: str, actor: str) -> None:
+    """Lift a revocation. The device has no broker client any more: it
+    enrols again with a token made for its id (a new key, new credentials)."""
+    with transaction(sessions) as session:
+        reinstate_agent(session, agent_id)
+        audit.record(session, actor, "agent.reinstate", agent_id, at=now)
 
 
 def describe_token(row: EnrolmentToken) -> dict[str, Any]:

@@ -243,9 +243,14 @@ def test_revoking_cuts_the_broker_and_the_http_api(tmp_path: Path, enrol_hub: En
         assert session.get(Agent, "pump-1").revoked_at is not None  # type: ignore[union-attr]
     [record] = enrol_hub.audit("agent.revoke")
     assert (record.actor, record.target) == ("cli", "pump-1")
-    # A revoked device cannot enrol back in with a new token either.
+    # A revoked device cannot enrol back in with a new token either...
     answer = httpx.post(f"{enrol_hub.url}/api/v1/enroll", json={"token": enrol_hub.token("--agent-id", "pump-1"), "public_key": key.public.to_text()}, verify=enrol_hub.tls(), timeout=30)
     assert answer.status_code == 409 and "revoked" in answer.json()["error"]["message"]
+    # ... until an admin reinstates it on purpose.
+    assert enrol_hub.cli("agents", "reinstate", "pump-1").returncode == 0
+    again = enroll(enrol_hub, state, enrol_hub.token("--agent-id", "pump-1"), "--agent-id", "pump-1", "--force")
+    assert again.returncode == 0, again.stderr
+    assert [r.target for r in enrol_hub.audit("agent.reinstate")] == ["pump-1"]
 
 
 def test_a_preregistered_device_gets_credentials_once(tmp_path: Path, enrol_hub: EnrolHub, secure_broker: SecureBroker) -> None:
