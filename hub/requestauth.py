@@ -10,6 +10,7 @@ an unknown agent (or one without a registered key): 401; a revoked agent:
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete
@@ -21,7 +22,7 @@ from hub.errors import HubError
 from hub.identity import device_key
 from hub.models import AgentRequestSignature
 from shared.requestsig import HEADER, PURPOSE, canonical, parse_header
-from shared.signing import SignatureError
+from shared.signing import PublicKey, SignatureError
 
 
 class AgentUnauthorized(HubError):
@@ -42,11 +43,29 @@ class AgentRevoked(HubError):
     code = "agent_revoked"
 
 
-def authenticate(
-    sessions: sessionmaker[Session], now: datetime, window: float, agent_id: str, method: str, path: str, body: bytes, header: str | None,
-) -> None:
-    """Return when ``header`` is ``agent_id``'s valid, fresh, first-seen
-    signature of this request; raise otherwise."""
+@dataclass(frozen=True)
+class SignedRequest:
+    """A request whose header names a known, unrevoked agent and a fresh
+    timestamp: what is left is to check the signature over the body."""
+
+    agent_id: str
+    key: PublicKey
+    timestamp: int
+    nonce: str
+    signature: bytes
+
+    def verify(self, sessions: sessionmaker[Session], now: datetime, window: float, method: str, path: str, body: bytes) -> None:
+        """Raise unless the signature covers this request and is new."""
+        try:
+            self.key.verify(PURPOSE, canonical(method, path, self.timestamp, self.nonce, body), self.signature)
+        except SignatureError as exc:
+            raise AgentUnauthorized(f"{HEADER}: {exc}", exc.code) from None
+        _remember(sessions, now, window, self.agent_id, hashlib.sha256(self.signature).hexdigest())
+
+
+def check_header(sessions: sessionmaker[Session], now: datetime, window: float, agent_id: str, header: str | None) -> SignedRequest:
+    """Everything that can be checked before the body is read (so an
+    unauthenticated client cannot make the hub read a large body)."""
     if not header:
         raise AgentUnauthorized(f"missing {HEADER} header: agent requests are signed with the device key (outpost-agent enroll)", "signature_missing")
     try:
@@ -64,11 +83,15 @@ def authenticate(
         raise AgentRevoked(f"agent {agent_id!r} is revoked")
     if known.key is None:
         raise AgentUnauthorized(f"agent {agent_id!r} has no registered public key; enrol or pre-register it", "unknown_agent")
-    try:
-        known.key.verify(PURPOSE, canonical(method, path, timestamp, nonce, body), signature)
-    except SignatureError as exc:
-        raise AgentUnauthorized(f"{HEADER}: {exc}", exc.code) from None
-    _remember(sessions, now, window, agent_id, hashlib.sha256(signature).hexdigest())
+    return SignedRequest(agent_id, known.key, timestamp, nonce, signature)
+
+
+def authenticate(
+    sessions: sessionmaker[Session], now: datetime, window: float, agent_id: str, method: str, path: str, body: bytes, header: str | None,
+) -> None:
+    """Return when ``header`` is ``agent_id``'s valid, fresh, first-seen
+    signature of this request; raise otherwise."""
+    check_header(sessions, now, window, agent_id, header).verify(sessions, now, window, method, path, body)
 
 
 def _remember(sessions: sessionmaker[Session], now: datetime, window: float, agent_id: str, digest: str) -> None:

@@ -164,6 +164,9 @@ def test_the_signature_the_agent_id_and_the_limits_are_checked(served: Any) -> N
         answer = httpx.post(url, content=body, headers={HEADER: header} if header else {}, timeout=10)
         assert answer.status_code == 401 and answer.json()["error"]["code"] == code, (code, answer.text)
     assert httpx.get(url, timeout=10).status_code == 401
+    # Unsigned, a body over the limit is refused for the signature, before it is read.
+    unsigned_big = httpx.post(url, content=b"y" * 5000, timeout=10)
+    assert unsigned_big.status_code == 401 and unsigned_big.json()["error"]["code"] == "signature_missing"
     assert count(hub, TaskResult) == 0
     # The same signed request twice: the second is a replay.
     assert httpx.post(url, content=body, headers={HEADER: good}, timeout=10).status_code == 200

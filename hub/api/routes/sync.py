@@ -98,18 +98,23 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _authenticate(request: Request, agent_id: str, body: bytes) -> HubSettings:
+async def _authenticate(request: Request, agent_id: str) -> requestauth.SignedRequest:
+    """The header's checks, before the body is read."""
     settings: HubSettings = request.app.state.settings
     try:
         check_agent_id(agent_id)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     now = utcnow(request.app.state.clock)
-    await run_in_threadpool(
-        requestauth.authenticate, request.app.state.sessions, now, settings.agent_request_window,
-        agent_id, request.method, request.url.path, body, request.headers.get(HEADER),
+    return await run_in_threadpool(
+        requestauth.check_header, request.app.state.sessions, now, settings.agent_request_window, agent_id, request.headers.get(HEADER),
     )
-    return settings
+
+
+async def _verify(request: Request, signed: requestauth.SignedRequest, body: bytes) -> None:
+    settings: HubSettings = request.app.state.settings
+    now = utcnow(request.app.state.clock)
+    await run_in_threadpool(signed.verify, request.app.state.sessions, now, settings.agent_request_window, request.method, request.url.path, body)
 
 
 def _ingester(request: Request) -> Ingester:
@@ -178,8 +183,9 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     applied are recorded as rejections and listed in ``refused``.
     Signed by the agent (``Outpost-Signature``, see the module docstring)."""
     settings: HubSettings = request.app.state.settings
+    signed = await _authenticate(request, agent_id)
     raw = await _read_limited(request, settings.sync_max_batch_bytes)
-    await _authenticate(request, agent_id, raw)
+    await _verify(request, signed, raw)
     batch = _parse(raw, settings)
     ingester = _ingester(request)
     topic = events_topic(agent_id)
@@ -220,7 +226,7 @@ async def get_sync_cursor(request: Request, agent_id: Annotated[str, Path(descri
     over HTTP, on which outbox stream. A restarted agent skips the items of
     that stream up to it instead of sending them again. Authenticated like
     the POST."""
-    await _authenticate(request, agent_id, b"")
+    await _verify(request, await _authenticate(request, agent_id), b"")
 
     def read() -> dict[str, Any]:
         with request.app.state.sessions() as session:
