@@ -47,6 +47,11 @@ _EMIT_EXAMPLE = """example:
   outpost-agent emit battery_low --config /etc/outpost/agent.toml
   outpost-agent emit battery_low --data '{"level": 0.08}' --config agent.toml
 """
+_ENROLL_EXAMPLE = """example:
+  outpost-agent enroll --hub https://hub.example:8080 --token opte_... --ca-file /etc/outpost/ca.pem
+  outpost-agent enroll --hub https://hub.example:8080 --token opte_... --agent-id pump-7 --state-dir /var/lib/outpost-agent
+then: outpost-agent run --config /etc/outpost/agent.toml   (agent_id and broker_* come from the enrolment)
+"""
 _QUEUE_EXAMPLE = """example:
   outpost-agent queue ls --config /etc/outpost/agent.toml
   outpost-agent queue ls --config agent.toml -o json
@@ -114,6 +119,15 @@ STOPPING=1, and WATCHDOG=1 every WatchdogSec/2 while its threads are healthy."""
     emit.add_argument("--data", default="{}", metavar="JSON", help="the event's payload, a JSON object of at most 16 KiB (default {})")
     emit.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file (for agent_id and state_dir)")
 
+    enroll = command("enroll", "Enrol this device with a hub: make its key pair (the private key stays here), register the public key with a one-time token, store the broker credentials the hub issues.", _ENROLL_EXAMPLE)
+    enroll.add_argument("--hub", required=True, metavar="URL", help="the hub's base URL, https://...")
+    enroll.add_argument("--token", required=True, metavar="TOKEN", help="the one-time enrolment token (outpost-hub agents token create)")
+    enroll.add_argument("--agent-id", metavar="ID", help="this device's id (may be left out when the token names one)")
+    enroll.add_argument("--ca-file", metavar="FILE", help="CA certificate the hub's HTTPS certificate chains to; also used for the broker's TLS (default: the system CA store)")
+    enroll.add_argument("--config", metavar="FILE", help="TOML configuration file (for state_dir)")
+    enroll.add_argument("--state-dir", metavar="DIR", help="folder for the device's identity and queues (overrides state_dir)")
+    enroll.add_argument("--force", action="store_true", help="enrol again with a new key, replacing this device's identity")
+
     queue = command("queue", "Inspect the agent's queues.", _QUEUE_EXAMPLE)
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
     ls = command("ls", "List inbox and outbox depth and items.", _QUEUE_EXAMPLE, queue_commands)
@@ -148,6 +162,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "enroll":
+        return _enroll(args)
     try:
         settings = load_settings(args.config, overrides=_overrides(args))
     except ConfigError as exc:
@@ -281,3 +297,29 @@ def _print_tables(report: dict[str, Any]) -> None:
         for row in cells:
             print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
         print()
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from agent.enrol import EnrolmentFailed, enrol
+    from shared.signing import BadKey
+
+    overrides = {k: v for k, v in _overrides(args).items() if k == "state_dir"}
+    # Without the enrolment file: enrolling needs state_dir, and the agent id
+    # the file names (unless --agent-id gives one) is the one to enrol as.
+    agent_id = args.agent_id
+    try:
+        settings = load_settings(args.config, overrides=overrides, enrolment=False)
+        agent_id = agent_id or settings.agent_id
+    except ConfigError as exc:
+        if exc.key != "agent_id":
+            print(f"outpost-agent: configuration error: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG_ERROR
+        settings = load_settings(args.config, overrides={"agent_id": "enrolling", **overrides}, enrolment=False)
+    try:
+        done = enrol(settings, args.hub, args.token, agent_id, args.ca_file, force=args.force)
+    except (EnrolmentFailed, BadKey, OSError) as exc:
+        print(f"outpost-agent: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    broker = f"broker {done.broker['host']}:{done.broker['port']}{' (TLS)' if done.broker.get('tls') else ''} as {done.broker['username']}" if done.broker else "broker credentials are managed outside Outpost"
+    print(f"enrolled as {done.agent_id} (device key {done.key_id}); {broker}; settings in {done.enrolment_file}")
+    return ExitCode.OK

@@ -14,6 +14,7 @@ core) costs more memory and install size than the whole check below.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -25,7 +26,11 @@ from shared.errors import OutpostError
 from shared.topics import check_agent_id
 
 ENV_PREFIX = "OUTPOST_AGENT_"
-_SECRET_KEYS = frozenset({"broker_password", "sync_token"})
+_SECRET_KEYS = frozenset({"broker_password"})
+#: Written by ``outpost-agent enroll`` (agent/enrol.py): settings the hub
+#: issued (broker credentials, hub URL), relative to state_dir. They fill in
+#: what the file, the environment and the flags leave unset.
+ENROLMENT_FILE = Path("identity") / "enrolment.json"
 
 
 class ConfigError(OutpostError):
@@ -101,6 +106,7 @@ class AgentSettings:
     broker_port: int = _setting("int", "MQTT broker port.", 1883, _between(1, 65535))
     broker_username: str | None = _setting("optstr", "MQTT user name (none: anonymous).", None)
     broker_password: str | None = _setting("optstr", "MQTT password.", None)
+    broker_tls: bool = _setting("bool", "Connect to the broker over TLS, verified against tls_ca or, when that is unset, the system CA store (tls_ca or tls_cert turn TLS on too).", False)
     tls_ca: str | None = _setting("optstr", "CA bundle file; setting it turns TLS on.", None, _existing_file)
     tls_cert: str | None = _setting("optstr", "Client certificate file for mutual TLS.", None, _existing_file)
     tls_key: str | None = _setting("optstr", "Client private key file for mutual TLS.", None, _existing_file)
@@ -130,7 +136,7 @@ class AgentSettings:
     outbox_max_bytes: int = _setting("int", "Outbox disk quota in bytes (pages in use plus WAL); over it the agent refuses new assignments until results drain.", 268435456, _between(65536, 2**50))
     stop_timeout: float = _setting("float", "Seconds running jobs get to finish on SIGTERM before they are aborted.", 20.0, _between(0, 3600))
     hub_url: str | None = _setting("optstr", "Hub API base URL (e.g. https://hub.example:8080) for the HTTP bulk sync of large outbox backlogs; none: MQTT only.", None, _http_url)
-    sync_token: str | None = _setting("optstr", "Bearer secret for the hub's HTTP sync endpoint (the hub's agent_sync_token; per-agent signatures replace it in issue 5).", None)
+    hub_ca: str | None = _setting("optstr", "CA certificate file the hub's HTTPS certificate must chain to (enrolment and HTTP sync); none: the system CA store.", None, _existing_file)
     http_sync_threshold: int = _setting("int", "Outbox backlog (items) from which the outbox drains over HTTP, when hub_url is set; smaller backlogs go over MQTT.", 200, _between(1, 100_000_000))
     http_sync_batch: int = _setting("int", "Outbox items per HTTP sync batch (the hub's sync_max_batch_items must allow it).", 500, _between(1, 100_000))
     http_sync_timeout: float = _setting("float", "Seconds an HTTP sync request may take before it counts as failed (the outbox then falls back to MQTT for a while).", 60.0, _positive)
@@ -164,7 +170,7 @@ class AgentSettings:
 _KIND_TYPES = {
     "str": "a string", "optstr": "a string", "choice": "a string", "path": "a path", "int": "an integer",
     "float": "a number", "strlist": "a list of strings", "labels": "a table of string to string",
-    "intmap": "a table of string to integer",
+    "intmap": "a table of string to integer", "bool": "true or false",
 }
 
 
@@ -179,6 +185,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "float":
         return isinstance(value, float)
+    if kind == "bool":
+        return isinstance(value, bool)
     if kind == "strlist":
         return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     if kind == "intmap":
@@ -217,7 +225,9 @@ def _parse_env(key: str, text: str, source: str) -> Any:
             return int(text)
         if kind == "float":
             return float(text)
-    except ValueError:
+        if kind == "bool":
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.strip().lower()]
+    except (ValueError, KeyError):
         raise ConfigError(key, text, f"must be {_KIND_TYPES[kind]}", source) from None
     if kind == "optstr":
         return text or None
@@ -241,6 +251,7 @@ def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    enrolment: bool = True,
 ) -> AgentSettings:
     """Build settings from ``path`` (TOML), ``env`` (default ``os.environ``)
     and ``overrides`` (command-line flags). Labels from ``overrides`` are
@@ -265,14 +276,41 @@ def load_settings(
         value = _coerce(key, value, "command line")
         values[key] = {**values.get(key, {}), **value} if key == "labels" else value
         sources[key] = "command line"
+    if enrolment:
+        _fill_from_enrolment(values, sources)
     if "agent_id" not in values:
-        raise ConfigError("agent_id", None, f"is required: set it in the config file, {ENV_PREFIX}AGENT_ID or --agent-id")
+        raise ConfigError("agent_id", None, f"is required: set it in the config file, {ENV_PREFIX}AGENT_ID or --agent-id, or run 'outpost-agent enroll'")
     try:
         return AgentSettings(**values)
     except ConfigError as exc:
         # The range checks run in the dataclass, which cannot know where a
         # value came from; say it here so the user knows what to edit.
         raise ConfigError(exc.key, exc.value, exc.reason, sources.get(exc.key, "")) from None
+
+
+def _fill_from_enrolment(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Settings from the enrolment file fill the gaps (labels merge under the
+    configured ones). An agent_id other than the enrolled one is an error:
+    the credentials and the key belong to the enrolled id."""
+    state_dir = values.get("state_dir", FIELDS["state_dir"].default)
+    path = Path(state_dir) / ENROLMENT_FILE
+    try:
+        document = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise ConfigError("enrolment", str(path), f"cannot read the enrolment file: {exc}") from None
+    if not isinstance(document, dict):
+        raise ConfigError("enrolment", str(path), "the enrolment file must hold a JSON object")
+    enrolled = document.get("agent_id")
+    if "agent_id" in values and enrolled is not None and values["agent_id"] != enrolled:
+        raise ConfigError("agent_id", values["agent_id"], f"this device is enrolled as {enrolled!r} ({path}); remove agent_id from the configuration or enrol again", sources.get("agent_id", ""))
+    for key, value in document.items():
+        value = _coerce(key, value, str(path))
+        if key == "labels":
+            values[key] = {**value, **values.get(key, {})}
+        elif key not in values:
+            values[key], sources[key] = value, str(path)
 
 
 def describe() -> list[tuple[str, Any, str]]:

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from agent import __version__
 from agent.config import AgentSettings
 from agent.durability import BACKPRESSURE_CODE, Backpressure, merge_reload, renew_and_sweep
+from agent.identity import device_key
 from agent.link import AgentLink, Handlers
 from agent.queues import Inbox, Outbox, PendingResult, event_key, log_key
 from agent.runner import Runner
@@ -55,6 +56,7 @@ from shared.hlc import HybridClock
 from shared.errors import PayloadTooLarge
 from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Rejected, Status
 from shared.mqtt import Inbound
+from shared.signing import BadKey
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +323,13 @@ class Agent:
         """The HTTP bulk sync, when a hub URL is configured."""
         if not settings.hub_url:
             return None
-        client = HubSyncClient(settings.hub_url, settings.agent_id, settings.sync_token, settings.http_sync_timeout)
+        try:
+            key = device_key(settings, create=False)
+        except BadKey as exc:
+            # The hub accepts only requests signed with a registered key.
+            log.warning("HTTP sync off, outbox drains over MQTT only: no usable device key (%s); enrol the device (outpost-agent enroll)", exc)
+            return None
+        client = HubSyncClient(settings.hub_url, settings.agent_id, key, settings.http_sync_timeout, settings.hub_ca)
 
         def envelope(item: PendingResult) -> bytes:
             # Byte for byte what the MQTT path publishes for this item.

@@ -96,6 +96,7 @@ class AgentLink:
                 keepalive=settings.keepalive,
                 reconnect_max=settings.reconnect_max,
                 session_expiry=settings.session_expiry,
+                tls=settings.broker_tls,
                 tls_ca=settings.tls_ca,
                 tls_cert=settings.tls_cert,
                 tls_key=settings.tls_key,

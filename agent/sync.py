@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 import uuid
@@ -59,6 +60,8 @@ from shared.clock import Clock
 from shared.errors import OutpostError, ProtocolError
 from shared.files import atomic_write
 from shared.messages import Ack
+from shared.requestsig import HEADER, sign_request
+from shared.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +88,35 @@ class SyncRefused(OutpostError):
 
 
 class HubSyncClient:
-    """The agent's side of the hub's ``/api/v1/agents/{agent_id}/sync``."""
+    """The agent's side of the hub's ``/api/v1/agents/{agent_id}/sync``.
+    Every request is signed with the device key (shared/requestsig.py)."""
 
-    def __init__(self, base_url: str, agent_id: str, token: str | None, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, agent_id: str, key: SigningKey, timeout: float = 60.0, ca_file: str | None = None, clock: Callable[[], float] = time.time) -> None:
         # httpx logs every request at INFO: one line per batch says nothing the counters do not.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}  # none: the hub answers 401, which the log shows
         # A short connect timeout: a hub that cannot be reached (a link that is
         # still down) must not hold the only sending thread, and so the MQTT
         # path, for the whole read timeout a large batch may need.
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)), verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
+        )
+        self._prefix = httpx.URL(base_url.rstrip("/")).path.rstrip("/")
         self._path = f"/api/v1/agents/{agent_id}/sync"
+        self._agent_id = agent_id
+        self._key = key
+        self._clock = clock
+
+    def _signed(self, method: str, body: bytes) -> dict[str, str]:
+        return {HEADER: sign_request(self._key, self._agent_id, method, self._prefix + self._path, body, self._clock())}
 
     def cursor(self) -> dict[str, Any]:
         """The hub's cursor for this agent: ``stream`` and ``seq`` (or nulls)."""
-        return self._check(self._client.get(self._path))
+        return self._check(self._client.get(self._path, headers=self._signed("GET", b"")))
 
     def post(self, stream: str, first_seq: str, last_seq: str, envelopes: list[str]) -> dict[str, Any]:
         """Send one batch; returns the hub's answer once it committed it."""
-        body = json.dumps({"stream": stream, "first_seq": first_seq, "last_seq": last_seq, "envelopes": envelopes}, separators=(",", ":"))
-        return self._check(self._client.post(self._path, content=body.encode(), headers={"Content-Type": "application/json"}))
+        body = json.dumps({"stream": stream, "first_seq": first_seq, "last_seq": last_seq, "envelopes": envelopes}, separators=(",", ":")).encode()
+        return self._check(self._client.post(self._path, content=body, headers={"Content-Type": "application/json", **self._signed("POST", body)}))
 
     def close(self) -> None:
         self._client.close()

@@ -29,6 +29,13 @@ _EPILOG = {
         "rotation: put the new key first in fernet_keys (keep the old one after it), restart the hub,\n"
         "run 'secrets rotate' (re-encrypts every stored value with the first key), then remove the old key."
     ),
+    "agents": (
+        "example:\n  outpost-hub agents token create --expires 24h --labels site=north --config /etc/outpost/hub.toml\n"
+        "  outpost-hub agents register --id pump-7 --public-key ed25519:... --config hub.toml\n"
+        "  outpost-hub agents revoke pump-7 --config hub.toml\n"
+        "  outpost-hub agents reinstate pump-7 --config hub.toml"
+    ),
+    "broker": "example:\n  outpost-hub broker setup --config /etc/outpost/hub.toml   # roles and the hub's client, once per broker",
 }
 
 
@@ -71,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("secrets", "Encryption keys of variables and connections.")
     p.add_argument("action", choices=["rotate", "reencrypt", "generate-key"], help="rotate (or reencrypt): re-encrypt every stored value with the first key of fernet_keys; generate-key: print a new key")
     p.add_argument("--batch", type=int, default=500, help="values re-encrypted per transaction (default 500)")
+    p = command("agents", "Device enrolment, pre-registration and revocation.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = actions.add_parser("token", help="enrolment tokens").add_subparsers(dest="token_action", required=True, metavar="ACTION")
+    c = t.add_parser("create", help="a one-time, expiring enrolment token, printed once")
+    c.add_argument("--expires", default="24h", help="lifetime: a number and s, m, h or d (default 24h, at most 30d)")
+    c.add_argument("--labels", action="append", default=[], metavar="K=V", help="label the enrolled agent starts with (repeat, or k=v,k2=v2)")
+    c.add_argument("--agent-id", help="the id the device must enrol as (default: the device chooses a new id)")
+    r = actions.add_parser("register", help="pre-register a device: its id and a public key made on it")
+    r.add_argument("--id", required=True, dest="agent_id", help="the agent id")
+    r.add_argument("--public-key", required=True, help="the device's public key, ed25519:<base64url>")
+    v = actions.add_parser("revoke", help="revoke a device: refuse its messages and API calls, delete its broker client")
+    v.add_argument("agent_id", help="the agent id")
+    i = actions.add_parser("reinstate", help="lift a revocation; the device then enrols again with a token made for its id")
+    i.add_argument("agent_id", help="the agent id")
+    for sub_parser in (c, r, v, i):
+        sub_parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="hub TOML settings file")
+
+    p = command("broker", "Set up the broker's dynamic security for Outpost (needs broker_admin_username).")
+    p.add_argument("action", choices=["setup"], help="setup: create the outpost-hub role and the hub's client (broker_username/password), deny by default")
     return parser
 
 
@@ -87,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             return _db(args)
         if args.command == "secrets":
             return _secrets(args)
+        if args.command == "agents":
+            return _agents(args)
+        if args.command == "broker":
+            return _broker(args)
         return _dags(args)
     except OutpostError as exc:
         print(f"outpost-hub: {exc}", file=sys.stderr)
@@ -223,3 +253,68 @@ def _dags(args: argparse.Namespace) -> int:
     for err in bag.errors.values():
         print(f"error  {err.fileloc}: {err.kind}: {err.error}")
     return EXIT_FAILED if bag.errors else EXIT_OK
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    from hub.errors import InvalidRequest
+
+    labels: dict[str, str] = {}
+    for value in values:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, val = pair.partition("=")
+            if not sep or not key:
+                raise InvalidRequest(f"label {pair!r} is not key=value")
+            labels[key] = val
+    return labels
+
+
+def _agents(args: argparse.Namespace) -> int:
+    from hub import enrolment
+    from hub.brokeradmin import BrokerAdmin
+    from hub.db import make_engine, make_sessionmaker, transaction, upgrade
+    from shared.clock import SystemClock, utcnow
+
+    settings = _settings(args)
+    upgrade(settings.db_url)
+    engine = make_engine(settings.db_url)
+    sessions = make_sessionmaker(engine)
+    now = utcnow(SystemClock())
+    broker = BrokerAdmin.from_settings(settings)
+    try:
+        if args.action == "token":
+            with transaction(sessions) as session:
+                issued = enrolment.create_token(session, now, enrolment.parse_duration(args.expires), "cli", args.agent_id, _labels(args.labels))
+            print(issued.token)
+            bound = f" for agent {issued.agent_id}" if issued.agent_id else ""
+            print(f"one-time enrolment token {issued.id}{bound}, expires {issued.expires_at:%Y-%m-%d %H:%M UTC}; it is not shown again", file=sys.stderr)
+            return EXIT_OK
+        if args.action == "register":
+            credentials = enrolment.preregister(sessions, broker, now, args.agent_id, args.public_key, "cli")
+            print(f"registered {args.agent_id}")
+            if credentials is not None:
+                print(f"broker_username = {json.dumps(credentials.username)}\nbroker_password = {json.dumps(credentials.password)}")
+                print("(put these in the device's agent.toml; the password is not shown again)", file=sys.stderr)
+            return EXIT_OK
+        if args.action == "reinstate":
+            enrolment.reinstate(sessions, now, args.agent_id, "cli")
+            print(f"reinstated {args.agent_id}; enrol it again: outpost-hub agents token create --agent-id {args.agent_id}")
+            return EXIT_OK
+        done = enrolment.revoke(sessions, broker, now, args.agent_id, "cli")
+        where = "its broker client is deleted" if done.broker == "removed" else "broker credentials are managed outside Outpost: remove its broker client there"
+        print(f"revoked {done.agent_id} at {done.revoked_at:%Y-%m-%d %H:%M:%S UTC}; {where}")
+        return EXIT_OK
+    finally:
+        engine.dispose()
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from hub.brokeradmin import BrokerAdmin
+
+    settings = _settings(args)
+    broker = BrokerAdmin.from_settings(settings)
+    if broker is None:
+        print("outpost-hub: broker_admin_username is empty: broker credentials are managed outside Outpost, nothing to set up", file=sys.stderr)
+        return EXIT_CONFIG
+    broker.setup(settings.broker_username or "", settings.broker_password or "")
+    print(f"broker at {settings.broker_host}:{settings.broker_port}: role outpost-hub and client {settings.broker_username!r} ready")
+    return EXIT_OK

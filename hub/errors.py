@@ -69,13 +69,6 @@ class Unauthorized(HubError):
     code = "unauthorized"
 
 
-class SyncDisabled(HubError):
-    """The HTTP sync endpoint is off (the hub's ``agent_sync_token`` is empty)."""
-
-    status = 403
-    code = "sync_disabled"
-
-
 class BatchTooLarge(HubError):
     """A sync batch over ``sync_max_batch_items`` or ``sync_max_batch_bytes``."""
 

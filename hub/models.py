@@ -566,3 +566,35 @@ class AuditRecord(Base):
     #: Client address for actions made over HTTP.
     remote: Mapped[str] = mapped_column(String(100), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class EnrolmentToken(Base):
+    """A one-time, expiring secret that lets one device enrol
+    (``hub.enrolment``). Only its SHA-256 is stored: the token is shown once."""
+
+    __tablename__ = "enrolment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The agent id the device must enrol as; null: the device chooses.
+    agent_id: Mapped[str | None] = mapped_column(String(128))
+    #: Labels the enrolled agent starts with.
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    #: The agent that enrolled with it.
+    used_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class AgentRequestSignature(Base):
+    """Signed agent HTTP requests seen recently: the same signature twice
+    within the accepted clock window is a replay (``hub.requestauth``)."""
+
+    __tablename__ = "agent_request_signatures"
+
+    #: SHA-256 (hex) of the signature.
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(128))
+    seen_at: Mapped[datetime] = mapped_column(index=True)

@@ -59,6 +59,7 @@ class HubRuntime:
             MqttSettings(
                 host=s.broker_host, port=s.broker_port, client_id=s.mqtt_client_id, username=s.broker_username, password=s.broker_password,
                 keepalive=s.mqtt_keepalive, probe_topic=hub_probe_topic(s.mqtt_client_id),
+                tls=s.broker_tls, tls_ca=s.broker_tls_ca or None, tls_cert=s.broker_tls_cert or None, tls_key=s.broker_tls_key or None,
             ),
             subscriptions=[(t, 1) for t in hub_subscriptions()],
         )

@@ -14,7 +14,6 @@ import getpass
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -31,10 +30,12 @@ from hub import events as ev
 from hub.config import HubSettings
 from hub.db import transaction
 from hub.encryption import ensure_key_file
+from hub.identity import register_agent
 from hub.models import Agent, DagRun, TaskInstance
 from hub.runtime import HubRuntime
 from hub.scheduler import trigger_run
 from shared.clock import utcnow
+from shared.signing import PublicKey, SigningKey
 from shared.states import RunState
 
 log = logging.getLogger(__name__)
@@ -154,15 +155,16 @@ class LocalAgent:
     folder: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, broker_port: int, labels: dict[str, str], hub_url: str | None = None, sync_token: str | None = None) -> None:
-        """Write the agent's config and start it. With ``hub_url`` and
-        ``sync_token`` its large outbox backlogs sync over HTTP."""
+    def start(self, broker_port: int, labels: dict[str, str], hub_url: str | None = None) -> None:
+        """Write the agent's config and start it. With ``hub_url`` its large
+        outbox backlogs sync over HTTP, signed with its device key
+        (:meth:`device_key`, which the hub must have registered)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "agent.toml"
         label_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in labels.items())
-        http_lines = f"hub_url = {json.dumps(hub_url)}\nsync_token = {json.dumps(sync_token)}\n" if hub_url and sync_token else ""
+        http_lines = f"hub_url = {json.dumps(hub_url)}\n" if hub_url else ""
         config.touch(mode=0o600)
-        config.chmod(0o600)  # it may hold the sync token
+        config.chmod(0o600)
         config.write_text(
             "# Written by outpost-hub standalone.\n"
             + http_lines
@@ -181,6 +183,12 @@ class LocalAgent:
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log_file.close()
+
+    def device_key(self) -> PublicKey:
+        """The agent's device key, made in its state folder where the agent
+        reads it (agent/identity.py's layout): standalone pre-registers its
+        local agents instead of enrolling them."""
+        return SigningKey.load_or_create(self.folder / "identity" / "device.key").public
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -215,18 +223,19 @@ class Standalone:
             port = free_port()
         overrides = {"state_dir": self.state_dir / "hub", "broker_port": self.broker.port, "api_port": port, **self.overrides}
         settings = HubSettings.load(self.config_file, **overrides)
-        if not settings.agent_sync_token:
-            # A fresh HTTP sync secret per run (unless configured), so the
-            # demo's agents sync large backlogs over HTTP like real ones.
-            settings = HubSettings.load(self.config_file, **{**overrides, "agent_sync_token": secrets.token_urlsafe(32)})
         if not settings.fernet_keys:
             # No configuration for the demo: a key of its own in the state
             # folder (0600), reused by later runs so stored secrets stay readable.
             settings = settings.model_copy(update={"fernet_keys": ensure_key_file(self.state_dir / "hub" / FERNET_KEY_FILE)})
         self.runtime = HubRuntime(settings)
         self.runtime.start()
+        # Pre-registered device keys, so the demo's agents sync large
+        # backlogs over HTTP (signed requests) like enrolled ones.
+        with transaction(self.runtime.sessions) as session:
+            for agent in self.local_agents:
+                register_agent(session, agent.agent_id, agent.device_key(), utcnow(self.runtime.clock), replace=True)
         for i, agent in enumerate(self.local_agents):
-            agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url, settings.agent_sync_token or None)
+            agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url)
         return self.runtime
 
     def stop(self) -> None:

@@ -34,6 +34,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.errors import OutpostError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,9 @@ class MqttSettings:
     keepalive: int = 30
     #: How long the broker keeps this client's session and queued QoS 1 messages.
     session_expiry: int = 7 * 24 * 3600
+    #: TLS to the broker, verified against ``tls_ca`` or, without it, the
+    #: system's CA store. ``tls_ca`` or ``tls_cert`` turn it on as well.
+    tls: bool = False
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -82,6 +87,15 @@ class Inbound:
             self._client.ack(self.mid, self.qos)
 
 
+def _authenticate(client: paho.Client, settings: MqttSettings) -> None:
+    """Credentials and TLS, the same for every kind of connection."""
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls or settings.tls_ca or settings.tls_cert:
+        # PROTOCOL_TLS_CLIENT verifies the certificate chain and the host name.
+        client.tls_set(ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+
+
 class MqttLink:
     """A reconnecting MQTT 5 client with a persistent session.
 
@@ -109,10 +123,7 @@ class MqttLink:
             protocol=paho.MQTTv5,
             manual_ack=True,
         )
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password)
-        if settings.tls_ca or settings.tls_cert:
-            client.tls_set(ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        _authenticate(client, settings)
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.max_inflight_messages_set(settings.max_inflight)
@@ -273,3 +284,99 @@ class MqttLink:
     def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self._saw_inbound()
         self.inbound.put(Inbound(msg.topic, msg.payload, msg.qos, msg.retain, msg.mid, client))
+
+
+#: Put on the answer queue when the connection drops: no answer will come.
+_CLOSED = b"\0closed"
+
+
+class MqttRequestError(OutpostError):
+    """A request/response exchange with the broker failed."""
+
+    code = "mqtt_request_failed"
+
+
+def request(
+    settings: MqttSettings, topic: str, payload: bytes, response_topic: str, timeout: float = 10.0,
+    accept: Callable[[bytes], bool] | None = None,
+) -> bytes:
+    """Publish ``payload`` on ``topic`` and return the first message that
+    arrives on ``response_topic`` (a broker's control API, for example) and
+    that ``accept`` accepts: the response topic may carry answers meant for
+    other clients.
+
+    A short-lived connection with a clean session: nothing is left queued at
+    the broker for this client id afterwards. Raises :class:`MqttRequestError`
+    naming the broker and the reason when the connection is refused (bad
+    credentials), the subscription or the publish is not authorized, or no
+    answer comes within ``timeout`` seconds."""
+    where = f"{settings.host}:{settings.port}"
+    who = settings.username or "(anonymous)"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=paho.MQTTv5)
+    _authenticate(client, settings)
+    # Refused connections must end the exchange, not be retried by paho.
+    client.reconnect_delay_set(int(timeout) + 1, int(timeout) + 1)
+    connected = threading.Event()
+    refused: list[str] = []
+    subscribed = threading.Event()
+    granted: list[ReasonCode] = []
+    answers: queue.Queue[bytes] = queue.Queue()
+
+    def on_connect(_c: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
+        if reason.is_failure:
+            refused.append(str(reason))
+        connected.set()
+
+    def on_subscribe(_c: paho.Client, _u: object, _mid: int, reasons: list[ReasonCode], _p: object) -> None:
+        granted.extend(reasons)
+        subscribed.set()
+
+    def on_disconnect(_c: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
+        answers.put(_CLOSED)
+        connected.set()
+        subscribed.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_disconnect = on_disconnect
+    client.on_message = lambda _c, _u, msg: answers.put(msg.payload)
+    deadline = time.monotonic() + timeout
+    try:
+        client.connect(settings.host, settings.port, keepalive=max(5, int(timeout) * 2), clean_start=True)
+    except (OSError, ssl.SSLError) as exc:
+        raise MqttRequestError(f"cannot reach the broker at {where}: {exc}") from None
+    client.loop_start()
+    try:
+        if not connected.wait(max(0.0, deadline - time.monotonic())):
+            raise MqttRequestError(f"the broker at {where} did not answer the connection within {timeout}s")
+        if refused or not client.is_connected():
+            reason = refused[0] if refused else "closed the connection"
+            raise MqttRequestError(f"the broker at {where} refused the connection of {who!r}: {reason} (check the user name and password)")
+        client.subscribe(response_topic, qos=1)
+        if not subscribed.wait(max(0.0, deadline - time.monotonic())):
+            raise MqttRequestError(f"the broker at {where} did not acknowledge the subscription to {response_topic!r} within {timeout}s")
+        if not client.is_connected():
+            raise MqttRequestError(f"the broker at {where} closed the connection of {who!r} before acknowledging the subscription to {response_topic!r}")
+        if not granted or granted[0].is_failure:
+            reason = granted[0] if granted else "no reason code"
+            raise MqttRequestError(f"the broker at {where} refused {who!r} the subscription to {response_topic!r}: {reason}")
+        info = client.publish(topic, payload, qos=1)
+        try:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        except (RuntimeError, ValueError) as exc:
+            raise MqttRequestError(f"publishing to {topic!r} on {where} failed: {exc}") from None
+        try:
+            while True:
+                answer = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+                if answer is _CLOSED:
+                    raise MqttRequestError(f"the broker at {where} closed the connection of {who!r} before answering on {response_topic!r}")
+                if accept is None or accept(answer):
+                    return answer
+        except queue.Empty:
+            raise MqttRequestError(
+                f"no answer on {response_topic!r} from the broker at {where} within {timeout}s "
+                f"(is {who!r} allowed to publish to {topic!r}?)"
+            ) from None
+    finally:
+        client.disconnect()
+        client.loop_stop()

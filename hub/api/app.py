@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from hub import vault
-from hub.api.routes import agents, assets, backfills, connections, conflicts, dags, health, operations, pools, runs, sync, variables
+from hub.api.routes import agents, assets, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, sync, variables
 from hub.config import HubSettings
 from hub.encryption import parse_keys
 from hub.errors import HubError
@@ -91,7 +91,7 @@ def create_app(
         MASKER.set_source(vault.secret_values(sessions, app.state.cipher))
 
     for router in (
-        dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, sync.router, health.router,
+        dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, sync.router, enrolment.router, health.router,
         variables.router, connections.router,
     ):
         app.include_router(router, prefix=API_PREFIX)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -131,3 +132,37 @@ def test_job_limits_and_per_type_tables_from_file_and_environment(tmp_path):
         load_settings(write(tmp_path, 'agent_id = "a"\njob_type_memory_mb = { "x" = "big" }\n'), env={})
     with pytest.raises(ConfigError, match="name=integer"):
         load_settings(None, env={"OUTPOST_AGENT_AGENT_ID": "a", "OUTPOST_AGENT_JOB_TYPE_CONCURRENCY": "x=one"})
+
+
+def _enrolled(state: Path, **values: object) -> None:
+    folder = state / "identity"
+    folder.mkdir(parents=True)
+    (folder / "enrolment.json").write_text(json.dumps(values))
+
+
+def test_enrolment_fills_what_the_file_leaves_unset_and_the_file_wins(tmp_path):
+    state = tmp_path / "state"
+    _enrolled(state, agent_id="pump-7", broker_host="broker.example", broker_port=8883, broker_tls=True,
+              broker_username="pump-7", broker_password="pw", labels={"site": "north", "rack": "r1"})
+    path = write(tmp_path, f'state_dir = "{state}"\nbroker_port = 1884\n[labels]\nrack = "r9"\n')
+    settings = load_settings(path, env={})
+    assert (settings.agent_id, settings.broker_host, settings.broker_port, settings.broker_tls) == ("pump-7", "broker.example", 1884, True)
+    assert (settings.broker_username, settings.broker_password) == ("pump-7", "pw")
+    assert settings.labels == {"site": "north", "rack": "r9"}
+    assert load_settings(path, env={"OUTPOST_AGENT_BROKER_TLS": "false"}).broker_tls is False
+
+
+def test_an_agent_id_other_than_the_enrolled_one_is_an_error(tmp_path):
+    state = tmp_path / "state"
+    _enrolled(state, agent_id="pump-7")
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f'state_dir = "{state}"\nagent_id = "pump-8"\n'), env={})
+    assert info.value.key == "agent_id" and "enrolled as 'pump-7'" in str(info.value)
+
+
+def test_a_damaged_enrolment_file_is_an_error_naming_it(tmp_path):
+    state = tmp_path / "state"
+    (state / "identity").mkdir(parents=True)
+    (state / "identity" / "enrolment.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="enrolment.json"):
+        load_settings(write(tmp_path, f'state_dir = "{state}"\n'), env={})

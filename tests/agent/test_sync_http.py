@@ -18,6 +18,7 @@ import pytest
 
 from agent.queues import Outbox
 from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
+from shared.signing import SigningKey
 from shared.clock import SystemClock
 from shared.envelope import Envelope, decode, encode
 from shared.hlc import HLC
@@ -106,7 +107,7 @@ def make_sync(outbox: Outbox, state_dir: Path) -> Iterator[Callable[..., tuple[S
             sync.on_ack(ack.assignment_ids)
 
         path = HttpPath(
-            HubSyncClient(url, "dev-1", "token", timeout=5),
+            HubSyncClient(url, "dev-1", SigningKey.generate(), timeout=5),
             lambda item: encode(Envelope(item.result, sender="dev-1", hlc=item.hlc)),
             apply_ack, state_dir / "outbox.stream", threshold, batch,
         )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from hub.db import make_engine, make_sessionmaker
+from hub.db import make_engine, make_sessionmaker, transaction
+from hub.identity import register_agent
 from hub.models import TaskInstance, TaskResult
 from hub.standalone import LocalAgent
+from shared.signing import SigningKey
 from tests.conftest import Broker, free_port, wait_port
 
 pytestmark = pytest.mark.e2e
@@ -141,6 +144,20 @@ class Fleet:
                 last_error = exc
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what} (last error: {last_error})\n--- scheduler log tail ---\n{self.log('scheduler')[-3000:]}")
+
+    # --- device identity ----------------------------------------------------
+
+    def register_device(self, agent_id: str, folder: Path) -> None:
+        """Pre-register a device key made in the agent's state folder (where
+        the agent reads it), as an admin would: its HTTP sync requests are
+        signed with it. The hub must have created its database."""
+        key = SigningKey.load_or_create(folder / "identity" / "device.key")
+        engine = make_engine(self.db_url)
+        try:
+            with transaction(make_sessionmaker(engine)) as session:
+                register_agent(session, agent_id, key.public, datetime.now(UTC), replace=True)
+        finally:
+            engine.dispose()
 
     # --- the database, read directly for exactly-once checks ---------------
 

@@ -10,7 +10,6 @@ result lands once, every try's log is readable, nothing is rejected."""
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 import subprocess
 import sys
@@ -60,14 +59,14 @@ def pending(outbox: Path) -> dict[str, int]:
     return counts
 
 
-def start_agent(folder: Path, broker_port: int, hub_url: str, token: str, agent_id: str = AGENT) -> subprocess.Popen[bytes]:
-    """The agent as standalone starts it (hub_url and sync_token), with
+def start_agent(folder: Path, broker_port: int, hub_url: str, agent_id: str = AGENT) -> subprocess.Popen[bytes]:
+    """The agent as standalone starts it (hub_url, a registered device key), with
     short keepalive/reconnect times and a small HTTP threshold."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "agent.toml"
     config.touch(mode=0o600)
     config.write_text(
-        f"hub_url = {json.dumps(hub_url)}\nsync_token = {json.dumps(token)}\n"
+        f"hub_url = {json.dumps(hub_url)}\n"
         f'agent_id = "{agent_id}"\nstate_dir = {json.dumps(str(folder))}\n'
         f'broker_host = "127.0.0.1"\nbroker_port = {broker_port}\n'
         "heartbeat_interval = 1.0\nkeepalive = 5\nreconnect_max = 1\n"
@@ -84,13 +83,13 @@ def start_agent(folder: Path, broker_port: int, hub_url: str, token: str, agent_
 
 def test_a_device_offline_with_work_drains_its_backlog_over_http_on_return(fleet: Any) -> None:
     f = fleet({"away.py": DAG})
-    token = secrets.token_urlsafe(16)
-    f.config.write_text(f.config.read_text() + f'agent_sync_token = "{token}"\nagent_offline_after = 3.0\n')
+    f.config.write_text(f.config.read_text() + "agent_offline_after = 3.0\n")
     f.start_hub()
     db = f.root / "hub" / "hub.db"
     folder = f.root / "agents" / AGENT
+    f.register_device(AGENT, folder)
     with FaultProxy(f.broker.port) as mqtt, FaultProxy(f.api_port) as http:
-        proc = start_agent(folder, mqtt.port, f"http://127.0.0.1:{http.port}", token)
+        proc = start_agent(folder, mqtt.port, f"http://127.0.0.1:{http.port}")
         try:
             f.wait_agents_online(1, timeout=20)
             run_pk = f.trigger("away")
@@ -153,12 +152,13 @@ def test_work_re_targeted_past_offline_grace_then_the_first_device_returns_with_
     cancelled (its job stopped on the device), one device_success_wins
     record, nothing rejected."""
     f = fleet({"retarget.py": RETARGET})
-    token = secrets.token_urlsafe(16)
-    f.config.write_text(f.config.read_text() + f'agent_sync_token = "{token}"\nagent_offline_after = 3.0\n')
+    f.config.write_text(f.config.read_text() + "agent_offline_after = 3.0\n")
     f.start_hub()
     db = f.root / "hub" / "hub.db"
+    for edge in ("edge-1", "edge-2"):
+        f.register_device(edge, f.root / "agents" / edge)
     with FaultProxy(f.broker.port) as mqtt:
-        first = start_agent(f.root / "agents" / "edge-1", mqtt.port, f.url, token, "edge-1")
+        first = start_agent(f.root / "agents" / "edge-1", mqtt.port, f.url, "edge-1")
         procs = [first]
         try:
             f.wait_agents_online(1, timeout=20)
@@ -167,7 +167,7 @@ def test_work_re_targeted_past_offline_grace_then_the_first_device_returns_with_
             assert f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["agent_id"] == "edge-1"
             mqtt.blackhole()
             # Only now a second device: the work can go nowhere else before.
-            procs.append(start_agent(f.root / "agents" / "edge-2", f.broker.port, f.url, token, "edge-2"))
+            procs.append(start_agent(f.root / "agents" / "edge-2", f.broker.port, f.url, "edge-2"))
             f.wait(lambda: f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["state"] == "device_offline", 10, "device_offline")
             f.wait(lambda: (ti := f.api("GET", f"/runs/{run_pk}")["task_instances"][0])["agent_id"] == "edge-2" and ti["state"] == "running", 15, "re-targeted to edge-2")
             # edge-1 finishes offline (8 s), before edge-2 can, and comes back.

@@ -7,7 +7,6 @@ device's outbox is empty."""
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 import time
 from typing import Any
@@ -42,13 +41,13 @@ def query(db: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 @pytest.mark.timeout(240)
 def test_ten_thousand_buffered_results_sync_over_http_through_kill_9s_of_the_hub_api_and_the_agent(fleet: Any) -> None:
     f = fleet({"backlog.py": DAG})
-    token = secrets.token_urlsafe(16)
     # No re-sends of the assignments while the test runs: the backlog is the subject.
     f.config.write_text(
         f.config.read_text().replace("redeliver_after = 3.0", "redeliver_after = 3600.0")
-        + f'agent_sync_token = "{token}"\nmax_map_length = {N}\nagent_offline_after = 3600.0\ndefault_pool_slots = -1\n'
+        + f"max_map_length = {N}\nagent_offline_after = 3600.0\ndefault_pool_slots = -1\n"
     )
     f.start_hub()
+    f.register_device(AGENT, f.root / "agents" / AGENT)
     # The device announces itself (as its status would) without a session
     # yet, so the assignments the hub sends now reach nobody: the device
     # "ran them offline" and only its results exist, buffered in its outbox.
@@ -80,7 +79,7 @@ def test_ten_thousand_buffered_results_sync_over_http_through_kill_9s_of_the_hub
 
     agent = LocalAgent(AGENT, agent_dir)
     f.agents[AGENT] = agent
-    agent.start(f.broker.port, {"site": "test"}, f.url, token)
+    agent.start(f.broker.port, {"site": "test"}, f.url)
     t0 = time.monotonic()
 
     def results() -> int:
@@ -95,7 +94,7 @@ def test_ten_thousand_buffered_results_sync_over_http_through_kill_9s_of_the_hub
     f.wait(lambda: results() >= at_kill + 3000, 60, "the drain to resume")
     f.kill_agent(AGENT)
     at_agent_kill = results()
-    agent.start(f.broker.port, {"site": "test"}, f.url, token)
+    agent.start(f.broker.port, {"site": "test"}, f.url)
     f.wait(lambda: results() >= N, 60, f"all {N} results at the hub")
     elapsed = time.monotonic() - t0
     # Let the last acknowledgements reach the outbox before stopping the agent.

@@ -354,6 +354,7 @@ def test_openapi_describes_every_route(hub: Hub) -> None:
         "/api/v1/backfills/{backfill_id}/unpause", "/api/v1/backfills/{backfill_id}/cancel", "/api/v1/assets", "/api/v1/assets/events",
         "/api/v1/runs/{run_pk}/tasks/{ti_id}/tries/{try_number}/log", "/api/v1/runs/{run_pk}/tasks/{ti_id}/logs", "/api/v1/conflicts", "/api/v1/runs/{run_pk}/tasks/{task_id}/conflicts",
         "/api/v1/variables", "/api/v1/variables/{key}", "/api/v1/connections", "/api/v1/connections/{conn_id}",
+        "/api/v1/enroll", "/api/v1/enrolment-tokens", "/api/v1/agents/{agent_id}/public-key", "/api/v1/agents/{agent_id}/revoke",
     }
     assert set(spec["paths"]["/api/v1/dags/{dag_id}"]) == {"get", "patch"}
     schemas = spec["components"]["schemas"]

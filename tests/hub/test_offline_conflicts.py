@@ -7,6 +7,7 @@ records as ``GET /api/v1/conflicts`` shows them (docs/conflicts.md)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,15 @@ from sqlalchemy import select
 
 from hub.api.app import create_app
 from hub.config import HubSettings
+from hub.db import transaction
+from hub.identity import register_agent
 from hub.ingest import Ingester
 from hub.models import Assignment, DagRun, Decision, TaskInstance
+from shared.clock import utcnow
 from shared.hlc import HybridClock
 from shared.messages import Accepted, Cancel, Heartbeat, Result, Started
+from shared.requestsig import HEADER, sign_request
+from shared.signing import SigningKey
 from tests.hub.conftest import HubHarness
 from tests.hub.test_offline import assignment_of, publish, silent
 
@@ -342,19 +348,25 @@ def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_
     from shared.messages import LogChunk
 
     hub, run_pk, old, new = retargeted(make_hub)
-    token = "t0ken"
-    app = create_app(HubSettings(agent_sync_token=token), hub.sessions, hub.ingester.events, hub.clock)
+    key = SigningKey.generate()
+    with transaction(hub.sessions) as session:
+        register_agent(session, "a1", key.public, utcnow(hub.clock))
+    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock)
     clock = hub.agent_clocks["a1"]
     envelopes = [encode(Envelope(body, sender="a1", hlc=clock.now())).decode() for body in (
         LogChunk(old, 0, "flashing\ndone\n", final=True), Result(old, 1, "success", output={"from": "a1"}),
     )]
     batch = {"stream": "s1", "first_seq": "0001", "last_seq": "0002", "envelopes": envelopes}
+    body = json.dumps(batch).encode()
+
+    def auth() -> dict[str, str]:
+        return {HEADER: sign_request(key, "a1", "POST", "/api/v1/agents/a1/sync", body, hub.clock.now())}
+
     with TestClient(app) as client:
-        auth = {"Authorization": f"Bearer {token}"}
-        answer = client.post("/api/v1/agents/a1/sync", json=batch, headers=auth)
+        answer = client.post("/api/v1/agents/a1/sync", content=body, headers=auth())
         assert answer.status_code == 200, answer.text
         assert (answer.json()["assignment_ids"], answer.json()["refused"]) == ([old], [])
-        again = client.post("/api/v1/agents/a1/sync", json=batch, headers=auth)  # its answer was lost
+        again = client.post("/api/v1/agents/a1/sync", content=body, headers=auth())  # its answer was lost
         assert again.status_code == 200 and again.json()["assignment_ids"] == [old]
         log = client.get(f"/api/v1/runs/{run_pk}/tasks/{ti_of(hub, run_pk, 'work').id}/tries/1/log").json()
     ti = ti_of(hub, run_pk, "work")

@@ -1,7 +1,7 @@
 """The HTTP bulk sync endpoint over a real uvicorn server and a real
 database: it applies a batch in order through the ingester, acknowledges only
 what it committed, refuses bad items for good (recorded), deduplicates
-repeats, keeps the cursor, and checks its token and its limits. The agent's
+repeats, keeps the cursor, and checks the agent's signature and its limits. The agent's
 side runs against it too: a restarted agent resumes after the cursor."""
 
 from __future__ import annotations
@@ -20,16 +20,22 @@ from agent.queues import Outbox
 from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
 from hub.api.app import create_app
 from hub.config import HubSettings
+from hub.db import transaction
+from hub.identity import register_agent, revoke_agent
 from hub.models import AssetEvent, RejectedMessage, SyncCursor, TaskResult
-from shared.clock import SystemClock
+from shared.clock import SystemClock, utcnow
 from shared.envelope import Envelope, encode
 from shared.hlc import HLC
 from shared.messages import Ack, AgentEvent, Cancel, Heartbeat, Result
+from shared.requestsig import HEADER, sign_request
+from shared.signing import SigningKey
 
 from .api_harness import LiveServer
 
-TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: a1's device key; the served hub has its public half registered.
+KEY = SigningKey.generate()
+#: The served hub's clock (a manual one): requests are signed with its time.
+HUB_NOW: list[Any] = []
 DAG = """
 from hub.dag import DAG, AgentOperator, on_agent
 with DAG("d") as dag:
@@ -47,7 +53,10 @@ def served(make_hub: Any) -> Iterator[Any]:
         hub.trigger("d")
         hub.tick()
         assigned = sorted((env.body for env in hub.assignments_sent()), key=lambda a: a.map_index)
-        app = create_app(HubSettings(**{"agent_sync_token": TOKEN, **settings}), hub.sessions, hub.ingester.events, hub.clock)
+        with transaction(hub.sessions) as session:
+            register_agent(session, "a1", KEY.public, utcnow(hub.clock))
+        HUB_NOW[:] = [hub.clock.now]
+        app = create_app(HubSettings(**settings), hub.sessions, hub.ingester.events, hub.clock)
         app.state.ingester = hub.ingester  # the counters tell duplicates apart
         server = LiveServer(app).__enter__()
         servers.append(server)
@@ -57,6 +66,17 @@ def served(make_hub: Any) -> Iterator[Any]:
     yield serve
     for server in servers:
         server.__exit__(None, None, None)
+
+
+def now() -> float:
+    return float(HUB_NOW[0]())
+
+
+def signed(method: str, url: str, payload: Any = None, key: SigningKey = KEY, agent: str = "a1", content: bytes | None = None) -> httpx.Response:
+    """A request signed as the agent signs it."""
+    body = content if content is not None else (json.dumps(payload).encode() if payload is not None else b"")
+    headers = {HEADER: sign_request(key, agent, method, httpx.URL(url).path, body, now()), "Content-Type": "application/json"}
+    return httpx.request(method, url, content=body, headers=headers, timeout=30)
 
 
 def envelope(body: Any, sender: str = "a1", logical: int = 0) -> str:
@@ -76,7 +96,7 @@ def test_a_batch_applies_in_order_is_acknowledged_and_a_repeat_applies_nothing(s
     hub, url, ids = served()
     items = [envelope(Result(aid, 1, "success", {"n": i}), logical=i) for i, aid in enumerate(ids[:4])]
     items.insert(2, envelope(AgentEvent("ev-1", "battery_low", {"pct": 9})))
-    answer = httpx.post(url, json=batch(*items), headers=AUTH, timeout=30)
+    answer = signed("POST", url, batch(*items))
     assert answer.status_code == 200, answer.text
     body = answer.json()
     ack = Ack.from_dict(body)  # the agent reads it as an MQTT ack
@@ -89,13 +109,13 @@ def test_a_batch_applies_in_order_is_acknowledged_and_a_repeat_applies_nothing(s
     assert applied == ids[:4]  # batch order
     assert [ti.state for ti in sorted(hub.tis(1), key=lambda t: t.map_index)][:4] == ["success"] * 4
 
-    again = httpx.post(url, json=batch(*items, first="0001", last="0005"), headers=AUTH, timeout=30)
+    again = signed("POST", url, batch(*items, first="0001", last="0005"))
     assert again.status_code == 200
     assert Ack.from_dict(again.json()) == ack  # acknowledged again
     assert count(hub, TaskResult) == 4
     assert hub.ingester.counters["result.duplicate"] == 4
     # The cursor never moves back; GET returns it.
-    cursor = httpx.get(url, headers=AUTH, timeout=10).json()
+    cursor = signed("GET", url).json()
     assert (cursor["stream"], cursor["seq"], cursor["items"]) == ("s1", "0009", 10)
 
 
@@ -111,7 +131,7 @@ def test_bad_items_are_recorded_and_refused_and_the_good_ones_still_apply(served
         envelope(Heartbeat("0.1.0")),  # valid on the events topic: applied, nothing to acknowledge
         envelope(Result(ids[2], 1, "failed")),
     ]
-    answer = httpx.post(url, json=batch(*items), headers=AUTH, timeout=30)
+    answer = signed("POST", url, batch(*items))
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["assignment_ids"] == [ids[0], ids[2]]
@@ -124,30 +144,56 @@ def test_bad_items_are_recorded_and_refused_and_the_good_ones_still_apply(served
     assert count(hub, TaskResult) == 2
 
 
-def test_the_token_the_agent_id_and_the_limits_are_checked(served: Any) -> None:
+def test_the_signature_the_agent_id_and_the_limits_are_checked(served: Any) -> None:
     hub, url, ids = served(sync_max_batch_items=3, sync_max_batch_bytes=4096)
     one = batch(envelope(Result(ids[0], 1, "success")))
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
-        answer = httpx.post(url, json=one, headers=headers, timeout=10)
-        assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized"
+    body = json.dumps(one).encode()
+    path = httpx.URL(url).path
+    good = sign_request(KEY, "a1", "POST", path, body, now())
+    for header, code in (
+        (None, "signature_missing"),
+        ("agent=a1,sig=xyz", "malformed_signature"),
+        ("Bearer " + good, "malformed_signature"),
+        (sign_request(SigningKey.generate(), "a1", "POST", path, body, now()), "bad_signature"),
+        (sign_request(KEY, "a1", "POST", path, body + b" ", now()), "bad_signature"),
+        (sign_request(KEY, "a1", "GET", path, body, now()), "bad_signature"),
+        (sign_request(KEY, "a1", "POST", path, body, now() - 3600), "stale_request"),
+        (sign_request(KEY, "a1", "POST", path, body, now() + 3600), "stale_request"),
+        (sign_request(KEY, "a2", "POST", path, body, now()), "signer_mismatch"),
+    ):
+        answer = httpx.post(url, content=body, headers={HEADER: header} if header else {}, timeout=10)
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == code, (code, answer.text)
     assert httpx.get(url, timeout=10).status_code == 401
-    too_many = httpx.post(url, json=batch(*[envelope(Result(a, 1, "success")) for a in ids[:4]]), headers=AUTH, timeout=10)
+    # Unsigned, a body over the limit is refused for the signature, before it is read.
+    unsigned_big = httpx.post(url, content=b"y" * 5000, timeout=10)
+    assert unsigned_big.status_code == 401 and unsigned_big.json()["error"]["code"] == "signature_missing"
+    assert count(hub, TaskResult) == 0
+    # The same signed request twice: the second is a replay.
+    assert httpx.post(url, content=body, headers={HEADER: good}, timeout=10).status_code == 200
+    replay = httpx.post(url, content=body, headers={HEADER: good}, timeout=10)
+    assert replay.status_code == 401 and replay.json()["error"]["code"] == "replayed_request"
+    too_many = signed("POST", url, batch(*[envelope(Result(a, 1, "success")) for a in ids[:4]]))
     assert too_many.status_code == 413 and "sync_max_batch_items" in too_many.json()["error"]["message"]
-    too_big = httpx.post(url, json=batch("y" * 5000), headers=AUTH, timeout=10)
+    too_big = signed("POST", url, batch("y" * 5000))
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "batch_too_large"
     for wrong in ({"envelopes": []}, {**one, "envelopes": [1]}, {**one, "extra": 1}, {**one, "first_seq": "9", "last_seq": "1"}):
-        answer = httpx.post(url, json=wrong, headers=AUTH, timeout=10)
+        answer = signed("POST", url, wrong)
         assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request", wrong
-    assert httpx.post(url, content=b"[", headers=AUTH, timeout=10).status_code == 422
-    bad_agent = httpx.post(url.replace("/a1/", "/-bad/"), json=one, headers=AUTH, timeout=10)
-    assert bad_agent.status_code == 422
-    assert count(hub, TaskResult) == 0 and count(hub, SyncCursor) == 0
+    assert signed("POST", url, content=b"[").status_code == 422
+    assert signed("POST", url.replace("/a1/", "/-bad/"), one).status_code == 422
+    assert count(hub, TaskResult) == 1
 
 
-def test_an_empty_token_disables_the_endpoint(served: Any) -> None:
-    _hub, url, ids = served(agent_sync_token="")
-    answer = httpx.post(url, json=batch(envelope(Result(ids[0], 1, "success"))), headers={"Authorization": "Bearer anything"}, timeout=10)
-    assert answer.status_code == 403 and answer.json()["error"]["code"] == "sync_disabled"
+def test_unknown_and_revoked_agents_are_refused(served: Any) -> None:
+    hub, url, ids = served()
+    one = batch(envelope(Result(ids[0], 1, "success")))
+    unknown = signed("POST", url.replace("/a1/", "/a9/"), one, agent="a9")
+    assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "unknown_agent"
+    with transaction(hub.sessions) as session:
+        revoke_agent(session, "a1", utcnow(hub.clock))
+    for answer in (signed("POST", url, one), signed("GET", url)):
+        assert answer.status_code == 403 and answer.json()["error"]["code"] == "agent_revoked"
+    assert count(hub, TaskResult) == 0
 
 
 def test_the_endpoint_is_in_the_openapi_document(served: Any) -> None:
@@ -169,7 +215,7 @@ def test_a_restarted_agent_resumes_after_the_cursor_and_sends_the_rest_once(serv
     acks: list[Ack] = []
 
     def build() -> Sync:
-        client = HubSyncClient(base, "a1", TOKEN, timeout=10)
+        client = HubSyncClient(base, "a1", KEY, timeout=10, clock=now)
 
         def apply_ack(ack: Ack) -> None:
             acks.append(ack)
@@ -186,7 +232,7 @@ def test_a_restarted_agent_resumes_after_the_cursor_and_sends_the_rest_once(serv
     # agent died before it recorded the acknowledgement.
     stream, _ = load_stream(tmp_path / "outbox.stream", outbox.newest_message_id(), clock.now())
     claimed = [item for item in (outbox.claim() for _ in range(4)) if item is not None]
-    client = HubSyncClient(base, "a1", TOKEN)
+    client = HubSyncClient(base, "a1", KEY, clock=now)
     client.post(stream, claimed[0].message_id, claimed[-1].message_id, [to_envelope(item).decode() for item in claimed])
     client.close()
     outbox.release_expired_claims(0)  # what start-up does after a crash

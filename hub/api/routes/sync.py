@@ -14,14 +14,15 @@ aside instead of sending them forever. The sync cursor (the highest sequence
 committed, per agent and outbox stream) commits in the same transaction as
 the items, so it never claims more than the hub holds.
 
-Authentication is, for now, one shared bearer secret (``agent_sync_token``);
-issue 5 replaces it with per-agent Ed25519 signatures.
+Every request is signed by the agent's device key (``Outpost-Signature``,
+shared/requestsig.py, checked by hub/requestauth.py): an unsigned, stale,
+replayed or wrongly signed request, or one from an unknown agent, gets 401; a
+revoked agent gets 403.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -36,12 +37,14 @@ from starlette.concurrency import run_in_threadpool
 from hub.api.schemas import ErrorResponse
 from hub.config import HubSettings
 from hub.db import for_update
-from hub.errors import BatchTooLarge, DatabaseUnavailable, InvalidRequest, SyncDisabled, Unauthorized
+from hub import requestauth
+from hub.errors import BatchTooLarge, DatabaseUnavailable, InvalidRequest
 from hub.ingest import Ingester
 from hub.models import SyncCursor
 from shared.clock import utcnow
 from shared.hlc import HybridClock
 from shared.mqtt import Inbound
+from shared.requestsig import HEADER
 from shared.topics import check_agent_id, events_topic
 
 log = logging.getLogger(__name__)
@@ -90,24 +93,28 @@ class SyncAck(BaseModel):
 
 
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (code unauthorized)."},
-    403: {"model": ErrorResponse, "description": "HTTP sync is disabled on this hub: agent_sync_token is empty (code sync_disabled)."},
+    401: {"model": ErrorResponse, "description": "Not signed by the agent's registered key, a timestamp outside agent_request_window, a replayed signature, or an unknown agent (codes signature_missing, malformed_signature, bad_signature, signer_mismatch, stale_request, replayed_request, unknown_agent)."},
+    403: {"model": ErrorResponse, "description": "The agent is revoked (code agent_revoked)."},
 }
 
 
-def _authenticate(request: Request, agent_id: str) -> HubSettings:
+async def _authenticate(request: Request, agent_id: str) -> requestauth.SignedRequest:
+    """The header's checks, before the body is read."""
     settings: HubSettings = request.app.state.settings
-    if not settings.agent_sync_token:
-        raise SyncDisabled("HTTP sync is disabled on this hub (agent_sync_token is empty); agents keep syncing over MQTT")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # Constant time: the comparison must not tell how much of a guess was right.
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), settings.agent_sync_token.encode()):
-        raise Unauthorized("missing or wrong sync token: send 'Authorization: Bearer <agent_sync_token>'")
     try:
         check_agent_id(agent_id)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    return settings
+    now = utcnow(request.app.state.clock)
+    return await run_in_threadpool(
+        requestauth.check_header, request.app.state.sessions, now, settings.agent_request_window, agent_id, request.headers.get(HEADER),
+    )
+
+
+async def _verify(request: Request, signed: requestauth.SignedRequest, body: bytes) -> None:
+    settings: HubSettings = request.app.state.settings
+    now = utcnow(request.app.state.clock)
+    await run_in_threadpool(signed.verify, request.app.state.sessions, now, settings.agent_request_window, request.method, request.url.path, body)
 
 
 def _ingester(request: Request) -> Ingester:
@@ -174,9 +181,12 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     are unique per assignment and agent events per id, so a repeat is
     acknowledged again and applied nothing twice. Items that cannot be
     applied are recorded as rejections and listed in ``refused``.
-    Authenticated with ``Authorization: Bearer <agent_sync_token>``."""
-    settings = _authenticate(request, agent_id)
-    batch = _parse(await _read_limited(request, settings.sync_max_batch_bytes), settings)
+    Signed by the agent (``Outpost-Signature``, see the module docstring)."""
+    settings: HubSettings = request.app.state.settings
+    signed = await _authenticate(request, agent_id)
+    raw = await _read_limited(request, settings.sync_max_batch_bytes)
+    await _verify(request, signed, raw)
+    batch = _parse(raw, settings)
     ingester = _ingester(request)
     topic = events_topic(agent_id)
     # The same input ingestion gets from the broker: the agent's events topic
@@ -211,12 +221,16 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
 
 
 @router.get("/agents/{agent_id}/sync", response_model=Cursor, responses=_AUTH_RESPONSES)
-def get_sync_cursor(request: Request, agent_id: Annotated[str, Path(description="The agent.")]) -> dict[str, Any]:
+async def get_sync_cursor(request: Request, agent_id: Annotated[str, Path(description="The agent.")]) -> dict[str, Any]:
     """The agent's sync cursor: the highest outbox sequence the hub committed
     over HTTP, on which outbox stream. A restarted agent skips the items of
     that stream up to it instead of sending them again. Authenticated like
     the POST."""
-    _authenticate(request, agent_id)
-    with request.app.state.sessions() as session:
-        return _cursor_of(session.get(SyncCursor, agent_id), agent_id)
+    await _verify(request, await _authenticate(request, agent_id), b"")
+
+    def read() -> dict[str, Any]:
+        with request.app.state.sessions() as session:
+            return _cursor_of(session.get(SyncCursor, agent_id), agent_id)
+
+    return await run_in_threadpool(read)
 
