@@ -30,6 +30,7 @@ from hub import enrolment
 from hub import events as ev
 from hub.api.app import create_app
 from hub.config import HubSettings
+from tests.hub.api_harness import FERNET_KEY
 from hub.db import make_engine, make_sessionmaker, transaction, upgrade
 from hub.events import EventBus
 from hub.models import Agent, AuditRecord, DagRun
@@ -78,6 +79,7 @@ def enrol_hub(tmp_path: Path, secure_broker: SecureBroker, pki: Pki) -> Iterator
         f'broker_username = "{HUB_USER}"\nbroker_password = "{HUB_PASSWORD}"\n'
         f'broker_admin_username = "{ADMIN_USER}"\nbroker_admin_password = "{ADMIN_PASSWORD}"\n'
         f'agent_broker_host = "localhost"\nagent_broker_port = {secure_broker.tls_port}\nagent_broker_tls = true\n'
+        f'fernet_keys = "{FERNET_KEY}"\n'
     )
     settings = HubSettings.load(config)
     (tmp_path / "hub").mkdir()
@@ -340,7 +342,7 @@ def test_without_broker_admin_enrolment_returns_no_credentials_and_a_broker_fail
     from tests.conftest import free_port
 
     def app_with(**settings: Any) -> tuple[Any, sessionmaker[Session]]:
-        hub_settings = HubSettings(state_dir=tmp_path / "hub", **settings)
+        hub_settings = HubSettings(state_dir=tmp_path / "hub", fernet_keys=FERNET_KEY, **settings)
         upgrade(hub_settings.db_url)
         sessions = make_sessionmaker(make_engine(hub_settings.db_url))
         return create_app(hub_settings, sessions, EventBus(), SystemClock()), sessions
