@@ -500,3 +500,8 @@ class SyncCursor(Base):
     #: Items committed over HTTP on this stream.
     items: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime]
+
+
+# Users, tokens and sessions live in their own module; importing it here puts
+# them in Base.metadata for Alembic and the migration test.
+from hub import models_auth as _models_auth  # noqa: E402,F401
