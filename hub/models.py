@@ -276,6 +276,17 @@ class Agent(Base):
     clock_skew: Mapped[float | None] = mapped_column(Float)
     #: Set while |clock_skew| exceeds max_clock_skew: the device's clock is not trusted (hub.fleet.clock_trusted).
     clock_skew_flagged_at: Mapped[datetime | None]
+    #: The device's Ed25519 public key (``ed25519:...``), set at enrolment or
+    #: pre-registration; messages from the device must verify with it.
+    public_key: Mapped[str | None] = mapped_column(String(100))
+    #: When the public key was registered.
+    registered_at: Mapped[datetime | None]
+    #: Set when an admin revoked the device: its messages, API calls and
+    #: broker access are refused from then on.
+    revoked_at: Mapped[datetime | None]
+    #: The last per-device sequence number the hub signed a message with;
+    #: the device refuses a number it has already seen (replay).
+    send_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class RejectedMessage(Base):
@@ -500,6 +511,26 @@ class SyncCursor(Base):
     #: Items committed over HTTP on this stream.
     items: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime]
+
+
+class AuditRecord(Base):
+    """Who did what to what, for logins, keys, roles, triggers, clears,
+    rollouts, enrolments and revocations (``hub.audit``). Append-only."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    #: ``user:<name>``, ``token:<id>``, ``agent:<id>``, ``hub`` (automatic) or ``cli`` (an admin command on the hub's host).
+    actor: Mapped[str] = mapped_column(String(200), index=True)
+    #: Dotted verb, e.g. ``auth.login``, ``auth.login_failed``, ``agent.revoke``, ``run.trigger``.
+    action: Mapped[str] = mapped_column(String(100), index=True)
+    target: Mapped[str] = mapped_column(String(300), default="")
+    #: Whether the action took effect (a failed login is recorded with False).
+    success: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Client address for actions made over HTTP.
+    remote: Mapped[str] = mapped_column(String(100), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 # Users, tokens and sessions live in their own module; importing it here puts

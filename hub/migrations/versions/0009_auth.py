@@ -1,14 +1,14 @@
 """users, API tokens, dashboard sessions and failed logins
 
-Revision ID: 0008_auth
-Revises: 0007_log_retention
+Revision ID: 0009_auth
+Revises: 0008_identity
 """
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0008_auth'
-down_revision = '0007_log_retention'
+revision = '0009_auth'
+down_revision = '0008_identity'
 branch_labels = None
 depends_on = None
 

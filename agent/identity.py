@@ -1,0 +1,63 @@
+"""The device's identity on disk: its own Ed25519 key and the hub keys it trusts.
+
+Both live in ``<state_dir>/identity/`` (mode 0700):
+
+* ``device.key``: the device's private key (PEM, 0600). Made on the device at
+  enrolment (or the first start of a pre-registered device) and never sent
+  anywhere; the hub knows only its public half.
+* ``hub-keys.json``: the public keys of the hub's assignment key ring the
+  device accepts signatures from, as ``{"keys": ["ed25519:...", ...]}``
+  (0600 so no other local user can plant a key). Written at enrolment and
+  when the hub announces a new key signed by one already trusted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.config import AgentSettings
+from shared.files import atomic_write
+from shared.signing import BadKey, PublicKey, SigningKey
+
+
+def identity_dir(settings: AgentSettings) -> Path:
+    return settings.state_dir / "identity"
+
+
+def device_key_path(settings: AgentSettings) -> Path:
+    return identity_dir(settings) / "device.key"
+
+
+def trust_path(settings: AgentSettings) -> Path:
+    return identity_dir(settings) / "hub-keys.json"
+
+
+def device_key(settings: AgentSettings, create: bool = True) -> SigningKey:
+    """The device's key; made on first use when ``create``. Raises ``BadKey``."""
+    path = device_key_path(settings)
+    if create:
+        return SigningKey.load_or_create(path)
+    return SigningKey.load(path)
+
+
+def trusted_hub_keys(settings: AgentSettings) -> dict[str, PublicKey]:
+    """The hub keys this device trusts, by key id (empty when none are stored)."""
+    path = trust_path(settings)
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise BadKey(f"cannot read trusted hub keys {path}: {exc}") from None
+    texts = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(texts, list):
+        raise BadKey(f"trusted hub keys {path} must be a JSON object with a 'keys' list")
+    keys = [PublicKey.from_text(text) for text in texts]
+    return {key.kid: key for key in keys}
+
+
+def save_trusted_hub_keys(settings: AgentSettings, keys: list[PublicKey]) -> None:
+    identity_dir(settings).mkdir(parents=True, exist_ok=True, mode=0o700)
+    doc = {"keys": [key.to_text() for key in keys]}
+    atomic_write(trust_path(settings), json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
