@@ -2,7 +2,8 @@
 
 ``create_app`` stores the parts on ``app.state``; routes ask for them here
 instead of reading globals, so one process can serve several apps (tests).
-Authentication and roles will be dependencies here too.
+``current_principal`` is who the request acts as (``hub.api.security``
+authenticated it before the route ran).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from hub.auth.roles import Actor, Principal
+from hub.errors import Unauthorized
 from hub.events import EventBus
 from shared.clock import Clock
 
@@ -40,6 +43,26 @@ def clock(request: Request) -> Clock:
     return request.app.state.clock
 
 
+def current_principal(request: Request) -> Principal:
+    who = getattr(request.state, "principal", None)
+    if who is None:  # only on public routes, which do not ask for it
+        raise Unauthorized("authentication required")
+    return who
+
+
+def optional_principal(request: Request) -> Principal | None:
+    return getattr(request.state, "principal", None)
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def audit_actor(request: Request) -> Actor:
+    """Who the audit log names for an action of this request."""
+    return current_principal(request).actor(client_address(request))
+
+
 @dataclass(frozen=True)
 class Paging:
     limit: int
@@ -58,3 +81,6 @@ Sessions = Annotated[sessionmaker[Session], Depends(sessions)]
 Events = Annotated[EventBus, Depends(event_bus)]
 HubClock = Annotated[Clock, Depends(clock)]
 PageParams = Annotated[Paging, Depends(paging)]
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+By = Annotated[Actor, Depends(audit_actor)]
+MaybeUser = Annotated[Principal | None, Depends(optional_principal)]

@@ -59,6 +59,18 @@ def requires(role: Role) -> Callable[[F], F]:
 
 
 @dataclass(frozen=True)
+class Actor:
+    """Who an action is recorded as in the audit log."""
+
+    #: ``user:<name>`` (hub.audit's form).
+    actor: str
+    #: Client address, for actions made over HTTP.
+    remote: str = ""
+    #: How they authenticated: ``token:<id>`` or ``session``.
+    via: str = ""
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who a request acts as: the user, the effective role (a token's role
     capped by the user's current one) and the user's scope."""
@@ -78,6 +90,9 @@ class Principal:
 
     def can(self, need: str) -> bool:
         return at_least(self.role, need)
+
+    def actor(self, remote: str = "") -> Actor:
+        return Actor(f"user:{self.name}", remote, f"token:{self.token_id}" if self.via == "token" else self.via)
 
     @property
     def scoped(self) -> bool:
