@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from hub import cli_auth
 from shared.errors import OutpostError
 
 EXIT_OK = 0
@@ -23,6 +24,7 @@ _EPILOG = {
     "api": "example:\n  outpost-hub api --config /etc/outpost/hub.toml --port 8080",
     "db": "example:\n  outpost-hub db upgrade --config /etc/outpost/hub.toml",
     "dags": "example:\n  outpost-hub dags check ./dags     # exit 1 and the reasons if any file fails",
+    **cli_auth.EPILOG,
 }
 
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dags", "DAG file maintenance.")
     p.add_argument("action", choices=["check"], help="check: load every DAG file and report errors")
     p.add_argument("folder", nargs="?", type=Path, help="DAG folder (default: the configured dags_folder)")
+    cli_auth.register(command)
     return parser
 
 
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "db":
             return _db(args)
+        if args.command in ("users", "tokens"):
+            return cli_auth.run(args, _settings(args))
         return _dags(args)
     except OutpostError as exc:
         print(f"outpost-hub: {exc}", file=sys.stderr)
@@ -113,6 +118,11 @@ def _standalone(args: argparse.Namespace) -> int:
             return EXIT_BROKER
         url = runtime.api_url
         print(f"Outpost hub running. Dashboard: {url}/   API: {url}/api/v1/   OpenAPI: {url}/api/v1/openapi.json", flush=True)
+        if app.admin is not None:
+            pw = app.admin.password_file
+            where = f"password {pw.read_text().strip()} (kept in {pw}; change it with 'outpost-hub users passwd admin')" if pw else "with the password set for it"
+            print(f"Log in as {app.admin.name}, {where}.", flush=True)
+            print(f"The outpost CLI uses the admin token in {app.admin.token_file}.", flush=True)
         print(f"State in {app.state_dir}; broker on 127.0.0.1:{app.broker.port}; {args.agents} agent(s) starting.", flush=True)
         outcome = EXIT_OK
         if not args.no_demo:

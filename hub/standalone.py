@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from hub import events as ev
+from hub.auth.bootstrap import AdminLogin, ensure_admin
+from hub.auth.keys import load_or_create_secret_key
 from hub.config import HubSettings
 from hub.db import transaction
 from hub.models import Agent, DagRun, TaskInstance
@@ -202,6 +204,7 @@ class Standalone:
         self.broker = PrivateBroker(self.state_dir / "broker")
         self.local_agents = [LocalAgent(f"agent-{i}", self.state_dir / "agents" / f"agent-{i}") for i in range(1, self.agents + 1)]
         self.runtime: HubRuntime | None = None
+        self.admin: AdminLogin | None = None
 
     def start(self) -> HubRuntime:
         self.broker.start()
@@ -215,8 +218,15 @@ class Standalone:
             # A fresh HTTP sync secret per run (unless configured), so the
             # demo's agents sync large backlogs over HTTP like real ones.
             settings = HubSettings.load(self.config_file, **{**overrides, "agent_sync_token": secrets.token_urlsafe(32)})
+        if not settings.secret_key:
+            # The demo needs no configuration: a random key made on first run and
+            # kept (0600) in the state folder, so sessions survive a restart.
+            key = load_or_create_secret_key(self.state_dir / "hub" / "secret-key")
+            settings = HubSettings.load(self.config_file, **{**overrides, "agent_sync_token": settings.agent_sync_token, "secret_key": key})
         self.runtime = HubRuntime(settings)
         self.runtime.start()
+        # First run: an admin with a random password, and an admin token for the CLI.
+        self.admin = ensure_admin(self.runtime.sessions, self.state_dir / "hub", utcnow(self.runtime.clock))
         for i, agent in enumerate(self.local_agents):
             agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url, settings.agent_sync_token or None)
         return self.runtime

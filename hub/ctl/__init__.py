@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from hub.ctl import agents, backfills, conflicts, dags, operations, runs
 from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
-from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, epilog
+from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, add_token_options, epilog, resolve_token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--hub", metavar="URL", default=os.environ.get(ENV_HUB_URL) or DEFAULT_HUB_URL, help=f"hub base URL (env {ENV_HUB_URL}, default {DEFAULT_HUB_URL})")
+    add_token_options(parser)
     parser.add_argument("--version", action="version", version=f"outpost {_version()}")
     nouns = parser.add_subparsers(title="commands", dest="noun", metavar="COMMAND", required=True)
     dags.register(nouns)
@@ -47,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit code (see ``hub.ctl.errors.ExitCode``)."""
     args = build_parser().parse_args(argv)
     try:
-        with HubClient(args.hub) as client:
+        token = resolve_token(args.token, args.token_file, os.environ)
+        with HubClient(args.hub, token=token) as client:
             return int(args.handler(client, args) or ExitCode.OK)
     except CtlError as exc:
         print(f"outpost: error: {exc}", file=sys.stderr)
