@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Collection
+import re
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -33,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Match, Mount, Router
+from starlette.routing import Mount, Router, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub.auth import sessions as web_sessions
@@ -54,16 +56,61 @@ _PAGE_HEADERS = {
 }
 
 
-def required_role(route: BaseRoute, method: str, public: Collection[tuple[str, str]], public_mounts: Collection[str]) -> Role | None:
+@dataclass(frozen=True)
+class RouteInfo:
+    """One route as served: its full path template, methods (None for a
+    mount: every method) and endpoint."""
+
+    path: str
+    methods: frozenset[str] | None
+    endpoint: Callable[..., Any] | None
+    regex: re.Pattern[str]
+
+    @property
+    def is_mount(self) -> bool:
+        return self.methods is None
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.is_mount:
+            return path == self.path or path.startswith(self.path.rstrip("/") + "/")
+        return method in self.methods and self.regex.match(path) is not None  # type: ignore[operator]
+
+
+def route_table(router: Router) -> list[RouteInfo]:
+    """Every route of ``router`` with its full path, included routers
+    flattened (newer FastAPI keeps them nested), in matching order."""
+    try:
+        from fastapi.routing import iter_route_contexts
+
+        candidates: Iterator[Any] = iter(iter_route_contexts(router.routes))
+    except ImportError:  # FastAPI that flattens included routers itself
+        candidates = iter(router.routes)
+    table = []
+    for route in candidates:
+        original = getattr(route, "original_route", route)
+        path = getattr(route, "path", None)
+        if not path:
+            continue
+        if isinstance(original, Mount):
+            table.append(RouteInfo(path, None, None, re.compile("")))
+            continue
+        methods = set(getattr(route, "methods", None) or ())
+        if "GET" in methods:
+            methods.add("HEAD")
+        regex, _format, _convertors = compile_path(path)
+        table.append(RouteInfo(path, frozenset(methods), getattr(route, "endpoint", None), regex))
+    return table
+
+
+def required_role(route: RouteInfo, method: str, public: Collection[tuple[str, str]], public_mounts: Collection[str]) -> Role | None:
     """What ``method`` on ``route`` needs: a role, or None (no user: public
     and agent routes)."""
-    path = getattr(route, "path", "")
-    if isinstance(route, Mount):
-        return None if path in public_mounts else Role.VIEWER
+    if route.is_mount:
+        return None if route.path in public_mounts else Role.VIEWER
     as_get = "GET" if method == "HEAD" else method
-    if (as_get, path) in public:
+    if (as_get, route.path) in public:
         return None
-    marked = getattr(getattr(route, "endpoint", None), ROLE_ATTRIBUTE, None)
+    marked = getattr(route.endpoint, ROLE_ATTRIBUTE, None)
     if marked is not None:
         return Role(marked)
     return Role.VIEWER if method in SAFE_METHODS else Role.OPERATOR
@@ -80,6 +127,8 @@ class AuthMiddleware:
         self.state = state
         self.public = frozenset(public)
         self.public_mounts = frozenset(public_mounts)
+        self._table: list[RouteInfo] | None = None
+        self._table_key: int = -1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -103,7 +152,7 @@ class AuthMiddleware:
             await self._unauthenticated(request)(scope, receive, send)
             return
         if not who.can(need):
-            message = f"{method} {route.path if hasattr(route, 'path') else scope['path']} needs the {need.value} role; {who.name} acts as {who.role.value}"
+            message = f"{method} {route.path} needs the {need.value} role; {who.name} acts as {who.role.value}"
             await _refuse(request, 403, "forbidden", message)(scope, receive, send)
             return
         state = scope.setdefault("state", {})
@@ -122,10 +171,16 @@ class AuthMiddleware:
                 receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
-    def _route(self, scope: Scope) -> BaseRoute | None:
-        for route in self.router.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
+    def _route(self, scope: Scope) -> RouteInfo | None:
+        # Built on first use (routers may be added after the middleware) and
+        # again if routes were added since.
+        if self._table is None or self._table_key != len(self.router.routes):
+            self._table, self._table_key = route_table(self.router), len(self.router.routes)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # served under a prefix (a proxy's root_path)
+            path = path[len(root):] or "/"
+        for route in self._table:
+            if route.matches(scope["method"], path):
                 return route
         return None
 

@@ -27,6 +27,8 @@ from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, add_token_options, epi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outpost",
+        # No abbreviations here: "--to" of a command must not read as --token.
+        allow_abbrev=False,
         description="Operate an Outpost hub: DAGs, runs, agents. Talks to the hub's REST API.",
         epilog=epilog(["outpost dags list", "outpost dags trigger fleet_health --conf '{\"reason\": \"audit\"}'", "outpost runs show 12 --wait", "outpost --hub http://hub.example:8080 agents list --state online -o json"]),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -15,13 +15,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.ingest import Ingester
 from hub.models import Assignment, DagRun, Decision, TaskInstance
 from shared.hlc import HybridClock
 from shared.messages import Accepted, Cancel, Heartbeat, Result, Started
 from tests.hub.conftest import HubHarness
 from tests.hub.test_offline import assignment_of, publish, silent
+from tests.hub.api_harness import admin_headers, hub_settings
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,8 +51,8 @@ def hub_db_url(tmp_path: Path) -> str:
 
 
 def api_conflicts(hub: HubHarness, **params: Any) -> dict[str, Any]:
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock)
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock)
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         response = client.get("/api/v1/conflicts", params=params)
     assert response.status_code == 200, response.text
     return response.json()
@@ -235,8 +235,8 @@ def skewed_return(hub: HubHarness, agent_id: str, offset: float) -> None:
 
 
 def _agents(hub: HubHarness) -> list[dict[str, Any]]:
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock)
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock)
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         return client.get("/api/v1/agents").json()["items"]
 
 
@@ -343,13 +343,13 @@ def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_
 
     hub, run_pk, old, new = retargeted(make_hub)
     token = "t0ken"
-    app = create_app(HubSettings(agent_sync_token=token), hub.sessions, hub.ingester.events, hub.clock)
+    app = create_app(hub_settings(agent_sync_token=token), hub.sessions, hub.ingester.events, hub.clock)
     clock = hub.agent_clocks["a1"]
     envelopes = [encode(Envelope(body, sender="a1", hlc=clock.now())).decode() for body in (
         LogChunk(old, 0, "flashing\ndone\n", final=True), Result(old, 1, "success", output={"from": "a1"}),
     )]
     batch = {"stream": "s1", "first_seq": "0001", "last_seq": "0002", "envelopes": envelopes}
-    with TestClient(app) as client:
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         auth = {"Authorization": f"Bearer {token}"}
         answer = client.post("/api/v1/agents/a1/sync", json=batch, headers=auth)
         assert answer.status_code == 200, answer.text

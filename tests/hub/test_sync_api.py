@@ -19,7 +19,6 @@ from sqlalchemy import func, select
 from agent.queues import Outbox
 from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.models import AssetEvent, RejectedMessage, SyncCursor, TaskResult
 from shared.clock import SystemClock
 from shared.envelope import Envelope, encode
@@ -27,6 +26,7 @@ from shared.hlc import HLC
 from shared.messages import Ack, AgentEvent, Cancel, Heartbeat, Result
 
 from .api_harness import LiveServer
+from tests.hub.api_harness import hub_settings
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -47,7 +47,7 @@ def served(make_hub: Any) -> Iterator[Any]:
         hub.trigger("d")
         hub.tick()
         assigned = sorted((env.body for env in hub.assignments_sent()), key=lambda a: a.map_index)
-        app = create_app(HubSettings(**{"agent_sync_token": TOKEN, **settings}), hub.sessions, hub.ingester.events, hub.clock)
+        app = create_app(hub_settings(**{"agent_sync_token": TOKEN, **settings}), hub.sessions, hub.ingester.events, hub.clock)
         app.state.ingester = hub.ingester  # the counters tell duplicates apart
         server = LiveServer(app).__enter__()
         servers.append(server)
