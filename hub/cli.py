@@ -122,7 +122,8 @@ def _standalone(args: argparse.Namespace) -> int:
             pw = app.admin.password_file
             where = f"password {pw.read_text().strip()} (kept in {pw}; change it with 'outpost-hub users passwd admin')" if pw else "with the password set for it"
             print(f"Log in as {app.admin.name}, {where}.", flush=True)
-            print(f"The outpost CLI uses the admin token in {app.admin.token_file}.", flush=True)
+            if app.admin.token_file is not None:
+                print(f"The outpost CLI uses the admin token in {app.admin.token_file}.", flush=True)
         print(f"State in {app.state_dir}; broker on 127.0.0.1:{app.broker.port}; {args.agents} agent(s) starting.", flush=True)
         outcome = EXIT_OK
         if not args.no_demo:

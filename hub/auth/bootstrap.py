@@ -29,7 +29,8 @@ class AdminLogin:
     name: str
     #: The file holding the first-run password (None if the admin existed before this folder's file).
     password_file: Path | None
-    token_file: Path
+    #: The file holding an admin token (None when there is no enabled admin called ``admin``).
+    token_file: Path | None
 
 
 def ensure_admin(sessions: sessionmaker[Session], folder: Path, now: datetime) -> AdminLogin:
@@ -53,7 +54,7 @@ def ensure_admin(sessions: sessionmaker[Session], folder: Path, now: datetime) -
             secret, row = tokens.create_token(session, user, "standalone CLI", now)
             audit.record(session, "hub", "token.create", f"token:{row.id}", at=now, user=ADMIN_NAME, name=row.name, role=row.role, reason="standalone CLI token")
         write_private(token_file, secret + "\n")
-    return AdminLogin(ADMIN_NAME, password_file if password_file.exists() else None, token_file)
+    return AdminLogin(ADMIN_NAME, password_file if password_file.exists() else None, token_file if admin is not None else None)
 
 
 def _token_works(sessions: sessionmaker[Session], path: Path, now: datetime) -> bool:
