@@ -228,7 +228,7 @@ def _page(status: int, title: str, body_html: str) -> Response:
     package may not import); no inline style or script."""
     text = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)} · Outpost</title>'
-        f'<link rel="stylesheet" href="/static/app.css"></head><body><main id="main"><h1>{html.escape(title)}</h1><p>{body_html}</p></main></body></html>'
+        f'<link rel="stylesheet" href="/static/app.css"><link rel="icon" href="/static/favicon.svg" type="image/svg+xml"></head><body><main id="main"><h1>{html.escape(title)}</h1><p>{body_html}</p></main></body></html>'
     )
     return _page_headers(HTMLResponse(text, status_code=status))
 
