@@ -50,10 +50,6 @@ def current_principal(request: Request) -> Principal:
     return who
 
 
-def optional_principal(request: Request) -> Principal | None:
-    return getattr(request.state, "principal", None)
-
-
 def client_address(request: Request) -> str:
     return request.client.host if request.client else ""
 
@@ -83,4 +79,3 @@ HubClock = Annotated[Clock, Depends(clock)]
 PageParams = Annotated[Paging, Depends(paging)]
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 By = Annotated[Actor, Depends(audit_actor)]
-MaybeUser = Annotated[Principal | None, Depends(optional_principal)]

@@ -18,6 +18,13 @@ The composition root wires it (``hub.api`` may not import this package)::
 
 The views use ``app.state.sessions``, ``.events`` and ``.clock``, which
 ``create_app`` sets.
+
+Who may see and do what is decided before a view runs (``hub.api.security``:
+a login, the role, the CSRF token of every session-authenticated POST); the
+views render the user (``request.state.principal``), hide the action forms
+from viewers, put the session's CSRF token in every form, filter by the
+user's scope and name the user in the audit log. Login, logout and the
+audit page are in ``auth_views``.
 """
 
 from __future__ import annotations

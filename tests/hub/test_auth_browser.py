@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 
+from sqlalchemy import update
+
+from hub.db import transaction
 from hub.models import DagRun
+from hub.models_auth import WebSession
+from shared.clock import utcnow
 from tests.hub.api_harness import Hub, browser_login, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
 from tests.hub.test_web_browser import browser_page  # noqa: F401  (fixture)
 
@@ -88,4 +93,10 @@ def test_a_viewer_sees_no_action_buttons(live_hub: tuple[Hub, str], browser_page
     assert page.locator("nav a[href='/audit']").count() == 0
     page.goto(url + "/audit")
     expect(page.locator("h1")).to_have_text("Forbidden")
+
+    # When the session ends, the page's live refresh goes to the login form.
+    page.goto(url + "/agents")
+    with transaction(hub_.sessions) as s:
+        s.execute(update(WebSession).values(ended_at=utcnow(hub_.clock)))
+    page.wait_for_url(url + "/login?next=%2Fagents", timeout=20_000)
     assert seen["dialog"] == [] and seen["pageerror"] == []

@@ -84,6 +84,9 @@ def test_every_form_carries_the_csrf_token_and_a_post_without_it_is_refused(hub:
         assert runs(hub) == before
         ok = client.post("/dags/fleet_health/trigger", data={"csrf_token": token, "conf": ""})
         assert ok.status_code == 303 and runs(hub) == before + 1
+        with hub.sessions() as s:
+            record = s.scalars(select(AuditRecord).where(AuditRecord.action == "run.trigger")).one()
+        assert (record.actor, record.target, record.detail["via"]) == ("user:test-admin", "fleet_health", "session")
         # The header works too (for scripts of the dashboard).
         assert client.post("/dags/fleet_health/trigger", headers={"X-CSRF-Token": token}).status_code == 303
 
