@@ -40,7 +40,8 @@ def hash_password(password: str) -> str:
 
 def check_password(session: Session, name: str, password: str) -> User | None:
     """The enabled user called ``name`` if ``password`` is theirs, else None.
-    Rehashes (in ``session``; the caller commits) when the parameters changed."""
+    Only reads: call it outside a write transaction (the hash is slow on
+    purpose and must not hold the database's write lock)."""
     user = session.scalar(select(User).where(User.name == name))
     try:
         _hasher.verify(user.password_hash if user is not None else _DUMMY_HASH, password)
@@ -48,9 +49,13 @@ def check_password(session: Session, name: str, password: str) -> User | None:
         return None
     if user is None or user.disabled_at is not None:
         return None
+    return user
+
+
+def rehash_if_needed(user: User, password: str) -> None:
+    """After a successful check: store a new hash if the hashing parameters changed since."""
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
-    return user
 
 
 def clean_scope(values: Iterable[str] | None, what: str) -> list[str] | None:
