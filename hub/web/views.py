@@ -385,7 +385,10 @@ def _render(request: Request, template: str, status: int = 200, **context: Any) 
         user=who, can_operate=who is not None and who.can(Role.OPERATOR), is_admin=who is not None and who.can(Role.ADMIN),
         csrf_token=getattr(request.state, "csrf_token", ""),
     )
-    return _secure(_templates.TemplateResponse(request, template, context, status_code=status))
+    response = _secure(_templates.TemplateResponse(request, template, context, status_code=status))
+    # Pages show what a login allows: not kept in the browser's cache for the Back button after logout.
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _error_page(request: Request, exc: HubError, status: int | None = None) -> Response:

@@ -60,7 +60,7 @@ def test_logging_in_sets_a_hardened_session_cookie_and_goes_back(hub: Hub) -> No
             stored = s.scalars(select(WebSession.id_hash)).all()
         assert stored == [hashlib.sha256(secret.encode()).hexdigest()]
         runs_page = client.get("/runs")
-        assert runs_page.status_code == 200
+        assert runs_page.status_code == 200 and runs_page.headers["cache-control"] == "no-store"
         assert Page(runs_page.text).find("span", data_user="test-admin")
         # The session is the dashboard's only: the API wants a token.
         assert client.get("/api/v1/dags").status_code == 401
