@@ -13,8 +13,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from hub import audit
 from hub import events as ev
 from hub.admission import OCCUPYING
+from hub.auth.roles import Actor
 from hub.db import for_update, transaction
 from hub.errors import Conflict, DagNotFound, InvalidRequest, PoolNotFound, RunNotFound
 from hub.lifecycle import cancel_assignments, record_operator_action, reopen_run, reset_for_rerun, tasks_spec
@@ -28,19 +30,28 @@ from shared.states import FINISHED, RunState, TaskState
 _POOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
 
-def trigger(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, dag_id: str, conf: dict[str, Any]) -> int:
+def _audit(session: Session, by: Actor | None, action: str, target: str, now: Any, **detail: Any) -> None:
+    """Record the action in the audit log, in its own transaction, when a
+    person did it (``by``); the hub's own changes are not audited here."""
+    if by is not None:
+        audit.record(session, by.actor, action, target, at=now, remote=by.remote, **({"via": by.via} if by.via else {}), **detail)
+
+
+def trigger(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, dag_id: str, conf: dict[str, Any], *, by: Actor | None = None) -> int:
     """Create a manual run of ``dag_id`` and return its ``run_pk``.
 
     The run and its task instances are committed before ``RUN_TRIGGERED``
     is emitted, so the scheduler it wakes always finds them. Raises
     ``DagNotFound`` or ``InvalidRequest`` (from the scheduler)."""
     with transaction(sessions) as session:
-        run_pk = trigger_run(session, dag_id, conf, utcnow(clock), run_type="manual").id
+        now = utcnow(clock)
+        run_pk = trigger_run(session, dag_id, conf, now, run_type="manual").id
+        _audit(session, by, "run.trigger", dag_id, now, run_pk=run_pk, conf_keys=sorted(conf)[:50])
     bus.emit(ev.RUN_TRIGGERED, dag_id=dag_id, run_pk=run_pk)
     return run_pk
 
 
-def set_paused(sessions: sessionmaker[Session], dag_id: str, is_paused: bool) -> None:
+def set_paused(sessions: sessionmaker[Session], dag_id: str, is_paused: bool, *, by: Actor | None = None, clock: Clock | None = None) -> None:
     """Pause or unpause a DAG. As in Airflow, the scheduler creates no
     scheduled runs of a paused DAG, starts none of its queued runs and no
     new task instances of its running runs. It reads the flag on its next
@@ -50,6 +61,7 @@ def set_paused(sessions: sessionmaker[Session], dag_id: str, is_paused: bool) ->
         if dag is None:
             raise DagNotFound(f"DAG {dag_id!r} not found; list DAGs with GET /api/v1/dags")
         dag.is_paused = is_paused
+        _audit(session, by, "dag.pause" if is_paused else "dag.unpause", dag_id, utcnow(clock))
 
 
 # --- operator actions on runs and task instances ------------------------------
@@ -63,7 +75,7 @@ def clear(
     sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, *,
     task_ids: list[str] | None = None, map_indexes: list[int] | None = None,
     include_downstream: bool = False, include_upstream: bool = False, only_failed: bool = False, dry_run: bool = False,
-    actor: str = "operator",
+    actor: str = "operator", by: Actor | None = None,
 ) -> list[dict[str, Any]]:
     """Clear task instances of a run so they run again (Airflow's "clear").
 
@@ -84,7 +96,8 @@ def clear(
         affected = [_brief(ti) for ti in chosen]
         if dry_run or not chosen:
             return affected
-        record_operator_action(session, chosen, "clear", now, _hlc(clock), actor=actor, reason="cleared")
+        record_operator_action(session, chosen, "clear", now, _hlc(clock), actor=by.actor if by else actor, reason="cleared")
+        _audit(session, by, "run.clear" if task_ids else "run.rerun", f"run:{run_pk}", now, dag_id=run.dag_id, task_ids=sorted({ti.task_id for ti in chosen}), count=len(chosen))
         cancel_assignments(session, [ti.id for ti in chosen if ti.kind == "agent"], now, _hlc(clock), "the task instance was cleared")
         for ti in chosen:
             reset_for_rerun(ti, int((tasks.get(ti.task_id) or {}).get("retries", max(ti.max_tries - 1, 0))))
@@ -99,7 +112,7 @@ def clear(
 def mark(
     sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str, *,
     task_ids: list[str], map_indexes: list[int] | None = None, include_downstream: bool = False, include_upstream: bool = False,
-    actor: str = "operator",
+    actor: str = "operator", by: Actor | None = None,
 ) -> list[dict[str, Any]]:
     """Set task instances to ``success``, ``failed`` or ``skipped`` by hand
     (Airflow's "mark success/failed"), optionally with their downstream (or
@@ -120,7 +133,8 @@ def mark(
         run, _tasks, chosen = _select(session, run_pk, task_ids, map_indexes, include_downstream, include_upstream)
         chosen = [ti for ti in chosen if ti.state != target]
         affected = [_brief(ti) for ti in chosen]
-        record_operator_action(session, chosen, "mark", now, _hlc(clock), state=str(target), actor=actor, reason=f"marked {target}")
+        record_operator_action(session, chosen, "mark", now, _hlc(clock), state=str(target), actor=by.actor if by else actor, reason=f"marked {target}")
+        _audit(session, by, "task.mark", f"run:{run_pk}", now, dag_id=run.dag_id, state=str(target), task_ids=sorted({ti.task_id for ti in chosen}), count=len(chosen))
         cancel_assignments(session, [ti.id for ti in chosen if ti.kind == "agent"], now, _hlc(clock), f"the task instance was marked {target}")
         for ti in chosen:
             ti.state, ti.next_try_at = target, None
@@ -236,7 +250,9 @@ def delete_pool(sessions: sessionmaker[Session], name: str) -> None:
         session.delete(pool)
 
 
-def set_run_state(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str, *, actor: str = "operator") -> list[dict[str, Any]]:
+def set_run_state(
+    sessions: sessionmaker[Session], bus: ev.EventBus, clock: Clock, run_pk: int, state: str, *, actor: str = "operator", by: Actor | None = None,
+) -> list[dict[str, Any]]:
     """Mark a whole run ``success`` or ``failed`` by hand (Airflow's "mark
     DAG run as success/failed"). Success: every unfinished task instance
     becomes ``success``. Failed: running ones become ``failed`` and those
@@ -255,11 +271,15 @@ def set_run_state(sessions: sessionmaker[Session], bus: ev.EventBus, clock: Cloc
                 new_state = TaskState.SUCCESS
             else:
                 new_state = TaskState.FAILED if ti.state in _STARTED else TaskState.SKIPPED
-            record_operator_action(session, [ti], "mark" if state == RunState.SUCCESS else "cancel", now, _hlc(clock), state=str(new_state), actor=actor, reason=f"the run was marked {state}")
+            record_operator_action(
+                session, [ti], "mark" if state == RunState.SUCCESS else "cancel", now, _hlc(clock), state=str(new_state), actor=by.actor if by else actor,
+                reason=f"the run was marked {state}",
+            )
             ti.state = new_state
             ti.ended_at, ti.next_try_at = now, None
         run.state, run.ended_at = RunState(state), now
         dag_id = run.dag_id
+        _audit(session, by, "run.mark", f"run:{run_pk}", now, dag_id=dag_id, state=state, count=len(unfinished))
         start_queued_runs(session, now, {dag_id})  # it may have held a max_active_runs slot
     bus.emit(ev.OUTBOX_WRITTEN)
     bus.emit(ev.RUN_FINISHED, dag_id=dag_id, run_pk=run_pk, state=state)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from hub import cli_auth
 from shared.errors import OutpostError
 
 EXIT_OK = 0
@@ -36,6 +37,7 @@ _EPILOG = {
         "  outpost-hub agents reinstate pump-7 --config hub.toml"
     ),
     "broker": "example:\n  outpost-hub broker setup --config /etc/outpost/hub.toml   # roles and the hub's client, once per broker",
+    **cli_auth.EPILOG,
 }
 
 
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("broker", "Set up the broker's dynamic security for Outpost (needs broker_admin_username).")
     p.add_argument("action", choices=["setup"], help="setup: create the outpost-hub role and the hub's client (broker_username/password), deny by default")
+    cli_auth.register(command)
     return parser
 
 
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return _agents(args)
         if args.command == "broker":
             return _broker(args)
+        if args.command in ("users", "tokens"):
+            return cli_auth.run(args, _settings(args))
         return _dags(args)
     except OutpostError as exc:
         print(f"outpost-hub: {exc}", file=sys.stderr)
@@ -155,6 +160,12 @@ def _standalone(args: argparse.Namespace) -> int:
             return EXIT_BROKER
         url = runtime.api_url
         print(f"Outpost hub running. Dashboard: {url}/   API: {url}/api/v1/   OpenAPI: {url}/api/v1/openapi.json", flush=True)
+        if app.admin is not None:
+            pw = app.admin.password_file
+            where = f"password {pw.read_text().strip()} (kept in {pw}; change it with 'outpost-hub users passwd admin')" if pw else "with the password set for it"
+            print(f"Log in as {app.admin.name}, {where}.", flush=True)
+            if app.admin.token_file is not None:
+                print(f"The outpost CLI uses the admin token in {app.admin.token_file}.", flush=True)
         print(f"State in {app.state_dir}; broker on 127.0.0.1:{app.broker.port}; {args.agents} agent(s) starting.", flush=True)
         outcome = EXIT_OK
         if not args.no_demo:

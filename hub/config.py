@@ -63,6 +63,14 @@ class HubSettings(BaseSettings):
     task_log_retention_days: int = Field(30, ge=0, description="Days the hub keeps the stored logs of finished tries (by when each chunk arrived); older chunks are deleted by the scheduler in batches of at most 10,000. Logs of running tries are kept. 0: keep logs forever.")
     fernet_keys: str = Field("", repr=False, description="Comma-separated Fernet keys that encrypt variables and connections at rest; the first encrypts, all decrypt (rotation: put a new key first, run 'outpost-hub secrets rotate', then drop the old one). Required: the hub refuses to start without a valid key ('outpost-hub secrets generate-key' makes one). 'outpost-hub standalone' keeps one in <state-dir>/hub/fernet.key.")
     dag_file_processor_memory_mb: int = Field(2048, ge=0, description="Memory (MB of data) one DAG file may allocate while being parsed; over it the file fails with a memory import error. 0: no limit.")
+    # --- authentication (hub.auth; docs/security-auth.md) ---
+    secret_key: str = Field("", description="Secret that signs dashboard CSRF values; at least 32 characters, random (python -c 'import secrets; print(secrets.token_urlsafe(48))'). The hub refuses to start without one; outpost-hub standalone generates one in its state folder.")
+    session_cookie_secure: bool = Field(True, description="Mark the dashboard session cookie Secure (sent over HTTPS only). Browsers also send Secure cookies to http://localhost and http://127.0.0.1; set false only to use the dashboard over plain HTTP on another address.")
+    session_idle_timeout: float = Field(3600.0, gt=0, description="Seconds a dashboard session survives without a request.")
+    session_max_age: float = Field(12 * 3600.0, gt=0, description="Seconds a dashboard session lasts at most, active or not; then log in again.")
+    login_max_failures: int = Field(5, ge=1, description="Failed logins allowed per user name within login_failure_window; more answer 429 until the window passes.")
+    login_max_failures_per_address: int = Field(20, ge=1, description="Failed logins allowed per client address within login_failure_window (any user names).")
+    login_failure_window: float = Field(900.0, gt=0, description="Seconds over which failed logins are counted.")
 
     _toml_path: ClassVar[Path | None] = None
 

@@ -81,3 +81,21 @@ class DatabaseUnavailable(HubError):
 
     status = 503
     code = "database_unavailable"
+
+
+class Forbidden(HubError):
+    """Authenticated, but the role does not allow it."""
+
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(HubError):
+    """Too many attempts; ``retry_after`` seconds until the next is allowed."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

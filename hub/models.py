@@ -598,3 +598,8 @@ class AgentRequestSignature(Base):
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
     agent_id: Mapped[str] = mapped_column(String(128))
     seen_at: Mapped[datetime] = mapped_column(index=True)
+
+
+# Users, tokens and sessions live in their own module; importing it here puts
+# them in Base.metadata for Alembic and the migration test.
+from hub import models_auth as _models_auth  # noqa: E402,F401

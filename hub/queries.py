@@ -12,6 +12,7 @@ Airflow-style string (``manual__2026-01-01T00:00:00+00:00``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import Select, func, select
@@ -24,8 +25,13 @@ from hub.models import Agent, Dag, DagImportError, DagRun, DagVersion, RejectedM
 Page = dict[str, Any]
 
 
-def list_dags(session: Session, *, is_paused: bool | None = None, is_active: bool | None = None, limit: int = 100, offset: int = 0) -> Page:
+def list_dags(
+    session: Session, *, is_paused: bool | None = None, is_active: bool | None = None, limit: int = 100, offset: int = 0, dag_ids: Collection[str] | None = None,
+) -> Page:
+    """DAGs by id; ``dag_ids`` (a user's scope) limits them."""
     stmt = select(Dag).order_by(Dag.dag_id)
+    if dag_ids is not None:
+        stmt = stmt.where(Dag.dag_id.in_(dag_ids))
     if is_paused is not None:
         stmt = stmt.where(Dag.is_paused.is_(is_paused))
     if is_active is not None:
@@ -80,12 +86,17 @@ def list_import_errors(session: Session, *, limit: int = 100, offset: int = 0) -
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
-def list_runs(session: Session, *, dag_id: str | None = None, state: str | None = None, limit: int = 100, offset: int = 0) -> Page:
+def list_runs(
+    session: Session, *, dag_id: str | None = None, state: str | None = None, limit: int = 100, offset: int = 0, dag_ids: Collection[str] | None = None,
+) -> Page:
     """Runs, newest first. A ``dag_id`` that names no DAG is an error rather
-    than an empty page, so a typo does not look like "no runs yet"."""
+    than an empty page, so a typo does not look like "no runs yet".
+    ``dag_ids`` (a user's scope) limits them to those DAGs' runs."""
     stmt = select(DagRun).order_by(DagRun.id.desc())
+    if dag_ids is not None:
+        stmt = stmt.where(DagRun.dag_id.in_(dag_ids))
     if dag_id is not None:
-        if session.get(Dag, dag_id) is None:
+        if session.get(Dag, dag_id) is None or (dag_ids is not None and dag_id not in dag_ids):
             raise InvalidRequest(f"unknown dag_id {dag_id!r}; list DAGs with GET /api/v1/dags")
         stmt = stmt.where(DagRun.dag_id == dag_id)
     if state is not None:
@@ -119,9 +130,13 @@ def list_task_instances(session: Session, run_pk: int, *, limit: int = 100, offs
     return {"items": [_task_instance(t) for t in tis], "total": total, "limit": limit, "offset": offset}
 
 
-def list_agents(session: Session, *, state: str | None = None, labels: dict[str, str] | None = None, limit: int = 100, offset: int = 0) -> Page:
-    """Agents by id; ``labels`` must all match (string equality)."""
+def list_agents(
+    session: Session, *, state: str | None = None, labels: dict[str, str] | None = None, limit: int = 100, offset: int = 0, agent_ids: Collection[str] | None = None,
+) -> Page:
+    """Agents by id; ``labels`` must all match (string equality); ``agent_ids`` (a user's scope) limits them."""
     stmt = select(Agent).order_by(Agent.agent_id)
+    if agent_ids is not None:
+        stmt = stmt.where(Agent.agent_id.in_(agent_ids))
     if state is not None:
         stmt = stmt.where(Agent.state == state)
     for key, value in (labels or {}).items():
@@ -130,12 +145,14 @@ def list_agents(session: Session, *, state: str | None = None, labels: dict[str,
     return {"items": [_agent(a) for a in agents], "total": total, "limit": limit, "offset": offset}
 
 
-def get_agent(session: Session, agent_id: str, *, recent: int = 20) -> dict[str, Any]:
-    """One agent with its ``recent`` latest task instances."""
+def get_agent(session: Session, agent_id: str, *, recent: int = 20, dag_ids: Collection[str] | None = None) -> dict[str, Any]:
+    """One agent with its ``recent`` latest task instances (of ``dag_ids`` only, if given)."""
     agent = session.get(Agent, agent_id)
     if agent is None:
         raise AgentNotFound(f"agent {agent_id!r} not found; list agents with GET /api/v1/agents")
     stmt = select(TaskInstance).where(TaskInstance.agent_id == agent_id).order_by(TaskInstance.id.desc()).limit(recent)
+    if dag_ids is not None:
+        stmt = stmt.where(TaskInstance.dag_id.in_(dag_ids))
     tis = [{"dag_id": t.dag_id, "run_pk": t.run_pk, "run_id": t.run_id, **_task_instance(t)} for t in session.scalars(stmt)]
     return {**_agent(agent), "last_heartbeat": agent.last_heartbeat, "recent_task_instances": tis}
 

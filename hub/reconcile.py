@@ -16,7 +16,7 @@ so a redelivered result never records it twice).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -198,7 +198,7 @@ def _stamp(text: str, fallback: datetime) -> HLC:
 
 def list_conflicts(
     session: Session, *, dag_id: str | None = None, run_pk: int | None = None, task_id: str | None = None, map_index: int | None = None,
-    agent_id: str | None = None, rule: str | None = None, limit: int = 100, offset: int = 0,
+    agent_id: str | None = None, rule: str | None = None, limit: int = 100, offset: int = 0, dag_ids: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Conflict records, newest first, as a page, plus ``counts`` per rule
     over every record (filters do not apply). An unknown ``rule`` is an
@@ -206,13 +206,18 @@ def list_conflicts(
     if rule is not None and rule not in RULES:
         raise InvalidRequest(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     stmt = select(ConflictRecord)
+    if dag_ids is not None:  # a user's scope
+        stmt = stmt.where(ConflictRecord.dag_id.in_(dag_ids))
     for column, value in ((ConflictRecord.dag_id, dag_id), (ConflictRecord.run_pk, run_pk), (ConflictRecord.task_id, task_id),
                           (ConflictRecord.map_index, map_index), (ConflictRecord.agent_id, agent_id), (ConflictRecord.rule, rule)):
         if value is not None:
             stmt = stmt.where(column == value)
     total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
     rows = session.scalars(stmt.order_by(ConflictRecord.id.desc()).limit(limit).offset(offset))
-    counts = dict(session.execute(select(ConflictRecord.rule, func.count()).group_by(ConflictRecord.rule).order_by(ConflictRecord.rule)).all())
+    by_rule = select(ConflictRecord.rule, func.count()).group_by(ConflictRecord.rule).order_by(ConflictRecord.rule)
+    if dag_ids is not None:
+        by_rule = by_rule.where(ConflictRecord.dag_id.in_(dag_ids))
+    counts = dict(session.execute(by_rule).all())
     return {"items": [conflict_dict(c) for c in rows], "total": total, "limit": limit, "offset": offset, "counts": {r: counts.get(r, 0) for r in RULES}}
 
 

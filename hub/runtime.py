@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from hub import events as ev
+from hub.auth.keys import check_secret_key
 from hub.config import HubSettings
 from hub.dagprocessor import DagFileProcessor, SerializedDagBag, stop_parse_processes
 from hub.db import make_engine, make_sessionmaker, upgrade
@@ -89,6 +90,8 @@ class HubRuntime:
     # --- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
+        # Refuse to run unprotected: a config error (exit 2), before anything starts.
+        check_secret_key(self.settings.secret_key)
         upgrade(self.settings.db_url)
         # Agent-task params are rendered here ({{ var.value.X }}); what this
         # process logs and stores for humans is masked (hub.masking).

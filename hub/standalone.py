@@ -27,6 +27,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from hub import events as ev
+from hub.auth.bootstrap import AdminLogin, ensure_admin
+from hub.auth.keys import load_or_create_secret_key
 from hub.config import HubSettings
 from hub.db import transaction
 from hub.encryption import ensure_key_file
@@ -214,6 +216,7 @@ class Standalone:
         self.broker = PrivateBroker(self.state_dir / "broker")
         self.local_agents = [LocalAgent(f"agent-{i}", self.state_dir / "agents" / f"agent-{i}") for i in range(1, self.agents + 1)]
         self.runtime: HubRuntime | None = None
+        self.admin: AdminLogin | None = None
 
     def start(self) -> HubRuntime:
         self.broker.start()
@@ -227,8 +230,14 @@ class Standalone:
             # No configuration for the demo: a key of its own in the state
             # folder (0600), reused by later runs so stored secrets stay readable.
             settings = settings.model_copy(update={"fernet_keys": ensure_key_file(self.state_dir / "hub" / FERNET_KEY_FILE)})
+        if not settings.secret_key:
+            # The demo needs no configuration: a random key made on first run and
+            # kept (0600) in the state folder, so sessions survive a restart.
+            settings = settings.model_copy(update={"secret_key": load_or_create_secret_key(self.state_dir / "hub" / "secret-key")})
         self.runtime = HubRuntime(settings)
         self.runtime.start()
+        # First run: an admin with a random password, and an admin token for the CLI.
+        self.admin = ensure_admin(self.runtime.sessions, self.state_dir / "hub", utcnow(self.runtime.clock))
         # Pre-registered device keys, so the demo's agents sync large
         # backlogs over HTTP (signed requests) like enrolled ones.
         with transaction(self.runtime.sessions) as session:

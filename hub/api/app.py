@@ -27,10 +27,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from hub import vault
-from hub.api.routes import agents, assets, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, sync, variables
+from hub.api.routes import agents, assets, audit_log, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, sync, users, variables
+from hub.api.security import AuthMiddleware
+from hub.auth.keys import check_secret_key
 from hub.config import HubSettings
 from hub.encryption import parse_keys
-from hub.errors import HubError
+from hub.errors import HubError, RateLimited
 from hub.events import EventBus
 from hub.masking import MASKER
 from shared.clock import Clock
@@ -43,6 +45,35 @@ DOCS_URL = "/api/docs"
 _DOCS_ASSETS = f"{DOCS_URL}/assets"
 
 Readiness = Callable[[], dict[str, bool]]
+
+#: Routes anyone may call, as (method, path template); HEAD counts as GET.
+#: Liveness and readiness are for load balancers and orchestrators; the
+#: login form must be reachable logged out; the API docs and the OpenAPI
+#: document describe the API, hold no data, and every operation in them
+#: still needs a token (hiding them would only hide what the code on
+#: GitHub shows anyway).
+PUBLIC_ROUTES = frozenset(
+    {
+        ("GET", f"{API_PREFIX}/healthz"),
+        ("GET", f"{API_PREFIX}/readyz"),
+        ("GET", "/login"),
+        ("POST", "/login"),
+        ("GET", OPENAPI_URL),
+        ("GET", DOCS_URL),
+    }
+)
+#: Agent-facing routes: no user; each authenticates the agent itself
+#: (the HTTP sync checks the agent's credential before reading anything).
+AGENT_ROUTES = frozenset(
+    {
+        ("POST", f"{API_PREFIX}/agents/{{agent_id}}/sync"),
+        ("GET", f"{API_PREFIX}/agents/{{agent_id}}/sync"),
+        # Authenticated by the one-time enrolment token in its body.
+        ("POST", f"{API_PREFIX}/enroll"),
+    }
+)
+#: Mounted apps served without a user: the dashboard's JS/CSS and the Swagger UI assets.
+PUBLIC_MOUNTS = frozenset({"/static", _DOCS_ASSETS})
 
 
 def create_app(
@@ -71,6 +102,7 @@ def create_app(
     The parts are kept on ``app.state`` (``settings``, ``sessions``,
     ``events``, ``clock``, ``readiness``) for routes and views to use.
     """
+    check_secret_key(settings.secret_key)
     app = FastAPI(
         title="Outpost hub API",
         version="1",
@@ -92,7 +124,7 @@ def create_app(
 
     for router in (
         dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, sync.router, enrolment.router, health.router,
-        variables.router, connections.router,
+        variables.router, connections.router, users.router, audit_log.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
     _install_docs(app)
@@ -102,6 +134,8 @@ def create_app(
         app.mount(path, asgi)
 
     _document_error_shape(app)
+    # Every route of this app, whoever added it, passes through here first.
+    app.add_middleware(AuthMiddleware, router=app.router, state=app.state, public=PUBLIC_ROUTES | AGENT_ROUTES, public_mounts=PUBLIC_MOUNTS)
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OverflowError, _out_of_range)
@@ -116,7 +150,10 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 async def _hub_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HubError)
-    return error_response(exc.status, exc.code, str(exc))
+    response = error_response(exc.status, exc.code, str(exc))
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -174,6 +211,15 @@ def _document_error_shape(app: FastAPI) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
+        # Every operation but the public and agent ones takes an API token (hub.api.security).
+        schema["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API token (opt_...): outpost-hub tokens create."}}
+        open_paths = PUBLIC_ROUTES | AGENT_ROUTES
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if (method.upper(), path) not in open_paths:
+                    operation["security"] = [{"bearerAuth": []}]
+                    operation.setdefault("responses", {}).setdefault("401", {"description": "No or bad credentials (code unauthorized).", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+                    operation["responses"].setdefault("403", {"description": "The role does not allow it (code forbidden).", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
         app.openapi_schema = schema
         return schema
 

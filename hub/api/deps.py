@@ -2,7 +2,8 @@
 
 ``create_app`` stores the parts on ``app.state``; routes ask for them here
 instead of reading globals, so one process can serve several apps (tests).
-Authentication and roles will be dependencies here too.
+``current_principal`` is who the request acts as (``hub.api.security``
+authenticated it before the route ran).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.encryption import SecretCipher
+from hub.auth.roles import Actor, Principal
+from hub.errors import Unauthorized
 from hub.events import EventBus
 from hub.secretvars import SecretsUnavailable
 from shared.clock import Clock
@@ -47,6 +50,20 @@ def cipher(request: Request) -> SecretCipher:
     if found is None:
         raise SecretsUnavailable("variables and connections are not available: the hub runs without fernet_keys")
     return found
+def current_principal(request: Request) -> Principal:
+    who = getattr(request.state, "principal", None)
+    if who is None:  # only on public routes, which do not ask for it
+        raise Unauthorized("authentication required")
+    return who
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def audit_actor(request: Request) -> Actor:
+    """Who the audit log names for an action of this request."""
+    return current_principal(request).actor(client_address(request))
 
 
 @dataclass(frozen=True)
@@ -68,3 +85,5 @@ Events = Annotated[EventBus, Depends(event_bus)]
 HubClock = Annotated[Clock, Depends(clock)]
 PageParams = Annotated[Paging, Depends(paging)]
 Cipher = Annotated[SecretCipher, Depends(cipher)]
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+By = Annotated[Actor, Depends(audit_actor)]

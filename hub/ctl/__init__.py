@@ -22,17 +22,20 @@ from importlib.metadata import PackageNotFoundError, version
 from hub.ctl import agents, backfills, conflicts, dags, operations, runs, vault
 from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
-from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, epilog
+from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, add_token_options, epilog, resolve_token
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outpost",
+        # No abbreviations here: "--to" of a command must not read as --token.
+        allow_abbrev=False,
         description="Operate an Outpost hub: DAGs, runs, agents. Talks to the hub's REST API.",
         epilog=epilog(["outpost dags list", "outpost dags trigger fleet_health --conf '{\"reason\": \"audit\"}'", "outpost runs show 12 --wait", "outpost --hub http://hub.example:8080 agents list --state online -o json"]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--hub", metavar="URL", default=os.environ.get(ENV_HUB_URL) or DEFAULT_HUB_URL, help=f"hub base URL (env {ENV_HUB_URL}, default {DEFAULT_HUB_URL})")
+    add_token_options(parser)
     parser.add_argument("--version", action="version", version=f"outpost {_version()}")
     nouns = parser.add_subparsers(title="commands", dest="noun", metavar="COMMAND", required=True)
     dags.register(nouns)
@@ -49,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit code (see ``hub.ctl.errors.ExitCode``)."""
     args = build_parser().parse_args(argv)
     try:
-        with HubClient(args.hub) as client:
+        token = resolve_token(args.token, args.token_file, os.environ)
+        with HubClient(args.hub, token=token) as client:
             return int(args.handler(client, args) or ExitCode.OK)
     except CtlError as exc:
         print(f"outpost: error: {exc}", file=sys.stderr)

@@ -22,6 +22,8 @@ class ExitCode(IntEnum):
     HUB_UNREACHABLE = 5
     #: ``--wait`` gave up before the run finished.
     WAIT_TIMEOUT = 6
+    #: No token, a bad one (401), or the token's role does not allow it (403).
+    AUTH = 7
 
 
 class CtlError(Exception):

@@ -14,11 +14,15 @@ START_HINT = "start one with 'outpost-hub standalone' (or 'outpost-hub api'), or
 
 
 class HubClient:
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 10.0, token: str | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise CtlError(f"--hub {base_url!r} is not an http:// or https:// URL, e.g. http://127.0.0.1:8080", ExitCode.USAGE)
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url + API, timeout=timeout, headers={"User-Agent": "outpost-ctl"})
+        self.has_token = bool(token)
+        headers = {"User-Agent": "outpost-ctl"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.base_url + API, timeout=timeout, headers=headers)
 
     def __enter__(self) -> HubClient:
         return self
@@ -65,5 +69,11 @@ class HubClient:
                 f"{self.base_url} answered HTTP {response.status_code} without an Outpost error body; is --hub pointing at an Outpost hub?",
                 ExitCode.API_ERROR,
             )
+        if response.status_code == 401:
+            if not self.has_token:
+                return CtlError(f"the hub at {self.base_url} needs an API token: pass --token-file PATH (or set OUTPOST_TOKEN_FILE / OUTPOST_TOKEN); an admin creates one with 'outpost-hub tokens create USER'", ExitCode.AUTH)
+            return CtlError(f"the hub at {self.base_url} refused the API token (unknown, expired, revoked, or its user is disabled); get a new one with 'outpost-hub tokens create USER'", ExitCode.AUTH)
+        if response.status_code == 403:
+            return CtlError(f"not allowed: {message}", ExitCode.AUTH)
         exit_code = ExitCode.NOT_FOUND if response.status_code == 404 else ExitCode.API_ERROR
         return CtlError(f"{code}: {message}", exit_code)

@@ -18,6 +18,13 @@ The composition root wires it (``hub.api`` may not import this package)::
 
 The views use ``app.state.sessions``, ``.events`` and ``.clock``, which
 ``create_app`` sets.
+
+Who may see and do what is decided before a view runs (``hub.api.security``:
+a login, the role, the CSRF token of every session-authenticated POST); the
+views render the user (``request.state.principal``), hide the action forms
+from viewers, put the session's CSRF token in every form, filter by the
+user's scope and name the user in the audit log. Login, logout and the
+audit page are in ``auth_views``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub import actions, queries, reconcile, tasklogs
 from hub import pools as pool_queries
+from hub.auth import scope
+from hub.auth.roles import Actor, Principal, Role
 from hub.errors import HubError, InvalidRequest
 from shared.clock import utcnow
 
@@ -75,7 +84,7 @@ def static_files() -> ASGIApp:
 @router.get("/", response_class=HTMLResponse)
 def dag_list(request: Request) -> Response:
     with request.app.state.sessions() as session:
-        dags = queries.list_dags(session, is_active=True, limit=1000)
+        dags = queries.list_dags(session, is_active=True, limit=1000, dag_ids=scope.visible_dag_ids(session, _who(request)))
         errors = queries.list_import_errors(session, limit=1000)
     return _render(request, "dags.html", nav="dags", dags=dags, import_errors=errors)
 
@@ -84,6 +93,7 @@ def dag_list(request: Request) -> Response:
 def dag_detail(request: Request, dag_id: str) -> Response:
     try:
         with request.app.state.sessions() as session:
+            scope.check_dag(session, _who(request), dag_id)
             dag = queries.get_dag(session, dag_id)
             runs = queries.list_runs(session, dag_id=dag_id, limit=25)
             versions = queries.list_dag_versions(session, dag_id, limit=20)
@@ -103,7 +113,8 @@ async def trigger(request: Request, dag_id: str) -> Response:
     state = request.app.state
     try:
         conf = _parse_conf(await _form_field(request, "conf"))
-        run_pk = await run_in_threadpool(actions.trigger, state.sessions, state.events, state.clock, dag_id, conf)
+        await run_in_threadpool(_check_scope, request, scope.check_dag, dag_id)
+        run_pk = await run_in_threadpool(lambda: actions.trigger(state.sessions, state.events, state.clock, dag_id, conf, by=_by(request)))
     except HubError as exc:
         return _error_page(request, exc)
     return _secure(RedirectResponse(f"/runs/{run_pk}", status_code=303))
@@ -112,7 +123,7 @@ async def trigger(request: Request, dag_id: str) -> Response:
 @router.get("/runs", response_class=HTMLResponse)
 def run_list(request: Request) -> Response:
     with request.app.state.sessions() as session:
-        runs = queries.list_runs(session, limit=100)
+        runs = queries.list_runs(session, limit=100, dag_ids=scope.visible_dag_ids(session, _who(request)))
     return _render(request, "runs.html", nav="runs", runs=runs)
 
 
@@ -120,6 +131,7 @@ def run_list(request: Request) -> Response:
 def run_detail(request: Request, run_pk: int) -> Response:
     try:
         with request.app.state.sessions() as session:
+            scope.check_run(session, _who(request), run_pk)
             run = queries.get_run(session, run_pk)
             # The structure the run follows: its DAG version's, not the file's latest.
             number = run.get("dag_version_number")
@@ -134,6 +146,7 @@ def run_detail(request: Request, run_pk: int) -> Response:
 def task_log(request: Request, run_pk: int, ti_id: int, try_number: int) -> Response:
     try:
         with request.app.state.sessions() as session:
+            scope.check_run(session, _who(request), run_pk)
             doc = tasklogs.read_log(session, run_pk, ti_id, try_number)
     except HubError as exc:
         return _error_page(request, exc)
@@ -158,17 +171,19 @@ async def run_action(request: Request, run_pk: int) -> Response:
         downstream = (await _form_field(request, "downstream")) == "1"
         if action not in RUN_ACTIONS:
             raise InvalidRequest(f"unknown action {action!r}; one of {', '.join(RUN_ACTIONS)}")
+        await run_in_threadpool(_check_scope, request, scope.check_run, run_pk)
+        by = _by(request)
         if action == "rerun":
-            await run_in_threadpool(actions.clear, state.sessions, state.events, state.clock, run_pk)
+            await run_in_threadpool(lambda: actions.clear(state.sessions, state.events, state.clock, run_pk, by=by))
         elif action.startswith("mark_run_"):
-            await run_in_threadpool(actions.set_run_state, state.sessions, state.events, state.clock, run_pk, action.removeprefix("mark_run_"))
+            await run_in_threadpool(lambda: actions.set_run_state(state.sessions, state.events, state.clock, run_pk, action.removeprefix("mark_run_"), by=by))
         elif not task_id:
             raise InvalidRequest("choose a task first")
         elif action == "clear":
-            await run_in_threadpool(lambda: actions.clear(state.sessions, state.events, state.clock, run_pk, task_ids=[task_id], include_downstream=downstream))
+            await run_in_threadpool(lambda: actions.clear(state.sessions, state.events, state.clock, run_pk, task_ids=[task_id], include_downstream=downstream, by=by))
         else:
             target = action.removeprefix("mark_")
-            await run_in_threadpool(lambda: actions.mark(state.sessions, state.events, state.clock, run_pk, target, task_ids=[task_id], include_downstream=downstream))
+            await run_in_threadpool(lambda: actions.mark(state.sessions, state.events, state.clock, run_pk, target, task_ids=[task_id], include_downstream=downstream, by=by))
     except HubError as exc:
         return _error_page(request, exc)
     return _secure(RedirectResponse(f"/runs/{run_pk}", status_code=303))
@@ -196,7 +211,10 @@ def conflict_list(request: Request) -> Response:
         return _error_page(request, InvalidRequest(f"run must be a run's numeric id, got {filters['run']!r}"))
     try:
         with request.app.state.sessions() as session:
-            page = reconcile.list_conflicts(session, dag_id=filters.get("dag_id"), run_pk=run, agent_id=filters.get("agent_id"), rule=filters.get("rule"), limit=200)
+            page = reconcile.list_conflicts(
+                session, dag_id=filters.get("dag_id"), run_pk=run, agent_id=filters.get("agent_id"), rule=filters.get("rule"), limit=200,
+                dag_ids=scope.visible_dag_ids(session, _who(request)),
+            )
     except HubError as exc:
         return _error_page(request, exc)
     return _render(request, "conflicts.html", nav="conflicts", page=page, filters=filters)
@@ -205,7 +223,7 @@ def conflict_list(request: Request) -> Response:
 @router.get("/agents", response_class=HTMLResponse)
 def agent_list(request: Request) -> Response:
     with request.app.state.sessions() as session:
-        agents = queries.list_agents(session, limit=1000)
+        agents = queries.list_agents(session, limit=1000, agent_ids=scope.visible_agent_ids(session, _who(request)))
     online = sum(1 for a in agents["items"] if a["state"] == "online")
     return _render(request, "agents.html", nav="agents", agents=agents, online=online)
 
@@ -214,7 +232,8 @@ def agent_list(request: Request) -> Response:
 def agent_detail(request: Request, agent_id: str) -> Response:
     try:
         with request.app.state.sessions() as session:
-            agent = queries.get_agent(session, agent_id)
+            scope.check_agent(session, _who(request), agent_id)
+            agent = queries.get_agent(session, agent_id, dag_ids=scope.visible_dag_ids(session, _who(request)))
     except HubError as exc:
         return _error_page(request, exc)
     return _render(request, "agent.html", nav="agents", agent=agent)
@@ -266,6 +285,22 @@ def _parse_conf(text: str) -> dict[str, Any]:
     if not isinstance(conf, dict):
         raise InvalidRequest(f"conf must be a JSON object, not {type(conf).__name__}")
     return conf
+
+
+def _who(request: Request) -> Principal | None:
+    """The logged-in user (hub.api.security put it there); None only on public pages."""
+    return getattr(request.state, "principal", None)
+
+
+def _by(request: Request) -> Actor:
+    who = _who(request)
+    assert who is not None, "actions are never public"
+    return who.actor(request.client.host if request.client else "")
+
+
+def _check_scope(request: Request, check: Any, key: Any) -> None:
+    with request.app.state.sessions() as session:
+        check(session, _who(request), key)
 
 
 def _same_origin(request: Request) -> bool:
@@ -345,7 +380,15 @@ _templates = Jinja2Templates(env=_environment())
 def _render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
     context.setdefault("nav", "")
     context["now"] = utcnow(request.app.state.clock)
-    return _secure(_templates.TemplateResponse(request, template, context, status_code=status))
+    who = _who(request)
+    context.update(
+        user=who, can_operate=who is not None and who.can(Role.OPERATOR), is_admin=who is not None and who.can(Role.ADMIN),
+        csrf_token=getattr(request.state, "csrf_token", ""),
+    )
+    response = _secure(_templates.TemplateResponse(request, template, context, status_code=status))
+    # Pages show what a login allows: not kept in the browser's cache for the Back button after logout.
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _error_page(request: Request, exc: HubError, status: int | None = None) -> Response:
@@ -370,3 +413,9 @@ class _WithHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+# The login, logout and audit pages live in their own module, on this router.
+from hub.web import auth_views as _auth_views  # noqa: E402
+
+router.include_router(_auth_views.router)

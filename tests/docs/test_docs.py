@@ -27,7 +27,7 @@ def test_every_agent_setting_is_documented(name: str) -> None:
     assert f"| `{name}` |" in CONFIG_DOC
 
 
-HUB_COMMANDS = [[], ["standalone"], ["scheduler"], ["api"], ["db"], ["dags"], ["secrets"], ["agents"], ["broker"]]
+HUB_COMMANDS = [[], ["standalone"], ["scheduler"], ["api"], ["db"], ["dags"], ["secrets"], ["agents"], ["broker"], ["users"], ["tokens"]]
 
 
 @pytest.mark.parametrize("command", HUB_COMMANDS, ids=lambda c: " ".join(c) or "outpost-hub")

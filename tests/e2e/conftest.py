@@ -1,5 +1,9 @@
 """Real processes: a private Mosquitto, the hub's scheduler and API processes,
-agents as ``python -m agent`` processes. Kill them with -9, restart them."""
+agents as ``python -m agent`` processes. Kill them with -9, restart them.
+
+``Fleet.api`` authenticates as an admin: ``Fleet.token`` is an admin API
+token made in the hub's database on first use (pass it to the ``outpost``
+CLI as ``OUTPOST_TOKEN``)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from hub.models import TaskInstance, TaskResult
 from hub.standalone import LocalAgent
 from shared.signing import SigningKey
 from tests.conftest import Broker, free_port, wait_port
+from tests.hub.api_harness import TEST_SECRET_KEY, make_token
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +54,7 @@ class Fleet:
             "scheduler_interval = 0.2\n"
             # The hub refuses to start without one (hub.encryption).
             f'fernet_keys = "{Fernet.generate_key().decode()}"\n'
+            f'secret_key = "{TEST_SECRET_KEY}"\n'
         )
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.db_url = f"sqlite:///{self.root / 'hub' / 'hub.db'}"
@@ -118,8 +124,22 @@ class Fleet:
 
     # --- API ---------------------------------------------------------------
 
+    _token: str | None = None
+
+    @property
+    def token(self) -> str:
+        """An admin API token (made once the scheduler has migrated the database)."""
+        if self._token is None:
+            engine = make_engine(self.db_url)
+            try:
+                self._token = make_token(make_sessionmaker(engine))
+            finally:
+                engine.dispose()
+        return self._token
+
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = httpx.request(method, f"{self.url}/api/v1{path}", timeout=10, **kwargs)
+        headers = {"Authorization": f"Bearer {self.token}", **kwargs.pop("headers", {})}
+        response = httpx.request(method, f"{self.url}/api/v1{path}", timeout=10, headers=headers, **kwargs)
         response.raise_for_status()
         return response.json()
 

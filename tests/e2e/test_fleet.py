@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,7 +49,8 @@ def test_fleet_health_runs_on_three_agents_and_shows_in_api_and_cli(fleet: Any) 
     summary = next(t for t in tasks if t["task_id"] == "summarise")
     assert summary["output"]["devices"] == 3
     assert_exactly_once(f, run_pk)
-    cli = subprocess.run([str(Path(sys.executable).parent / "outpost"), "--hub", f.url, "runs", "show", str(run_pk), "-o", "json"], capture_output=True, text=True, timeout=30)
+    env = {**os.environ, "OUTPOST_TOKEN": f.token}
+    cli = subprocess.run([str(Path(sys.executable).parent / "outpost"), "--hub", f.url, "runs", "show", str(run_pk), "-o", "json"], capture_output=True, text=True, timeout=30, env=env)
     assert cli.returncode == 0, cli.stderr
     assert '"success"' in cli.stdout and "agent-3" in cli.stdout
 

@@ -3,6 +3,7 @@ the hub and three agents, runs fleet_health, and Ctrl-C stops it all."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -47,14 +48,30 @@ def test_ctrl_c_stops_broker_hub_and_agents(tmp_path: Path) -> None:
     proc = standalone(tmp_path, "--no-demo")
     assert proc.stdout is not None
     url = None
+    login = ""
     deadline = time.monotonic() + 60
     for line in proc.stdout:
         if "Dashboard:" in line:
             url = line.split("Dashboard: ")[1].split()[0].rstrip("/")
+        if line.startswith("Log in as admin"):
+            login = line
         if "Press Ctrl-C" in line or time.monotonic() > deadline:
             break
     assert url is not None
     assert httpx.get(f"{url}/api/v1/healthz", timeout=5).status_code == 200
+    # No configuration, yet protected: a generated secret key, an admin with a
+    # random password (printed), and an admin token the CLI can use.
+    hub_dir = tmp_path / "state" / "hub"
+    password = (hub_dir / "admin-password").read_text().strip()
+    assert f"password {password} " in login and len(password) >= 12
+    for name in ("secret-key", "admin-password", "admin-token"):
+        assert (hub_dir / name).stat().st_mode & 0o777 == 0o600, name
+    assert httpx.get(f"{url}/api/v1/dags", timeout=5).status_code == 401
+    token = (hub_dir / "admin-token").read_text().strip()
+    assert httpx.get(f"{url}/api/v1/dags", headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_TOKEN")}
+    cli = subprocess.run([sys.executable, "-m", "hub.ctl", "--hub", url, "dags", "list"], capture_output=True, text=True, timeout=30, env={**env, "OUTPOST_TOKEN_FILE": str(hub_dir / "admin-token")})
+    assert cli.returncode == 0 and "fleet_health" in cli.stdout, cli.stderr
     children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()]
     assert len(children) >= 4  # mosquitto and three agents
     proc.send_signal(signal.SIGINT)

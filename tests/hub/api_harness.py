@@ -2,6 +2,13 @@
 (SQLite file or a throwaway PostgreSQL database), a realistic seed, the app,
 and a real uvicorn server on a free loopback port.
 
+Everything authenticates as an admin by default: ``Hub.client()`` sends an
+admin API token (``client(role="viewer")`` another role, ``client(role=None)``
+none), ``live_hub`` sets ``OUTPOST_TOKEN`` for the ``outpost`` CLI, and
+``browser_login`` logs a Playwright page in through the real login form.
+Tests that build their own app use ``hub_settings()`` and
+``admin_headers(sessions)``.
+
 Test modules import the fixtures they use from here by name.
 """
 
@@ -27,6 +34,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.api.app import create_app
+from hub.auth import tokens as auth_tokens
+from hub.auth import users as auth_users
 from hub.config import HubSettings
 from hub.dag import DAG, AgentOperator, PythonOperator, every_agent, on_agent
 from hub.db import make_engine, make_sessionmaker, transaction, upgrade
@@ -43,6 +52,46 @@ XSS = "<img src=x onerror=alert(1)>"
 FERNET_KEY = Fernet.generate_key().decode()
 #: The value of the seeded sensitive variable; no API answer may contain it.
 SEEDED_SECRET = "seeded-token-8f3a1c"
+#: A secret key good enough for the hub's checks (tests only).
+TEST_SECRET_KEY = "test-secret-key-" + "k3y" * 12
+#: The users tests act as: name -> (role, password).
+TEST_USERS = {
+    "test-admin": ("admin", "admin-password-1"),
+    "test-operator": ("operator", "operator-password-1"),
+    "test-viewer": ("viewer", "viewer-password-1"),
+}
+ROLE_USER = {role: name for name, (role, _pw) in TEST_USERS.items()}
+
+
+def hub_settings(**values: Any) -> HubSettings:
+    """Hub settings for tests: a valid secret key and Fernet key, plus ``values``."""
+    return HubSettings(**{"secret_key": TEST_SECRET_KEY, "fernet_keys": FERNET_KEY, **values})
+
+
+def make_token(sessions: sessionmaker[Session], role: str = "admin", now: datetime | None = None) -> str:
+    """An API token of the test user with ``role`` (created, with the user, if missing)."""
+    name = ROLE_USER[role]
+    when = now or datetime(2026, 1, 1, tzinfo=UTC)
+    with transaction(sessions) as s:
+        try:
+            user = auth_users.get_user(s, name)
+        except auth_users.UserNotFound:
+            user = auth_users.create_user(s, name, TEST_USERS[name][1], role, when)
+        secret, _row = auth_tokens.create_token(s, user, f"test {role}", when)
+    return secret
+
+
+def admin_headers(sessions: sessionmaker[Session], role: str = "admin") -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token(sessions, role)}"}
+
+
+def browser_login(page: Any, url: str, name: str = "test-admin", password: str | None = None, next_path: str = "/") -> None:
+    """Log a Playwright page in through the real login form."""
+    page.goto(f"{url}/login?next={next_path}")
+    page.fill("#username", name)
+    page.fill("#password", password if password is not None else TEST_USERS[name][1])
+    with page.expect_navigation():
+        page.click("form.login-form button[type=submit]")
 
 
 def _summarise(ti: Any) -> dict[str, Any]:
@@ -73,10 +122,12 @@ class Hub:
     ready: dict[str, bool] = field(default_factory=dict)
     seeded: Seeded | None = None
     app: FastAPI = field(init=False)
+    #: API token per role, made on first use.
+    tokens: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.app = create_app(
-            HubSettings(database_url=self.url, fernet_keys=FERNET_KEY),
+            hub_settings(database_url=self.url),
             self.sessions,
             self.events,
             self.clock,
@@ -85,8 +136,17 @@ class Hub:
             mounts={views.STATIC_PATH: views.static_files()},
         )
 
-    def client(self, **kwargs: Any) -> TestClient:
-        return TestClient(self.app, **kwargs)
+    def client(self, role: str | None = "admin", **kwargs: Any) -> TestClient:
+        """A test client sending an API token of ``role`` (None: no credentials)."""
+        headers = dict(kwargs.pop("headers", None) or {})
+        if role is not None:
+            headers.setdefault("Authorization", f"Bearer {self.token(role)}")
+        return TestClient(self.app, headers=headers, **kwargs)
+
+    def token(self, role: str = "admin") -> str:
+        if role not in self.tokens:
+            self.tokens[role] = make_token(self.sessions, role)
+        return self.tokens[role]
 
     def recorded(self, name: str) -> list[dict[str, Any]]:
         """Start recording events called ``name``; returns the live list."""
@@ -108,6 +168,8 @@ class Seeded:
     run_success: int
     run_running: int
     run_failed: int
+    #: API tokens of the seeded test users, per role.
+    tokens: dict[str, str] = field(default_factory=dict)
 
 
 def seed(hub: Hub) -> Seeded:
@@ -152,7 +214,9 @@ def seed(hub: Hub) -> Seeded:
         s.add(Connection(conn_id="warehouse", conn_type="postgres", description="Results warehouse.", host="db.example", login="etl", port=5432,
                          schema="fleet", password_encrypted=cipher.encrypt(SEEDED_SECRET + "-pw"),
                          extra_encrypted=cipher.encrypt('{"sslmode": "require", "client_secret": "cs-seeded-1"}'), created_at=t0, updated_at=t0))
-        return Seeded(ok.id, running.id, failed.id)
+        ids = (ok.id, running.id, failed.id)
+    # The test users, hashed once per session in the template (Argon2 is slow on purpose).
+    return Seeded(*ids, tokens={role: make_token(hub.sessions, role) for role in ("admin", "operator", "viewer")})
 
 
 def _run(s: Session, dag_id: str, run_type: str, state: str, when: datetime, conf: dict[str, Any] | None = None) -> DagRun:
@@ -201,6 +265,7 @@ def hub(tmp_path: Path, seeded_sqlite_template: tuple[Path, Seeded]) -> Iterator
     shutil.copyfile(template, path)
     h = open_hub(f"sqlite:///{path}")
     h.seeded = ids
+    h.tokens.update(ids.tokens)
     yield h
     h.engine.dispose()
 
@@ -235,8 +300,11 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_hub(hub: Hub) -> Iterator[tuple[Hub, str]]:
-    """The seeded hub behind a real uvicorn server: ``(hub, base_url)``."""
+def live_hub(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Hub, str]]:
+    """The seeded hub behind a real uvicorn server: ``(hub, base_url)``.
+    The ``outpost`` CLI (in-process or a child) finds an admin token in
+    ``OUTPOST_TOKEN``."""
+    monkeypatch.setenv("OUTPOST_TOKEN", hub.token("admin"))
     with LiveServer(hub.app) as server:
         yield hub, server.url
 

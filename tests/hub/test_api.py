@@ -17,11 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import sessionmaker
 
-from tests.hub.api_harness import Hub, Seeded, hub, live_hub, open_hub, pg_url, seed, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.api_harness import Hub, Seeded, hub, hub_settings, live_hub, open_hub, pg_url, seed, seeded_sqlite_template  # noqa: F401  (fixtures)
 from hub import events as ev
 from hub import queries
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.models import DagRun, TaskInstance
 from shared.clock import ManualClock
 
@@ -323,7 +322,7 @@ def test_readyz_reports_the_database_and_every_readiness_check(hub: Hub) -> None
 
 def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
     unreachable = sessionmaker(create_engine(f"sqlite:///{tmp_path}/missing-dir/hub.db"))
-    app = create_app(HubSettings(), unreachable, ev.EventBus(), ManualClock(), None)
+    app = create_app(hub_settings(), unreachable, ev.EventBus(), ManualClock(), None)
     with TestClient(app) as client:
         response = client.get("/api/v1/readyz")
     assert response.status_code == 503 and response.json() == {"status": "not_ready", "checks": {"database": False}}
@@ -355,6 +354,7 @@ def test_openapi_describes_every_route(hub: Hub) -> None:
         "/api/v1/runs/{run_pk}/tasks/{ti_id}/tries/{try_number}/log", "/api/v1/runs/{run_pk}/tasks/{ti_id}/logs", "/api/v1/conflicts", "/api/v1/runs/{run_pk}/tasks/{task_id}/conflicts",
         "/api/v1/variables", "/api/v1/variables/{key}", "/api/v1/connections", "/api/v1/connections/{conn_id}",
         "/api/v1/enroll", "/api/v1/enrolment-tokens", "/api/v1/agents/{agent_id}/public-key", "/api/v1/agents/{agent_id}/revoke",
+        "/api/v1/whoami", "/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit",
     }
     assert set(spec["paths"]["/api/v1/dags/{dag_id}"]) == {"get", "patch"}
     schemas = spec["components"]["schemas"]
@@ -377,7 +377,7 @@ def test_swagger_ui_is_served_without_internet(hub: Hub) -> None:
 
 def test_api_over_real_http(live_hub: tuple[Hub, str]) -> None:
     hub_, url = live_hub
-    with httpx.Client(base_url=url, timeout=10) as http:
+    with httpx.Client(base_url=url, timeout=10, headers={"Authorization": f"Bearer {hub_.token()}"}) as http:
         assert http.get("/api/v1/healthz").json() == {"status": "ok"}
         assert [d["dag_id"] for d in http.get("/api/v1/dags").json()["items"]] == ["fleet_health", "gone_dag", "reboot_one"]
         created = http.post("/api/v1/dags/fleet_health/runs", json={"conf": {"over": "http"}})

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.events import EventBus
 from shared.clock import ManualClock
+from tests.hub.api_harness import hub_settings
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
 def test_every_api_route_is_in_api_md() -> None:
-    app = create_app(HubSettings(), None, EventBus(), ManualClock())  # type: ignore[arg-type]  # routes only
+    app = create_app(hub_settings(), None, EventBus(), ManualClock())  # type: ignore[arg-type]  # routes only
     text = API_MD.read_text()
     # From the OpenAPI document: FastAPI keeps included routers as objects of
     # their own in app.routes, so walking it finds no APIRoute at all.

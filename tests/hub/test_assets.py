@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from hub.api.app import create_app
 from hub.asset_events import triggering_asset_events
-from hub.config import HubSettings
 from hub.events import EventBus
 from hub.models import AssetDagRunQueue, AssetEvent, DagRun
 from shared.messages import Accepted, Result, Started
+from tests.hub.api_harness import admin_headers, hub_settings
 
 DAGS = """
 from hub.sdk import DAG, AgentOperator, Asset, Dataset, PythonOperator
@@ -105,8 +105,8 @@ def test_an_agent_task_outlet_records_the_device(make_hub: Any) -> None:
 
 def test_the_api_lists_assets_and_takes_events_from_external_producers(make_hub: Any) -> None:
     hub = make_hub({"assets.py": DAGS})
-    app = create_app(HubSettings(), hub.sessions, EventBus(), hub.clock)
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, EventBus(), hub.clock)
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         answer = client.post("/api/v1/assets/events", json={"uri": "s3://lake/b", "extra": {"rows": 12}})
         assert answer.status_code == 201, answer.text
         assert answer.json()["uri"] == "s3://lake/b" and answer.json()["extra"] == {"rows": 12} and answer.json()["source_dag_id"] is None

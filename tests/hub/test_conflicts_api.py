@@ -97,8 +97,9 @@ def test_the_dashboard_lists_conflicts_escaped_and_links_them_from_the_top_bar_a
     assert bad.status_code == 422
 
 
-def test_outpost_conflicts_list(with_conflicts: tuple[HubHarness, Hub, int], capsys: pytest.CaptureFixture[str]) -> None:
+def test_outpost_conflicts_list(with_conflicts: tuple[HubHarness, Hub, int], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     _harness, api, run_pk = with_conflicts
+    monkeypatch.setenv("OUTPOST_TOKEN", api.token())
     with LiveServer(api.app) as server:
         cli = Cli(server.url, capsys)
         code, out, err = cli("conflicts", "list")

@@ -99,15 +99,15 @@ def test_versions_are_listed_by_the_api_and_shown_on_the_dashboard(make_hub: Any
     from fastapi.testclient import TestClient
 
     from hub.api.app import create_app
-    from hub.config import HubSettings
+    from tests.hub.api_harness import admin_headers, hub_settings
     from hub.events import EventBus
     from hub.web import views
 
     hub = make_hub({"fleet.py": TWO_TASKS})
     first_run = hub.trigger("fleet")
     rewrite(hub, REWRITTEN, mtime=100)
-    app = create_app(HubSettings(), hub.sessions, EventBus(), hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, EventBus(), hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         page = client.get("/api/v1/dags/fleet/versions").json()
         assert [(v["version_number"], v["is_latest"], v["task_count"], v["run_count"]) for v in page["items"]] == [(2, True, 2, 0), (1, False, 2, 1)]
         assert page["total"] == 2
@@ -130,14 +130,14 @@ def test_the_dag_page_says_when_its_file_now_fails(make_hub: Any) -> None:
     from fastapi.testclient import TestClient
 
     from hub.api.app import create_app
-    from hub.config import HubSettings
+    from tests.hub.api_harness import admin_headers, hub_settings
     from hub.events import EventBus
     from hub.web import views
 
     hub = make_hub({"fleet.py": TWO_TASKS})
     rewrite(hub, TWO_TASKS + "\nraise RuntimeError('inventory service down')\n", mtime=100)
-    app = create_app(HubSettings(), hub.sessions, EventBus(), hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, EventBus(), hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         page = client.get("/dags/fleet").text
         assert "last good version keeps running" in page and "inventory service down" in page
         errors = client.get("/api/v1/import-errors").json()["items"]
@@ -145,9 +145,9 @@ def test_the_dag_page_says_when_its_file_now_fails(make_hub: Any) -> None:
         assert client.get("/api/v1/dags/fleet").json()["is_active"] is True
 
 
-def test_outpost_dags_versions_lists_them_newest_first(make_hub: Any, capsys: Any) -> None:
+def test_outpost_dags_versions_lists_them_newest_first(make_hub: Any, capsys: Any, monkeypatch: Any) -> None:
     from hub.api.app import create_app
-    from hub.config import HubSettings
+    from tests.hub.api_harness import hub_settings, make_token
     from hub.ctl import main
     from hub.events import EventBus
     from tests.hub.api_harness import LiveServer
@@ -156,7 +156,8 @@ def test_outpost_dags_versions_lists_them_newest_first(make_hub: Any, capsys: An
     run_pk = hub.trigger("fleet")
     rewrite(hub, REWRITTEN, mtime=100)
     v1, v2 = versions(hub)
-    with LiveServer(create_app(HubSettings(), hub.sessions, EventBus(), hub.clock)) as server:
+    monkeypatch.setenv("OUTPOST_TOKEN", make_token(hub.sessions))
+    with LiveServer(create_app(hub_settings(), hub.sessions, EventBus(), hub.clock)) as server:
         capsys.readouterr()
         assert main(["--hub", server.url, "dags", "versions", "fleet"]) == 0
         lines = capsys.readouterr().out.splitlines()

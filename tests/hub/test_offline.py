@@ -14,7 +14,6 @@ from sqlalchemy import select
 from hub import events as ev
 from hub import fleet
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.models import Agent, Assignment, OutboxMessage, TaskInstance, TaskResult
 from hub.outbox import OutboxPublisher
 from hub.web import views
@@ -23,6 +22,7 @@ from shared.envelope import decode
 from shared.hlc import HybridClock
 from shared.messages import Accepted, Assign, Cancel, Heartbeat, Result, Started, Status
 from shared.topics import status_topic
+from tests.hub.api_harness import admin_headers, hub_settings
 
 ANYWHERE = """
 from hub.dag import DAG, AgentOperator, any_agent
@@ -359,8 +359,8 @@ def test_clock_skew_is_flagged_shown_and_cleared(make_hub: Any) -> None:
     # Not trusted: the ahead stamp did not drag the hub's clock into the future.
     assert hub.ingester.hlc.now().wall_ms < hub_clock_before.wall_ms + 1000
 
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         agents = {a["agent_id"]: a for a in client.get("/api/v1/agents").json()["items"]}
         assert (agents["a1"]["clock_skew"], agents["a1"]["clock_trusted"]) == (900.0, False)
         assert agents["a1"]["clock_skew_flagged_at"] is not None

@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.db import transaction
 from hub.identity import register_agent
 from hub.ingest import Ingester
@@ -28,6 +27,7 @@ from shared.requestsig import HEADER, sign_request
 from shared.signing import SigningKey
 from tests.hub.conftest import HubHarness
 from tests.hub.test_offline import assignment_of, publish, silent
+from tests.hub.api_harness import admin_headers, hub_settings
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -57,8 +57,8 @@ def hub_db_url(tmp_path: Path) -> str:
 
 
 def api_conflicts(hub: HubHarness, **params: Any) -> dict[str, Any]:
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock)
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock)
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         response = client.get("/api/v1/conflicts", params=params)
     assert response.status_code == 200, response.text
     return response.json()
@@ -241,8 +241,8 @@ def skewed_return(hub: HubHarness, agent_id: str, offset: float) -> None:
 
 
 def _agents(hub: HubHarness) -> list[dict[str, Any]]:
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock)
-    with TestClient(app) as client:
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock)
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         return client.get("/api/v1/agents").json()["items"]
 
 
@@ -351,7 +351,7 @@ def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_
     key = SigningKey.generate()
     with transaction(hub.sessions) as session:
         register_agent(session, "a1", key.public, utcnow(hub.clock))
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock)
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock)
     clock = hub.agent_clocks["a1"]
     envelopes = [encode(Envelope(body, sender="a1", hlc=clock.now())).decode() for body in (
         LogChunk(old, 0, "flashing\ndone\n", final=True), Result(old, 1, "success", output={"from": "a1"}),
@@ -362,7 +362,7 @@ def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_
     def auth() -> dict[str, str]:
         return {HEADER: sign_request(key, "a1", "POST", "/api/v1/agents/a1/sync", body, hub.clock.now())}
 
-    with TestClient(app) as client:
+    with TestClient(app, headers=admin_headers(hub.sessions)) as client:
         answer = client.post("/api/v1/agents/a1/sync", content=body, headers=auth())
         assert answer.status_code == 200, answer.text
         assert (answer.json()["assignment_ids"], answer.json()["refused"]) == ([old], [])

@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.web import views
 from shared.messages import JobTypeInfo, LogChunk, Result, Status
 from shared.topics import status_topic
-from tests.hub.api_harness import XSS, LiveServer
+from tests.hub.api_harness import XSS, LiveServer, browser_login, hub_settings, make_token
 from tests.hub.test_offline_conflicts import retargeted, skewed_return, ti_of
 from tests.hub.test_web_browser import browser_page  # noqa: F401 (fixture)
 
@@ -44,7 +43,7 @@ def test_conflicts_log_and_flagged_agent_pages_in_a_real_browser(make_hub: Any, 
     ti = ti_of(hub, run_pk, "work")
     assert (ti.state, ti.output) == ("success", {"note": XSS})
 
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
     page, seen = browser_page
     csp: list[str] = []
 
@@ -53,8 +52,10 @@ def test_conflicts_log_and_flagged_agent_pages_in_a_real_browser(make_hub: Any, 
         csp.extend(page.evaluate("window.__csp"))
         assert page.evaluate("document.querySelectorAll('main img, main script, main iframe').length") == 0, page.url
 
+    make_token(hub.sessions)  # creates the test admin
     with LiveServer(app) as server:
         url = server.url
+        browser_login(page, url)
         page.goto(url + "/conflicts")
         expect(page.locator("tr[data-conflict]")).to_have_count(2)
         expect(page.locator("main")).to_contain_text("device_success_wins")

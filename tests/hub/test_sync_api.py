@@ -19,7 +19,6 @@ from sqlalchemy import func, select
 from agent.queues import Outbox
 from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.db import transaction
 from hub.identity import register_agent, revoke_agent
 from hub.models import AssetEvent, RejectedMessage, SyncCursor, TaskResult
@@ -31,6 +30,7 @@ from shared.requestsig import HEADER, sign_request
 from shared.signing import SigningKey
 
 from .api_harness import LiveServer
+from tests.hub.api_harness import hub_settings
 
 #: a1's device key; the served hub has its public half registered.
 KEY = SigningKey.generate()
@@ -56,7 +56,7 @@ def served(make_hub: Any) -> Iterator[Any]:
         with transaction(hub.sessions) as session:
             register_agent(session, "a1", KEY.public, utcnow(hub.clock))
         HUB_NOW[:] = [hub.clock.now]
-        app = create_app(HubSettings(**settings), hub.sessions, hub.ingester.events, hub.clock)
+        app = create_app(hub_settings(**settings), hub.sessions, hub.ingester.events, hub.clock)
         app.state.ingester = hub.ingester  # the counters tell duplicates apart
         server = LiveServer(app).__enter__()
         servers.append(server)

@@ -15,7 +15,7 @@ import pytest
 
 from hub.db import transaction
 from hub.models import Agent
-from tests.hub.api_harness import XSS, Hub, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.api_harness import XSS, Hub, browser_login, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -58,6 +58,7 @@ def test_dashboard_in_a_real_browser(live_hub: tuple[Hub, str], browser_page: tu
     hub_, url = live_hub
     page, seen = browser_page
     csp: list[str] = []
+    browser_login(page, url)  # the real login form; the session cookie is Secure, and Chromium keeps it on http://127.0.0.1
 
     # DAG list: import errors up front, then trigger a run from its button.
     page.goto(url + "/")

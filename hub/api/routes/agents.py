@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from hub import queries
-from hub.api.deps import PageParams, ReadSession
+from hub.api.deps import CurrentUser, PageParams, ReadSession
+from hub.auth import scope
 from hub.api.schemas import AgentDetail, AgentSummary, ErrorResponse, Page, RejectedPage
 from hub.errors import InvalidRequest
 
@@ -18,17 +19,19 @@ router = APIRouter(tags=["agents"])
 def list_agents(
     session: ReadSession,
     page: PageParams,
+    who: CurrentUser,
     state: Annotated[Literal["online", "offline"] | None, Query(description="Only online or offline agents.")] = None,
     label: Annotated[list[str] | None, Query(description="key=value; repeat to require several labels.")] = None,
 ) -> dict[str, Any]:
-    """Agents by id."""
-    return queries.list_agents(session, state=state, labels=_labels(label or []), limit=page.limit, offset=page.offset)
+    """Agents by id (those in the user's device groups)."""
+    return queries.list_agents(session, state=state, labels=_labels(label or []), limit=page.limit, offset=page.offset, agent_ids=scope.visible_agent_ids(session, who))
 
 
 @router.get("/agents/{agent_id}", response_model=AgentDetail, responses={404: {"model": ErrorResponse, "description": "No such agent."}})
-def get_agent(agent_id: str, session: ReadSession) -> dict[str, Any]:
-    """One agent: labels, job types, last heartbeat, recent task instances."""
-    return queries.get_agent(session, agent_id)
+def get_agent(agent_id: str, session: ReadSession, who: CurrentUser) -> dict[str, Any]:
+    """One agent: labels, job types, last heartbeat, recent task instances (of DAGs in the user's scope)."""
+    scope.check_agent(session, who, agent_id)
+    return queries.get_agent(session, agent_id, dag_ids=scope.visible_dag_ids(session, who))
 
 
 @router.get("/rejected", response_model=RejectedPage)

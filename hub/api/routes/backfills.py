@@ -8,9 +8,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from hub import audit
 from hub import backfill as backfills
 from hub import events as ev
-from hub.api.deps import Events, HubClock, PageParams, ReadSession, Sessions
+from hub.api.deps import By, CurrentUser, Events, HubClock, PageParams, ReadSession, Sessions
+from hub.auth import scope
+from hub.auth.roles import Actor, Principal
 from hub.api.schemas import ErrorResponse, Page
 from hub.db import transaction
 from shared.clock import utcnow
@@ -58,15 +61,18 @@ class BackfillCreated(BackfillOut):
 
 
 @router.post("/backfills", status_code=201, response_model=BackfillCreated, responses={404: {"model": ErrorResponse, "description": "No such DAG."}, 409: {"model": ErrorResponse, "description": "The DAG already has a backfill running."}})
-def create_backfill(body: BackfillRequest, sessions: Sessions, events: Events, clock: HubClock) -> dict[str, Any]:
+def create_backfill(body: BackfillRequest, sessions: Sessions, events: Events, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Create a run for every data interval of the DAG's schedule whose logical date is in [from_date, to_date]."""
     with transaction(sessions) as session:
+        scope.check_dag(session, who, body.dag_id)
         backfill, skipped = backfills.create_backfill(
             session, body.dag_id, body.from_date, body.to_date, utcnow(clock), max_active_runs=body.max_active_runs,
             reprocess_behavior=body.reprocess_behavior, run_backwards=body.run_backwards, dag_run_conf=body.dag_run_conf,
         )
         out = backfills.to_dict(backfill, backfills.run_counts(session, [backfill.id])[backfill.id], skipped)
         run_pks = backfills.run_pks(session, backfill.id)
+        audit.record(session, by.actor, "backfill.create", f"backfill:{backfill.id}", at=utcnow(clock), remote=by.remote, via=by.via, dag_id=body.dag_id,
+                     from_date=body.from_date.isoformat(), to_date=body.to_date.isoformat(), runs=len(run_pks))
     for run_pk in run_pks:
         events.emit(ev.RUN_TRIGGERED, dag_id=body.dag_id, run_pk=run_pk)
     return out
@@ -113,9 +119,11 @@ def get_backfill(backfill_id: int, session: ReadSession) -> dict[str, Any]:
     return backfills.describe(session, backfill_id)
 
 
-def _change(sessions: Any, clock: Any, backfill_id: int, action: str) -> dict[str, Any]:
+def _change(sessions: Any, clock: Any, backfill_id: int, action: str, who: Principal, by: Actor) -> dict[str, Any]:
     # No event: the scheduler starts unpaused runs on its next pass.
     with transaction(sessions) as session:
+        scope.check_dag(session, who, backfills.get_backfill(session, backfill_id).dag_id)
+        audit.record(session, by.actor, f"backfill.{action}", f"backfill:{backfill_id}", at=utcnow(clock), remote=by.remote, via=by.via)
         if action == "cancel":
             backfills.cancel(session, backfill_id, utcnow(clock))
         else:
@@ -124,18 +132,18 @@ def _change(sessions: Any, clock: Any, backfill_id: int, action: str) -> dict[st
 
 
 @router.put("/backfills/{backfill_id}/pause", response_model=BackfillOut, responses={**_404, **_409})
-def pause_backfill(backfill_id: int, sessions: Sessions, clock: HubClock) -> dict[str, Any]:
+def pause_backfill(backfill_id: int, sessions: Sessions, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Start no more runs of this backfill; running ones go on."""
-    return _change(sessions, clock, backfill_id, "pause")
+    return _change(sessions, clock, backfill_id, "pause", who, by)
 
 
 @router.put("/backfills/{backfill_id}/unpause", response_model=BackfillOut, responses={**_404, **_409})
-def unpause_backfill(backfill_id: int, sessions: Sessions, clock: HubClock) -> dict[str, Any]:
+def unpause_backfill(backfill_id: int, sessions: Sessions, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Start its queued runs again."""
-    return _change(sessions, clock, backfill_id, "unpause")
+    return _change(sessions, clock, backfill_id, "unpause", who, by)
 
 
 @router.put("/backfills/{backfill_id}/cancel", response_model=BackfillOut, responses={**_404, **_409})
-def cancel_backfill(backfill_id: int, sessions: Sessions, clock: HubClock) -> dict[str, Any]:
+def cancel_backfill(backfill_id: int, sessions: Sessions, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Fail its runs that have not started (running ones finish) and complete it."""
-    return _change(sessions, clock, backfill_id, "cancel")
+    return _change(sessions, clock, backfill_id, "cancel", who, by)

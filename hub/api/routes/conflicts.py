@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from hub import reconcile
-from hub.api.deps import PageParams, ReadSession
+from hub.api.deps import CurrentUser, PageParams, ReadSession
+from hub.auth import scope
 from hub.api.schemas import ErrorResponse, Page
 
 router = APIRouter(tags=["conflicts"])
@@ -39,6 +40,7 @@ class ConflictPage(Page[ConflictOut]):
 def list_conflicts(
     session: ReadSession,
     page: PageParams,
+    who: CurrentUser,
     dag_id: Annotated[str | None, Query(description="Only conflicts of this DAG.")] = None,
     run: Annotated[int | None, Query(description="Only conflicts of this run (its numeric id, run_pk).")] = None,
     task_id: Annotated[str | None, Query(description="Only conflicts of this task.")] = None,
@@ -46,8 +48,11 @@ def list_conflicts(
     agent_id: Annotated[str | None, Query(description="Only conflicts involving this device's result.")] = None,
     rule: Annotated[str | None, Query(description="operator_wins, device_success_wins or duplicate_success.")] = None,
 ) -> dict[str, Any]:
-    """Conflict records, newest first, with counts per rule."""
-    return reconcile.list_conflicts(session, dag_id=dag_id, run_pk=run, task_id=task_id, map_index=map_index, agent_id=agent_id, rule=rule, limit=page.limit, offset=page.offset)
+    """Conflict records (of DAGs in the user's scope), newest first, with counts per rule."""
+    return reconcile.list_conflicts(
+        session, dag_id=dag_id, run_pk=run, task_id=task_id, map_index=map_index, agent_id=agent_id, rule=rule, limit=page.limit, offset=page.offset,
+        dag_ids=scope.visible_dag_ids(session, who),
+    )
 
 
 @router.get("/runs/{run_pk}/tasks/{task_id}/conflicts", response_model=ConflictPage)
@@ -56,7 +61,9 @@ def list_task_conflicts(
     task_id: str,
     session: ReadSession,
     page: PageParams,
+    who: CurrentUser,
     map_index: Annotated[int | None, Query(description="Only this map index (a fan-out or mapped instance).")] = None,
 ) -> dict[str, Any]:
     """The conflict records of one task instance (or of every instance of a mapped task), newest first."""
+    scope.check_run(session, who, run_pk)
     return reconcile.list_conflicts(session, run_pk=run_pk, task_id=task_id, map_index=map_index, limit=page.limit, offset=page.offset)

@@ -14,6 +14,7 @@ from hub import vault
 from hub.api.deps import Cipher, HubClock, PageParams, ReadSession, Sessions
 from hub.api.routes.variables import actor
 from hub.api.schemas import ErrorResponse, Page
+from hub.auth.roles import Role, requires
 from shared.clock import utcnow
 
 router = APIRouter(tags=["connections"])
@@ -78,6 +79,7 @@ def get_connection(conn_id: str, request: Request, session: ReadSession) -> dict
 
 
 @router.post("/connections", status_code=201, response_model=ConnectionOut, responses={**_422, **_503, 409: {"model": ErrorResponse, "description": "The connection exists."}})
+@requires(Role.ADMIN)
 def create_connection(body: ConnectionCreate, request: Request, sessions: Sessions, session: ReadSession, cipher: Cipher, clock: HubClock) -> dict[str, Any]:
     """Create a connection; password and extra are encrypted before they are stored."""
     vault.save_connection(sessions, cipher, body.conn_id, body.given(), utcnow(clock), create=True, actor=actor(request))
@@ -85,6 +87,7 @@ def create_connection(body: ConnectionCreate, request: Request, sessions: Sessio
 
 
 @router.patch("/connections/{conn_id}", response_model=ConnectionOut, responses={**_404, **_422, **_503})
+@requires(Role.ADMIN)
 def patch_connection(conn_id: str, body: ConnectionPatch, request: Request, sessions: Sessions, session: ReadSession, cipher: Cipher, clock: HubClock) -> dict[str, Any]:
     """Change the fields given; the others stay (a password is kept unless given)."""
     vault.save_connection(sessions, cipher, conn_id, body.given(), utcnow(clock), create=False, actor=actor(request))
@@ -92,6 +95,7 @@ def patch_connection(conn_id: str, body: ConnectionPatch, request: Request, sess
 
 
 @router.delete("/connections/{conn_id}", status_code=204, responses=_404)
+@requires(Role.ADMIN)
 def delete_connection(conn_id: str, request: Request, sessions: Sessions, clock: HubClock) -> Response:
     """Delete a connection."""
     vault.delete_connection(sessions, conn_id, utcnow(clock), actor=actor(request))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hub import enrolment
 from hub.api.schemas import ErrorResponse
+from hub.auth.roles import Role, requires
 from hub.brokeradmin import BrokerAdmin
 from hub.config import HubSettings
 from hub.db import transaction
@@ -120,6 +121,7 @@ def enroll(request: Request, body: EnrolRequest) -> dict[str, Any]:
 
 
 @router.post("/enrolment-tokens", response_model=TokenResponse, status_code=201, responses={422: {"model": ErrorResponse, "description": "Bad lifetime or agent id."}})
+@requires(Role.ADMIN)
 def create_enrolment_token(request: Request, body: TokenRequest) -> dict[str, Any]:
     """A one-time, expiring enrolment token for one device (admin)."""
     settings, sessions, now, _remote = _parts(request)
@@ -135,6 +137,7 @@ def create_enrolment_token(request: Request, body: TokenRequest) -> dict[str, An
     response_model=RegisterResponse,
     responses={409: {"model": ErrorResponse, "description": "The agent has a different key, or is revoked."}, 502: {"model": ErrorResponse, "description": "The broker refused."}},
 )
+@requires(Role.ADMIN)
 def register_agent_key(request: Request, agent_id: Annotated[str, Path(max_length=128)], body: RegisterRequest) -> dict[str, Any]:
     """Pre-register a device: its id and a public key made on the device.
     Returns its broker credentials (once) when the hub manages them (admin)."""
@@ -149,6 +152,7 @@ def register_agent_key(request: Request, agent_id: Annotated[str, Path(max_lengt
     response_model=RevokeResponse,
     responses={404: {"model": ErrorResponse, "description": "No such agent."}, 502: {"model": ErrorResponse, "description": "Revoked at the hub, but the broker refused to remove the client: call again."}},
 )
+@requires(Role.ADMIN)
 def revoke_agent(request: Request, agent_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
     """Revoke a device: its messages and API requests are refused from now
     on and its broker client is deleted, which disconnects it (admin)."""

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fastapi import APIRouter
 
 from hub import actions, queries
-from hub.api.deps import Events, HubClock, ReadSession, Sessions
+from hub.api.deps import By, CurrentUser, Events, HubClock, ReadSession, Sessions
+from hub.auth import scope
 from hub.api.schemas import ErrorResponse, RunDetail
 
 router = APIRouter(tags=["runs"])
@@ -62,35 +63,39 @@ class ActionResult(BaseModel):
 
 
 @router.post("/runs/{run_pk}/clear", response_model=ActionResult, responses=_ERRORS)
-def clear_task_instances(run_pk: int, body: ClearRequest, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock) -> dict[str, Any]:
+def clear_task_instances(run_pk: int, body: ClearRequest, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Clear task instances so they run again with a new try number (their
     history stays); open work on agents is cancelled and the run runs again."""
+    scope.check_run(session, who, run_pk)
     affected = actions.clear(
         sessions, events, clock, run_pk, task_ids=body.task_ids, map_indexes=body.map_indexes, include_downstream=body.include_downstream,
-        include_upstream=body.include_upstream, only_failed=body.only_failed, dry_run=body.dry_run,
+        include_upstream=body.include_upstream, only_failed=body.only_failed, dry_run=body.dry_run, by=by,
     )
     return {"affected": affected, "run": queries.get_run(session, run_pk)}
 
 
 @router.post("/runs/{run_pk}/rerun", response_model=ActionResult, responses=_ERRORS)
-def rerun(run_pk: int, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock, body: RerunRequest | None = None) -> dict[str, Any]:
+def rerun(run_pk: int, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock, who: CurrentUser, by: By, body: RerunRequest | None = None) -> dict[str, Any]:
     """Run the whole run again (every task instance cleared; the body may be omitted)."""
-    affected = actions.clear(sessions, events, clock, run_pk, only_failed=(body or RerunRequest()).only_failed)
+    scope.check_run(session, who, run_pk)
+    affected = actions.clear(sessions, events, clock, run_pk, only_failed=(body or RerunRequest()).only_failed, by=by)
     return {"affected": affected, "run": queries.get_run(session, run_pk)}
 
 
 @router.patch("/runs/{run_pk}", response_model=ActionResult, responses=_ERRORS)
-def mark_run(run_pk: int, body: RunPatch, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock) -> dict[str, Any]:
+def mark_run(run_pk: int, body: RunPatch, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Mark a whole run success or failed (Airflow's "mark DAG run as ...")."""
-    affected = actions.set_run_state(sessions, events, clock, run_pk, body.state)
+    scope.check_run(session, who, run_pk)
+    affected = actions.set_run_state(sessions, events, clock, run_pk, body.state, by=by)
     return {"affected": affected, "run": queries.get_run(session, run_pk)}
 
 
 @router.post("/runs/{run_pk}/mark", response_model=ActionResult, responses=_ERRORS)
-def mark_task_instances(run_pk: int, body: MarkRequest, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock) -> dict[str, Any]:
+def mark_task_instances(run_pk: int, body: MarkRequest, sessions: Sessions, session: ReadSession, events: Events, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Set task instances to success, failed or skipped without running them."""
+    scope.check_run(session, who, run_pk)
     affected = actions.mark(
         sessions, events, clock, run_pk, body.state, task_ids=body.task_ids, map_indexes=body.map_indexes,
-        include_downstream=body.include_downstream, include_upstream=body.include_upstream,
+        include_downstream=body.include_downstream, include_upstream=body.include_upstream, by=by,
     )
     return {"affected": affected, "run": queries.get_run(session, run_pk)}

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hub import vault
 from hub.api.deps import Cipher, HubClock, PageParams, ReadSession, Sessions
 from hub.api.schemas import ErrorResponse, Page
+from hub.auth.roles import Role, requires
 from shared.clock import utcnow
 
 router = APIRouter(tags=["variables"])
@@ -61,6 +62,7 @@ def get_variable(key: str, session: ReadSession) -> dict[str, Any]:
 
 
 @router.post("/variables", status_code=201, response_model=VariableOut, responses={**_422, **_503, 409: {"model": ErrorResponse, "description": "The variable exists."}})
+@requires(Role.ADMIN)
 def create_variable(body: VariableCreate, request: Request, sessions: Sessions, session: ReadSession, cipher: Cipher, clock: HubClock) -> dict[str, Any]:
     """Create a variable; its value is encrypted before it is stored."""
     vault.set_variable(sessions, cipher, body.key, body.value, utcnow(clock), description=body.description, create_only=True, actor=actor(request))
@@ -68,6 +70,7 @@ def create_variable(body: VariableCreate, request: Request, sessions: Sessions, 
 
 
 @router.put("/variables/{key}", response_model=VariableOut, responses={**_422, **_503})
+@requires(Role.ADMIN)
 def set_variable(key: str, body: VariableSet, request: Request, sessions: Sessions, session: ReadSession, cipher: Cipher, clock: HubClock) -> dict[str, Any]:
     """Create or replace a variable's value (and description, when given)."""
     vault.set_variable(sessions, cipher, key, body.value, utcnow(clock), description=body.description, actor=actor(request))
@@ -75,6 +78,7 @@ def set_variable(key: str, body: VariableSet, request: Request, sessions: Sessio
 
 
 @router.delete("/variables/{key}", status_code=204, responses=_404)
+@requires(Role.ADMIN)
 def delete_variable(key: str, request: Request, sessions: Sessions, clock: HubClock) -> Response:
     """Delete a variable."""
     vault.delete_variable(sessions, key, utcnow(clock), actor=actor(request))

@@ -25,10 +25,13 @@
     busy = true;
     fetch(window.location.href, { headers: { "Accept": "text/html" }, cache: "no-store", credentials: "same-origin" })
       .then(function (res) {
+        // The session ended: go to the login page (it comes back here after).
+        if (res.redirected && new URL(res.url).pathname === "/login") { window.location.assign(res.url); return null; }
         if (!res.ok) { throw new Error("HTTP " + res.status); }
         return res.text();
       })
       .then(function (html) {
+        if (html === null) { return; }
         var fresh = new DOMParser().parseFromString(html, "text/html").querySelector("main");
         if (!fresh) { throw new Error("no <main> in the page"); }
         var open = {};

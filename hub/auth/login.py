@@ -1,0 +1,55 @@
+"""Password login for the dashboard: rate limit, check, start a session,
+audit. One function, so every way in obeys the same limits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from hub import audit
+from hub.auth import ratelimit, sessions as web_sessions
+from hub.auth.ratelimit import LoginLimits
+from hub.auth.sessions import SessionPolicy
+from hub.auth.users import check_password, rehash_if_needed
+from hub.db import transaction
+from hub.errors import RateLimited, Unauthorized
+from hub.models_auth import User
+
+
+def login(
+    sessions: sessionmaker[Session], name: str, password: str, address: str, now: datetime, limits: LoginLimits, policy: SessionPolicy,
+) -> str:
+    """Check ``name`` and ``password`` and start a session; returns the
+    session cookie value. Raises ``RateLimited`` (with ``retry_after``)
+    when the user name or the address failed too often lately, and
+    ``Unauthorized`` for a wrong name or password (the same message for
+    both, so user names cannot be probed). Every outcome is audited."""
+    name = name.strip()[:100]
+    # The checks only read; the slow password hash must not hold SQLite's write lock.
+    with sessions() as session:
+        wait = ratelimit.retry_after(session, name, address, now, limits)
+        found = None if wait else check_password(session, name, password)
+        user_id = found.id if found is not None else None
+    with transaction(sessions) as session:
+        user = session.get(User, user_id) if user_id is not None else None
+        if wait:
+            audit.record(session, f"user:{name}", "auth.login_failed", name, at=now, success=False, remote=address, reason="rate_limited")
+        elif user is not None and user.disabled_at is None:
+            rehash_if_needed(user, password)
+            ratelimit.clear(session, name)
+            secret = web_sessions.start(session, user, now, policy, address)
+            audit.record(session, f"user:{name}", "auth.login", name, at=now, remote=address)
+            return secret
+        else:
+            ratelimit.record_failure(session, name, address, now, limits)
+            audit.record(session, f"user:{name}", "auth.login_failed", name, at=now, success=False, remote=address, reason="bad_credentials")
+    if wait:
+        raise RateLimited(f"too many failed logins; try again in {wait} s", retry_after=wait)
+    raise Unauthorized("wrong user name or password")
+
+
+def logout(sessions: sessionmaker[Session], secret: str, name: str, address: str, now: datetime) -> None:
+    with transaction(sessions) as session:
+        web_sessions.end(session, secret, now)
+        audit.record(session, f"user:{name}", "auth.logout", name, at=now, remote=address)
