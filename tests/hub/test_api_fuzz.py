@@ -23,10 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance, status_code_conformance
 
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.events import EventBus
 from shared.clock import ManualClock
-from tests.hub.api_harness import Hub, Seeded, open_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.api_harness import Hub, Seeded, hub_settings, open_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
 
 MAX_EXAMPLES = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -34,7 +33,7 @@ OPENAPI = "/api/v1/openapi.json"
 
 
 def _labels() -> list[str]:
-    routes_only = create_app(HubSettings(), None, EventBus(), ManualClock())  # type: ignore[arg-type]
+    routes_only = create_app(hub_settings(), None, EventBus(), ManualClock())  # type: ignore[arg-type]
     return [result.ok().label for result in schemathesis.openapi.from_asgi(OPENAPI, routes_only).get_all_operations()]
 
 

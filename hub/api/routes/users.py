@@ -155,7 +155,7 @@ def patch_user(name: str, body: UserPatch, sessions: Sessions, clock: HubClock, 
         return users.user_dict(user)
 
 
-@router.get("/tokens", response_model=TokenList)
+@router.get("/tokens", response_model=TokenList, responses=_404)
 @requires(Role.ADMIN)
 def list_tokens(session: ReadSession, clock: HubClock, user: str | None = None) -> dict[str, Any]:
     """API tokens, newest first (never their secrets); ``user`` filters."""
