@@ -14,7 +14,7 @@ import pytest
 
 from hub import events as ev
 from hub.config import HubSettings
-from tests.hub.api_harness import FERNET_KEY
+from tests.hub.api_harness import FERNET_KEY, TEST_SECRET_KEY
 from hub.db import transaction
 from hub.models import DagRun, TaskInstance
 from hub.runtime import HubRuntime
@@ -80,7 +80,7 @@ def test_agent_over_mutual_tls_runs_work_from_a_hub_with_the_hub_role(tmp_path: 
     (dags / "over_tls.py").write_text(DAG)
     settings = HubSettings.load(
         None, state_dir=tmp_path / "hub", dags_folder=dags, broker_port=mtls_broker.tls_port, broker_username=HUB_USER, broker_password=HUB_PASSWORD,
-        broker_tls_ca=str(pki.ca), broker_tls_cert=str(hub_cert), broker_tls_key=str(hub_key), scheduler_interval=0.2, api_port=0, fernet_keys=FERNET_KEY,
+        broker_tls_ca=str(pki.ca), broker_tls_cert=str(hub_cert), broker_tls_key=str(hub_key), scheduler_interval=0.2, api_port=0, fernet_keys=FERNET_KEY, secret_key=TEST_SECRET_KEY,
     )
     runtime = HubRuntime(settings, run_api=False)
     agent_dir = tmp_path / "agent"

@@ -30,7 +30,7 @@ from hub import enrolment
 from hub import events as ev
 from hub.api.app import create_app
 from hub.config import HubSettings
-from tests.hub.api_harness import FERNET_KEY
+from tests.hub.api_harness import FERNET_KEY, TEST_SECRET_KEY, admin_headers
 from hub.db import make_engine, make_sessionmaker, transaction, upgrade
 from hub.events import EventBus
 from hub.models import Agent, AuditRecord, DagRun
@@ -79,7 +79,7 @@ def enrol_hub(tmp_path: Path, secure_broker: SecureBroker, pki: Pki) -> Iterator
         f'broker_username = "{HUB_USER}"\nbroker_password = "{HUB_PASSWORD}"\n'
         f'broker_admin_username = "{ADMIN_USER}"\nbroker_admin_password = "{ADMIN_PASSWORD}"\n'
         f'agent_broker_host = "localhost"\nagent_broker_port = {secure_broker.tls_port}\nagent_broker_tls = true\n'
-        f'fernet_keys = "{FERNET_KEY}"\n'
+        f'fernet_keys = "{FERNET_KEY}"\nsecret_key = "{TEST_SECRET_KEY}"\n'
     )
     settings = HubSettings.load(config)
     (tmp_path / "hub").mkdir()
@@ -270,16 +270,22 @@ def test_a_preregistered_device_gets_credentials_once(tmp_path: Path, enrol_hub:
 
 
 def test_admin_api_creates_tokens_and_revokes(enrol_hub: EnrolHub) -> None:
-    made = httpx.post(f"{enrol_hub.url}/api/v1/enrolment-tokens", json={"expires": "2h", "agent_id": "pump-3", "labels": {"site": "x"}}, verify=enrol_hub.tls(), timeout=10)
+    admin = admin_headers(enrol_hub.sessions)
+    anonymous = httpx.post(f"{enrol_hub.url}/api/v1/enrolment-tokens", json={"expires": "2h"}, verify=enrol_hub.tls(), timeout=10)
+    assert anonymous.status_code == 401
+    operator = httpx.post(f"{enrol_hub.url}/api/v1/enrolment-tokens", json={"expires": "2h"}, headers=admin_headers(enrol_hub.sessions, "operator"), verify=enrol_hub.tls(), timeout=10)
+    assert operator.status_code == 403
+    made = httpx.post(f"{enrol_hub.url}/api/v1/enrolment-tokens", json={"expires": "2h", "agent_id": "pump-3", "labels": {"site": "x"}}, headers=admin, verify=enrol_hub.tls(), timeout=10)
     assert made.status_code == 201, made.text
     body = made.json()
     assert body["token"].startswith("opte_") and body["agent_id"] == "pump-3"
     with enrol_hub.sessions() as session:
         stored = json.dumps([r.detail for r in session.scalars(select(AuditRecord))])
     assert body["token"] not in stored  # never logged
-    bad = httpx.post(f"{enrol_hub.url}/api/v1/enrolment-tokens", json={"expires": "90d"}, verify=enrol_hub.tls(), timeout=10)
+    assert [r.actor for r in enrol_hub.audit("enrolment_token.create")] == ["user:test-admin"]
+    bad = httpx.post(f"{enrol_hub.url}/api/v1/enrolment-tokens", json={"expires": "90d"}, headers=admin, verify=enrol_hub.tls(), timeout=10)
     assert bad.status_code == 422
-    missing = httpx.post(f"{enrol_hub.url}/api/v1/agents/nobody/revoke", verify=enrol_hub.tls(), timeout=10)
+    missing = httpx.post(f"{enrol_hub.url}/api/v1/agents/nobody/revoke", headers=admin, verify=enrol_hub.tls(), timeout=10)
     assert missing.status_code == 404
 
 
@@ -342,7 +348,7 @@ def test_without_broker_admin_enrolment_returns_no_credentials_and_a_broker_fail
     from tests.conftest import free_port
 
     def app_with(**settings: Any) -> tuple[Any, sessionmaker[Session]]:
-        hub_settings = HubSettings(state_dir=tmp_path / "hub", fernet_keys=FERNET_KEY, **settings)
+        hub_settings = HubSettings(state_dir=tmp_path / "hub", fernet_keys=FERNET_KEY, secret_key=TEST_SECRET_KEY, **settings)
         upgrade(hub_settings.db_url)
         sessions = make_sessionmaker(make_engine(hub_settings.db_url))
         return create_app(hub_settings, sessions, EventBus(), SystemClock()), sessions

@@ -95,8 +95,10 @@ def test_public_and_agent_routes_answer_without_credentials(hub: Hub) -> None:
         assert client.get("/api/docs").status_code == 200
         assert client.get("/login").status_code == 200
         assert client.get("/static/app.js").status_code == 200
-        # The agent sync route is not a user route: its own check answers (disabled here).
-        assert client.get("/api/v1/agents/a1/sync").json()["error"]["code"] == "sync_disabled"
+        # Agent routes are not user routes: their own checks answer (the agent's signature, the enrolment token).
+        assert client.get("/api/v1/agents/a1/sync").json()["error"]["code"] == "signature_missing"
+        enrol = client.post("/api/v1/enroll", json={"token": "x" * 20, "agent_id": "a1", "public_key": "ed25519:" + "A" * 43})
+        assert enrol.status_code == 401 and enrol.json()["error"]["code"] == "token_unknown", enrol.text
         # Unknown paths stay 404 (nothing to protect, nothing revealed).
         assert client.get("/api/v1/nope").status_code == 404
 
@@ -121,7 +123,11 @@ def test_role_rules_on_every_route(hub: Hub, role: str) -> None:
         assert ("POST", "/api/v1/dags/{dag_id}/runs", Role.OPERATOR) in {(m, p, n) for m, p, n, _s in refused}
         assert ("POST", "/dags/{dag_id}/trigger", Role.OPERATOR) in {(m, p, n) for m, p, n, _s in refused}
     if role == "operator":
-        assert {p for _m, p, _n, _s in refused} == {"/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit", "/audit"}
+        assert {p for _m, p, _n, _s in refused} == {
+            "/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit", "/audit",
+            "/api/v1/variables", "/api/v1/variables/{key}", "/api/v1/connections", "/api/v1/connections/{conn_id}",
+            "/api/v1/enrolment-tokens", "/api/v1/agents/{agent_id}/public-key", "/api/v1/agents/{agent_id}/revoke",
+        }
     if role == "admin":
         assert refused == []
 

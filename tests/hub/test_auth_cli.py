@@ -22,7 +22,7 @@ from hub.ctl.errors import ExitCode
 from hub.db import make_engine, make_sessionmaker
 from hub.models import AuditRecord
 from shared.clock import utcnow
-from tests.hub.api_harness import TEST_SECRET_KEY, Hub, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.api_harness import FERNET_KEY, TEST_SECRET_KEY, Hub, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_users_and_tokens_commands_work_on_the_database_and_are_audited(config: 
 @pytest.mark.parametrize(("value", "why"), [("", "empty"), ("changeme", "known default"), ("x7Yq-2fKp9Lm3Qr8Zt5W", "fewer than 32")])
 def test_the_hub_refuses_to_start_without_a_proper_secret_key(tmp_path: Path, value: str, why: str) -> None:
     config = tmp_path / "hub.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\nsecret_key = "{value}"\napi_port = 0\n')
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\nsecret_key = "{value}"\napi_port = 0\nfernet_keys = "{FERNET_KEY}"\n')
     for role in ("api", "scheduler"):
         done = subprocess.run([sys.executable, "-m", "hub", role, "--config", str(config)], capture_output=True, text=True, timeout=60)
         assert done.returncode == EXIT_CONFIG == 2, done.stderr

@@ -245,11 +245,16 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.communicate(timeout=10)
 
 
+def _admin(state: Path) -> dict[str, str]:
+    """The admin token standalone writes on its first run."""
+    return {"Authorization": f"Bearer {(state / 'hub' / 'admin-token').read_text().strip()}"}
+
+
 def test_standalone_needs_no_configuration_and_keeps_its_key(tmp_path: Path) -> None:
     state = tmp_path / "state"
     proc, url = _start_standalone(state)
     try:
-        answer = httpx.put(f"{url}/api/v1/variables/demo_token", json={"value": "standalone-secret-1"}, timeout=10)
+        answer = httpx.put(f"{url}/api/v1/variables/demo_token", json={"value": "standalone-secret-1"}, headers=_admin(state), timeout=10)
         assert answer.status_code == 200, answer.text
         assert "standalone-secret-1" not in answer.text
     finally:
@@ -259,7 +264,7 @@ def test_standalone_needs_no_configuration_and_keeps_its_key(tmp_path: Path) -> 
     first_key = key_file.read_text()
     proc, url = _start_standalone(state)
     try:
-        assert httpx.get(f"{url}/api/v1/variables/demo_token", timeout=10).json()["is_set"] is True
+        assert httpx.get(f"{url}/api/v1/variables/demo_token", headers=_admin(state), timeout=10).json()["is_set"] is True
     finally:
         _stop(proc)
     assert key_file.read_text() == first_key

@@ -17,7 +17,7 @@ from hub.config import HubSettings
 from hub.db import transaction
 from hub.encryption import parse_keys
 from hub.models import AuditRecord, DagRun, TaskInstance
-from tests.hub.api_harness import FERNET_KEY, SEEDED_SECRET, Hub, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.api_harness import FERNET_KEY, SEEDED_SECRET, Hub, hub, hub_settings, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
 from tests.hub.test_ctl import Cli
 
 pytestmark = pytest.mark.timeout(60)
@@ -95,8 +95,8 @@ def test_secret_changes_are_audited_without_values(hub: Hub) -> None:
 
 
 def test_a_hub_without_keys_answers_503_and_stores_nothing(hub: Hub) -> None:
-    app = create_app(HubSettings(database_url=hub.url), hub.sessions, hub.events, hub.clock)
-    with TestClient(app) as client:
+    app = create_app(hub_settings(database_url=hub.url, fernet_keys=""), hub.sessions, hub.events, hub.clock)
+    with TestClient(app, headers={"Authorization": f"Bearer {hub.token()}"}) as client:
         answer = client.put("/api/v1/variables/x", json={"value": "v"})
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "secrets_unavailable"
         assert client.get("/api/v1/variables").status_code == 200
