@@ -52,6 +52,8 @@ class HubSettings(BaseSettings):
     sync_max_batch_items: int = Field(1000, ge=1, le=100_000, description="Most outbox items one HTTP sync batch may carry; more is refused with 413 batch_too_large.")
     sync_max_batch_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest HTTP sync request body in bytes; more is refused with 413 batch_too_large (each envelope also obeys max_message_bytes).")
     task_log_retention_days: int = Field(30, ge=0, description="Days the hub keeps the stored logs of finished tries (by when each chunk arrived); older chunks are deleted by the scheduler in batches of at most 10,000. Logs of running tries are kept. 0: keep logs forever.")
+    keys_dir: Path | None = Field(None, description="Folder of the hub's signing key ring (made on first start, mode 0700); empty: <state_dir>/keys. Every hub process of one installation must use the same ring.")
+    message_ttl: float = Field(7 * 86400.0, gt=0, description="Seconds a signed message to a device (assign, cancel, ack) stays valid (its 'exp'); a device refuses it as expired after that. The default matches the broker's session expiry for agents (7 days): a device back after longer gets the assignments re-sent, freshly signed, by the hub.")
     dag_file_processor_memory_mb: int = Field(2048, ge=0, description="Memory (MB of data) one DAG file may allocate while being parsed; over it the file fails with a memory import error. 0: no limit.")
 
     _toml_path: ClassVar[Path | None] = None
@@ -66,6 +68,11 @@ class HubSettings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'hub.db'}"
+
+    @property
+    def key_ring_dir(self) -> Path:
+        """The folder of the hub's signing key ring."""
+        return self.keys_dir or self.state_dir / "keys"
 
     @classmethod
     def settings_customise_sources(

@@ -88,3 +88,10 @@ class DatabaseUnavailable(HubError):
 
     status = 503
     code = "database_unavailable"
+
+
+class AgentNotTrusted(HubError):
+    """An agent with no registered public key, or a revoked one: nothing it sends is applied."""
+
+    status = 403
+    code = "agent_not_trusted"

@@ -531,3 +531,22 @@ class AuditRecord(Base):
     #: Client address for actions made over HTTP.
     remote: Mapped[str] = mapped_column(String(100), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class SecurityEvent(Base):
+    """Something that may be an attack, or a key misconfiguration: a device
+    message that did not verify (unknown or revoked device, bad signature,
+    sender/topic mismatch), or a hub message a device refused (bad
+    signature, wrong device, expired, replayed), as the device reported it
+    (``source`` ``agent``). See docs/security-signing.md."""
+
+    __tablename__ = "security_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    agent_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    #: ``mqtt``, ``http`` (the hub refused a device message) or ``agent`` (a device refused a hub message).
+    source: Mapped[str] = mapped_column(String(20))
+    code: Mapped[str] = mapped_column(String(50), index=True)
+    detail: Mapped[str] = mapped_column(Text)
+    excerpt: Mapped[str] = mapped_column(Text, default="")

@@ -14,8 +14,13 @@ aside instead of sending them forever. The sync cursor (the highest sequence
 committed, per agent and outbox stream) commits in the same transaction as
 the items, so it never claims more than the hub holds.
 
-Authentication is, for now, one shared bearer secret (``agent_sync_token``);
-issue 5 replaces it with per-agent Ed25519 signatures.
+Every envelope is a signed frame (``shared.frames``), verified with the
+agent's registered key exactly as on MQTT; one that does not verify is
+recorded as a security event (source ``http``) and listed in ``refused``.
+An agent with no registered key, or a revoked one, gets 403
+``agent_not_trusted`` for the whole batch (recorded too): its items stay on
+the device. Request authentication is, for now, one shared bearer secret
+(``agent_sync_token``); issue 5 replaces it with per-agent signatures.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from starlette.concurrency import run_in_threadpool
 from hub.api.schemas import ErrorResponse
 from hub.config import HubSettings
 from hub.db import for_update
-from hub.errors import BatchTooLarge, DatabaseUnavailable, InvalidRequest, SyncDisabled, Unauthorized
+from hub import identity, security
+from hub.db import transaction
+from hub.errors import AgentNotTrusted, BatchTooLarge, DatabaseUnavailable, InvalidRequest, SyncDisabled, Unauthorized
 from hub.ingest import Ingester
 from hub.models import SyncCursor
 from shared.clock import utcnow
@@ -91,7 +98,7 @@ class SyncAck(BaseModel):
 
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (code unauthorized)."},
-    403: {"model": ErrorResponse, "description": "HTTP sync is disabled on this hub: agent_sync_token is empty (code sync_disabled)."},
+    403: {"model": ErrorResponse, "description": "HTTP sync is disabled on this hub: agent_sync_token is empty (code sync_disabled), or the agent is not registered or revoked (code agent_not_trusted)."},
 }
 
 
@@ -178,6 +185,7 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     settings = _authenticate(request, agent_id)
     batch = _parse(await _read_limited(request, settings.sync_max_batch_bytes), settings)
     ingester = _ingester(request)
+    await run_in_threadpool(_check_standing, request, ingester, agent_id, batch.envelopes[0])
     topic = events_topic(agent_id)
     # The same input ingestion gets from the broker: the agent's events topic
     # and the envelope bytes, so every check is the MQTT path's.
@@ -208,6 +216,21 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     refused = [{"index": positions[id(msg)], "code": record.code, "detail": record.detail} for msg, record in out.refused]
     body = {**ingester.ack_of(out, agent_id).to_dict(), "refused": refused, "cursor": cursor}
     return JSONResponse(body)
+
+
+def _check_standing(request: Request, ingester: Ingester, agent_id: str, first: str) -> None:
+    """403 for an agent whose messages can never verify (no key, revoked), recorded once."""
+    sessions = request.app.state.sessions
+    with sessions() as session:
+        standing = identity.device_key(session, agent_id).standing
+    if standing == "ok":
+        return
+    code = "revoked_agent" if standing == "revoked" else "unknown_agent"
+    ingester.counters[f"security.{code}"] += 1
+    if ingester.security_throttle.allow(agent_id, "http", code):
+        with transaction(sessions) as session:
+            session.add(security.event(utcnow(request.app.state.clock), agent_id, "http", code, f"HTTP sync batch from agent {agent_id!r}, which is {'revoked' if code == 'revoked_agent' else 'not registered'}", first.encode()))
+    raise AgentNotTrusted(f"agent {agent_id!r} is {'revoked' if code == 'revoked_agent' else 'not registered (no public key)'}; nothing it sends is applied")
 
 
 @router.get("/agents/{agent_id}/sync", response_model=Cursor, responses=_AUTH_RESPONSES)
