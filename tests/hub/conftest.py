@@ -86,6 +86,12 @@ class HubHarness:
             self.agent_keys[agent_id] = key
         return self.agent_keys[agent_id]
 
+    def use_key(self, agent_id: str, key: SigningKey) -> None:
+        """Register ``key`` as ``agent_id``'s device key (replacing any)."""
+        with transaction(self.sessions) as session:
+            register_agent(session, agent_id, key.public, utcnow(self.clock), replace=True)
+        self.agent_keys[agent_id] = key
+
     def publisher(self) -> OutboxPublisher:
         """An outbox publisher on the recording link, signing with the harness's ring."""
         return OutboxPublisher(self.sessions, self.link, self.clock, keyring=self.keyring)  # type: ignore[arg-type]

@@ -20,14 +20,18 @@ from agent.queues import Outbox
 from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
 from hub.api.app import create_app
 from hub.config import HubSettings
-from hub.models import AssetEvent, RejectedMessage, SyncCursor, TaskResult
+from hub.models import AssetEvent, RejectedMessage, SecurityEvent, SyncCursor, TaskResult
 from shared.clock import SystemClock
-from shared.envelope import Envelope, encode
+from shared.envelope import Envelope
+from shared.frames import AGENT_TO_HUB, sign_envelope
+from shared.signing import SigningKey
 from shared.hlc import HLC
 from shared.messages import Ack, AgentEvent, Cancel, Heartbeat, Result
 
 from .api_harness import LiveServer
 
+#: The test devices' keys; served() registers them with the hub.
+KEYS = {"a1": SigningKey.generate(), "a2": SigningKey.generate()}
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DAG = """
@@ -43,6 +47,8 @@ def served(make_hub: Any) -> Iterator[Any]:
 
     def serve(**settings: Any) -> tuple[Any, str, list[str]]:
         hub = make_hub({"d.py": DAG})
+        for agent_id, key in KEYS.items():
+            hub.use_key(agent_id, key)
         hub.agent_online("a1")
         hub.trigger("d")
         hub.tick()
@@ -60,7 +66,8 @@ def served(make_hub: Any) -> Iterator[Any]:
 
 
 def envelope(body: Any, sender: str = "a1", logical: int = 0) -> str:
-    return encode(Envelope(body, sender=sender, hlc=HLC(1_767_225_600_000, logical, sender))).decode()
+    """A frame as ``sender``'s agent signs it."""
+    return sign_envelope(Envelope(body, sender=sender, hlc=HLC(1_767_225_600_000, logical, sender)), KEYS[sender], AGENT_TO_HUB).decode()
 
 
 def batch(*envelopes: str, stream: str = "s1", first: str = "0001", last: str = "0009") -> dict[str, Any]:
@@ -105,7 +112,7 @@ def test_bad_items_are_recorded_and_refused_and_the_good_ones_still_apply(served
         envelope(Result(ids[0], 1, "success")),
         "{not json",
         envelope(Result("f" * 32, 1, "success")),  # never issued
-        envelope(Result(ids[1], 1, "success"), sender="a2"),  # not the URL's agent
+        envelope(Result(ids[1], 1, "success"), sender="a2"),  # not the URL's agent (a2's key)
         envelope(Cancel(ids[3])),  # a hub-to-agent type
         "x" * 300_000,  # over max_message_bytes
         envelope(Heartbeat("0.1.0")),  # valid on the events topic: applied, nothing to acknowledge
@@ -116,10 +123,12 @@ def test_bad_items_are_recorded_and_refused_and_the_good_ones_still_apply(served
     body = answer.json()
     assert body["assignment_ids"] == [ids[0], ids[2]]
     refused = {r["index"]: r["code"] for r in body["refused"]}
-    assert refused == {1: "decode_error", 2: "unknown_assignment", 3: "sender_mismatch", 4: "unexpected_type", 5: "payload_too_large"}
+    assert refused == {1: "bad_signature", 2: "unknown_assignment", 3: "unknown_key", 4: "unexpected_type", 5: "payload_too_large"}
     with hub.sessions() as session:
         records = list(session.scalars(select(RejectedMessage).where(RejectedMessage.source == "http").order_by(RejectedMessage.id)))
-    assert sorted(r.code for r in records) == sorted(refused.values())
+        security = list(session.scalars(select(SecurityEvent).where(SecurityEvent.source == "http").order_by(SecurityEvent.id)))
+    assert sorted(r.code for r in records) == ["payload_too_large", "unexpected_type", "unknown_assignment"]
+    assert [(e.agent_id, e.code) for e in security] == [("a1", "bad_signature"), ("a1", "unknown_key")]
     assert all(r.agent_id == "a1" for r in records)
     assert count(hub, TaskResult) == 2
 
@@ -142,6 +151,26 @@ def test_the_token_the_agent_id_and_the_limits_are_checked(served: Any) -> None:
     bad_agent = httpx.post(url.replace("/a1/", "/-bad/"), json=one, headers=AUTH, timeout=10)
     assert bad_agent.status_code == 422
     assert count(hub, TaskResult) == 0 and count(hub, SyncCursor) == 0
+
+
+def test_an_unregistered_or_revoked_agent_gets_403_and_a_security_event(served: Any) -> None:
+    from hub.db import transaction
+    from hub.identity import revoke_agent
+    from shared.clock import utcnow
+
+    hub, url, ids = served()
+    stranger = SigningKey.generate()
+    frame = sign_envelope(Envelope(Heartbeat("0.1.0"), sender="zz", hlc=HLC(1_767_225_600_000, 0, "zz")), stranger, AGENT_TO_HUB).decode()
+    answer = httpx.post(url.replace("/a1/", "/zz/"), json=batch(frame), headers=AUTH, timeout=10)
+    assert answer.status_code == 403 and answer.json()["error"]["code"] == "agent_not_trusted"
+    with transaction(hub.sessions) as session:
+        revoke_agent(session, "a1", utcnow(hub.clock))
+    answer = httpx.post(url, json=batch(envelope(Result(ids[0], 1, "success"))), headers=AUTH, timeout=10)
+    assert answer.status_code == 403 and "revoked" in answer.json()["error"]["message"]
+    with hub.sessions() as session:
+        events = [(e.agent_id, e.source, e.code) for e in session.scalars(select(SecurityEvent).order_by(SecurityEvent.id))]
+    assert events == [("zz", "http", "unknown_agent"), ("a1", "http", "revoked_agent")]
+    assert count(hub, TaskResult) == 0
 
 
 def test_an_empty_token_disables_the_endpoint(served: Any) -> None:
@@ -180,7 +209,7 @@ def test_a_restarted_agent_resumes_after_the_cursor_and_sends_the_rest_once(serv
         return sync
 
     def to_envelope(item: Any) -> bytes:
-        return encode(Envelope(item.result, sender="a1", hlc=item.hlc))
+        return sign_envelope(Envelope(item.result, sender="a1", hlc=item.hlc), KEYS["a1"], AGENT_TO_HUB)
 
     # A first run sent the first batch and the hub committed it, but the
     # agent died before it recorded the acknowledgement.
