@@ -57,7 +57,12 @@ def split(frame: bytes) -> tuple[bytes, str, bytes]:
         text = sig.decode("ascii")
     except UnicodeDecodeError:
         raise SignatureError("signature is not ASCII", "bad_signature") from None
-    return data, kid.decode(), decode_signature(text)
+    signature = decode_signature(text)
+    # Canonical only: base64 has spare bits at the end, and a frame that
+    # differs by one byte must never pass as the same signed message.
+    if encode_signature(signature) != text:
+        raise SignatureError("signature is not canonical base64url", "bad_signature")
+    return data, kid.decode(), signature
 
 
 def verify_frame(frame: bytes, purpose: str, lookup: Callable[[str], PublicKey | None], limit: int = MAX_ENVELOPE_BYTES) -> tuple[bytes, str]:
