@@ -60,6 +60,9 @@ class TrustStore:
             self._retired = retired
             self._keys = {kid: key for kid, key in {**configured, **stored}.items() if kid not in retired}
 
+    def retired(self) -> set[str]:
+        return self._read_retired()
+
     def _read_retired(self) -> set[str]:
         try:
             doc = json.loads(self.retired_path.read_bytes())

@@ -26,7 +26,14 @@ _EPILOG = {
 }
 
 
+def _security_epilog() -> dict[str, str]:
+    from hub.cli_security import EPILOG
+
+    return EPILOG
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _EPILOG.update(_security_epilog())
     parser = argparse.ArgumentParser(
         prog="outpost-hub",
         description="The Outpost hub: schedules DAGs and dispatches work to edge agents over MQTT.",
@@ -61,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dags", "DAG file maintenance.")
     p.add_argument("action", choices=["check"], help="check: load every DAG file and report errors")
     p.add_argument("folder", nargs="?", type=Path, help="DAG folder (default: the configured dags_folder)")
+
+    from hub.cli_security import add_commands
+
+    add_commands(command)
     return parser
 
 
@@ -75,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "db":
             return _db(args)
+        if args.command in ("keys", "agents"):
+            from hub.cli_security import run
+
+            return run(args, _settings(args))
         return _dags(args)
     except OutpostError as exc:
         print(f"outpost-hub: {exc}", file=sys.stderr)
