@@ -155,7 +155,12 @@ class OutboxPublisher:
                     envelope = decode(row.payload, self.max_message_bytes)
                     seq = next_send_seq(session, agent_id) if isinstance(envelope.body, Assign | Cancel) else None
                     payload = hubkeys.resign(self.keyring, envelope, agent_id, now, ttl=self.message_ttl, seq=seq, limit=self.max_message_bytes)
-                except (ValueError, OutpostError, AgentNotFound) as exc:
+                except AgentNotFound:
+                    # Work for a device the hub has never heard of (a pinned
+                    # target not yet registered): kept until it is.
+                    log.warning("outbox: message %d waits: no agent %s is registered yet", row.id, row.topic.split("/")[3])
+                    continue
+                except (ValueError, OutpostError) as exc:
                     log.error("outbox: message %d on %s cannot be signed and is dropped: %s", row.id, row.topic, exc)
                     session.execute(update(OutboxMessage.__table__).where(table.id == row.id).values(published_at=utcnow(self.clock)))
                     continue

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,14 @@ from sqlalchemy import func, select
 from hub import events as ev
 from hub.config import HubSettings
 from hub.db import transaction
+from hub.errors import Conflict
+from hub.identity import register_agent
 from hub.models import Agent, DagRun, TaskInstance
 from hub.runtime import HubRuntime
 from hub.scheduler import trigger_run
 from shared.clock import utcnow
+from shared.files import atomic_write
+from shared.signing import PublicKey, SigningKey
 from shared.states import RunState
 
 log = logging.getLogger(__name__)
@@ -144,6 +149,23 @@ class PrivateBroker:
         self.start()
 
 
+def provision_device(state_dir: Path, agent_id: str, sessions: Any, hub_keys: list[PublicKey], now: datetime) -> None:
+    """Make a local device's identity the way an operator would with
+    ``outpost-agent keygen`` and ``outpost-agent trust add`` on the device
+    and ``outpost-hub agents register`` on the hub, through the agent's
+    documented file layout (``<state_dir>/identity/``: ``device.key``,
+    ``hub-keys.json``; the hub does not import the agent)."""
+    identity_dir = state_dir / "identity"
+    key = SigningKey.load_or_create(identity_dir / "device.key")
+    texts = [k.to_text() for k in hub_keys]
+    atomic_write(identity_dir / "hub-keys.json", json.dumps({"keys": texts}, indent=2).encode() + b"\n", mode=0o600)
+    try:
+        with transaction(sessions) as session:
+            register_agent(session, agent_id, key.public, now, replace=True)
+    except Conflict as exc:  # revoked on purpose: it stays so
+        log.warning("local agent %s not registered: %s", agent_id, exc)
+
+
 @dataclass
 class LocalAgent:
     agent_id: str
@@ -177,6 +199,9 @@ class LocalAgent:
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log_file.close()
+
+    def provision(self, sessions: Any, hub_keys: list[PublicKey], now: datetime) -> None:
+        provision_device(self.folder, self.agent_id, sessions, hub_keys, now)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -218,6 +243,7 @@ class Standalone:
         self.runtime = HubRuntime(settings)
         self.runtime.start()
         for i, agent in enumerate(self.local_agents):
+            agent.provision(self.runtime.sessions, self.runtime.keyring.ring().public_keys(), utcnow(self.runtime.clock))
             agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url, settings.agent_sync_token or None)
         return self.runtime
 

@@ -18,8 +18,10 @@ import pytest
 from sqlalchemy import select
 
 from hub.db import make_engine, make_sessionmaker
+from hub.identity import HubKeyring
 from hub.models import TaskInstance, TaskResult
-from hub.standalone import LocalAgent
+from hub.standalone import LocalAgent, provision_device
+from shared.clock import SystemClock, utcnow
 from tests.conftest import Broker, free_port, wait_port
 
 pytestmark = pytest.mark.e2e
@@ -88,8 +90,20 @@ class Fleet:
         path = self.root / f"hub-{role}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def provision(self, agent_id: str, folder: Path | None = None) -> None:
+        """The device key, the hub keys it trusts and its registration with
+        the hub (the hub processes made the ring and the schema at start)."""
+        engine = make_engine(self.db_url)
+        try:
+            ring = HubKeyring.load(self.root / "hub" / "keys")
+            provision_device(folder or self.root / "agents" / agent_id, agent_id, make_sessionmaker(engine), ring.public_keys(), utcnow(SystemClock()))
+        finally:
+            engine.dispose()
+
     def start_agent(self, agent_id: str, **labels: str) -> LocalAgent:
         agent = self.agents.get(agent_id) or LocalAgent(agent_id, self.root / "agents" / agent_id)
+        if agent_id not in self.agents:
+            self.provision(agent_id, agent.folder)
         agent.start(self.broker.port, labels or {"site": "test"})
         self.agents[agent_id] = agent
         return agent
