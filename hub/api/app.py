@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
-from hub.api.routes import agents, assets, backfills, conflicts, dags, health, operations, pools, runs, sync
+from hub.api.routes import agents, assets, backfills, conflicts, dags, health, operations, pools, runs, security, sync
 from hub.config import HubSettings
 from hub.errors import HubError
 from hub.events import EventBus
@@ -82,7 +82,7 @@ def create_app(
     app.state.clock = clock
     app.state.readiness = readiness
 
-    for router in (dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, sync.router, health.router):
+    for router in (dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, security.router, sync.router, health.router):
         app.include_router(router, prefix=API_PREFIX)
     _install_docs(app)
     for router in extra_routers:

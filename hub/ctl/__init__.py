@@ -4,7 +4,8 @@ Commands are ``outpost NOUN VERB``: ``dags`` (``dags.py``), ``runs``
 (``runs.py``), ``agents`` and ``import-errors`` (``agents.py``),
 ``backfills`` and ``assets`` (``backfills.py``), ``pools``,
 ``deadline-misses`` and the run actions ``runs clear|rerun|mark``
-(``operations.py``), ``conflicts`` (``conflicts.py``). Shared
+(``operations.py``), ``conflicts`` (``conflicts.py``), ``security-events``
+(``security.py``). Shared
 parts: ``output`` (``-o table|json``), ``http`` (the client), ``errors``
 (exit codes), ``parsing`` (help, examples, ``--hub``). It imports no
 SQLAlchemy or FastAPI, so it runs anywhere httpx does.
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from hub.ctl import agents, backfills, conflicts, dags, operations, runs
+from hub.ctl import agents, backfills, conflicts, dags, operations, runs, security
 from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
 from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, epilog
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.register(nouns)
     backfills.register(nouns)
     conflicts.register(nouns)
+    security.register(nouns)
     return parser
 
 
