@@ -13,10 +13,11 @@ as the key they trust has not been retired).
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
+
+from shared.clock import SystemClock, utcnow
 
 EPILOG = {
     "keys": "examples:\n  outpost-hub keys list\n  outpost-hub keys rotate\n  outpost-hub keys retire 3f2a9c0d11b2e4f5",
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return utcnow(SystemClock())
 
 
 def _audit(settings: Any, action: str, target: str, **detail: Any) -> None:
@@ -75,7 +76,7 @@ def _keys(args: argparse.Namespace, settings: Any) -> int:
         return 0
     if args.action == "rotate":
         HubKeyring.load_or_create(folder)
-        new, link = hubkeys.rotate(folder, time.time())
+        new, link = hubkeys.rotate(folder, SystemClock().now())
         _audit(settings, "hub_key.rotate", new.kid, previous=link.signer)
         print(f"new signing key {new.kid} ({new.public.to_text()}), announced signed by {link.signer}")
         print("running hub processes sign with it within a second; devices learn it from the retained announcement")
@@ -83,7 +84,7 @@ def _keys(args: argparse.Namespace, settings: Any) -> int:
     if not args.kid:
         print("outpost-hub keys retire: give the key id to retire (see outpost-hub keys list)")
         return 2
-    link = hubkeys.retire(folder, args.kid, time.time()) if _retirable(folder, args.kid) else None
+    link = hubkeys.retire(folder, args.kid, SystemClock().now()) if _retirable(folder, args.kid) else None
     if link is None:
         return 1
     _audit(settings, "hub_key.retire", args.kid, signer=link.signer)

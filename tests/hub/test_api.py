@@ -353,6 +353,7 @@ def test_openapi_describes_every_route(hub: Hub) -> None:
         "/api/v1/deadline-misses", "/api/v1/backfills", "/api/v1/backfills/dry_run", "/api/v1/backfills/{backfill_id}", "/api/v1/backfills/{backfill_id}/pause",
         "/api/v1/backfills/{backfill_id}/unpause", "/api/v1/backfills/{backfill_id}/cancel", "/api/v1/assets", "/api/v1/assets/events",
         "/api/v1/runs/{run_pk}/tasks/{ti_id}/tries/{try_number}/log", "/api/v1/runs/{run_pk}/tasks/{ti_id}/logs", "/api/v1/conflicts", "/api/v1/runs/{run_pk}/tasks/{task_id}/conflicts",
+        "/api/v1/security-events", "/api/v1/metrics",
     }
     assert set(spec["paths"]["/api/v1/dags/{dag_id}"]) == {"get", "patch"}
     schemas = spec["components"]["schemas"]
