@@ -240,6 +240,10 @@ class Agent:
         (agent id, state dir, broker...) keep their running values with a
         warning naming them. Returns the names of the settings applied."""
         merged, live, restart = merge_reload(self.settings, loaded)
+        # The trusted hub keys are read again on every reload: `outpost-agent
+        # trust add` changes the file under a running agent.
+        self.trust.settings = merged
+        self._guarded(self.trust.reload, "trust")
         if restart:
             log.warning("configuration reload: %s changed but only take(s) effect after a restart; still using the running value(s)", ", ".join(restart))
         if not live:
