@@ -46,8 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.queues import Outbox  # noqa: E402
-from hub.standalone import LocalAgent, PrivateBroker, free_port  # noqa: E402
-from shared.envelope import Envelope, encode  # noqa: E402
+from hub.db import make_engine, make_sessionmaker  # noqa: E402
+from hub.identity import HubKeyring  # noqa: E402
+from hub.standalone import LocalAgent, PrivateBroker, free_port, provision_device  # noqa: E402
+from shared.clock import SystemClock, utcnow  # noqa: E402
+from shared.envelope import Envelope  # noqa: E402
+from shared.frames import AGENT_TO_HUB, sign_envelope  # noqa: E402
+from shared.signing import SigningKey  # noqa: E402
 from shared.hlc import HLC  # noqa: E402
 from shared.messages import JobTypeInfo, Result, Status  # noqa: E402
 from shared.topics import status_topic  # noqa: E402
@@ -180,8 +185,14 @@ def main() -> int:
 def issue(broker: PrivateBroker, url: str, db: Path, agent_id: str, n: int, chunk: int) -> None:
     """The device announces itself with no MQTT session yet, so the
     assignments the hub sends reach nobody: it ran them offline."""
+    # Provisioned as standalone does it (device key, trusted hub keys, registration).
+    folder = db.parent.parent / "agents" / agent_id
+    engine = make_engine(f"sqlite:///{db}")
+    provision_device(folder, agent_id, make_sessionmaker(engine), HubKeyring.load(db.parent / "keys").public_keys(), utcnow(SystemClock()))
+    engine.dispose()
+    key = SigningKey.load(folder / "identity" / "device.key")
     status = Envelope(Status("online", "0.1.0", agent_id, {"site": "bench"}, (JobTypeInfo("noop", "1.0"),)), sender=agent_id, hlc=HLC(int(time.time() * 1000), 0, agent_id))
-    mqtt_publish.single(status_topic(agent_id), encode(status), qos=1, retain=True, hostname="127.0.0.1", port=broker.port, protocol=MQTTv5)
+    mqtt_publish.single(status_topic(agent_id), sign_envelope(status, key, AGENT_TO_HUB), qos=1, retain=True, hostname="127.0.0.1", port=broker.port, protocol=MQTTv5)
     wait(lambda: any(a["agent_id"] == agent_id for a in httpx.get(f"{url}/api/v1/agents", params={"state": "online"}, timeout=5).json()["items"]), 30, f"{agent_id} online")
     started = time.monotonic()
     for k in range(1, n // chunk + 1):
