@@ -20,10 +20,10 @@ from hub.lifecycle import cancel_assignments
 from hub.db import transaction
 from hub.models import Agent, OutboxMessage, TaskResult
 from shared.clock import utcnow
-from shared.envelope import Envelope, decode
+from shared.envelope import decode
 from shared.frames import HUB_TO_AGENT, open_frame, unsigned_part
 from shared.keychain import walk
-from shared.messages import Accepted, Assign, Cancel, KeyAnnouncement, Result
+from shared.messages import Assign, Cancel, KeyAnnouncement, Result
 from shared.topics import HUB_KEYS_TOPIC, assign_topic, events_topic
 
 DAG = """
