@@ -21,7 +21,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from hub.errors import AgentNotFound
 from hub.identity import HubKeyring
+from hub.models import Agent
 from shared.envelope import MAX_ENVELOPE_BYTES, Envelope
 from shared.files import atomic_write
 from shared.frames import HUB_TO_AGENT, sign_envelope
@@ -91,6 +96,17 @@ def resign(ring: LiveRing | HubKeyring, envelope: Envelope, agent_id: str, now: 
     """``envelope`` (as written to the outbox, unsigned) stamped for sending and signed."""
     stamped = replace(envelope, recipient=agent_id, seq=seq, issued_at=round(now, 3), expires_at=round(now + ttl, 3))
     return sign_envelope(stamped, ring.current, HUB_TO_AGENT, limit)
+
+
+def reserve_send_seqs(session: Session, agent_id: str, n: int) -> int:
+    """Reserve ``n`` consecutive sequence numbers for messages to
+    ``agent_id`` (atomic in the database, like ``hub.identity.next_send_seq``);
+    returns the last one. Raises ``AgentNotFound``."""
+    result = session.execute(update(Agent).where(Agent.agent_id == agent_id).values(send_seq=Agent.send_seq + n).returning(Agent.send_seq))
+    last = result.scalar_one_or_none()
+    if last is None:
+        raise AgentNotFound(f"no agent {agent_id!r}")
+    return int(last)
 
 
 # --- the chain ------------------------------------------------------------------

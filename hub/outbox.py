@@ -7,13 +7,16 @@ between publish and stamp re-sends the row: the agent's inbox is keyed by
 assignment id, so at-least-once delivery never runs a task twice.
 
 Rows are written unsigned (by the scheduler, the API, ingestion: none of
-them need the key). Before its first publish each row is signed here
-(``hub.hubkeys``): recipient, issue time, expiry and, for assign and cancel,
-the device's next sequence number (``hub.identity.next_send_seq``), reserved
-in the transaction that stores the signed bytes in the row. A re-publish of
-that row sends the same bytes (the agent answers it as a duplicate); a
-redelivery writes a new row and so goes out freshly signed with a new
-sequence number. The publisher also keeps the hub's key announcement
+them need the key) and signed here as they are published (``hub.hubkeys``):
+recipient, issue time, expiry and, for assign and cancel, the device's next
+sequence number. Sequence numbers come from the database (``agents.send_seq``),
+reserved ``SEQ_BLOCK`` at a time per agent and process in a transaction of
+their own, so numbers are never used twice, even by several hub processes
+(a crash only leaves a gap, which devices accept), and the usual publish
+writes nothing before it goes out: it never waits for the scheduler's write
+transaction. Every publish of a row, a re-publish of one the broker did not
+confirm too, is signed afresh with a new sequence number; the device
+answers a copy of an assignment it holds as a duplicate. The publisher also keeps the hub's key announcement
 retained on ``outpost/v1/hub/keys``, published again after every (re)connect
 and whenever the key ring changed on disk.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -31,10 +35,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from hub import hubkeys
 from hub.db import transaction
 from hub.errors import AgentNotFound
-from hub.identity import next_send_seq
 from hub.models import Assignment, OutboxMessage
 from shared.clock import Clock, utcnow
-from shared.envelope import decode
+from shared.envelope import Envelope, decode
 from shared.errors import OutpostError
 from shared.hlc import HybridClock
 from shared.messages import Assign, Cancel
@@ -42,6 +45,11 @@ from shared.mqtt import MqttLink
 from shared.topics import HUB_KEYS_TOPIC, parse
 
 log = logging.getLogger(__name__)
+
+#: Sequence numbers a publisher reserves per agent at a time (far below any
+#: device's replay window, so numbers used out of order by several hub
+#: processes are all still accepted).
+SEQ_BLOCK = 64
 
 
 @dataclass
@@ -62,6 +70,8 @@ class OutboxPublisher:
     hlc: HybridClock | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
     _announced: tuple[int, bool] | None = None
+    #: Sequence numbers reserved for this process, per agent: (next, last).
+    _seqs: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def wake(self) -> None:
         self._wake.set()
@@ -138,35 +148,68 @@ class OutboxPublisher:
         return len(confirmed)
 
     def _sign(self, rows: list) -> dict[int, bytes]:  # type: ignore[type-arg]
-        """Each row's signed payload by id; unsigned rows are signed (and
-        stored) first. A row that cannot be signed is dropped, logged."""
+        """Each row's signed payload by id, signed now, in memory. A row that
+        cannot be signed is dropped (logged); one for an agent that is not
+        registered yet waits."""
         payloads = {row.id: row.payload for row in rows if b"\n" in row.payload}
         unsigned = [row for row in rows if row.id not in payloads]
         if not unsigned:
             return payloads
         if self.keyring is None:
             raise RuntimeError("the outbox publisher has no key ring: it cannot sign messages to devices")
-        table = OutboxMessage.__table__.c
+        ready: list[tuple[int, str, Envelope]] = []
+        broken: list[int] = []
+        for row in unsigned:
+            try:
+                ready.append((row.id, parse(row.topic).agent_id, decode(row.payload, self.max_message_bytes)))
+            except (ValueError, OutpostError) as exc:
+                log.error("outbox: message %d on %s cannot be signed and is dropped: %s", row.id, row.topic, exc)
+                broken.append(row.id)
+        wanted = Counter(agent_id for _id, agent_id, env in ready if isinstance(env.body, Assign | Cancel))
+        missing = self._reserve(wanted, broken)
+        now = self.clock.now()
+        for row_id, agent_id, envelope in ready:
+            if agent_id in missing:
+                continue
+            seq = self._next_seq(agent_id) if isinstance(envelope.body, Assign | Cancel) else None
+            payloads[row_id] = hubkeys.resign(self.keyring, envelope, agent_id, now, ttl=self.message_ttl, seq=seq, limit=self.max_message_bytes)
+        return payloads
+
+    def _reserve(self, wanted: Counter[str], broken: list[int]) -> set[str]:
+        """Make sure each agent in ``wanted`` has that many sequence numbers
+        reserved; returns the agents that are not registered (their work
+        waits). One transaction, and only when a block ran out: the common
+        publish writes nothing before it goes out, so it never waits for the
+        scheduler's write transaction."""
+        short = {a: n for a, n in wanted.items() if self._seq_left(a) < n}
+        missing: set[str] = set()
+        if not short and not broken:
+            return missing
         with transaction(self.sessions) as session:
-            now = self.clock.now()
-            for row in unsigned:
+            if broken:
+                table = OutboxMessage.__table__.c
+                session.execute(update(OutboxMessage.__table__).where(table.id.in_(broken)).values(published_at=utcnow(self.clock)))
+            for agent_id, n in short.items():
+                size = max(SEQ_BLOCK, n)
                 try:
-                    agent_id = parse(row.topic).agent_id
-                    envelope = decode(row.payload, self.max_message_bytes)
-                    seq = next_send_seq(session, agent_id) if isinstance(envelope.body, Assign | Cancel) else None
-                    payload = hubkeys.resign(self.keyring, envelope, agent_id, now, ttl=self.message_ttl, seq=seq, limit=self.max_message_bytes)
+                    last = hubkeys.reserve_send_seqs(session, agent_id, size)
                 except AgentNotFound:
                     # Work for a device the hub has never heard of (a pinned
                     # target not yet registered): kept until it is.
-                    log.warning("outbox: message %d waits: no agent %s is registered yet", row.id, row.topic.split("/")[3])
+                    log.warning("outbox: messages for %s wait: no such agent is registered yet", agent_id)
+                    missing.add(agent_id)
                     continue
-                except (ValueError, OutpostError) as exc:
-                    log.error("outbox: message %d on %s cannot be signed and is dropped: %s", row.id, row.topic, exc)
-                    session.execute(update(OutboxMessage.__table__).where(table.id == row.id).values(published_at=utcnow(self.clock)))
-                    continue
-                session.execute(update(OutboxMessage.__table__).where(table.id == row.id).values(payload=payload))
-                payloads[row.id] = payload
-        return payloads
+                self._seqs[agent_id] = (last - size + 1, last)
+        return missing
+
+    def _seq_left(self, agent_id: str) -> int:
+        first, last = self._seqs.get(agent_id, (1, 0))
+        return last - first + 1
+
+    def _next_seq(self, agent_id: str) -> int:
+        first, last = self._seqs[agent_id]
+        self._seqs[agent_id] = (first + 1, last)
+        return first
 
     def announce_keys(self, force: bool = False) -> bool:
         """Publish the key announcement (retained) when it was not yet on

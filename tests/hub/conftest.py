@@ -76,6 +76,7 @@ class HubHarness:
     agent_clocks: dict[str, HybridClock] = field(default_factory=dict)
     #: The test agents' device keys (registered with the hub on first send).
     agent_keys: dict[str, SigningKey] = field(default_factory=dict)
+    _publisher: OutboxPublisher | None = None
 
     def agent_key(self, agent_id: str) -> SigningKey:
         """``agent_id``'s device key, registered with the hub on first use."""
@@ -93,8 +94,10 @@ class HubHarness:
         self.agent_keys[agent_id] = key
 
     def publisher(self) -> OutboxPublisher:
-        """An outbox publisher on the recording link, signing with the harness's ring."""
-        return OutboxPublisher(self.sessions, self.link, self.clock, keyring=self.keyring)  # type: ignore[arg-type]
+        """The hub's outbox publisher on the recording link, signing with the harness's ring."""
+        if self._publisher is None:
+            self._publisher = OutboxPublisher(self.sessions, self.link, self.clock, keyring=self.keyring)  # type: ignore[arg-type]
+        return self._publisher
 
     def open(self, payload: bytes) -> Envelope:
         """Verify a frame the hub published with its ring and decode it."""
