@@ -52,6 +52,14 @@ _ENROLL_EXAMPLE = """example:
   outpost-agent enroll --hub https://hub.example:8080 --token opte_... --agent-id pump-7 --state-dir /var/lib/outpost-agent
 then: outpost-agent run --config /etc/outpost/agent.toml   (agent_id and broker_* come from the enrolment)
 """
+_KEYGEN_EXAMPLE = """example:
+  outpost-agent keygen --config /etc/outpost/agent.toml
+  # then on the hub: outpost-hub agents register --id <agent_id> --public-key <the printed key>
+"""
+_TRUST_EXAMPLE = """example:
+  outpost-agent trust add ed25519:... --config /etc/outpost/agent.toml   # a key from 'outpost-hub keys list'
+  outpost-agent trust list --config /etc/outpost/agent.toml
+"""
 _QUEUE_EXAMPLE = """example:
   outpost-agent queue ls --config /etc/outpost/agent.toml
   outpost-agent queue ls --config agent.toml -o json
@@ -127,6 +135,15 @@ STOPPING=1, and WATCHDOG=1 every WatchdogSec/2 while its threads are healthy."""
     enroll.add_argument("--config", metavar="FILE", help="TOML configuration file (for state_dir)")
     enroll.add_argument("--state-dir", metavar="DIR", help="folder for the device's identity and queues (overrides state_dir)")
     enroll.add_argument("--force", action="store_true", help="enrol again with a new key, replacing this device's identity")
+    keygen = command("keygen", "Create this device's signing key if it has none (mode 0600 in state_dir/identity) and print its public key, for pre-registration on the hub.", _KEYGEN_EXAMPLE)
+    keygen.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file (for state_dir)")
+    trust = command("trust", "The hub signing keys this device accepts messages from.", _TRUST_EXAMPLE)
+    trust_commands = trust.add_subparsers(dest="trust_command", required=True, metavar="COMMAND")
+    trust_add = command("add", "Trust a hub public key (ed25519:...).", _TRUST_EXAMPLE, trust_commands)
+    trust_add.add_argument("key", metavar="KEY", help="the hub's public key, ed25519:...")
+    trust_add.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    trust_list = command("list", "List the trusted hub keys.", _TRUST_EXAMPLE, trust_commands)
+    trust_list.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
 
     queue = command("queue", "Inspect the agent's queues.", _QUEUE_EXAMPLE)
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
@@ -175,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _queue_ls(settings, args.output, args.limit)
     if args.command == "emit":
         return _emit(settings, args.name, args.data)
+    if args.command in ("keygen", "trust"):
+        return _identity(settings, args)
     return _run(settings, lambda: load_settings(args.config, overrides=_overrides(args)))
 
 
@@ -189,6 +208,35 @@ def _run(settings: AgentSettings, reload: Callable[[], AgentSettings]) -> int:
         return ExitCode.STATE_ERROR
     agent.run_forever(reload=reload)
     return ExitCode.OK
+
+
+def _identity(settings: AgentSettings, args: argparse.Namespace) -> int:
+    from agent import identity
+    from agent.trust import TrustStore
+    from shared.signing import BadKey, PublicKey
+
+    try:
+        if args.command == "keygen":
+            existed = identity.device_key_path(settings).exists()
+            key = identity.device_key(settings)
+            print(key.public.to_text())
+            print(f"{'existing' if existed else 'new'} device key {key.kid} in {identity.device_key_path(settings)}", file=sys.stderr)
+            return ExitCode.OK
+        store = TrustStore(settings)
+        if args.trust_command == "add":
+            key = PublicKey.from_text(args.key)
+            added = store.add(key)
+            print(f"hub key {key.kid} {'trusted' if added else 'was already trusted'}")
+            return ExitCode.OK
+        retired = store.retired()
+        for kid, key in sorted(store.keys().items()):
+            print(f"{kid}  {key.to_text()}")
+        for kid in sorted(retired):
+            print(f"{kid}  retired by the hub")
+        return ExitCode.OK
+    except BadKey as exc:
+        print(f"outpost-agent: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
 
 
 def _check(settings: AgentSettings, connect: bool) -> int:

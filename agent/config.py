@@ -92,6 +92,17 @@ def _http_url(v: str | None) -> str | None:
     return None if v is None or v.startswith(("http://", "https://")) else "must start with http:// or https://"
 
 
+def _public_keys(v: tuple[str, ...]) -> str | None:
+    from shared.signing import BadKey, PublicKey
+
+    for text in v:
+        try:
+            PublicKey.from_text(text)
+        except BadKey as exc:
+            return str(exc)
+    return None
+
+
 def _not_empty(v: Any) -> str | None:
     return None if str(v) else "must not be empty"
 
@@ -141,6 +152,10 @@ class AgentSettings:
     http_sync_batch: int = _setting("int", "Outbox items per HTTP sync batch (the hub's sync_max_batch_items must allow it).", 500, _between(1, 100_000))
     http_sync_timeout: float = _setting("float", "Seconds an HTTP sync request may take before it counts as failed (the outbox then falls back to MQTT for a while).", 60.0, _positive)
     log_level: str = _setting("choice", "Logging level.", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    hub_public_keys: tuple[str, ...] = _setting(
+        "strlist", "Hub signing public keys ('ed25519:...') trusted besides those in <state_dir>/identity/hub-keys.json (outpost-agent trust add); every message from the hub must be signed by one of them.",
+        (), _public_keys)
+    replay_window: int = _setting("int", "How many of the hub's per-device sequence numbers behind the newest one seen are still accepted (once each); older ones are refused as replayed.", 4096, _between(16, 1_000_000))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -43,15 +43,18 @@ from agent import __version__
 from agent.config import AgentSettings
 from agent.durability import BACKPRESSURE_CODE, Backpressure, merge_reload, renew_and_sweep
 from agent.identity import device_key
+from agent import identity, trust
 from agent.link import AgentLink, Handlers
 from agent.queues import Inbox, Outbox, PendingResult, event_key, log_key
+from agent.replay import FRESH, SEEN, ReplayWindow
 from agent.runner import Runner
 from agent.sdnotify import Notifier
 from agent.sync import HttpPath, HubSyncClient, Sync
-from agent.verify import Rejection, admit
+from agent.verify import Rejection, admit, open_message, security
 from firmware_jobs.base import Job
 from shared.clock import Clock, SystemClock
-from shared.envelope import Envelope, encode
+from shared.envelope import Envelope
+from shared.frames import AGENT_TO_HUB, sign_envelope
 from shared.hlc import HybridClock
 from shared.errors import PayloadTooLarge
 from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Rejected, Status
@@ -107,9 +110,19 @@ class Agent:
         except BaseException:
             self.inbox.close()
             raise
+        try:
+            self.device_key = identity.device_key(settings)
+            self.trust = trust.TrustStore(settings)
+            self.replay = ReplayWindow(settings.state_dir / "replay.sqlite3", settings.replay_window, settings.sqlite_synchronous)
+        except BaseException:
+            self.inbox.close()
+            self.outbox.close()
+            raise
+        if not self.trust.keys():
+            log.warning("no trusted hub key (outpost-agent trust add KEY, or hub_public_keys): every message from the hub will be refused")
         count = self.counters.incr
-        handlers = Handlers(self._admit, self._on_assign, self._on_cancel, self._on_ack, self._on_connect, count)
-        self.link = AgentLink(settings, self.hlc, handlers, self._online_status())
+        handlers = Handlers(self._admit, self._on_assign, self._on_cancel, self._on_ack, self._on_connect, count, self._open, self._on_keys)
+        self.link = AgentLink(settings, self.hlc, handlers, self._online_status(), self.device_key, self.clock.now)
         self.sync = Sync(
             self.outbox, self._publish_result, lambda: self.link.connected, self.clock,
             resend_after=settings.result_resend_after, count=count, http=self._http_path(settings),
@@ -164,6 +177,7 @@ class Agent:
         self.link.stop()
         self.inbox.close()
         self.outbox.close()
+        self.replay.close()
         log.info("agent %s stopped%s", self.settings.agent_id, "" if finished else " (some jobs were interrupted)")
         return finished
 
@@ -228,6 +242,10 @@ class Agent:
         (agent id, state dir, broker...) keep their running values with a
         warning naming them. Returns the names of the settings applied."""
         merged, live, restart = merge_reload(self.settings, loaded)
+        # The trusted hub keys are read again on every reload: `outpost-agent
+        # trust add` changes the file under a running agent.
+        self.trust.settings = merged
+        self._guarded(self.trust.reload, "trust")
         if restart:
             log.warning("configuration reload: %s changed but only take(s) effect after a restart; still using the running value(s)", ", ".join(restart))
         if not live:
@@ -265,13 +283,26 @@ class Agent:
 
     # --- link handlers -------------------------------------------------------
 
+    def _open(self, payload: bytes) -> Envelope | Rejection:
+        return open_message(payload, self.trust.keys(), self.settings.agent_id, self.link.limit, self.clock.now())
+
+    def _on_keys(self, payload: bytes) -> None:
+        outcome = self.trust.apply_announcement(payload)
+        self.counters.incr(f"keys.{outcome.status}")
+        if outcome.status == "refused":
+            self.counters.incr("security.bad_announcement")
+            self.link.send_event(Rejected("security.bad_announcement", outcome.detail[:500]))
+
     def _admit(self, envelope: Envelope, topic_kind: str) -> Rejection | None:
         rejection = admit(envelope, topic_kind, self.clock.now())
-        if rejection is not None and rejection.code == "deadline_passed" and rejection.assignment_id is not None:
+        body = envelope.body
+        held = isinstance(body, Assign | Cancel) and self.inbox.get(body.assignment_id) is not None
+        if rejection is None and isinstance(body, Assign | Cancel):
+            rejection = self._check_seq(envelope, held)
+        if rejection is not None and rejection.code == "deadline_passed" and held:
             # A redelivery of an assignment we already hold is answered as a
             # duplicate (accepted again), not refused: its result exists or will.
-            if self.inbox.get(rejection.assignment_id) is not None:
-                return None
+            return None
         if rejection is None and isinstance(envelope.body, Assign) and self.backpressure.check():
             # Refused, PUBACKed and reported, not left unacknowledged: an
             # unacked message holds a slot of the broker's receive window, and
@@ -283,11 +314,25 @@ class Agent:
                 return Rejection(BACKPRESSURE_CODE, f"not accepting new work: {self.backpressure.reason}", envelope.body.assignment_id)
         return rejection
 
+    def _check_seq(self, envelope: Envelope, held: bool) -> Rejection | None:
+        """The replay check: each of the hub's sequence numbers is used once.
+        A copy of something the inbox holds is a duplicate (a QoS 1
+        redelivery or a replay alike can change nothing), answered as such."""
+        if envelope.seq is None:
+            return security("replayed", f"a {envelope.type} without a sequence number", message_id=envelope.id)
+        state = self.replay.check(envelope.seq)
+        if state == FRESH or held:
+            return None
+        why = "was already used" if state == SEEN else f"is behind the replay window (newest {self.replay.newest()}, window {self.replay.window})"
+        return security("replayed", f"{envelope.type} sequence number {envelope.seq} {why}", message_id=envelope.id)
+
     def _on_assign(self, envelope: Envelope, inbound: Inbound) -> None:
         assign = envelope.body
         if not isinstance(assign, Assign):
             raise TypeError(f"on_assign got a {envelope.type!r} message")
         _, duplicate = self.inbox.put(assign)
+        if envelope.seq is not None:
+            self.replay.record(envelope.seq)
         inbound.ack()  # only now: the assignment is durable
         self.counters.incr("assign.duplicate" if duplicate else "assign.accepted")
         log.info("assignment %s (%s) %s", assign.assignment_id, assign.job_type, "is a duplicate" if duplicate else "accepted")
@@ -295,8 +340,13 @@ class Agent:
         if not duplicate:
             self.runner.wake()
 
-    def _on_cancel(self, cancel: Cancel) -> None:
+    def _on_cancel(self, envelope: Envelope) -> None:
+        cancel = envelope.body
+        if not isinstance(cancel, Cancel):
+            raise TypeError(f"on_cancel got a {envelope.type!r} message")
         outcome = self.runner.cancel(cancel.assignment_id, cancel.reason)
+        if envelope.seq is not None:
+            self.replay.record(envelope.seq)
         self.counters.incr(f"cancel.{outcome}")
         log.info("cancel of %s: %s", cancel.assignment_id, outcome)
 
@@ -332,8 +382,9 @@ class Agent:
         client = HubSyncClient(settings.hub_url, settings.agent_id, key, settings.http_sync_timeout, settings.hub_ca)
 
         def envelope(item: PendingResult) -> bytes:
-            # Byte for byte what the MQTT path publishes for this item.
-            return encode(Envelope(item.result, sender=settings.agent_id, hlc=item.hlc), settings.max_message_bytes)
+            # Signed like what the MQTT path publishes for this item.
+            stamped = Envelope(item.result, sender=settings.agent_id, hlc=item.hlc, issued_at=round(self.clock.now(), 3))
+            return sign_envelope(stamped, self.device_key, AGENT_TO_HUB, self.link.limit)
 
         return HttpPath(client, envelope, self._on_ack, settings.state_dir / "outbox.stream", settings.http_sync_threshold, settings.http_sync_batch)
 

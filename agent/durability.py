@@ -23,7 +23,7 @@ BACKPRESSURE_CODE = "agent_backpressure"
 #: Settings a reload applies to the running agent.
 LIVE_SETTINGS = frozenset({
     "labels", "concurrency", "heartbeat_interval", "result_resend_after", "log_level", "command_allowlist",
-    "max_message_bytes", "inbox_retention", "claim_lease", "outbox_max_bytes", "stop_timeout",
+    "max_message_bytes", "inbox_retention", "claim_lease", "outbox_max_bytes", "stop_timeout", "hub_public_keys",
 })
 
 

@@ -13,6 +13,14 @@ counted as ``rejected.<code>``, reported as a ``rejected`` event and PUBACKed
 so the broker does not redeliver it forever. A handler that raises leaves its
 message unacknowledged; the broker redelivers it with the next session.
 
+Everything received is a signed frame: ``open`` (agent.verify.open_message
+with the trusted hub keys) verifies it before anything else; its security
+refusals are counted as ``security.<code>`` and reported with the code
+``security.<code>``. Everything sent is signed with the device key
+(``shared.frames``, purpose ``agent-to-hub``), the will included: it is
+signed once, when the link is built. The hub's key announcements arrive,
+retained, on ``outpost/v1/hub/keys`` and go to ``on_keys``.
+
 The status topic carries a retained ``online`` status, published on every
 connect, and the MQTT Will is a retained ``offline`` status; a graceful
 :meth:`AgentLink.stop` publishes ``offline`` itself before disconnecting.
@@ -24,17 +32,20 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.config import AgentSettings
-from shared.envelope import Envelope, decode, encode
+from shared.envelope import Envelope
 from shared.errors import ClockSkew, PayloadTooLarge, ProtocolError
+from shared.frames import AGENT_TO_HUB, sign_envelope, unsigned_part
 from shared.hlc import HLC, HybridClock
 from shared.messages import Ack, Assign, Cancel, Message, Rejected, Status
 from shared.mqtt import Inbound, MqttLink, MqttSettings, Will
-from shared.topics import ack_topic, assign_topic, events_topic, parse, probe_topic, status_topic
+from shared.signing import SigningKey
+from shared.topics import HUB_KEYS_TOPIC, ack_topic, assign_topic, events_topic, parse, probe_topic, status_topic
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,8 @@ _MQTT_OK = 0  # paho's MQTT_ERR_SUCCESS; the enum lives in paho, which only shar
 _DETAIL_MAX = 500
 #: Put on the inbound queue by stop() to wake the consumer (never acknowledged).
 _STOP = Inbound("", b"", 0, False, 0)
+#: Refusal codes of security events start with it (agent.verify.SECURITY_PREFIX).
+_SECURITY_PREFIX = "security."
 #: Backstop for the consumer's blocking wait on the inbound queue.
 _IDLE_WAIT = 30.0
 
@@ -52,6 +65,7 @@ class Refusal(Protocol):
     code: str
     detail: str
     assignment_id: str | None
+    message_id: str | None
 
 
 @dataclass(frozen=True)
@@ -66,17 +80,27 @@ class Handlers:
 
     admit: Callable[[Envelope, str], Refusal | None]
     on_assign: Callable[[Envelope, Inbound], None]
-    on_cancel: Callable[[Cancel], None]
+    on_cancel: Callable[[Envelope], None]
     on_ack: Callable[[Ack], None]
     on_connect: Callable[[], None]
     count: Callable[[str], None]
+    #: Verify and decode a frame from the hub: the envelope, or a Refusal
+    #: (raises ProtocolError for a signed frame that does not decode).
+    open: Callable[[bytes], Envelope | Refusal]
+    #: A key announcement frame arrived on the hub keys topic.
+    on_keys: Callable[[bytes], None]
 
 
 class AgentLink:
     """The agent's MQTT session and its inbound consumer thread."""
 
-    def __init__(self, settings: AgentSettings, hlc: HybridClock, handlers: Handlers, online: Status) -> None:
+    def __init__(
+        self, settings: AgentSettings, hlc: HybridClock, handlers: Handlers, online: Status, key: SigningKey,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.agent_id = settings.agent_id
+        self._key = key
+        self._now = now
         self.limit = settings.max_message_bytes
         self._hlc = hlc
         self._handlers = handlers
@@ -102,7 +126,7 @@ class AgentLink:
                 tls_key=settings.tls_key,
                 probe_topic=probe_topic(self.agent_id),
             ),
-            subscriptions=[(assign_topic(self.agent_id), 1), (ack_topic(self.agent_id), 1)],
+            subscriptions=[(assign_topic(self.agent_id), 1), (ack_topic(self.agent_id), 1), (HUB_KEYS_TOPIC, 1)],
             will=will,
             on_connect=self._connected,
         )
@@ -169,7 +193,8 @@ class AgentLink:
         return self.mqtt.publish(self._events_topic, self._envelope(message, hlc), qos=1).rc == _MQTT_OK
 
     def _envelope(self, message: Message, hlc: HLC | None = None) -> bytes:
-        return encode(Envelope(message, sender=self.agent_id, hlc=hlc or self._hlc.now()), self.limit)
+        envelope = Envelope(message, sender=self.agent_id, hlc=hlc or self._hlc.now(), issued_at=round(self._now(), 3))
+        return sign_envelope(envelope, self._key, AGENT_TO_HUB, self.limit)
 
     def _connected(self) -> None:
         self.mqtt.publish(self._status_topic, self._envelope(self._online), qos=1, retain=True)
@@ -194,18 +219,28 @@ class AgentLink:
                 self._handlers.count("errors.inbound")
 
     def _handle(self, inbound: Inbound) -> None:
+        if inbound.topic == HUB_KEYS_TOPIC:
+            if inbound.payload:  # an empty retained message clears the topic
+                self._handlers.on_keys(inbound.payload)
+            inbound.ack()
+            return
         try:
             kind = parse(inbound.topic).kind
         except ValueError:
             kind = ""
         try:
-            envelope = decode(inbound.payload, self.limit)
+            opened = self._handlers.open(inbound.payload)
         except ProtocolError as exc:
-            self._refuse(inbound, exc.code, str(exc), _peek_id(inbound.payload, self.limit))
+            self._refuse(inbound, exc.code, str(exc), _peek_id(unsigned_part(inbound.payload), self.limit))
             return
+        if not isinstance(opened, Envelope):
+            message_id = opened.message_id or _peek_id(unsigned_part(inbound.payload), self.limit)
+            self._refuse(inbound, opened.code, opened.detail, message_id, opened.assignment_id)
+            return
+        envelope = opened
         refusal = self._handlers.admit(envelope, kind)
         if refusal is not None:
-            self._refuse(inbound, refusal.code, refusal.detail, envelope.id, refusal.assignment_id)
+            self._refuse(inbound, refusal.code, refusal.detail, refusal.message_id or envelope.id, refusal.assignment_id)
             return
         try:
             self._hlc.update(envelope.hlc)
@@ -216,7 +251,7 @@ class AgentLink:
             self._handlers.on_assign(envelope, inbound)
             return
         if isinstance(body, Cancel):
-            self._handlers.on_cancel(body)
+            self._handlers.on_cancel(envelope)
         elif isinstance(body, Ack):
             self._handlers.on_ack(body)
         else:
@@ -225,8 +260,12 @@ class AgentLink:
         inbound.ack()
 
     def _refuse(self, inbound: Inbound, code: str, detail: str, message_id: str | None, assignment_id: str | None = None) -> None:
-        log.warning("rejected message %s on %s: %s: %s", message_id or "(no id)", inbound.topic, code, detail)
-        self._handlers.count(f"rejected.{code}")
+        if code.startswith(_SECURITY_PREFIX):
+            log.warning("SECURITY: refused message %s on %s: %s: %s", message_id or "(no id)", inbound.topic, code, detail)
+            self._handlers.count(code)
+        else:
+            log.warning("rejected message %s on %s: %s: %s", message_id or "(no id)", inbound.topic, code, detail)
+            self._handlers.count(f"rejected.{code}")
         self.send_event(Rejected(code, detail[:_DETAIL_MAX], message_id, assignment_id))
         inbound.ack()
 

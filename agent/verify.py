@@ -10,22 +10,33 @@ installed, or with parameters its job type refuses. Those are queued and
 finish as failed results (``unknown_job_type``, ``invalid_params``) so the
 hub can finish the task; the runner does that.
 
-Signatures: the hub will sign assignments (ARCHITECTURE.md, "Security") once
-``shared/signing.py`` exists. Their check (signature over the raw bytes,
-nonce not seen before, from a persisted nonce set) belongs at the top of
-:func:`admit`, which will then also need the raw bytes and the nonce store.
-Nothing here checks signatures today.
+Signatures come first (:func:`open_message`): every message from the hub is
+a signed frame (``shared/frames.py``), checked against the hub keys this
+device trusts before its JSON is even parsed, then for its recipient and
+expiry. Those refusals are *security events* (:data:`SECURITY_CODES`):
+counted as ``security.<code>`` and reported with the code
+``security.<code>``. The replay check (the hub's per-device ``seq``) needs
+the device's replay window and inbox, so the daemon makes it (``_admit``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.envelope import Envelope
+from shared.frames import HUB_TO_AGENT, open_frame
 from shared.messages import Ack, Assign, Cancel, Message
+from shared.signing import PublicKey, SignatureError
 
 #: The only sender an agent takes instructions from.
 HUB_SENDER = "hub"
+
+#: Refusals that mean someone may be attacking the device (or the hub's keys
+#: are misconfigured): reported as ``security.<code>``.
+SECURITY_CODES = frozenset({"unknown_key", "bad_signature", "wrong_device", "expired", "replayed"})
+#: What a security refusal's code is prefixed with in counters and reports.
+SECURITY_PREFIX = "security."
 
 #: Which message types may arrive on which of the agent's topics.
 ALLOWED: dict[str, tuple[type[Message], ...]] = {
@@ -41,6 +52,8 @@ class Rejection:
     code: str
     detail: str
     assignment_id: str | None = None
+    #: The refused envelope's id, when it could be read.
+    message_id: str | None = None
 
 
 def admit(envelope: Envelope, topic_kind: str, now: float) -> Rejection | None:
@@ -67,3 +80,29 @@ def admit(envelope: Envelope, topic_kind: str, now: float) -> Rejection | None:
     if isinstance(body, Assign) and body.deadline is not None and body.deadline < now:
         return Rejection("deadline_passed", f"deadline {body.deadline:.3f} passed {now - body.deadline:.3f}s ago", assignment_id)
     return None
+
+
+def security(code: str, detail: str, assignment_id: str | None = None, message_id: str | None = None) -> Rejection:
+    """A refusal that is a security event (``code`` one of SECURITY_CODES)."""
+    assert code in SECURITY_CODES, code
+    return Rejection(SECURITY_PREFIX + code, detail, assignment_id, message_id)
+
+
+def open_message(payload: bytes, trusted: Mapping[str, PublicKey], agent_id: str, limit: int, now: float) -> Envelope | Rejection:
+    """Verify and decode a message from the hub: its envelope, or the
+    security refusal (``security.<code>``): ``unknown_key`` (signed by a key
+    this device does not trust), ``bad_signature`` (missing, malformed or
+    wrong), ``wrong_device`` (signed for another device, or for none) or
+    ``expired``. Raises ``ProtocolError`` for an oversized frame, or a
+    correctly signed one that does not decode (a hub bug, not an attack)."""
+    try:
+        envelope = open_frame(payload, HUB_TO_AGENT, trusted.get, limit)
+    except SignatureError as exc:
+        return security(exc.code, str(exc))
+    assignment_id = getattr(envelope.body, "assignment_id", None)
+    if envelope.recipient != agent_id:
+        # No assignment id: a refused copy meant for another device says nothing about ours.
+        return security("wrong_device", f"signed for {envelope.recipient!r}, this device is {agent_id!r}", message_id=envelope.id)
+    if envelope.expires_at is not None and envelope.expires_at < now:
+        return security("expired", f"expired at {envelope.expires_at:.3f}, {now - envelope.expires_at:.3f}s ago", assignment_id, envelope.id)
+    return envelope

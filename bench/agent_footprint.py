@@ -41,12 +41,16 @@ sys.path.insert(0, str(REPO))
 
 from hub.standalone import PrivateBroker  # noqa: E402
 from shared.clock import SystemClock  # noqa: E402
-from shared.envelope import Envelope, decode, encode  # noqa: E402
+from shared.envelope import Envelope, decode  # noqa: E402
+from shared.frames import HUB_TO_AGENT, sign_envelope, unsigned_part  # noqa: E402
+from shared.signing import SigningKey  # noqa: E402
 from shared.hlc import HybridClock  # noqa: E402
 from shared.messages import Ack, Assign, Result  # noqa: E402
 from shared.topics import ack_topic, assign_topic, events_topic, status_topic  # noqa: E402
 
 AGENT_ID = "bench-1"
+#: The bench hub's signing key; the agent trusts it (hub_public_keys).
+HUB_KEY = SigningKey.generate()
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -120,7 +124,7 @@ class Hub:
             raise RuntimeError("could not subscribe")
 
     def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
-        envelope = decode(msg.payload)
+        envelope = decode(unsigned_part(msg.payload))
         body = envelope.body
         if msg.topic.endswith("/status"):
             if getattr(body, "state", "") == "online":
@@ -133,7 +137,9 @@ class Hub:
                 self.cond.notify_all()
 
     def _send(self, topic: str, body: Any) -> None:
-        self.client.publish(topic, encode(Envelope(body, sender="hub", hlc=self.hlc.now())), qos=1)
+        self.seq = getattr(self, "seq", 0) + 1
+        envelope = Envelope(body, sender="hub", hlc=self.hlc.now(), recipient=AGENT_ID, seq=self.seq, issued_at=time.time())
+        self.client.publish(topic, sign_envelope(envelope, HUB_KEY, HUB_TO_AGENT), qos=1)
 
     def assign(self, job_type: str, params: dict[str, Any]) -> str:
         aid = uuid.uuid4().hex
@@ -165,7 +171,7 @@ def main() -> None:
         state = root / "agent"
         state.mkdir()
         config = state / "agent.toml"
-        config.write_text(f'agent_id = "{AGENT_ID}"\nstate_dir = "{state}"\nbroker_port = {broker.port}\ncommand_allowlist = ["sleep"]\n')
+        config.write_text(f'agent_id = "{AGENT_ID}"\nstate_dir = "{state}"\nbroker_port = {broker.port}\ncommand_allowlist = ["sleep"]\nhub_public_keys = ["{HUB_KEY.public.to_text()}"]\n')
         hub = Hub(broker.port)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTPOST_AGENT_")}
         log = open(state / "agent.log", "wb")  # noqa: SIM115 - closed below

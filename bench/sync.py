@@ -46,9 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.queues import Outbox  # noqa: E402
+from hub.db import make_engine, make_sessionmaker  # noqa: E402
 from hub.encryption import generate_key  # noqa: E402
-from hub.standalone import LocalAgent, PrivateBroker, free_port  # noqa: E402
-from shared.envelope import Envelope, encode  # noqa: E402
+from hub.identity import HubKeyring  # noqa: E402
+from hub.standalone import LocalAgent, PrivateBroker, free_port, provision_device  # noqa: E402
+from shared.clock import SystemClock, utcnow  # noqa: E402
+from shared.envelope import Envelope  # noqa: E402
+from shared.frames import AGENT_TO_HUB, sign_envelope  # noqa: E402
+from shared.signing import SigningKey  # noqa: E402
 from shared.hlc import HLC  # noqa: E402
 from shared.messages import JobTypeInfo, Result, Status  # noqa: E402
 from shared.topics import status_topic  # noqa: E402
@@ -108,12 +113,11 @@ def main() -> int:
     (root / "dags" / "backlog.py").write_text(DAG.format(agents=list(sizes), chunk=args.chunk))
     broker = PrivateBroker(root / "broker")
     broker.start()
-    token = secrets.token_urlsafe(24)
     api_port = free_port()
     config = root / "hub.toml"
     config.write_text(
         f'state_dir = "{root / "hub"}"\ndags_folder = "{root / "dags"}"\nbroker_port = {broker.port}\napi_port = {api_port}\nfernet_keys = "{generate_key()}"\n'
-        f'agent_sync_token = "{token}"\nmax_map_length = {args.chunk}\nredeliver_after = 86400.0\n'
+        f'secret_key = "{secrets.token_urlsafe(48)}"\nmax_map_length = {args.chunk}\nredeliver_after = 86400.0\n'
         "agent_offline_after = 86400.0\ndefault_pool_slots = -1\nsqlite_synchronous = \"FULL\"\n"
     )
     url = f"http://127.0.0.1:{api_port}"
@@ -145,7 +149,7 @@ def main() -> int:
             load_before = loadavg()
             start = time.monotonic()
             if over_http:
-                agent.start(broker.port, {"site": "bench"}, url, token)
+                agent.start(broker.port, {"site": "bench"}, url)
             else:
                 agent.start(broker.port, {"site": "bench"})
             assert agent.proc is not None
@@ -181,8 +185,14 @@ def main() -> int:
 def issue(broker: PrivateBroker, url: str, db: Path, agent_id: str, n: int, chunk: int) -> None:
     """The device announces itself with no MQTT session yet, so the
     assignments the hub sends reach nobody: it ran them offline."""
+    # Provisioned as standalone does it (device key, trusted hub keys, registration).
+    folder = db.parent.parent / "agents" / agent_id
+    engine = make_engine(f"sqlite:///{db}")
+    provision_device(folder, agent_id, make_sessionmaker(engine), HubKeyring.load(db.parent / "keys").public_keys(), utcnow(SystemClock()))
+    engine.dispose()
+    key = SigningKey.load(folder / "identity" / "device.key")
     status = Envelope(Status("online", "0.1.0", agent_id, {"site": "bench"}, (JobTypeInfo("noop", "1.0"),)), sender=agent_id, hlc=HLC(int(time.time() * 1000), 0, agent_id))
-    mqtt_publish.single(status_topic(agent_id), encode(status), qos=1, retain=True, hostname="127.0.0.1", port=broker.port, protocol=MQTTv5)
+    mqtt_publish.single(status_topic(agent_id), sign_envelope(status, key, AGENT_TO_HUB), qos=1, retain=True, hostname="127.0.0.1", port=broker.port, protocol=MQTTv5)
     wait(lambda: any(a["agent_id"] == agent_id for a in httpx.get(f"{url}/api/v1/agents", params={"state": "online"}, timeout=5).json()["items"]), 30, f"{agent_id} online")
     started = time.monotonic()
     for k in range(1, n // chunk + 1):

@@ -39,7 +39,7 @@ from typing import Any
 from hub.config import HubSettings
 from shared.errors import OutpostError
 from shared.mqtt import MqttRequestError, MqttSettings, request
-from shared.topics import PREFIX, ack_topic, assign_topic, check_agent_id, events_topic, hub_subscriptions, probe_topic, status_topic
+from shared.topics import HUB_KEYS_TOPIC, PREFIX, ack_topic, assign_topic, check_agent_id, events_topic, hub_subscriptions, probe_topic, status_topic
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,10 @@ def agent_role(agent_id: str) -> str:
 
 
 def agent_acls(agent_id: str) -> list[dict[str, Any]]:
-    """Exactly the agent's own topics, literally (see the module docstring)."""
-    inbound = [assign_topic(agent_id), ack_topic(agent_id)]
+    """Exactly the agent's own topics, literally (see the module docstring),
+    and reading the hub's retained key announcements (signed; only the hub
+    may publish them)."""
+    inbound = [assign_topic(agent_id), ack_topic(agent_id), HUB_KEYS_TOPIC]
     return [
         *(_acl("publishClientSend", t) for t in (events_topic(agent_id), status_topic(agent_id), probe_topic(agent_id))),
         *(_acl("subscribeLiteral", t) for t in inbound),
@@ -88,6 +90,7 @@ def hub_acls() -> list[dict[str, Any]]:
         _acl("publishClientSend", f"{PREFIX}/agents/+/assign"),
         _acl("publishClientSend", f"{PREFIX}/agents/+/ack"),
         _acl("publishClientSend", f"{PREFIX}/hub/probe/+"),
+        _acl("publishClientSend", HUB_KEYS_TOPIC),
     ]
 
 

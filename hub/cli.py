@@ -41,7 +41,14 @@ _EPILOG = {
 }
 
 
+def _security_epilog() -> dict[str, str]:
+    from hub.cli_security import EPILOG
+
+    return EPILOG
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _EPILOG.update(_security_epilog())
     parser = argparse.ArgumentParser(
         prog="outpost-hub",
         description="The Outpost hub: schedules DAGs and dispatches work to edge agents over MQTT.",
@@ -89,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--agent-id", help="the id the device must enrol as (default: the device chooses a new id)")
     r = actions.add_parser("register", help="pre-register a device: its id and a public key made on it")
     r.add_argument("--id", required=True, dest="agent_id", help="the agent id")
-    r.add_argument("--public-key", required=True, help="the device's public key, ed25519:<base64url>")
+    r.add_argument("--public-key", required=True, help="the device's public key, ed25519:<base64url> (outpost-agent keygen prints it)")
+    r.add_argument("--replace", action="store_true", help="replace a different key already registered (a device that lost its key)")
     v = actions.add_parser("revoke", help="revoke a device: refuse its messages and API calls, delete its broker client")
     v.add_argument("agent_id", help="the agent id")
     i = actions.add_parser("reinstate", help="lift a revocation; the device then enrols again with a token made for its id")
@@ -100,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("broker", "Set up the broker's dynamic security for Outpost (needs broker_admin_username).")
     p.add_argument("action", choices=["setup"], help="setup: create the outpost-hub role and the hub's client (broker_username/password), deny by default")
     cli_auth.register(command)
+    from hub.cli_security import add_commands
+
+    add_commands(command)
     return parser
 
 
@@ -122,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             return _broker(args)
         if args.command in ("users", "tokens"):
             return cli_auth.run(args, _settings(args))
+        if args.command == "keys":
+            from hub.cli_security import run
+
+            return run(args, _settings(args))
         return _dags(args)
     except OutpostError as exc:
         print(f"outpost-hub: {exc}", file=sys.stderr)
@@ -300,7 +315,7 @@ def _agents(args: argparse.Namespace) -> int:
             print(f"one-time enrolment token {issued.id}{bound}, expires {issued.expires_at:%Y-%m-%d %H:%M UTC}; it is not shown again", file=sys.stderr)
             return EXIT_OK
         if args.action == "register":
-            credentials = enrolment.preregister(sessions, broker, now, args.agent_id, args.public_key, "cli")
+            credentials = enrolment.preregister(sessions, broker, now, args.agent_id, args.public_key, "cli", replace=args.replace)
             print(f"registered {args.agent_id}")
             if credentials is not None:
                 print(f"broker_username = {json.dumps(credentials.username)}\nbroker_password = {json.dumps(credentials.password)}")

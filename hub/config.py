@@ -62,6 +62,8 @@ class HubSettings(BaseSettings):
     sync_max_batch_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest HTTP sync request body in bytes; more is refused with 413 batch_too_large (each envelope also obeys max_message_bytes).")
     task_log_retention_days: int = Field(30, ge=0, description="Days the hub keeps the stored logs of finished tries (by when each chunk arrived); older chunks are deleted by the scheduler in batches of at most 10,000. Logs of running tries are kept. 0: keep logs forever.")
     fernet_keys: str = Field("", repr=False, description="Comma-separated Fernet keys that encrypt variables and connections at rest; the first encrypts, all decrypt (rotation: put a new key first, run 'outpost-hub secrets rotate', then drop the old one). Required: the hub refuses to start without a valid key ('outpost-hub secrets generate-key' makes one). 'outpost-hub standalone' keeps one in <state-dir>/hub/fernet.key.")
+    keys_dir: Path | None = Field(None, description="Folder of the hub's signing key ring (made on first start, mode 0700); empty: <state_dir>/keys. Every hub process of one installation must use the same ring.")
+    message_ttl: float = Field(7 * 86400.0, gt=0, description="Seconds a signed message to a device (assign, cancel, ack) stays valid (its 'exp'); a device refuses it as expired after that. The default matches the broker's session expiry for agents (7 days): a device back after longer gets the assignments re-sent, freshly signed, by the hub.")
     dag_file_processor_memory_mb: int = Field(2048, ge=0, description="Memory (MB of data) one DAG file may allocate while being parsed; over it the file fails with a memory import error. 0: no limit.")
     # --- authentication (hub.auth; docs/security-auth.md) ---
     secret_key: str = Field("", description="Secret that signs dashboard CSRF values; at least 32 characters, random (python -c 'import secrets; print(secrets.token_urlsafe(48))'). The hub refuses to start without one; outpost-hub standalone generates one in its state folder.")
@@ -84,6 +86,11 @@ class HubSettings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'hub.db'}"
+
+    @property
+    def key_ring_dir(self) -> Path:
+        """The folder of the hub's signing key ring."""
+        return self.keys_dir or self.state_dir / "keys"
 
     @classmethod
     def settings_customise_sources(

@@ -204,24 +204,27 @@ def _record_refusal(sessions: sessionmaker[Session], now: datetime, remote: str,
 # --- pre-registration and revocation ---------------------------------------------
 
 
-def preregister(sessions: sessionmaker[Session], broker: BrokerAdmin | None, now: datetime, agent_id: str, public_key: str, actor: str) -> AgentCredentials | None:
+def preregister(
+    sessions: sessionmaker[Session], broker: BrokerAdmin | None, now: datetime, agent_id: str, public_key: str, actor: str, replace: bool = False,
+) -> AgentCredentials | None:
     """Record a device's id and public key made outside Outpost; provisions
     its broker client when the hub manages them (the credentials are returned
-    once, for the device's configuration)."""
+    once, for the device's configuration). ``replace`` swaps a different
+    key already registered (a device that lost its key)."""
     try:
         check_agent_id(agent_id)
         key = PublicKey.from_text(public_key)
     except (BadKey, ValueError) as exc:
         raise InvalidRequest(str(exc)) from None
     with transaction(sessions) as session:
-        register_agent(session, agent_id, key, now)
+        register_agent(session, agent_id, key, now, replace=replace)
         credentials = None
         if broker is not None:
             try:
                 credentials = broker.provision_agent(agent_id)
             except BrokerAdminError as exc:
                 raise BrokerProvisioningFailed(f"registration of {agent_id!r} not done: {exc}") from None
-        audit.record(session, actor, "agent.register", agent_id, at=now, key_id=key.kid, broker=credentials is not None)
+        audit.record(session, actor, "agent.register", agent_id, at=now, key_id=key.kid, broker=credentials is not None, replace=replace)
     return credentials
 
 

@@ -99,3 +99,10 @@ class RateLimited(HubError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class AgentNotTrusted(HubError):
+    """An agent with no registered public key, or a revoked one: nothing it sends is applied."""
+
+    status = 403
+    code = "agent_not_trusted"

@@ -25,6 +25,8 @@ RESULT_APPLIED = "result_applied"
 #: A task missed its SLA or a run its dagrun_timeout (a ``deadline_misses`` row).
 DEADLINE_MISSED = "deadline_missed"
 MESSAGE_REJECTED = "message_rejected"
+#: A device message did not verify, or a device refused a hub message (a ``security_events`` row).
+SECURITY_EVENT = "security_event"
 #: A late or conflicting report overrode (or was overridden by) a hub decision: a ``conflicts`` row.
 CONFLICT_RECORDED = "conflict_recorded"
 #: An asset event was committed (a task's outlet, an agent event, the API): asset-scheduled DAGs may be due.

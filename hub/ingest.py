@@ -17,9 +17,19 @@ is stored once per (assignment, seq) by :mod:`hub.tasklogs` and acknowledged
 as ``<assignment id>/<seq>`` (``Ack.log_ids``); ``progress`` updates the
 running try and is never acknowledged (best effort).
 
-Bad input (undecodable, oversized, unknown type, a sender that is not the
-topic's agent, a result for an assignment the hub never made) is logged,
-counted and stored in ``rejected_messages``; it never stops the worker.
+Every message is a signed frame (``shared.frames``): before anything is
+parsed, it is checked against the public key registered for the agent named
+by the topic (``hub.identity.device_key``). An unknown or revoked agent, a
+bad signature or a signed envelope naming another sender is not applied and
+is recorded in ``security_events`` (``hub.security``), never acknowledged
+(an ack or refusal would let a forger make the real device drop its work).
+So are the security refusals devices report (``rejected`` events with a
+``security.<code>`` code, source ``agent``). Acknowledgements sent to
+devices are signed with the hub's current key (``hub.hubkeys``).
+
+Bad input (undecodable, oversized, unknown type, a result for an assignment
+the hub never made) is logged, counted and stored in ``rejected_messages``;
+it never stops the worker.
 """
 
 from __future__ import annotations
@@ -37,17 +47,21 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hub import asset_events, fleet, offline, reconcile, tasklogs
+from hub import asset_events, fleet, offline, reconcile, security, tasklogs
 from hub import events as ev
+from hub import identity as device_identity
 from hub.assets import agent_event_uri
 from hub.db import for_update, transaction
 from hub.dispatcher import Dispatcher
 from hub.events import EventBus
+from hub.hubkeys import DEFAULT_TTL, LiveRing, sign_for
 from hub.lifecycle import CALLBACKS_FLAG, finish_try, task_callback
-from hub.models import AssetEvent, Assignment, DagRun, RejectedMessage, TaskInstance, TaskResult
+from hub.models import AssetEvent, Assignment, DagRun, RejectedMessage, SecurityEvent, TaskInstance, TaskResult
 from shared.clock import Clock, to_datetime, utcnow
-from shared.envelope import Envelope, decode, encode
+from shared.envelope import Envelope, decode
 from shared.errors import ClockSkew, OutpostError, ProtocolError
+from shared.frames import AGENT_TO_HUB, unsigned_part, verify_frame
+from shared.signing import PublicKey, SignatureError
 from shared.hlc import HLC, HybridClock
 from shared.messages import AGENT_EVENT_NAME_RE, MAX_AGENT_EVENT_PAYLOAD_BYTES, Accepted, Ack, AgentEvent, Heartbeat, LogChunk, Progress, Rejected, Result, Started, Status
 from shared.mqtt import Inbound, MqttLink
@@ -83,9 +97,11 @@ class _Batch:
     #: Log chunks stored (or refused for good), acknowledged as "<assignment id>/<seq>".
     log_acks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rejections: list[RejectedMessage] = field(default_factory=list)
+    #: Security events to record with the batch.
+    security: list[SecurityEvent] = field(default_factory=list)
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    #: The messages refused, with their rejection records.
-    refused: list[tuple[Inbound, RejectedMessage]] = field(default_factory=list)
+    #: The messages refused, with their rejection (or security event) records.
+    refused: list[tuple[Inbound, RejectedMessage | SecurityEvent]] = field(default_factory=list)
     #: Results refused for good (FINAL_RESULT_REFUSALS), per agent: the MQTT ack says so.
     refusals: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     #: Where the messages came from, as stored in ``rejected_messages.source``.
@@ -99,6 +115,7 @@ class _Batch:
         for agent_id, ids in other.log_acks.items():
             self.log_acks[agent_id].extend(ids)
         self.rejections.extend(other.rejections)
+        self.security.extend(other.security)
         self.emitted.extend(other.emitted)
         self.refused.extend(other.refused)
         for agent_id, ids in other.refusals.items():
@@ -120,6 +137,13 @@ class Ingester:
     #: Agents flagged for clock skew: their stamps do not move the hub's
     #: clock. None until read from the DB (at the first batch).
     untrusted_clocks: set[str] | None = None
+    #: Signs the acknowledgements; required to publish them (the HTTP sync
+    #: route's ingester answers in HTTP and publishes nothing).
+    keyring: LiveRing | None = None
+    #: Lifetime of a signed ack (seconds).
+    message_ttl: float = DEFAULT_TTL
+    #: At most one security event record per (agent, source, code) this often.
+    security_throttle: security.Throttle = field(default_factory=security.Throttle)
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -192,8 +216,9 @@ class Ingester:
                 self.untrusted_clocks = fleet.flagged_clocks(session)
         out = _Batch(source=source)
         decoded: list[tuple[Inbound, str, Envelope]] = []
+        keys = self._device_keys(batch)
         for msg in batch:
-            item = self._decode(msg, out)
+            item = self._decode(msg, out, keys)
             if item is not None:
                 decoded.append(item)
         with transaction(self.sessions) as session:
@@ -215,6 +240,9 @@ class Ingester:
             for record in out.rejections:
                 record.received_at = now
                 session.add(record)
+            for event in out.security:
+                event.at = now
+                session.add(event)
             if session.info.pop(CALLBACKS_FLAG, False):
                 out.emitted.append((ev.CALLBACKS_REQUESTED, {}))  # the workers run them now, not at their next poll
             if in_transaction is not None:
@@ -227,6 +255,8 @@ class Ingester:
             self.events.emit(name, **data)
         for record in out.rejections:
             self.events.emit(ev.MESSAGE_REJECTED, code=record.code, agent_id=record.agent_id)
+        for event in out.security:
+            self.events.emit(ev.SECURITY_EVENT, code=event.code, agent_id=event.agent_id, source=event.source)
 
     def _apply_one_isolated(self, session: Session, item: tuple[Inbound, str, Envelope], now: datetime, out: _Batch) -> None:
         msg, agent_id, envelope = item
@@ -288,7 +318,46 @@ class Ingester:
 
     # --- decoding ----------------------------------------------------------
 
-    def _decode(self, msg: Inbound, out: _Batch) -> tuple[Inbound, str, Envelope] | None:
+    def _device_keys(self, batch: list[Inbound]) -> dict[str, device_identity.DeviceKey]:
+        """The registered key (or standing) of every agent the batch's topics name."""
+        ids = set()
+        for msg in batch:
+            try:
+                ids.add(parse(msg.topic).agent_id)
+            except ValueError:
+                continue
+        if not ids:
+            return {}
+        with self.sessions() as session:
+            return {agent_id: device_identity.device_key(session, agent_id) for agent_id in ids}
+
+    def _verify(self, msg: Inbound, agent_id: str, out: _Batch, keys: dict[str, device_identity.DeviceKey]) -> bytes | None:
+        """The signed JSON of ``msg`` if it verifies with ``agent_id``'s key; else None (recorded)."""
+        device = keys.get(agent_id)
+        if device is None or device.key is None:
+            standing = device.standing if device is not None else "unknown"
+            code = "revoked_agent" if standing == "revoked" else "unknown_agent"
+            why = "was revoked" if standing == "revoked" else "is not registered (no public key; pre-register it: outpost-hub agents register)"
+            self._security(out, msg, agent_id, code, f"agent {agent_id!r} {why}; its message is not applied")
+            return None
+        key: PublicKey = device.key
+
+        try:
+            data, _kid = verify_frame(msg.payload, AGENT_TO_HUB, lambda kid: key if kid == key.kid else None, self.max_message_bytes)
+        except SignatureError as exc:
+            self._security(out, msg, agent_id, exc.code, f"{exc} (agent {agent_id!r}, registered key {key.kid})")
+            return None
+        return data
+
+    def _security(self, out: _Batch, msg: Inbound, agent_id: str | None, code: str, detail: str) -> None:
+        self.counters[f"security.{code}"] += 1
+        record = security.event(utcnow(self.clock), agent_id, out.source, code, detail, unsigned_part(msg.payload))
+        out.refused.append((msg, record))
+        if self.security_throttle.allow(agent_id or "", out.source, code):
+            log.warning("SECURITY: %s on %s (%s): %s", code, msg.topic, out.source, detail)
+            out.security.append(record)
+
+    def _decode(self, msg: Inbound, out: _Batch, keys: dict[str, device_identity.DeviceKey]) -> tuple[Inbound, str, Envelope] | None:
         try:
             topic = parse(msg.topic)
         except ValueError as exc:
@@ -299,17 +368,24 @@ class Ingester:
             return None
         if topic.kind == "status" and not msg.payload:
             return None  # a cleared retained status: nothing to apply
+        if len(msg.payload) > self.max_message_bytes:
+            self._reject(out, msg, topic.agent_id, "payload_too_large", f"payload of {len(msg.payload)} bytes exceeds the limit of {self.max_message_bytes}")
+            return None
+        data = self._verify(msg, topic.agent_id, out, keys)
+        if data is None:
+            return None
         try:
-            envelope = decode(msg.payload, self.max_message_bytes)
+            envelope = decode(data, self.max_message_bytes)
         except ProtocolError as exc:
             self._reject(out, msg, topic.agent_id, exc.code, str(exc))
             if exc.code in FINAL_RESULT_REFUSALS:
-                malformed = _malformed_result_id(msg.payload, topic.agent_id)
+                malformed = _malformed_result_id(data, topic.agent_id)
                 if malformed is not None:
                     out.refusals[topic.agent_id].append(malformed)
             return None
         if envelope.sender != topic.agent_id:
-            self._reject(out, msg, topic.agent_id, "sender_mismatch", f"envelope sender {envelope.sender!r} published on {topic.agent_id!r}'s topic")
+            # Signed with this agent's key, yet naming another sender: a device bug or a forgery attempt.
+            self._security(out, msg, topic.agent_id, "sender_mismatch", f"envelope sender {envelope.sender!r} published on {topic.agent_id!r}'s topic")
             return None
         expected = (Status,) if topic.kind == "status" else (Accepted, Started, Result, Heartbeat, Rejected, AgentEvent, Progress, LogChunk)
         if not isinstance(envelope.body, expected):
@@ -358,6 +434,13 @@ class Ingester:
             return
         if isinstance(body, AgentEvent):
             self._apply_agent_event(session, agent_id, body, now, out)
+            return
+        if isinstance(body, Rejected) and body.code.startswith(security.AGENT_PREFIX):
+            # The device refused something claiming to come from the hub.
+            code = body.code[len(security.AGENT_PREFIX):] or "unknown"
+            self.counters[f"agent_security.{code}"] += 1
+            if self.security_throttle.allow(agent_id, "agent", code):
+                out.security.append(security.event(now, agent_id, "agent", code, body.detail, body.message_id or ""))
             return
         if isinstance(body, Rejected):
             self.counters[f"agent_rejected.{body.code}"] += 1
@@ -525,10 +608,12 @@ class Ingester:
                     tuple(ids[start:start + 200]), event_ids=tuple(events[start:start + 200]), log_ids=tuple(logs[start:start + 200]),
                     refused_ids=tuple(refused[start:start + 200]),
                 )
-                envelope = Envelope(body, sender="hub", hlc=self.hlc.now())
+                if self.keyring is None:
+                    raise RuntimeError("this ingester has no key ring: it cannot sign acknowledgements")
+                frame = sign_for(self.keyring, body, agent_id, self.hlc.now(), self.clock.now(), ttl=self.message_ttl, limit=self.max_message_bytes)
                 # Not through the DB outbox: an ack that gets lost is simply
                 # sent again when the agent re-sends the result.
-                self.link.publish(ack_topic(agent_id), encode(envelope, self.max_message_bytes), qos=1)
+                self.link.publish(ack_topic(agent_id), frame, qos=1)
 
 
 def _malformed_result_id(payload: bytes, agent_id: str) -> str | None:

@@ -600,6 +600,25 @@ class AgentRequestSignature(Base):
     seen_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class SecurityEvent(Base):
+    """Something that may be an attack, or a key misconfiguration: a device
+    message that did not verify (unknown or revoked device, bad signature,
+    sender/topic mismatch), or a hub message a device refused (bad
+    signature, wrong device, expired, replayed), as the device reported it
+    (``source`` ``agent``). See docs/security-signing.md."""
+
+    __tablename__ = "security_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    agent_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    #: ``mqtt``, ``http`` (the hub refused a device message) or ``agent`` (a device refused a hub message).
+    source: Mapped[str] = mapped_column(String(20))
+    code: Mapped[str] = mapped_column(String(50), index=True)
+    detail: Mapped[str] = mapped_column(Text)
+    excerpt: Mapped[str] = mapped_column(Text, default="")
+
+
 # Users, tokens and sessions live in their own module; importing it here puts
 # them in Base.metadata for Alembic and the migration test.
 from hub import models_auth as _models_auth  # noqa: E402,F401

@@ -27,6 +27,7 @@ from hub.dispatcher import Dispatcher
 from hub.encryption import parse_keys
 from hub.events import EventBus
 from hub.executor import LocalExecutor
+from hub.hubkeys import LiveRing
 from hub.ingest import Ingester
 from hub.masking import install_log_filter
 from hub.outbox import OutboxPublisher
@@ -63,7 +64,10 @@ class HubRuntime:
                 tls=s.broker_tls, tls_ca=s.broker_tls_ca or None, tls_cert=s.broker_tls_cert or None, tls_key=s.broker_tls_key or None,
             ),
             subscriptions=[(t, 1) for t in hub_subscriptions()],
+            on_connect=self._mqtt_connected,
         )
+        # Made on first start; signs everything sent to devices.
+        self.keyring = LiveRing(s.key_ring_dir)
         # DAG files are parsed in other processes; the hub keeps their serialized DAGs.
         processor = DagFileProcessor(timeout=s.dag_file_processor_timeout, parallelism=s.dag_parsing_processes, memory_mb=s.dag_file_processor_memory_mb)
         self.dagbag = SerializedDagBag(s.dags_folder, processor, min_file_process_interval=s.min_file_process_interval)
@@ -82,8 +86,13 @@ class HubRuntime:
         # Airflow's schedule_after_task_execution: a finished hub task's
         # downstream is decided and queued in the transaction that records it.
         self.executor.mini_scheduler = self.scheduler
-        self.ingester = Ingester(self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes, max_clock_skew=s.max_clock_skew)
-        self.publisher = OutboxPublisher(self.sessions, self.link, self.clock)
+        self.ingester = Ingester(
+            self.sessions, self.link, self.clock, self.hlc, self.events, s.max_message_bytes, max_clock_skew=s.max_clock_skew,
+            keyring=self.keyring, message_ttl=s.message_ttl,
+        )
+        self.publisher = OutboxPublisher(
+            self.sessions, self.link, self.clock, keyring=self.keyring, message_ttl=s.message_ttl, max_message_bytes=s.max_message_bytes, hlc=self.hlc,
+        )
         self.events.subscribe(ev.OUTBOX_WRITTEN, lambda _n, _d: self.publisher.wake())
         self.server: uvicorn.Server | None = None
 
@@ -142,6 +151,13 @@ class HubRuntime:
         return checks
 
     # --- internals ---------------------------------------------------------
+
+    def _mqtt_connected(self) -> None:
+        # The broker may have lost the retained key announcement: publish it again.
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            publisher._announced = None
+            publisher.wake()
 
     def _now(self) -> datetime:
         return utcnow(self.clock)

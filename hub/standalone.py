@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ from hub.auth.keys import load_or_create_secret_key
 from hub.config import HubSettings
 from hub.db import transaction
 from hub.encryption import ensure_key_file
+from hub.errors import Conflict
 from hub.identity import register_agent
 from hub.models import Agent, DagRun, TaskInstance
 from hub.runtime import HubRuntime
 from hub.scheduler import trigger_run
 from shared.clock import utcnow
+from shared.files import atomic_write
 from shared.signing import PublicKey, SigningKey
 from shared.states import RunState
 
@@ -151,6 +154,23 @@ class PrivateBroker:
         self.start()
 
 
+def provision_device(state_dir: Path, agent_id: str, sessions: Any, hub_keys: list[PublicKey], now: datetime) -> None:
+    """Make a local device's identity the way an operator would with
+    ``outpost-agent keygen`` and ``outpost-agent trust add`` on the device
+    and ``outpost-hub agents register`` on the hub, through the agent's
+    documented file layout (``<state_dir>/identity/``: ``device.key``,
+    ``hub-keys.json``; the hub does not import the agent)."""
+    identity_dir = state_dir / "identity"
+    key = SigningKey.load_or_create(identity_dir / "device.key")
+    texts = [k.to_text() for k in hub_keys]
+    atomic_write(identity_dir / "hub-keys.json", json.dumps({"keys": texts}, indent=2).encode() + b"\n", mode=0o600)
+    try:
+        with transaction(sessions) as session:
+            register_agent(session, agent_id, key.public, now, replace=True)
+    except Conflict as exc:  # revoked on purpose: it stays so
+        log.warning("local agent %s not registered: %s", agent_id, exc)
+
+
 @dataclass
 class LocalAgent:
     agent_id: str
@@ -191,6 +211,8 @@ class LocalAgent:
         reads it (agent/identity.py's layout): standalone pre-registers its
         local agents instead of enrolling them."""
         return SigningKey.load_or_create(self.folder / "identity" / "device.key").public
+    def provision(self, sessions: Any, hub_keys: list[PublicKey], now: datetime) -> None:
+        provision_device(self.folder, self.agent_id, sessions, hub_keys, now)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -238,12 +260,10 @@ class Standalone:
         self.runtime.start()
         # First run: an admin with a random password, and an admin token for the CLI.
         self.admin = ensure_admin(self.runtime.sessions, self.state_dir / "hub", utcnow(self.runtime.clock))
-        # Pre-registered device keys, so the demo's agents sync large
-        # backlogs over HTTP (signed requests) like enrolled ones.
-        with transaction(self.runtime.sessions) as session:
-            for agent in self.local_agents:
-                register_agent(session, agent.agent_id, agent.device_key(), utcnow(self.runtime.clock), replace=True)
+        # Pre-registered local devices (their keys, the hub keys they trust): the
+        # demo's agents sign what they send, over MQTT and HTTP, like enrolled ones.
         for i, agent in enumerate(self.local_agents):
+            agent.provision(self.runtime.sessions, self.runtime.keyring.ring().public_keys(), utcnow(self.runtime.clock))
             agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url)
         return self.runtime
 

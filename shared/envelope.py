@@ -7,8 +7,12 @@ formats (see ``bench/codec.py``). Layout::
     {"v": 1, "type": "result", "id": "...", "from": "agent-1",
      "hlc": "0001732550000000.00000@agent-1", "exp": null, "body": {...}}
 
-``exp`` is an optional expiry (epoch seconds). The size limit is checked
-before parsing, so an oversized payload costs no parse.
+``exp`` is an optional expiry (epoch seconds). Signed messages (see
+``shared/frames.py``) also carry ``to`` (the recipient device, on messages
+from the hub), ``seq`` (the hub's per-device sequence number, on assign and
+cancel) and ``iat`` (issue time, epoch seconds); each key appears only when
+set, so unsigned layouts are unchanged. The size limit is checked before
+parsing, so an oversized payload costs no parse.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ class Envelope:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     expires_at: float | None = None
     version: int = PROTOCOL_VERSION
+    #: The device a hub message is for (checked by the agent: ``wrong_device``).
+    recipient: str | None = None
+    #: The hub's per-device sequence number (assign, cancel): replay protection.
+    seq: int | None = None
+    #: When the sender signed it (epoch seconds).
+    issued_at: float | None = None
 
     @property
     def type(self) -> str:
@@ -52,6 +62,12 @@ def encode(envelope: Envelope, limit: int = MAX_ENVELOPE_BYTES) -> bytes:
         "exp": envelope.expires_at,
         "body": envelope.body.to_dict(),
     }
+    if envelope.recipient is not None:
+        doc["to"] = envelope.recipient
+    if envelope.seq is not None:
+        doc["seq"] = envelope.seq
+    if envelope.issued_at is not None:
+        doc["iat"] = envelope.issued_at
     data = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     if len(data) > limit:
         raise PayloadTooLarge(len(data), limit)
@@ -88,6 +104,15 @@ def decode(data: bytes, limit: int = MAX_ENVELOPE_BYTES) -> Envelope:
     expires = doc.get("exp")
     if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int | float)):
         raise InvalidMessage(f"envelope field 'exp' must be a number or null, got {expires!r}")
+    recipient = doc.get("to")
+    if recipient is not None and (not isinstance(recipient, str) or not recipient):
+        raise InvalidMessage(f"envelope field 'to' must be a non-empty string or absent, got {recipient!r}")
+    seq = doc.get("seq")
+    if seq is not None and (type(seq) is not int or seq < 0):
+        raise InvalidMessage(f"envelope field 'seq' must be a non-negative integer or absent, got {seq!r}")
+    issued = doc.get("iat")
+    if issued is not None and (isinstance(issued, bool) or not isinstance(issued, int | float)):
+        raise InvalidMessage(f"envelope field 'iat' must be a number or absent, got {issued!r}")
     try:
         stamp = HLC.parse(doc["hlc"])
     except ValueError as exc:
@@ -100,6 +125,9 @@ def decode(data: bytes, limit: int = MAX_ENVELOPE_BYTES) -> Envelope:
         id=doc["id"],
         expires_at=None if expires is None else float(expires),
         version=version,
+        recipient=recipient,
+        seq=seq,
+        issued_at=None if issued is None else float(issued),
     )
 
 

@@ -226,6 +226,30 @@ class Ack(Message):
     refused_ids: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class KeyLink(Message):
+    """One link of the hub's key announcement chain (``shared.keychain``):
+    ``add`` the key ``key`` (id ``kid``) or ``retire`` the key ``kid``,
+    signed (``sig``) by the hub key ``signer``, at ``at`` (epoch seconds)."""
+
+    action: Literal["add", "retire"]
+    kid: str
+    signer: str
+    at: float
+    sig: str
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAnnouncement(Message):
+    """The hub's whole key chain, retained on ``outpost/v1/hub/keys``.
+    ``current`` names the key that signs now (and signs this frame)."""
+
+    TYPE: ClassVar[str] = "hub_keys"
+    current: str
+    links: tuple[KeyLink, ...] = ()
+
+
 # --- agent to hub ----------------------------------------------------------
 
 
@@ -367,5 +391,5 @@ class LogChunk(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Assign, Cancel, Ack, Accepted, Started, Result, Rejected, Heartbeat, Status, AgentEvent, Progress, LogChunk)
+    cls.TYPE: cls for cls in (Assign, Cancel, Ack, KeyAnnouncement, Accepted, Started, Result, Rejected, Heartbeat, Status, AgentEvent, Progress, LogChunk)
 }

@@ -11,7 +11,10 @@ Per agent ``A``:
 * ``outpost/v1/agents/A/probe``   agent's liveness probe; nobody subscribes
   (the broker's PUBACK is the answer, see shared/mqtt.py)
 
-The hub probes on ``outpost/v1/hub/probe/<client id>``.
+The hub probes on ``outpost/v1/hub/probe/<client id>``, and keeps its key
+announcements (the chain of its signing keys, each signed by the one before;
+see docs/security-signing.md) retained on ``outpost/v1/hub/keys``, which
+every agent may read and only the hub may write.
 
 Every topic an agent uses contains its id, so a broker ACL of the form
 ``outpost/v1/agents/%c/#`` confines each agent to its own topics.
@@ -28,6 +31,8 @@ AGENT_TOPICS = ("assign", "ack", "events", "status")
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 #: The hub's shared-subscription group: events are load-balanced across hub processes.
 HUB_GROUP = "outpost-hub"
+#: Retained hub key announcements (hub to all agents).
+HUB_KEYS_TOPIC = f"{PREFIX}/hub/keys"
 
 
 def check_agent_id(agent_id: str) -> str:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from hub import vault
-from hub.api.routes import agents, assets, audit_log, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, sync, users, variables
+from hub.api.routes import agents, assets, audit_log, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, security, sync, users, variables
 from hub.api.security import AuthMiddleware
 from hub.auth.keys import check_secret_key
 from hub.config import HubSettings
@@ -123,7 +123,7 @@ def create_app(
         MASKER.set_source(vault.secret_values(sessions, app.state.cipher))
 
     for router in (
-        dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, sync.router, enrolment.router, health.router,
+        dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, security.router, sync.router, enrolment.router, health.router,
         variables.router, connections.router, users.router, audit_log.router,
     ):
         app.include_router(router, prefix=API_PREFIX)

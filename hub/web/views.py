@@ -1,6 +1,6 @@
 """The dashboard: server-rendered pages over ``hub.queries``.
 
-Pages: ``/`` (DAGs and import errors), ``/dags/{dag_id}``, ``/runs``,
+Pages: ``/`` (DAGs and import errors), ``/dags/{dag_id}``, ``/runs``, ``/security``,
 ``/runs/{run_pk}``, ``/runs/{run_pk}/tasks/{ti_id}/tries/{n}/log`` (a device try's log), ``/agents``, ``/agents/{agent_id}``, ``/pools`` (pools
 and deadline misses), ``/conflicts``; actions
 ``POST /dags/{dag_id}/trigger`` (303 to the new run) and
@@ -45,7 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub import actions, queries, reconcile, tasklogs
+from hub import actions, queries, reconcile, security, tasklogs
 from hub import pools as pool_queries
 from hub.auth import scope
 from hub.auth.roles import Actor, Principal, Role
@@ -218,6 +218,18 @@ def conflict_list(request: Request) -> Response:
     except HubError as exc:
         return _error_page(request, exc)
     return _render(request, "conflicts.html", nav="conflicts", page=page, filters=filters)
+
+
+@router.get("/security", response_class=HTMLResponse)
+def security_events_page(request: Request) -> Response:
+    """Security events, newest first, with counts per code; ``code``,
+    ``agent_id`` and ``source`` in the query string filter them. Everything
+    shown may come from an attacker: the templates escape it all."""
+    params = request.query_params
+    filters = {name: params[name][:128] for name in ("code", "agent_id", "source") if params.get(name)}
+    with request.app.state.sessions() as session:
+        rows, total, counts = security.query(session, code=filters.get("code"), agent_id=filters.get("agent_id"), source=filters.get("source"), limit=200)
+    return _render(request, "security.html", nav="security", events=rows, total=total, counts=counts, filters=filters)
 
 
 @router.get("/agents", response_class=HTMLResponse)

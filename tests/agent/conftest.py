@@ -1,8 +1,10 @@
 """Fixtures for agent tests: a hub played by a raw paho client, agents to drive.
 
 ``HubPeer`` speaks the hub's side of the wire contract: it publishes assign,
-cancel and ack envelopes with sender ``"hub"`` and collects what the agent
-publishes on its events and status topics. ``make_agent`` builds an
+cancel and ack envelopes with sender ``"hub"``, signed with ``HUB_KEY`` (which
+the agents built here trust, setting ``hub_public_keys``) for this device,
+numbered (``seq``) like the hub's, and collects what the agent publishes on
+its events and status topics. ``make_agent`` builds an
 in-process :class:`agent.daemon.Agent` on the test's ``mosquitto`` broker and
 real SQLite files under ``state_dir``; ``spawn_agent`` runs ``python -m agent
 run`` as a subprocess for kill tests.
@@ -32,12 +34,16 @@ from agent.daemon import Agent
 from agent.queues import Inbox, Outbox
 from agent.runner import Runner
 from shared.clock import Clock, SystemClock
-from shared.envelope import Envelope, decode, encode
+from shared.envelope import Envelope, decode
+from shared.frames import HUB_TO_AGENT, seal, sign_envelope, unsigned_part
 from shared.hlc import HybridClock
 from shared.messages import Ack, Assign, Cancel, Message, Result
+from shared.signing import SigningKey
 from shared.topics import ack_topic, assign_topic, events_topic, status_topic
 
 AGENT_ID = "dev-1"
+#: The test hub's signing key; agents built by these fixtures trust it.
+HUB_KEY = SigningKey.generate()
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -47,6 +53,9 @@ class HubPeer:
     def __init__(self, port: int, agent_id: str = AGENT_ID) -> None:
         self.agent_id = agent_id
         self.hlc = HybridClock("hub", lambda: int(SystemClock().now() * 1000))
+        self.key = HUB_KEY
+        #: The last sequence number used (assign and cancel carry the next).
+        self.seq = 0
         self.events: list[Envelope] = []
         self.statuses: list[tuple[Envelope, bool]] = []  # (status, retained)
         self._cond = threading.Condition()
@@ -70,7 +79,8 @@ class HubPeer:
         self.client.loop_stop()
 
     def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
-        envelope = decode(msg.payload)
+        # The agent's signatures are checked by the tests that are about them (test_signing.py).
+        envelope = decode(unsigned_part(msg.payload))
         with self._cond:
             if msg.topic.endswith("/status"):
                 self.statuses.append((envelope, bool(msg.retain)))
@@ -80,14 +90,31 @@ class HubPeer:
 
     # --- sending -------------------------------------------------------------
 
+    def frame(self, body: Message, *, sender: str = "hub", expires_at: float | None = None, to: str | None = None,
+              seq: int | None = None, key: SigningKey | None = None, envelope_id: str | None = None) -> bytes:
+        """``body`` signed as the hub sends it: for this device (``to``), with
+        the next sequence number on assign and cancel (``seq`` overrides)."""
+        if seq is None and isinstance(body, Assign | Cancel):
+            self.seq += 1
+            seq = self.seq
+        envelope = Envelope(
+            body, sender=sender, hlc=self.hlc.now(), id=envelope_id or uuid.uuid4().hex, expires_at=expires_at,
+            recipient=to or self.agent_id, seq=seq, issued_at=time.time(),
+        )
+        return sign_envelope(envelope, key or self.key, HUB_TO_AGENT)
+
+    def sign_raw(self, data: bytes, key: SigningKey | None = None) -> bytes:
+        """Any bytes (malformed JSON too) signed with the hub key."""
+        return seal(data, key or self.key, HUB_TO_AGENT)
+
     def publish(self, body: Message | None = None, *, topic: str = "assign", sender: str = "hub",
-                expires_at: float | None = None, raw: bytes | None = None) -> str:
-        """Publish an envelope (or ``raw`` bytes) on the agent's assign or ack
-        topic; returns the envelope id."""
+                expires_at: float | None = None, raw: bytes | None = None, **signing: Any) -> str:
+        """Publish a signed envelope (or ``raw`` bytes) on the agent's assign
+        or ack topic; returns the envelope id. ``signing``: see :meth:`frame`."""
         envelope_id = uuid.uuid4().hex
         if raw is None:
             assert body is not None
-            raw = encode(Envelope(body, sender=sender, hlc=self.hlc.now(), id=envelope_id, expires_at=expires_at))
+            raw = self.frame(body, sender=sender, expires_at=expires_at, envelope_id=envelope_id, **signing)
         target = assign_topic(self.agent_id) if topic == "assign" else ack_topic(self.agent_id)
         self.client.publish(target, raw, qos=1).wait_for_publish(5)
         return envelope_id
@@ -184,6 +211,7 @@ def settings_for(mosquitto: Any, state_dir: Path) -> Callable[..., AgentSettings
         values: dict[str, Any] = {
             "agent_id": AGENT_ID, "state_dir": state_dir, "broker_port": mosquitto.port,
             "heartbeat_interval": 0.5, "result_resend_after": 0.5, "sqlite_synchronous": "NORMAL",
+            "hub_public_keys": (HUB_KEY.public.to_text(),),
         }
         values.update(overrides)
         return AgentSettings(**values)
@@ -225,6 +253,7 @@ def spawn_agent(mosquitto: Any, state_dir: Path, tmp_path: Path) -> Iterator[Cal
     base = (
         f'agent_id = "{AGENT_ID}"\nstate_dir = "{state_dir}"\nbroker_port = {mosquitto.port}\n'
         'heartbeat_interval = 0.5\nresult_resend_after = 0.5\nlog_level = "DEBUG"\n'
+        f'hub_public_keys = ["{HUB_KEY.public.to_text()}"]\n'
     )
     config.write_text(base)
 

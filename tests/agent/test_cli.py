@@ -16,7 +16,7 @@ from shared.messages import Assign, Result
 
 from .conftest import REPO
 
-COMMANDS = [[], ["run"], ["check"], ["config"], ["config", "check"], ["queue"], ["queue", "ls"], ["emit"]]
+COMMANDS = [[], ["run"], ["check"], ["config"], ["config", "check"], ["queue"], ["queue", "ls"], ["emit"], ["keygen"], ["trust"], ["trust", "add"], ["trust", "list"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "outpost-agent")
@@ -143,3 +143,27 @@ def test_emit_refuses_bad_events_before_queueing_them(tmp_path, capsys, argv, me
     assert main([*argv, "--config", path]) == ExitCode.CONFIG_ERROR
     assert message in capsys.readouterr().err
     assert not (state / "outbox.sqlite3").exists()
+
+
+def test_keygen_makes_the_device_key_once_and_trust_add_records_hub_keys(tmp_path, capsys):
+    from agent.identity import device_key_path, trusted_hub_keys
+    from shared.signing import PublicKey, SigningKey
+
+    path = config(tmp_path, f'agent_id = "pump-7"\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["keygen", "--config", path]) == ExitCode.OK
+    first = capsys.readouterr().out.strip()
+    assert main(["keygen", "--config", path]) == ExitCode.OK
+    assert capsys.readouterr().out.strip() == first  # kept, not replaced
+    settings = load_settings(path)
+    assert device_key_path(settings).stat().st_mode & 0o777 == 0o600
+    assert SigningKey.load(device_key_path(settings)).public.to_text() == PublicKey.from_text(first).to_text()
+
+    hub = SigningKey.generate().public
+    assert main(["trust", "add", hub.to_text(), "--config", path]) == ExitCode.OK
+    assert main(["trust", "add", hub.to_text(), "--config", path]) == ExitCode.OK
+    assert "already trusted" in capsys.readouterr().out
+    assert list(trusted_hub_keys(settings)) == [hub.kid]
+    assert main(["trust", "list", "--config", path]) == ExitCode.OK
+    assert hub.to_text() in capsys.readouterr().out
+    assert main(["trust", "add", "ed25519:short", "--config", path]) == ExitCode.CONFIG_ERROR
+    assert "public key" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import time
 
 from agent.queues import QueueError
 from shared.envelope import decode
+from shared.frames import AGENT_TO_HUB, open_frame, unsigned_part
 from shared.hlc import HLC
 from shared.messages import Assign
 from shared.topics import status_topic
@@ -16,9 +17,9 @@ from .conftest import AGENT_ID, read_retained, wait_until
 
 
 def test_online_status_is_retained_with_version_labels_and_job_types(make_agent, mosquitto):
-    make_agent(labels={"site": "north"})
+    agent = make_agent(labels={"site": "north"})
     payload = wait_until(lambda: read_retained(mosquitto.port, status_topic(AGENT_ID)), what="retained status")
-    envelope = decode(payload)
+    envelope = open_frame(payload, AGENT_TO_HUB, {agent.device_key.kid: agent.device_key.public}.get)  # signed by the device
     status = envelope.body
     assert envelope.sender == AGENT_ID
     assert status.state == "online" and status.agent_version == "0.1.0"  # type: ignore[attr-defined]
@@ -32,23 +33,24 @@ def test_bad_messages_are_rejected_counted_and_acknowledged_and_nothing_queued_i
     hub.wait_for("accepted", "held")
 
     stamp = str(hub.hlc.now())
-    hub.publish(raw=b"\xff this is not json")
-    hub.publish(raw=json.dumps({"v": 1, "type": "teleport", "id": "m-unknown", "from": "hub", "hlc": stamp, "body": {}}).encode())
-    hub.publish(raw=json.dumps({"v": 1, "type": "assign", "id": "m-oversized", "from": "hub", "hlc": stamp, "body": {"pad": "x" * 4000}}).encode())
-    hub.publish(raw=json.dumps({"v": 1, "type": "assign", "id": "m-invalid", "from": "hub", "hlc": stamp, "body": {"assignment_id": 7}}).encode())
+    # Signed by the hub, so they get as far as decoding.
+    hub.publish(raw=hub.sign_raw(b"\xff this is not json"))
+    hub.publish(raw=hub.sign_raw(json.dumps({"v": 1, "type": "teleport", "id": "m-unknown", "from": "hub", "hlc": stamp, "body": {}}).encode()))
+    hub.publish(raw=hub.sign_raw(json.dumps({"v": 1, "type": "assign", "id": "m-oversized", "from": "hub", "hlc": stamp, "body": {"pad": "x" * 4000}}).encode()))
+    hub.publish(raw=hub.sign_raw(json.dumps({"v": 1, "type": "assign", "id": "m-invalid", "from": "hub", "hlc": stamp, "body": {"assignment_id": 7}}).encode()))
     wrong_sender = hub.publish(Assign("w-1", "d", "r", "t", 1, "noop"), sender="dev-2")
     expired = hub.publish(Assign("e-1", "d", "r", "t", 1, "noop"), expires_at=manual_clock.now() - 10)
 
     rejected = hub.wait_for("rejected", count=6)
     by_code = {r.code: r for r in rejected}
-    assert set(by_code) == {"decode_error", "unknown_type", "payload_too_large", "invalid_message", "wrong_sender", "expired"}
+    assert set(by_code) == {"decode_error", "unknown_type", "payload_too_large", "invalid_message", "wrong_sender", "security.expired"}
     assert by_code["unknown_type"].message_id == "m-unknown"
     assert by_code["invalid_message"].message_id == "m-invalid"
     assert by_code["wrong_sender"].message_id == wrong_sender and by_code["wrong_sender"].assignment_id is None  # a forged copy must not fail the real one
-    assert by_code["expired"].message_id == expired
+    assert by_code["security.expired"].message_id == expired
     counters = agent.counters.snapshot()
     for code in by_code:
-        assert counters[f"rejected.{code}"] == 1
+        assert counters[code if code.startswith("security.") else f"rejected.{code}"] == 1
 
     # Still working, and the queued assignment is still there.
     hub.assign("after")
@@ -97,7 +99,7 @@ def test_graceful_stop_leaves_a_retained_offline_status(make_agent, hub, mosquit
     hub.wait_status("online")
     agent.stop(timeout=2)
     hub.wait_status("offline")
-    assert decode(read_retained(mosquitto.port, status_topic(AGENT_ID))).body.state == "offline"  # type: ignore[arg-type, attr-defined]
+    assert decode(unsigned_part(read_retained(mosquitto.port, status_topic(AGENT_ID)))).body.state == "offline"  # type: ignore[arg-type, attr-defined]
 
 
 def test_killed_agent_gets_a_retained_offline_status_from_its_will(spawn_agent, hub, mosquitto):
@@ -106,4 +108,4 @@ def test_killed_agent_gets_a_retained_offline_status_from_its_will(spawn_agent, 
     proc.send_signal(signal.SIGKILL)
     proc.wait(5)
     hub.wait_status("offline")
-    assert decode(read_retained(mosquitto.port, status_topic(AGENT_ID))).body.state == "offline"  # type: ignore[arg-type, attr-defined]
+    assert decode(unsigned_part(read_retained(mosquitto.port, status_topic(AGENT_ID)))).body.state == "offline"  # type: ignore[arg-type, attr-defined]

@@ -8,6 +8,7 @@ import signal
 import time
 
 from shared.envelope import decode
+from shared.frames import unsigned_part
 from shared.topics import status_topic
 
 from .conftest import AGENT_ID, read_retained, wait_until
@@ -30,7 +31,7 @@ def test_sigterm_finishes_within_the_budget_aborts_the_rest_and_publishes_a_clea
     assert "stopped (some jobs were interrupted)" in log
 
     offline = hub.wait_status("offline", since=seen)
-    retained = decode(read_retained(mosquitto.port, status_topic(AGENT_ID)))  # type: ignore[arg-type]
+    retained = decode(unsigned_part(read_retained(mosquitto.port, status_topic(AGENT_ID))))  # type: ignore[arg-type]
     assert retained.body.state == "offline"  # type: ignore[attr-defined]
     # The clean goodbye, stamped at stop, not the Will (stamped when the agent
     # started, before its online status) that the broker sends for a lost link.

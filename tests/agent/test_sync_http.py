@@ -21,6 +21,7 @@ from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
 from shared.signing import SigningKey
 from shared.clock import SystemClock
 from shared.envelope import Envelope, decode, encode
+from shared.frames import unsigned_part
 from shared.hlc import HLC
 from shared.messages import Ack, Result
 
@@ -60,7 +61,7 @@ class FakeHubServer:
 
             def do_POST(self) -> None:
                 batch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                ids = [decode(e.encode()).body.assignment_id for e in batch["envelopes"]]  # type: ignore[union-attr]
+                ids = [decode(unsigned_part(e.encode())).body.assignment_id for e in batch["envelopes"]]  # type: ignore[union-attr]
                 with outer.lock:
                     outer.batches.append(ids)
                     status, body = outer.policy(batch, ids)

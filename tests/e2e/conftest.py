@@ -23,11 +23,11 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from hub.db import make_engine, make_sessionmaker, transaction
-from hub.identity import register_agent
+from hub.db import make_engine, make_sessionmaker
+from hub.identity import HubKeyring
 from hub.models import TaskInstance, TaskResult
-from hub.standalone import LocalAgent
-from shared.signing import SigningKey
+from hub.standalone import LocalAgent, provision_device
+from shared.clock import SystemClock, utcnow
 from tests.conftest import Broker, free_port, wait_port
 from tests.hub.api_harness import TEST_SECRET_KEY, make_token
 
@@ -100,8 +100,20 @@ class Fleet:
         path = self.root / f"hub-{role}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def provision(self, agent_id: str, folder: Path | None = None) -> None:
+        """The device key, the hub keys it trusts and its registration with
+        the hub (the hub processes made the ring and the schema at start)."""
+        engine = make_engine(self.db_url)
+        try:
+            ring = HubKeyring.load(self.root / "hub" / "keys")
+            provision_device(folder or self.root / "agents" / agent_id, agent_id, make_sessionmaker(engine), ring.public_keys(), utcnow(SystemClock()))
+        finally:
+            engine.dispose()
+
     def start_agent(self, agent_id: str, **labels: str) -> LocalAgent:
         agent = self.agents.get(agent_id) or LocalAgent(agent_id, self.root / "agents" / agent_id)
+        if agent_id not in self.agents:
+            self.provision(agent_id, agent.folder)
         agent.start(self.broker.port, labels or {"site": "test"})
         self.agents[agent_id] = agent
         return agent
@@ -164,20 +176,6 @@ class Fleet:
                 last_error = exc
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what} (last error: {last_error})\n--- scheduler log tail ---\n{self.log('scheduler')[-3000:]}")
-
-    # --- device identity ----------------------------------------------------
-
-    def register_device(self, agent_id: str, folder: Path) -> None:
-        """Pre-register a device key made in the agent's state folder (where
-        the agent reads it), as an admin would: its HTTP sync requests are
-        signed with it. The hub must have created its database."""
-        key = SigningKey.load_or_create(folder / "identity" / "device.key")
-        engine = make_engine(self.db_url)
-        try:
-            with transaction(make_sessionmaker(engine)) as session:
-                register_agent(session, agent_id, key.public, datetime.now(UTC), replace=True)
-        finally:
-            engine.dispose()
 
     # --- the database, read directly for exactly-once checks ---------------
 

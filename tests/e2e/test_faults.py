@@ -124,6 +124,7 @@ def hub_config(f: Any, **values: Any) -> None:
 
 def add_agent(f: Any, agent_id: str, port: int, **settings: Any) -> FaultAgent:
     agent = FaultAgent(agent_id, f.root / "agents" / agent_id, port, settings)
+    f.provision(agent_id, agent.folder)
     agent.start()
     f.agents[agent_id] = agent  # the fleet's teardown stops it
     return agent

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -100,9 +101,14 @@ def test_hub_keeps_running_through_malformed_messages_and_records_them(fleet: An
     for payload in (b"{garbage", b'{"v":1,"type":"selfdestruct","id":"x","from":"agent-1","hlc":"0000000000001.00000@agent-1","body":{}}', b"A" * 400_000):
         # a foreign peer: the broker's own client, not our code
         subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(f.broker.port), "-q", "1", "-t", topic, "-s"], input=payload, check=True, timeout=10)
-    f.wait(lambda: f.api("GET", "/rejected")["total"] >= 3, 20, "rejections to be recorded")
-    codes = sorted(r["code"] for r in f.api("GET", "/rejected")["items"])
-    assert codes == ["decode_error", "payload_too_large", "unknown_type"]
+    # Unsigned: refused before parsing, as security events (one record per
+    # agent and code per 10 s); the oversized one before even that.
+    f.wait(lambda: f.api("GET", "/rejected")["total"] >= 1 and f.api("GET", "/security-events")["total"] >= 1, 20, "refusals to be recorded")
+    assert [r["code"] for r in f.api("GET", "/rejected")["items"]] == ["payload_too_large"]
+    events = f.api("GET", "/security-events")
+    assert events["counts"] == {"bad_signature": 1} and events["items"][0]["agent_id"] == "agent-1"
+    metrics = httpx.get(f"{f.url}/api/v1/metrics", timeout=10).text
+    assert 'outpost_security_events_total{code="bad_signature",source="mqtt"} 1' in metrics
     run = f.wait_run(f.trigger("fleet_health"))
     assert run["state"] == "success"
 

@@ -87,8 +87,8 @@ def test_a_device_offline_with_work_drains_its_backlog_over_http_on_return(fleet
     f.start_hub()
     db = f.root / "hub" / "hub.db"
     folder = f.root / "agents" / AGENT
-    f.register_device(AGENT, folder)
     with FaultProxy(f.broker.port) as mqtt, FaultProxy(f.api_port) as http:
+        f.provision(AGENT, folder)
         proc = start_agent(folder, mqtt.port, f"http://127.0.0.1:{http.port}")
         try:
             f.wait_agents_online(1, timeout=20)
@@ -155,9 +155,8 @@ def test_work_re_targeted_past_offline_grace_then_the_first_device_returns_with_
     f.config.write_text(f.config.read_text() + "agent_offline_after = 3.0\n")
     f.start_hub()
     db = f.root / "hub" / "hub.db"
-    for edge in ("edge-1", "edge-2"):
-        f.register_device(edge, f.root / "agents" / edge)
     with FaultProxy(f.broker.port) as mqtt:
+        f.provision("edge-1")
         first = start_agent(f.root / "agents" / "edge-1", mqtt.port, f.url, "edge-1")
         procs = [first]
         try:
@@ -167,6 +166,7 @@ def test_work_re_targeted_past_offline_grace_then_the_first_device_returns_with_
             assert f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["agent_id"] == "edge-1"
             mqtt.blackhole()
             # Only now a second device: the work can go nowhere else before.
+            f.provision("edge-2")
             procs.append(start_agent(f.root / "agents" / "edge-2", f.broker.port, f.url, "edge-2"))
             f.wait(lambda: f.api("GET", f"/runs/{run_pk}")["task_instances"][0]["state"] == "device_offline", 10, "device_offline")
             f.wait(lambda: (ti := f.api("GET", f"/runs/{run_pk}")["task_instances"][0])["agent_id"] == "edge-2" and ti["state"] == "running", 15, "re-targeted to edge-2")

@@ -17,9 +17,11 @@ from paho.mqtt.client import MQTTv5
 
 from agent.queues import Outbox
 from hub.standalone import LocalAgent
-from shared.envelope import Envelope, encode
+from shared.envelope import Envelope
+from shared.frames import AGENT_TO_HUB, sign_envelope
 from shared.hlc import HLC
 from shared.messages import JobTypeInfo, Result, Status
+from shared.signing import SigningKey
 from shared.topics import status_topic
 
 pytestmark = pytest.mark.e2e
@@ -47,12 +49,14 @@ def test_ten_thousand_buffered_results_sync_over_http_through_kill_9s_of_the_hub
         + f"max_map_length = {N}\nagent_offline_after = 3600.0\ndefault_pool_slots = -1\n"
     )
     f.start_hub()
-    f.register_device(AGENT, f.root / "agents" / AGENT)
     # The device announces itself (as its status would) without a session
     # yet, so the assignments the hub sends now reach nobody: the device
     # "ran them offline" and only its results exist, buffered in its outbox.
+    f.provision(AGENT)  # its key, registered; signed with it below
+    device_key = SigningKey.load(f.root / "agents" / AGENT / "identity" / "device.key")
     status = Envelope(Status("online", "0.1.0", AGENT, {"site": "test"}, (JobTypeInfo("noop", "1.0"),)), sender=AGENT, hlc=HLC(int(time.time() * 1000), 0, AGENT))
-    mqtt_publish.single(status_topic(AGENT), encode(status), qos=1, retain=True, hostname="127.0.0.1", port=f.broker.port, protocol=MQTTv5)
+    frame = sign_envelope(status, device_key, AGENT_TO_HUB)
+    mqtt_publish.single(status_topic(AGENT), frame, qos=1, retain=True, hostname="127.0.0.1", port=f.broker.port, protocol=MQTTv5)
     f.wait_agents_online(1)
     run_pk = f.trigger("backlog")
     db = str(f.root / "hub" / "hub.db")

@@ -122,4 +122,4 @@ def test_after_a_refusal_streak_an_agent_accepting_again_gets_its_work_without_t
 def _mark_published(hub: Any) -> None:
     from hub.outbox import OutboxPublisher
 
-    OutboxPublisher(hub.sessions, hub.link, hub.clock).flush()
+    hub.publisher().flush()

@@ -12,6 +12,8 @@ that the rule never asked for.
 
 from __future__ import annotations
 
+from shared.frames import unsigned_part
+
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,7 +31,9 @@ from hub.db import make_engine, make_sessionmaker, transaction, upgrade
 from hub.dispatcher import Dispatcher
 from hub.events import EventBus
 from hub.executor import LocalExecutor
+from hub.hubkeys import LiveRing
 from hub.ingest import Ingester
+from hub.security import Throttle
 from hub.models import Assignment, ConflictRecord, Decision, OutboxMessage, TaskInstance, TaskResult
 from hub.scheduler import Scheduler, trigger_run
 from shared.clock import ManualClock, utcnow
@@ -78,8 +82,9 @@ def _assemble(sessions: Any, clock: ManualClock, folder: Path, link: RecordingLi
     events = EventBus()
     hlc = HybridClock("hub", lambda: int(clock.now() * 1000))
     scheduler = Scheduler(sessions, SerializedDagBag(folder), Dispatcher(hlc, 256 * 1024), clock, events, queue.append)
-    ingester = Ingester(sessions, link, clock, hlc, events)  # type: ignore[arg-type]
-    return HubHarness(sessions, clock, scheduler, ingester, LocalExecutor(sessions, clock, events), link, queue)
+    keyring = LiveRing(Path(tempfile.mkdtemp(prefix="outpost_sm_keys_")))
+    ingester = Ingester(sessions, link, clock, hlc, events, keyring=keyring, security_throttle=Throttle(every=0))  # type: ignore[arg-type]
+    return HubHarness(sessions, clock, scheduler, ingester, LocalExecutor(sessions, clock, events), link, queue, keyring)
 
 
 class ConflictMachine(RuleBasedStateMachine):
@@ -121,7 +126,7 @@ class ConflictMachine(RuleBasedStateMachine):
             rows = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
         out = []
         for row in rows:
-            env = decode(row.payload)
+            env = decode(unsigned_part(row.payload))
             if env.type == "assign":
                 out.append((row.topic.split("/")[3], env.body.assignment_id, env.body.try_number))
         return list(dict.fromkeys(out))

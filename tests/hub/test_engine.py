@@ -4,6 +4,8 @@ retry backoff, callback requests, SLA misses and run timeouts."""
 
 from __future__ import annotations
 
+from shared.frames import unsigned_part
+
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -290,7 +292,7 @@ def test_dagrun_timeout_fails_the_run_skips_its_tasks_and_cancels_agent_work(mak
     assert states(hub, run_pk) == {"work": "skipped", "after": "skipped"}
     [miss] = rows(hub, DeadlineMiss)
     assert (miss.kind, miss.task_id) == ("dagrun_timeout", "")
-    cancels = [decode(r.payload).body for r in rows(hub, OutboxMessage) if isinstance(decode(r.payload).body, Cancel)]
+    cancels = [decode(unsigned_part(r.payload)).body for r in rows(hub, OutboxMessage) if isinstance(decode(unsigned_part(r.payload)).body, Cancel)]
     assert [c.assignment_id for c in cancels] == [work.assignment_id]
     assert [(r.kind, r.payload["reason"]) for r in rows(hub, CallbackRequest)] == [("dag_failure", "timed_out")]
     # The device finishes anyway: its success is the instance's (a success is
@@ -353,7 +355,7 @@ def test_clear_with_downstream_reruns_with_a_new_try_and_cancels_open_work(make_
         assert session.get(Assignment, two.assignment_id).state == "cancelled"
     run = run_of(hub, run_pk)
     assert (run.state, run.clear_number) == ("running", 1)  # a running run carries on (Airflow)
-    assert isinstance(decode(rows(hub, OutboxMessage)[-1].payload).body, Cancel)
+    assert isinstance(decode(unsigned_part(rows(hub, OutboxMessage)[-1].payload)).body, Cancel)
     # ... and its late result decides nothing.
     hub.send("a1", Result(two.assignment_id, 2, "success", {}))
     assert rows(hub, TaskResult)[-1].applied is False

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from hub.models import RejectedMessage
 from shared.messages import Result
 from shared.mqtt import Inbound
-from shared.envelope import Envelope, encode
+from shared.envelope import Envelope
 from shared.topics import events_topic
 from tests.hub.test_ingest import setup
 
@@ -24,8 +24,8 @@ def test_a_failed_batch_is_redone_one_message_at_a_time(make_hub: Any) -> None:
             raise RuntimeError("boom")
         real(session, items, now, out)
     hub.ingester._apply_all = flaky  # type: ignore[method-assign]
-    good = encode(Envelope(Result(assign.assignment_id, 1, "success", "ok"), "a1", hub.agent_clocks["a1"].now()))
-    hub.ingester.process([Inbound(events_topic("a1"), b"{bad", 1, False, 1), Inbound(events_topic("a1"), good, 1, False, 2)])
+    good = hub.sign(Envelope(Result(assign.assignment_id, 1, "success", "ok"), "a1", hub.agent_clocks["a1"].now()))
+    hub.ingester.process([Inbound(events_topic("a1"), hub.sign_raw("a1", b"{bad"), 1, False, 1), Inbound(events_topic("a1"), good, 1, False, 2)])
     assert calls == [1, 1]
     with hub.sessions() as s:
         rows = list(s.scalars(select(RejectedMessage)))

@@ -56,7 +56,7 @@ with DAG("nightly") as dag:
 
 def publish(hub: Any) -> None:
     """What the outbox publisher does: send the rows, mark assignments sent."""
-    OutboxPublisher(hub.sessions, hub.link, hub.clock).flush()
+    hub.publisher().flush()
 
 
 def assignment_of(hub: Any, ti: TaskInstance) -> Assignment:
@@ -381,17 +381,18 @@ def test_clock_skew_is_flagged_shown_and_cleared(make_hub: Any) -> None:
 
 
 def test_a_retained_status_is_not_a_clock_reading(make_hub: Any) -> None:
-    from shared.envelope import Envelope, encode
+    from shared.envelope import Envelope
+    from shared.frames import unsigned_part
     from shared.mqtt import Inbound
 
     hub = make_hub({"pinned.py": PINNED})
     old = HybridClock("a1", lambda: int((hub.clock.now() - 86400) * 1000))  # published a day ago, kept by the broker
-    payload = encode(Envelope(Status("online", "0.1.0", "a1"), sender="a1", hlc=old.now()))
+    payload = hub.sign(Envelope(Status("online", "0.1.0", "a1"), sender="a1", hlc=old.now()))
     hub.ingester.process([Inbound(status_topic("a1"), payload, 1, True, 1)])
     with hub.sessions() as session:
         a1 = session.get(Agent, "a1")
         assert (a1.state, a1.clock_skew, a1.clock_skew_flagged_at) == ("online", None, None)
-    assert decode(payload).body.state == "online"
+    assert decode(unsigned_part(payload)).body.state == "online"
 
 
 def test_the_documented_nightly_example_is_delivered_now_and_runs_at_night(make_hub: Any) -> None:

@@ -8,6 +8,8 @@ records as ``GET /api/v1/conflicts`` shows them (docs/conflicts.md)."""
 from __future__ import annotations
 
 import json
+from shared.frames import unsigned_part
+
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,7 @@ def cancels_to(hub: HubHarness, agent_id: str) -> list[str]:
 
     with hub.sessions() as session:
         rows = session.scalars(select(OutboxMessage).where(OutboxMessage.topic == f"outpost/v1/agents/{agent_id}/assign").order_by(OutboxMessage.id))
-        bodies = [decode(r.payload).body for r in rows]
+        bodies = [decode(unsigned_part(r.payload)).body for r in rows]
     return [b.assignment_id for b in bodies if isinstance(b, Cancel)]
 
 
@@ -285,7 +287,7 @@ def test_a_clock_flagged_by_one_hub_process_is_untrusted_in_another(make_hub: An
     late result applied by the other process must not be explained with the
     flagged device's stamps."""
     hub, run_pk, old, new = retargeted(make_hub)
-    other = Ingester(hub.sessions, hub.link, hub.clock, hub.ingester.hlc, hub.ingester.events)  # type: ignore[arg-type]
+    other = Ingester(hub.sessions, hub.link, hub.clock, hub.ingester.hlc, hub.ingester.events, keyring=hub.keyring)  # type: ignore[arg-type]
     hub.clock.advance(1)
     hub.send("a2", Heartbeat("0.1.0", clock=hub.clock.now()))  # the other process has read the flags once, before a1's
     hub.ingester, first = other, hub.ingester
@@ -344,7 +346,7 @@ def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_
     own ingester, as in a hub whose API runs apart from ingestion): the
     late success wins by R2 the same way, the re-targeted try is cancelled,
     and the taken-back try's log is stored and readable."""
-    from shared.envelope import Envelope, encode
+    from shared.envelope import Envelope
     from shared.messages import LogChunk
 
     hub, run_pk, old, new = retargeted(make_hub)
@@ -353,7 +355,7 @@ def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_
         register_agent(session, "a1", key.public, utcnow(hub.clock))
     app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock)
     clock = hub.agent_clocks["a1"]
-    envelopes = [encode(Envelope(body, sender="a1", hlc=clock.now())).decode() for body in (
+    envelopes = [hub.sign(Envelope(body, sender="a1", hlc=clock.now())).decode() for body in (
         LogChunk(old, 0, "flashing\ndone\n", final=True), Result(old, 1, "success", output={"from": "a1"}),
     )]
     batch = {"stream": "s1", "first_seq": "0001", "last_seq": "0002", "envelopes": envelopes}

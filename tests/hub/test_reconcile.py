@@ -4,6 +4,8 @@ of docs/conflicts.md, each override recorded exactly once."""
 
 from __future__ import annotations
 
+from shared.frames import unsigned_part
+
 from typing import Any
 
 import pytest
@@ -45,7 +47,7 @@ def assigns(hub: HubHarness) -> list[Any]:
 
 def assign_topics(hub: HubHarness) -> list[str]:
     with hub.sessions() as session:
-        return [r.topic for r in session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)) if decode(r.payload).type == "assign"]
+        return [r.topic for r in session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)) if decode(unsigned_part(r.payload)).type == "assign"]
 
 
 def cancels(hub: HubHarness) -> list[Cancel]:

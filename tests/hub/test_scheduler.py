@@ -140,7 +140,7 @@ def test_unaccepted_assignment_is_redelivered_with_the_same_id_and_body(make_hub
 def _mark_published(hub: Any) -> None:
     from hub.outbox import OutboxPublisher
 
-    OutboxPublisher(hub.sessions, hub.link, hub.clock).flush()
+    hub.publisher().flush()
 
 
 def test_any_target_waits_for_a_matching_agent(make_hub: Any) -> None:

@@ -21,9 +21,10 @@ from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
 from hub.api.app import create_app
 from hub.db import transaction
 from hub.identity import register_agent, revoke_agent
-from hub.models import AssetEvent, RejectedMessage, SyncCursor, TaskResult
+from hub.models import AssetEvent, RejectedMessage, SecurityEvent, SyncCursor, TaskResult
 from shared.clock import SystemClock, utcnow
-from shared.envelope import Envelope, encode
+from shared.envelope import Envelope
+from shared.frames import AGENT_TO_HUB, sign_envelope
 from shared.hlc import HLC
 from shared.messages import Ack, AgentEvent, Cancel, Heartbeat, Result
 from shared.requestsig import HEADER, sign_request
@@ -34,6 +35,8 @@ from tests.hub.api_harness import hub_settings
 
 #: a1's device key; the served hub has its public half registered.
 KEY = SigningKey.generate()
+#: Every test device's key (a2 is never registered: its frames cannot verify as a1's).
+KEYS = {"a1": KEY, "a2": SigningKey.generate()}
 #: The served hub's clock (a manual one): requests are signed with its time.
 HUB_NOW: list[Any] = []
 DAG = """
@@ -80,7 +83,7 @@ def signed(method: str, url: str, payload: Any = None, key: SigningKey = KEY, ag
 
 
 def envelope(body: Any, sender: str = "a1", logical: int = 0) -> str:
-    return encode(Envelope(body, sender=sender, hlc=HLC(1_767_225_600_000, logical, sender))).decode()
+    return sign_envelope(Envelope(body, sender=sender, hlc=HLC(1_767_225_600_000, logical, sender)), KEYS[sender], AGENT_TO_HUB).decode()
 
 
 def batch(*envelopes: str, stream: str = "s1", first: str = "0001", last: str = "0009") -> dict[str, Any]:
@@ -125,7 +128,7 @@ def test_bad_items_are_recorded_and_refused_and_the_good_ones_still_apply(served
         envelope(Result(ids[0], 1, "success")),
         "{not json",
         envelope(Result("f" * 32, 1, "success")),  # never issued
-        envelope(Result(ids[1], 1, "success"), sender="a2"),  # not the URL's agent
+        envelope(Result(ids[1], 1, "success"), sender="a2"),  # not the URL's agent (a2's key)
         envelope(Cancel(ids[3])),  # a hub-to-agent type
         "x" * 300_000,  # over max_message_bytes
         envelope(Heartbeat("0.1.0")),  # valid on the events topic: applied, nothing to acknowledge
@@ -136,10 +139,12 @@ def test_bad_items_are_recorded_and_refused_and_the_good_ones_still_apply(served
     body = answer.json()
     assert body["assignment_ids"] == [ids[0], ids[2]]
     refused = {r["index"]: r["code"] for r in body["refused"]}
-    assert refused == {1: "decode_error", 2: "unknown_assignment", 3: "sender_mismatch", 4: "unexpected_type", 5: "payload_too_large"}
+    assert refused == {1: "bad_signature", 2: "unknown_assignment", 3: "unknown_key", 4: "unexpected_type", 5: "payload_too_large"}
     with hub.sessions() as session:
         records = list(session.scalars(select(RejectedMessage).where(RejectedMessage.source == "http").order_by(RejectedMessage.id)))
-    assert sorted(r.code for r in records) == sorted(refused.values())
+        security = list(session.scalars(select(SecurityEvent).where(SecurityEvent.source == "http").order_by(SecurityEvent.id)))
+    assert sorted(r.code for r in records) == ["payload_too_large", "unexpected_type", "unknown_assignment"]
+    assert [(e.agent_id, e.code) for e in security] == [("a1", "bad_signature"), ("a1", "unknown_key")]
     assert all(r.agent_id == "a1" for r in records)
     assert count(hub, TaskResult) == 2
 
@@ -226,7 +231,7 @@ def test_a_restarted_agent_resumes_after_the_cursor_and_sends_the_rest_once(serv
         return sync
 
     def to_envelope(item: Any) -> bytes:
-        return encode(Envelope(item.result, sender="a1", hlc=item.hlc))
+        return sign_envelope(Envelope(item.result, sender="a1", hlc=item.hlc), KEY, AGENT_TO_HUB)
 
     # A first run sent the first batch and the hub committed it, but the
     # agent died before it recorded the acknowledgement.

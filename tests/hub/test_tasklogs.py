@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from hub import tasklogs
 from hub.db import transaction
 from hub.models import RejectedMessage, TaskInstance, TaskLogChunk
-from shared.envelope import Envelope, encode
+from shared.envelope import Envelope
 from shared.messages import LogChunk, Progress, Result, Started
 from shared.mqtt import Inbound
 from shared.topics import events_topic
@@ -58,7 +58,7 @@ def test_redelivered_chunks_are_stored_once_and_acknowledged_each_time(make_hub:
     hub.send("a1", first)  # redelivered on its own
     # ...and twice within one batch, with the last chunk.
     topic = events_topic("a1")
-    payloads = [encode(Envelope(body, "a1", hub.agent_clocks["a1"].now())) for body in (last, last, first)]
+    payloads = [hub.sign(Envelope(body, "a1", hub.agent_clocks["a1"].now())) for body in (last, last, first)]
     hub.ingester.process([Inbound(topic, p, 1, False, i) for i, p in enumerate(payloads)])
     assert chunks(hub) == [(aid, 0, "line 1\n", False), (aid, 1, "line 2\n", True)]
     assert log_acks(hub) == [(f"{aid}/0",), (f"{aid}/0",), (f"{aid}/1", f"{aid}/1", f"{aid}/0")]

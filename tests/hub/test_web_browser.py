@@ -100,3 +100,30 @@ def test_dashboard_in_a_real_browser(live_hub: tuple[Hub, str], browser_page: tu
     assert seen["dialog"] == [], "a device-supplied string ran as script"
     assert csp == [], f"Content-Security-Policy violations: {csp}"
     assert seen["console"] == [] and seen["pageerror"] == [], seen
+
+
+def test_security_events_page_shows_hostile_text_as_text(live_hub: tuple[Hub, str], browser_page: tuple[Any, dict[str, list[str]]]) -> None:
+    """Security events carry attacker-chosen bytes (excerpts, device ids in
+    details): the page shows them as text, no script runs, no CSP violation."""
+    from playwright.sync_api import expect
+
+    from hub import security
+    from shared.clock import utcnow
+
+    hub_, url = live_hub
+    page, seen = browser_page
+    with transaction(hub_.sessions) as session:
+        session.add(security.event(utcnow(hub_.clock), "edge-2", "mqtt", "bad_signature", f"forged by {XSS}", XSS.encode()))
+        session.add(security.event(utcnow(hub_.clock), "edge-1", "agent", "replayed", "assign sequence number 7 was already used", "m-7"))
+    page.goto(url + "/")
+    page.get_by_role("link", name="Security").click()
+    page.wait_for_url(url + "/security")
+    expect(page.get_by_role("heading", name="Security events")).to_be_visible()
+    expect(page.locator("tr[data-security-event]")).to_have_count(2)
+    expect(page.locator("main")).to_contain_text(f"forged by {XSS}")
+    assert page.locator("main img").count() == 0
+    page.get_by_role("link", name="1 replayed").click()
+    expect(page.locator("tr[data-security-event]")).to_have_count(1)
+    assert seen["dialog"] == [], "an excerpt ran as script"
+    assert page.evaluate("window.__csp") == []
+    assert seen["console"] == [] and seen["pageerror"] == [], seen

@@ -24,6 +24,8 @@ from shared.messages import (
     Heartbeat,
     JobError,
     JobTypeInfo,
+    KeyAnnouncement,
+    KeyLink,
     LogChunk,
     Message,
     Progress,
@@ -40,6 +42,8 @@ EXAMPLES: list[Message] = [
     Assign("as-2", "dag", "run-1", "task", 1, "noop"),
     Cancel("as-1", "operator asked"),
     Ack(("as-1", "as-2")),
+    KeyAnnouncement("0123456789abcdef", (KeyLink("add", "fedcba9876543210", "0123456789abcdef", 1_767_225_600.0, "c2ln", "ed25519:AAAA"),
+                                         KeyLink("retire", "0123456789abcdef", "fedcba9876543210", 1_767_225_601.0, "c2ln"))),
     Accepted("as-1", duplicate=True),
     Started("as-1", 1_767_225_601.25),
     Result("as-1", 2, "success", {"exit_code": 0, "stdout": "ok\n"}, None, 1.0, 2.0),
@@ -74,6 +78,18 @@ def document(**changes: Any) -> dict[str, Any]:
 
 def raw(doc: Any) -> bytes:
     return json.dumps(doc).encode()
+
+
+def test_signing_fields_round_trip_and_are_type_checked() -> None:
+    original = Envelope(Cancel("as-1"), sender="hub", hlc=STAMP, recipient="dev-1", seq=42, issued_at=1_767_225_600.5, expires_at=1_767_229_200.0)
+    data = encode(original)
+    assert decode(data) == original and b'"to":"dev-1"' in data and b'"seq":42' in data
+    doc = json.loads(data)
+    for field, bad in (("to", ""), ("to", 5), ("seq", -1), ("seq", 1.5), ("seq", True), ("iat", "now"), ("iat", True)):
+        with pytest.raises(InvalidMessage):
+            decode(json.dumps({**doc, field: bad}).encode())
+    # Unsigned layouts are unchanged: the keys appear only when set.
+    assert b'"to"' not in encode(Envelope(Cancel("as-1"), sender="hub", hlc=STAMP))
 
 
 def test_every_message_type_has_an_example() -> None:

@@ -18,6 +18,9 @@ Every request is signed by the agent's device key (``Outpost-Signature``,
 shared/requestsig.py, checked by hub/requestauth.py): an unsigned, stale,
 replayed or wrongly signed request, or one from an unknown agent, gets 401; a
 revoked agent gets 403.
+Every envelope in a batch is a signed frame (``shared.frames``), verified
+with the agent's registered key exactly as on MQTT; one that does not verify
+is recorded as a security event (source ``http``) and listed in ``refused``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from starlette.concurrency import run_in_threadpool
 from hub.api.schemas import ErrorResponse
 from hub.config import HubSettings
 from hub.db import for_update
-from hub import requestauth
+from hub import identity, requestauth, security
+from hub.db import transaction
 from hub.errors import BatchTooLarge, DatabaseUnavailable, InvalidRequest
 from hub.ingest import Ingester
 from hub.models import SyncCursor
@@ -188,6 +192,7 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     await _verify(request, signed, raw)
     batch = _parse(raw, settings)
     ingester = _ingester(request)
+    await run_in_threadpool(_check_standing, request, ingester, agent_id, batch.envelopes[0])
     topic = events_topic(agent_id)
     # The same input ingestion gets from the broker: the agent's events topic
     # and the envelope bytes, so every check is the MQTT path's.
@@ -218,6 +223,21 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     refused = [{"index": positions[id(msg)], "code": record.code, "detail": record.detail} for msg, record in out.refused]
     body = {**ingester.ack_of(out, agent_id).to_dict(), "refused": refused, "cursor": cursor}
     return JSONResponse(body)
+
+
+def _check_standing(request: Request, ingester: Ingester, agent_id: str, first: str) -> None:
+    """403 for an agent whose messages can never verify (no key, revoked), recorded once."""
+    sessions = request.app.state.sessions
+    with sessions() as session:
+        standing = identity.device_key(session, agent_id).standing
+    if standing == "ok":
+        return
+    code = "revoked_agent" if standing == "revoked" else "unknown_agent"
+    ingester.counters[f"security.{code}"] += 1
+    if ingester.security_throttle.allow(agent_id, "http", code):
+        with transaction(sessions) as session:
+            session.add(security.event(utcnow(request.app.state.clock), agent_id, "http", code, f"HTTP sync batch from agent {agent_id!r}, which is {'revoked' if code == 'revoked_agent' else 'not registered'}", first.encode()))
+    raise AgentNotTrusted(f"agent {agent_id!r} is {'revoked' if code == 'revoked_agent' else 'not registered (no public key)'}; nothing it sends is applied")
 
 
 @router.get("/agents/{agent_id}/sync", response_model=Cursor, responses=_AUTH_RESPONSES)
