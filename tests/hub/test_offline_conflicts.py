@@ -350,9 +350,7 @@ def test_a_late_success_and_its_log_synced_over_http_settle_like_over_mqtt(make_
     from shared.messages import LogChunk
 
     hub, run_pk, old, new = retargeted(make_hub)
-    key = SigningKey.generate()
-    with transaction(hub.sessions) as session:
-        register_agent(session, "a1", key.public, utcnow(hub.clock))
+    key = hub.agent_key("a1")
     app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock)
     clock = hub.agent_clocks["a1"]
     envelopes = [hub.sign(Envelope(body, sender="a1", hlc=clock.now())).decode() for body in (

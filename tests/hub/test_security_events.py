@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import func, select
 
 from hub.api.app import create_app
-from hub.config import HubSettings
 from hub.ctl import main as ctl_main
 from hub.db import transaction
 from hub.identity import register_agent, revoke_agent
@@ -25,7 +24,7 @@ from shared.messages import Heartbeat, Rejected, Result
 from shared.signing import SigningKey
 from shared.topics import events_topic
 
-from .api_harness import XSS, LiveServer
+from .api_harness import XSS, LiveServer, admin_headers, hub_settings, make_token
 
 DAG = """
 from hub.dag import DAG, AgentOperator, on_agent
@@ -125,7 +124,7 @@ def shown(make_hub: Any) -> Any:
     hub.send_raw(events_topic("a1"), XSS.encode())
     hub.send("a1", Rejected("security.wrong_device", f"signed for {XSS}", XSS))
     hub.send_raw(events_topic("a9"), b"{}\n0123456789abcdef.AAAA")
-    app = create_app(HubSettings(), hub.sessions, hub.ingester.events, hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
     return hub, app
 
 
@@ -133,7 +132,7 @@ def test_the_api_lists_filters_and_counts(shown: Any) -> None:
     from fastapi.testclient import TestClient
 
     hub, app = shown
-    with TestClient(app) as client:
+    with TestClient(app, headers=admin_headers(hub.sessions, "viewer")) as client:
         page = client.get("/api/v1/security-events").json()
         assert page["total"] == 3 and page["counts"] == {"bad_signature": 1, "unknown_agent": 1, "wrong_device": 1}
         assert [e["code"] for e in page["items"]] == ["unknown_agent", "wrong_device", "bad_signature"]  # newest first
@@ -154,8 +153,8 @@ def test_the_api_lists_filters_and_counts(shown: Any) -> None:
 def test_the_dashboard_page_escapes_everything_and_is_in_the_nav(shown: Any) -> None:
     from fastapi.testclient import TestClient
 
-    _hub, app = shown
-    with TestClient(app) as client:
+    hub, app = shown
+    with TestClient(app, headers=admin_headers(hub.sessions, "viewer")) as client:
         page = client.get("/security")
         assert page.status_code == 200
         assert XSS not in page.text and "&lt;img src=x onerror=alert(1)&gt;" in page.text
@@ -167,12 +166,13 @@ def test_the_dashboard_page_escapes_everything_and_is_in_the_nav(shown: Any) -> 
 
 
 def test_the_operator_cli_lists_them(shown: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    _hub, app = shown
+    hub, app = shown
+    token = make_token(hub.sessions, "viewer")
     with LiveServer(app) as server:
-        assert ctl_main(["--hub", server.url, "security-events"]) == 0
+        assert ctl_main(["--hub", server.url, "--token", token, "security-events"]) == 0
         out = capsys.readouterr().out
         assert "wrong_device" in out and "unknown_agent" in out and "counts: bad_signature 1, unknown_agent 1, wrong_device 1" in out
-        assert ctl_main(["--hub", server.url, "security-events", "--source", "agent", "-o", "json"]) == 0
+        assert ctl_main(["--hub", server.url, "--token", token, "security-events", "--source", "agent", "-o", "json"]) == 0
         import json
 
         assert json.loads(capsys.readouterr().out)["counts"] == {"wrong_device": 1}

@@ -56,8 +56,7 @@ def served(make_hub: Any) -> Iterator[Any]:
         hub.trigger("d")
         hub.tick()
         assigned = sorted((env.body for env in hub.assignments_sent()), key=lambda a: a.map_index)
-        with transaction(hub.sessions) as session:
-            register_agent(session, "a1", KEY.public, utcnow(hub.clock))
+        hub.use_key("a1", KEY)
         HUB_NOW[:] = [hub.clock.now]
         app = create_app(hub_settings(**settings), hub.sessions, hub.ingester.events, hub.clock)
         app.state.ingester = hub.ingester  # the counters tell duplicates apart
