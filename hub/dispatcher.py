@@ -45,6 +45,7 @@ class Dispatcher:
                 job_types=frozenset(j["name"] for j in a.job_types or [] if isinstance(j, dict) and "name" in j),
                 load=load.get(a.agent_id, 0),
                 accepting=(a.last_heartbeat or {}).get("accepting", True) is not False,
+                revoked=a.revoked_at is not None,
             )
             for a in session.scalars(select(Agent))
         ]

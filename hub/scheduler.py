@@ -1135,6 +1135,13 @@ class Scheduler:
             agents = [ti.agent_id]  # a retry of a pinned or fanned-out instance stays on its device
         else:
             agents = choose(mode, ti.job_type or "", fleet, agent_id=target.get("agent_id"), labels=target.get("labels") or {})
+        revoked = [a for a in agents if a in {v.agent_id for v in fleet if v.revoked}]
+        if revoked:
+            # Work pinned to a revoked device (on_agent, or a retry of one device's
+            # instance) can never run there; it fails rather than waiting forever.
+            ti.state, ti.ended_at = TaskState.FAILED, now
+            ti.error = {"code": "agent_revoked", "message": f"agent {revoked[0]!r} is revoked; reinstate it or target another agent", "retryable": False}
+            return 0
         if not agents:
             if mode == "all":
                 ti.state = TaskState.SKIPPED  # Airflow: a zero-length mapped task is skipped

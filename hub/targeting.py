@@ -20,6 +20,8 @@ class AgentView:
     load: int = 0
     #: False while its last heartbeat said it takes no new work (back-pressure).
     accepting: bool = True
+    #: An admin revoked the device: it gets no work, ever (until reinstated).
+    revoked: bool = False
 
 
 def matches(agent: AgentView, job_type: str, labels: Mapping[str, str]) -> bool:
@@ -37,13 +39,14 @@ def choose(mode: str, job_type: str, agents: Iterable[AgentView], *, agent_id: s
 
     ``any`` and ``all`` skip agents that are not accepting work; a named
     agent gets its work anyway and refuses it until it accepts again (the
-    hub redelivers).
+    hub redelivers). Revoked agents are never chosen by ``any`` or ``all``;
+    the caller fails work pinned to one (``agent_revoked``).
     """
     wanted = dict(labels or {})
     fleet = list(agents)
     if mode == "agent":
         return [a.agent_id for a in fleet if a.agent_id == agent_id]
-    candidates = sorted((a for a in fleet if a.online and a.accepting and matches(a, job_type, wanted)), key=lambda a: a.agent_id)
+    candidates = sorted((a for a in fleet if a.online and a.accepting and not a.revoked and matches(a, job_type, wanted)), key=lambda a: a.agent_id)
     if mode == "all":
         return [a.agent_id for a in candidates]
     if mode == "any":

@@ -176,3 +176,34 @@ def test_the_operator_cli_lists_them(shown: Any, capsys: pytest.CaptureFixture[s
         import json
 
         assert json.loads(capsys.readouterr().out)["counts"] == {"wrong_device": 1}
+
+
+FLEET_DAG = """
+from hub.dag import DAG, AgentOperator, any_agent, every_agent, on_agent
+with DAG("pinned") as pinned:
+    AgentOperator(task_id="t", job_type="noop", target=on_agent("a1"))
+with DAG("anyone") as anyone:
+    AgentOperator(task_id="t", job_type="noop", target=any_agent())
+with DAG("everyone") as everyone:
+    AgentOperator(task_id="t", job_type="noop", target=every_agent())
+"""
+
+
+def test_a_revoked_device_gets_no_new_work(make_hub: Any) -> None:
+    """Targeting skips a revoked device; work pinned to it fails (agent_revoked)
+    instead of waiting for a device that may never be trusted again."""
+    hub = make_hub({"fleet.py": FLEET_DAG})
+    hub.agent_online("a1")
+    hub.agent_online("a2")
+    with transaction(hub.sessions) as session:
+        revoke_agent(session, "a1", utcnow(hub.clock))
+    pinned, anyone, everyone = (hub.trigger(d) for d in ("pinned", "anyone", "everyone"))
+    hub.tick()
+    [ti] = hub.tis(pinned)
+    assert (ti.state, (ti.error or {}).get("code"), (ti.error or {}).get("retryable")) == ("failed", "agent_revoked", False)
+    assert [t.agent_id for t in hub.tis(anyone)] == ["a2"]
+    assert [t.agent_id for t in hub.tis(everyone)] == ["a2"]
+    from hub.models import Assignment
+
+    with hub.sessions() as session:
+        assert set(session.scalars(select(Assignment.agent_id))) == {"a2"}
