@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from hub.errors import AgentNotFound, DagNotFound, InvalidRequest, NotFound, RunNotFound
 from hub.masking import MASKER
 from hub.models import Agent, Dag, DagImportError, DagRun, DagVersion, RejectedMessage, TaskInstance
+from shared.signing import PublicKey
 
 Page = dict[str, Any]
 
@@ -270,6 +271,9 @@ def _agent(agent: Agent) -> dict[str, Any]:
         "clock_skew": agent.clock_skew,
         "clock_skew_flagged_at": agent.clock_skew_flagged_at,
         "clock_trusted": agent.clock_skew_flagged_at is None,
+        "key_id": PublicKey.from_text(agent.public_key).kid if agent.public_key else None,
+        "registered_at": agent.registered_at,
+        "revoked_at": agent.revoked_at,
     }
 
 

@@ -200,6 +200,9 @@ class AgentSummary(BaseModel):
     clock_skew: float | None = Field(None, description="Seconds the device's clock was ahead (+) or behind (-) the hub's at its last fresh status or heartbeat; null until measured.")
     clock_skew_flagged_at: datetime | None = Field(None, description="Set while |clock_skew| exceeds the hub's max_clock_skew: since when the device's clock is not trusted.")
     clock_trusted: bool = Field(True, description="False while the clock is flagged: conflict resolution does not trust this device's times.")
+    key_id: str | None = Field(None, description="Key id of the device's registered Ed25519 public key (its messages must verify with it); null: not registered, nothing it sends is applied.")
+    registered_at: datetime | None = Field(None, description="When the device's public key was registered (enrolment or pre-registration).")
+    revoked_at: datetime | None = Field(None, description="When an admin revoked the device; null: not revoked. A revoked device's messages, HTTP calls and broker access are refused.")
 
 
 class AgentTaskInstance(TaskInstanceOut):

@@ -207,3 +207,21 @@ def test_a_revoked_device_gets_no_new_work(make_hub: Any) -> None:
 
     with hub.sessions() as session:
         assert set(session.scalars(select(Assignment.agent_id))) == {"a2"}
+
+
+def test_the_api_and_dashboard_show_each_device_s_identity(make_hub: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    hub, _run_pk, _assign = setup(make_hub)
+    key = hub.agent_key("a1")
+    hub.agent_online("a2")
+    with transaction(hub.sessions) as session:
+        revoke_agent(session, "a2", utcnow(hub.clock))
+    hub.send_raw(events_topic("a3"), b"{}")  # seen, never registered
+    app = create_app(hub_settings(), hub.sessions, hub.ingester.events, hub.clock, extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()})
+    with TestClient(app, headers=admin_headers(hub.sessions, "viewer")) as client:
+        one = client.get("/api/v1/agents/a1").json()
+        assert one["key_id"] == key.kid and one["registered_at"] and one["revoked_at"] is None
+        assert client.get("/api/v1/agents/a2").json()["revoked_at"] is not None
+        assert f"<code>{key.kid}</code>" in client.get("/agents/a1").text
+        assert "revoked" in client.get("/agents/a2").text
