@@ -15,6 +15,10 @@ heard of the newest key keep working during a rotation.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -138,10 +142,15 @@ class HubKeyring:
         if (folder / "current").exists():
             return cls.load(folder)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = SigningKey.generate()
-        key.save(folder / f"assign-{key.kid}.key")
-        atomic_write(folder / "current", key.kid.encode() + b"\n", mode=0o600)
-        return cls(folder, {key.kid: key}, key.kid)
+        # Hub processes started together (scheduler and API) must not each make
+        # a first key: the loser's would sign messages no device trusts.
+        with _locked(folder):
+            if (folder / "current").exists():
+                return cls.load(folder)
+            key = SigningKey.generate()
+            key.save(folder / f"assign-{key.kid}.key")
+            atomic_write(folder / "current", key.kid.encode() + b"\n", mode=0o600)
+            return cls(folder, {key.kid: key}, key.kid)
 
     def add(self, key: SigningKey, make_current: bool = True) -> None:
         """Put ``key`` in the ring (file first, then the pointer: a crash
@@ -151,3 +160,14 @@ class HubKeyring:
         if make_current:
             atomic_write(self.folder / "current", key.kid.encode() + b"\n", mode=0o600)
             self.current_kid = key.kid
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the key ring folder, across processes."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

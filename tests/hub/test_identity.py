@@ -109,3 +109,21 @@ def test_audit_records_and_filters(sessions: sessionmaker[Session]) -> None:
         assert failed.success is False and failed.detail == {"reason": "bad password"}
         assert [r.action for r in audit.recent(session, since=NOW + timedelta(seconds=30))] == ["agent.revoke"]
         assert [r.action for r in audit.recent(session, actor="user:ada")] == ["auth.login"]
+
+
+def test_hub_processes_starting_together_make_one_key_ring(tmp_path: Path) -> None:
+    """Concurrent first starts (scheduler and API) agree on one current key."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "keys"
+    # Every process imports first, then all start at the same moment.
+    code = (
+        "import sys, time; from pathlib import Path; from hub.identity import HubKeyring; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); print(HubKeyring.load_or_create(Path(sys.argv[1])).current_kid)"
+    )
+    start = str(time.time() + 3.0)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), start], stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    kids = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(kids) == 1 and len(list(folder.glob("assign-*.key"))) == 1
