@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from hub.brokeradmin import BrokerAdmin
 from shared.mqtt import MqttSettings
 from tests.broker.pki import Pki
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_CONF = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -101,13 +101,8 @@ class SecureBroker:
                     time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     # --- clients -------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from hub import events as ev
 from hub.config import HubSettings
+from tests.conftest import stop_process
 from tests.hub.api_harness import FERNET_KEY, TEST_SECRET_KEY
 from hub.db import transaction
 from hub.models import DagRun, TaskInstance
@@ -113,10 +114,5 @@ def test_agent_over_mutual_tls_runs_work_from_a_hub_with_the_hub_role(tmp_path: 
         assert state == "success", f"{state} {tis}\n{(agent_dir / 'agent.log').read_text()[-3000:]}\n{mtls_broker.log[-3000:]}"
         assert tis == [("t", "success", "pump-tls")]
     finally:
-        agent.terminate()
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(10)
+        stop_process(agent, 15)
         runtime.stop()

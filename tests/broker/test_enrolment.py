@@ -30,6 +30,7 @@ from hub import enrolment
 from hub import events as ev
 from hub.api.app import create_app
 from hub.config import HubSettings
+from tests.conftest import stop_process
 from tests.hub.api_harness import FERNET_KEY, TEST_SECRET_KEY, admin_headers
 from hub.db import make_engine, make_sessionmaker, transaction, upgrade
 from hub.events import EventBus
@@ -333,12 +334,7 @@ def test_an_enrolled_device_runs_work_and_syncs_with_what_enrolment_stored(tmp_p
                 state_of_run = session.get(DagRun, run_pk).state  # type: ignore[union-attr]
         assert state_of_run == "success", (tmp_path / "agent.log").read_text()[-3000:]
     finally:
-        agent.terminate()
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait(10)
+        stop_process(agent, 15)
         runtime.stop()
 
 

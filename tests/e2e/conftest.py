@@ -28,7 +28,7 @@ from hub.identity import HubKeyring
 from hub.models import TaskInstance, TaskResult
 from hub.standalone import LocalAgent, provision_device
 from shared.clock import SystemClock, utcnow
-from tests.conftest import Broker, free_port, wait_port
+from tests.conftest import Broker, free_port, stop_process, wait_port
 from tests.hub.api_harness import TEST_SECRET_KEY, make_token
 
 pytestmark = pytest.mark.e2e
@@ -128,11 +128,7 @@ class Fleet:
         for agent in self.agents.values():
             agent.stop(timeout=5)
         for proc in self.procs.values():
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
     # --- API ---------------------------------------------------------------
 
