@@ -15,7 +15,7 @@ from hub.auth.sessions import SessionPolicy
 from hub.auth.keys import digest
 from hub.auth.users import check_password, rehash_if_needed, set_password
 from hub.db import transaction
-from hub.errors import Forbidden, RateLimited, Unauthorized
+from hub.errors import InvalidRequest, RateLimited, Unauthorized
 from hub.models_auth import User, WebSession
 
 
@@ -57,7 +57,10 @@ def logout(sessions: sessionmaker[Session], secret: str, name: str, address: str
         audit.record(session, f"user:{name}", "auth.logout", name, at=now, remote=address)
 
 
-class WrongPassword(Forbidden):
+class WrongPassword(InvalidRequest):
+    """The current password given to change it is wrong: a bad field (422),
+    not a refusal of the credentials the request came with."""
+
     code = "wrong_password"
 
 

@@ -4,15 +4,19 @@ over https TestClient so the Secure cookie round-trips as in a browser."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from hub.ctl import main as ctl_main
+from hub.ctl.errors import ExitCode
 from hub.models import AuditRecord
 from hub.models_auth import LoginFailure
 from shared.signing import SigningKey
-from tests.hub.api_harness import TEST_USERS, Hub, hub, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.api_harness import TEST_USERS, Hub, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
 from tests.hub.test_auth_web import browser, csrf_of, login
 
 NEW = "a-brand-new-password-1"
@@ -77,7 +81,7 @@ def test_a_viewer_changes_their_password_and_their_sessions_end(hub: Hub) -> Non
         assert other.get("/").status_code == 200
         with hub.client("viewer") as api:
             wrong = change(api, "not the password")
-            assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "wrong_password"
+            assert wrong.status_code == 422 and wrong.json()["error"]["code"] == "wrong_password"
             short = change(api, old, "short")
             assert short.status_code == 422 and "at least 10" in short.json()["error"]["message"]
             assert change(api, old).status_code == 204
@@ -94,7 +98,7 @@ def test_a_viewer_changes_their_password_and_their_sessions_end(hub: Hub) -> Non
 def test_guessing_the_current_password_is_rate_limited_like_login(hub: Hub) -> None:
     with hub.client("operator") as api:
         for _ in range(5):
-            assert change(api, "not the password").status_code == 403
+            assert change(api, "not the password").status_code == 422
         limited = change(api, TEST_USERS["test-operator"][1])  # even the right one, while limited
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) == 900
     # The same count as logins: the user name is limited at the login form too.
@@ -129,7 +133,7 @@ def test_the_account_page_changes_the_password_and_keeps_this_session(hub: Hub) 
         differ = web.post("/account/password", data={**form, "confirm_password": NEW + "x", "csrf_token": csrf})
         assert differ.status_code == 422 and "differ" in differ.text
         wrong = web.post("/account/password", data={**form, "current_password": "nope", "csrf_token": csrf})
-        assert wrong.status_code == 403 and "current password is wrong" in wrong.text
+        assert wrong.status_code == 422 and "current password is wrong" in wrong.text
         done = web.post("/account/password", data={**form, "csrf_token": csrf})
         assert done.status_code == 200 and "data-account-changed" in done.text
         assert web.get("/account").status_code == 200  # this session goes on
@@ -137,3 +141,26 @@ def test_the_account_page_changes_the_password_and_keeps_this_session(hub: Hub) 
     with browser(hub) as web:
         assert login(web, name="test-operator").status_code == 401
         assert login(web, name="test-operator", password=NEW).status_code == 303
+
+
+# --- the outpost CLI ------------------------------------------------------------------------------
+
+
+def test_outpost_password_changes_the_tokens_user_password(live_hub: tuple[Hub, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    hub_, url = live_hub
+    monkeypatch.setenv("OUTPOST_TOKEN", hub_.token("viewer"))
+
+    def run(stdin: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        code = ctl_main(["--hub", url, "password", "--stdin"])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    assert run("only one line\n")[0] == ExitCode.USAGE
+    code, _out, err = run(f"wrong password\n{NEW}\n")
+    assert code == ExitCode.API_ERROR and "wrong_password: the current password is wrong" in err
+    code, out, _err = run(f"{TEST_USERS['test-viewer'][1]}\n{NEW}\n")
+    assert code == 0 and "password changed" in out
+    with browser(hub_) as web:
+        assert login(web, name="test-viewer", password=NEW).status_code == 303

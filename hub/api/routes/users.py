@@ -115,8 +115,7 @@ class PasswordChange(BaseModel):
     "/whoami/password",
     status_code=204,
     responses={
-        403: {"model": ErrorResponse, "description": "The current password is wrong (code wrong_password); counted as a failed login."},
-        422: {"model": ErrorResponse, "description": "The new password is too short."},
+        422: {"model": ErrorResponse, "description": "The current password is wrong (code wrong_password; counted as a failed login), or the new one is too short (invalid_request)."},
         429: {"model": ErrorResponse, "description": "Too many failed logins or password checks for this user or address; see Retry-After."},
     },
 )
