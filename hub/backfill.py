@@ -23,6 +23,7 @@ fails its runs that have not started (running ones finish), as Airflow does.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -238,8 +239,11 @@ def to_dict(backfill: Backfill, counts: dict[str, int], skipped: list[Skipped] |
     return data
 
 
-def list_backfills(session: Session, *, dag_id: str | None, active: bool | None, limit: int, offset: int) -> dict[str, Any]:
+def list_backfills(session: Session, *, dag_id: str | None, active: bool | None, limit: int, offset: int, dag_ids: Collection[str] | None = None) -> dict[str, Any]:
+    """Backfills, newest first; ``dag_ids`` (a user's scope) limits them to those DAGs'."""
     stmt = select(Backfill)
+    if dag_ids is not None:
+        stmt = stmt.where(Backfill.dag_id.in_(dag_ids))
     if dag_id is not None:
         stmt = stmt.where(Backfill.dag_id == dag_id)
     if active is True:

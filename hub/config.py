@@ -71,7 +71,7 @@ class HubSettings(BaseSettings):
     session_idle_timeout: float = Field(3600.0, gt=0, description="Seconds a dashboard session survives without a request.")
     session_max_age: float = Field(12 * 3600.0, gt=0, description="Seconds a dashboard session lasts at most, active or not; then log in again.")
     login_max_failures: int = Field(5, ge=1, description="Failed logins allowed per user name within login_failure_window; more answer 429 until the window passes.")
-    login_max_failures_per_address: int = Field(20, ge=1, description="Failed logins allowed per client address within login_failure_window (any user names).")
+    login_max_failures_per_address: int = Field(20, ge=1, description="Failed logins allowed per client address within login_failure_window (any user names); refused device enrolments are counted apart with the same limit.")
     login_failure_window: float = Field(900.0, gt=0, description="Seconds over which failed logins are counted.")
 
     _toml_path: ClassVar[Path | None] = None

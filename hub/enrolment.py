@@ -38,10 +38,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub import audit
+from hub.auth import ratelimit
+from hub.auth.ratelimit import LoginLimits
 from hub.brokeradmin import AgentCredentials, BrokerAdmin, BrokerAdminError
 from hub.config import HubSettings
 from hub.db import for_update, transaction
-from hub.errors import Conflict, HubError, InvalidRequest
+from hub.errors import Conflict, HubError, InvalidRequest, RateLimited
 from hub.identity import HubKeyring, register_agent, reinstate_agent, revoke_agent
 from hub.models import Agent, EnrolmentToken
 from shared.signing import BadKey, PublicKey
@@ -142,11 +144,23 @@ class Enrolment:
 
 def enrol(
     sessions: sessionmaker[Session], settings: HubSettings, broker: BrokerAdmin | None, now: datetime,
-    token: str, agent_id: str | None, public_key: str, remote: str = "",
+    token: str, agent_id: str | None, public_key: str, remote: str = "", limits: LoginLimits | None = None,
 ) -> Enrolment:
     """Consume ``token``, register ``public_key`` for the agent, provision its
     broker client. All or nothing: when the broker refuses, the token stays
-    unused and the key unregistered (the device may try again)."""
+    unused and the key unregistered (the device may try again).
+
+    With ``limits``, refused tokens are counted per client address like
+    failed logins: past the limit every attempt from that address raises
+    ``RateLimited`` (audited, token not even looked at) until the window
+    passes, so tokens cannot be guessed at full speed."""
+    if limits is not None:
+        with sessions() as session:
+            wait = ratelimit.address_retry_after(session, ratelimit.ENROL, remote, now, limits)
+        if wait:
+            with transaction(sessions) as session:
+                audit.record(session, f"agent:{agent_id or '?'}", "agent.enrol", agent_id or "", at=now, success=False, remote=remote, code="rate_limited", reason=f"too many refused enrolments from {remote}")
+            raise RateLimited(f"too many refused enrolments from this address; try again in {wait} s", retry_after=wait)
     try:
         key = PublicKey.from_text(public_key)
         if agent_id is not None:
@@ -175,7 +189,7 @@ def enrol(
             audit.record(session, f"agent:{chosen}", "agent.enrol", chosen, at=now, remote=remote, token_id=row.id, key_id=key.kid, broker=credentials is not None)
             labels = dict(row.labels)
     except EnrolmentRefused as exc:
-        _record_refusal(sessions, now, remote, agent_id, exc.code, str(exc))
+        _record_refusal(sessions, now, remote, agent_id, exc.code, str(exc), limits)
         raise
     log.info("agent %s enrolled (key %s)", chosen, key.kid)
     return Enrolment(chosen, labels, credentials, hub_public_keys(settings))
@@ -196,8 +210,10 @@ def _check_token(row: EnrolmentToken | None, agent_id: str | None, now: datetime
     return chosen
 
 
-def _record_refusal(sessions: sessionmaker[Session], now: datetime, remote: str, agent_id: str | None, code: str, message: str) -> None:
+def _record_refusal(sessions: sessionmaker[Session], now: datetime, remote: str, agent_id: str | None, code: str, message: str, limits: LoginLimits | None = None) -> None:
     with transaction(sessions) as session:
+        if limits is not None:
+            ratelimit.record_failure(session, ratelimit.ENROL, remote, now, limits)
         audit.record(session, f"agent:{agent_id or '?'}", "agent.enrol", agent_id or "", at=now, success=False, remote=remote, code=code, reason=message)
 
 

@@ -81,8 +81,12 @@ def get_dag_version(session: Session, dag_id: str, version_number: int) -> dict[
     return {**_version(version, dag.latest_version_id), "run_count": runs, "structure": version.structure}
 
 
-def list_import_errors(session: Session, *, limit: int = 100, offset: int = 0) -> Page:
-    rows, total = _page(session, select(DagImportError).order_by(DagImportError.fileloc), limit, offset)
+def list_import_errors(session: Session, *, limit: int = 100, offset: int = 0, filelocs: Collection[str] | None = None) -> Page:
+    """DAG file import errors; ``filelocs`` (a user's scope) limits them to those files."""
+    stmt = select(DagImportError).order_by(DagImportError.fileloc)
+    if filelocs is not None:
+        stmt = stmt.where(DagImportError.fileloc.in_(filelocs))
+    rows, total = _page(session, stmt, limit, offset)
     items = [{"id": e.id, "fileloc": e.fileloc, "kind": e.kind, "error": e.error, "recorded_at": e.recorded_at} for e in rows]
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
@@ -158,10 +162,14 @@ def get_agent(session: Session, agent_id: str, *, recent: int = 20, dag_ids: Col
     return {**_agent(agent), "last_heartbeat": agent.last_heartbeat, "recent_task_instances": tis}
 
 
-def list_rejected(session: Session, *, code: str | None = None, agent_id: str | None = None, limit: int = 100, offset: int = 0) -> Page:
+def list_rejected(
+    session: Session, *, code: str | None = None, agent_id: str | None = None, limit: int = 100, offset: int = 0, agent_ids: Collection[str] | None = None,
+) -> Page:
     """Rejected wire messages, newest first, plus ``counts``: the number
-    of rejections per code over all of them (filters do not apply)."""
-    stmt = select(RejectedMessage).order_by(RejectedMessage.id.desc())
+    of rejections per code over all of them (filters do not apply).
+    ``agent_ids`` (a user's scope) limits both to messages from those agents."""
+    visible = [RejectedMessage.agent_id.in_(agent_ids)] if agent_ids is not None else []
+    stmt = select(RejectedMessage).where(*visible).order_by(RejectedMessage.id.desc())
     if code is not None:
         stmt = stmt.where(RejectedMessage.code == code)
     if agent_id is not None:
@@ -171,7 +179,7 @@ def list_rejected(session: Session, *, code: str | None = None, agent_id: str | 
         {"id": r.id, "source": r.source, "code": r.code, "topic": r.topic, "agent_id": r.agent_id, "detail": r.detail, "excerpt": r.excerpt, "received_at": r.received_at}
         for r in rows
     ]
-    counts = dict(session.execute(select(RejectedMessage.code, func.count()).group_by(RejectedMessage.code).order_by(RejectedMessage.code)).all())
+    counts = dict(session.execute(select(RejectedMessage.code, func.count()).where(*visible).group_by(RejectedMessage.code).order_by(RejectedMessage.code)).all())
     return {"items": items, "total": total, "limit": limit, "offset": offset, "counts": counts}
 
 

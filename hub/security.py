@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import func, select
@@ -71,10 +72,14 @@ class Throttle:
 
 def query(
     session: Session, *, agent_id: str | None = None, code: str | None = None, source: str | None = None,
-    since: datetime | None = None, until: datetime | None = None, limit: int = 100, offset: int = 0,
+    since: datetime | None = None, until: datetime | None = None, limit: int = 100, offset: int = 0, agent_ids: Collection[str] | None = None,
 ) -> tuple[list[SecurityEvent], int, dict[str, int]]:
-    """Newest first: the page, the total matching, and counts per code (of all matching)."""
+    """Newest first: the page, the total matching, and counts per code (of all
+    matching). ``agent_ids`` (a user's scope) limits all three to those agents'
+    events; events naming no agent are then left out."""
     conditions: list[Any] = []
+    if agent_ids is not None:
+        conditions.append(SecurityEvent.agent_id.in_(agent_ids))
     if agent_id:
         conditions.append(SecurityEvent.agent_id == agent_id)
     if code:

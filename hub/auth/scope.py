@@ -38,6 +38,16 @@ def visible_agent_ids(session: Session, who: Principal | None) -> set[str] | Non
     return {agent_id for agent_id, labels in session.execute(select(Agent.agent_id, Agent.labels)) if (labels or {}).get(GROUP_LABEL) in who.scope_groups}
 
 
+def visible_filelocs(session: Session, who: Principal | None) -> set[str] | None:
+    """The DAG files whose import errors ``who`` may see: files that hold a
+    DAG in scope (its last good parse); None: all. A file that never parsed
+    has no DAG, so no tag-scoped user sees its errors."""
+    dag_ids = visible_dag_ids(session, who)
+    if dag_ids is None:
+        return None
+    return {fileloc for dag_id, fileloc in session.execute(select(Dag.dag_id, Dag.fileloc)) if dag_id in dag_ids}
+
+
 def check_dag(session: Session, who: Principal | None, dag_id: str) -> None:
     if who is None or who.scope_tags is None:
         return

@@ -1,4 +1,5 @@
-"""Dashboard login, logout and the audit log page.
+"""Dashboard login, logout, the account page (change your own password)
+and the audit log page.
 
 Login: ``GET /login`` shows the form; ``POST /login`` checks the user name
 and password (rate-limited, ``hub.auth.login``), starts a server-side
@@ -25,6 +26,7 @@ from hub.auth.keys import same, sign
 from hub.auth.ratelimit import LoginLimits
 from hub.auth.roles import Role, requires
 from hub.auth.sessions import COOKIE_NAME, SessionPolicy
+from hub.auth.users import MIN_PASSWORD_LENGTH
 from hub.errors import HubError, InvalidRequest, RateLimited
 from hub.web.views import _MAX_FORM_BYTES, _error_page, _render, _same_origin, _secure, _who
 from shared.clock import utcnow
@@ -81,6 +83,47 @@ async def logout(request: Request) -> Response:
     response = _secure(RedirectResponse("/login", status_code=303))
     response.delete_cookie(COOKIE_NAME, path="/", secure=_settings(request).session_cookie_secure, httponly=True, samesite="strict")
     return response
+
+
+@router.get("/account")
+@requires(Role.VIEWER)
+def account_page(request: Request) -> Response:
+    """Who you are, and the form to change your own password."""
+    return _account(request)
+
+
+@router.post("/account/password")
+@requires(Role.VIEWER)
+async def change_password(request: Request) -> Response:
+    """Change your own password (hub.api.security checked the CSRF value).
+    Rate-limited like login; your other sessions end, this one stays."""
+    if not _same_origin(request):
+        return _account(request, "Cross-site posts are refused.", 403)
+    form = await _form(request)
+    who = _who(request)
+    assert who is not None, "the route needs a user"
+    new = form.get("new_password", "")
+    if new != form.get("confirm_password", ""):
+        return _account(request, "The two new passwords differ.", 422)
+    state = request.app.state
+    s = _settings(request)
+    try:
+        await run_in_threadpool(
+            auth_login.change_password, state.sessions, who.name, form.get("current_password", ""), new,
+            request.client.host if request.client else "", utcnow(state.clock),
+            LoginLimits(s.login_max_failures, s.login_max_failures_per_address, s.login_failure_window), who.session_secret,
+        )
+    except RateLimited as exc:
+        response = _account(request, f"Too many failed attempts. Try again in {exc.retry_after} s.", 429)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    except HubError as exc:
+        return _account(request, str(exc)[:1].upper() + str(exc)[1:] + ".", exc.status)
+    return _account(request, changed=True)
+
+
+def _account(request: Request, error: str = "", status: int = 200, changed: bool = False) -> Response:
+    return _render(request, "account.html", status=status, nav="account", error=error, changed=changed, min_length=MIN_PASSWORD_LENGTH)
 
 
 @router.get("/audit")

@@ -85,7 +85,7 @@ def static_files() -> ASGIApp:
 def dag_list(request: Request) -> Response:
     with request.app.state.sessions() as session:
         dags = queries.list_dags(session, is_active=True, limit=1000, dag_ids=scope.visible_dag_ids(session, _who(request)))
-        errors = queries.list_import_errors(session, limit=1000)
+        errors = queries.list_import_errors(session, limit=1000, filelocs=scope.visible_filelocs(session, _who(request)))
     return _render(request, "dags.html", nav="dags", dags=dags, import_errors=errors)
 
 
@@ -228,7 +228,10 @@ def security_events_page(request: Request) -> Response:
     params = request.query_params
     filters = {name: params[name][:128] for name in ("code", "agent_id", "source") if params.get(name)}
     with request.app.state.sessions() as session:
-        rows, total, counts = security.query(session, code=filters.get("code"), agent_id=filters.get("agent_id"), source=filters.get("source"), limit=200)
+        rows, total, counts = security.query(
+            session, code=filters.get("code"), agent_id=filters.get("agent_id"), source=filters.get("source"), limit=200,
+            agent_ids=scope.visible_agent_ids(session, _who(request)),
+        )
     return _render(request, "security.html", nav="security", events=rows, total=total, counts=counts, filters=filters)
 
 

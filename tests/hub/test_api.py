@@ -354,7 +354,7 @@ def test_openapi_describes_every_route(hub: Hub) -> None:
         "/api/v1/runs/{run_pk}/tasks/{ti_id}/tries/{try_number}/log", "/api/v1/runs/{run_pk}/tasks/{ti_id}/logs", "/api/v1/conflicts", "/api/v1/runs/{run_pk}/tasks/{task_id}/conflicts",
         "/api/v1/variables", "/api/v1/variables/{key}", "/api/v1/connections", "/api/v1/connections/{conn_id}",
         "/api/v1/enroll", "/api/v1/enrolment-tokens", "/api/v1/agents/{agent_id}/public-key", "/api/v1/agents/{agent_id}/revoke",
-        "/api/v1/whoami", "/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit",
+        "/api/v1/whoami", "/api/v1/whoami/password", "/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit",
         "/api/v1/security-events", "/api/v1/metrics",
     }
     assert set(spec["paths"]["/api/v1/dags/{dag_id}"]) == {"get", "patch"}

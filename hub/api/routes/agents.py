@@ -38,11 +38,13 @@ def get_agent(agent_id: str, session: ReadSession, who: CurrentUser) -> dict[str
 def list_rejected(
     session: ReadSession,
     page: PageParams,
+    who: CurrentUser,
     code: Annotated[str | None, Query(description="Only rejections with this code.")] = None,
     agent_id: Annotated[str | None, Query(description="Only rejections attributed to this agent.")] = None,
 ) -> dict[str, Any]:
-    """Messages from the wire the hub refused (bad signature, bad envelope, ...), newest first, with counts per code."""
-    return queries.list_rejected(session, code=code, agent_id=agent_id, limit=page.limit, offset=page.offset)
+    """Messages from the wire the hub refused (bad signature, bad envelope, ...), newest first, with counts per code
+    (a user limited to device groups sees only those of agents in their groups)."""
+    return queries.list_rejected(session, code=code, agent_id=agent_id, limit=page.limit, offset=page.offset, agent_ids=scope.visible_agent_ids(session, who))
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:

@@ -16,6 +16,8 @@ from hub.auth import scope
 from hub.auth.roles import Actor, Principal
 from hub.api.schemas import ErrorResponse, Page
 from hub.db import transaction
+from hub.backfill import BackfillNotFound
+from hub.errors import DagNotFound
 from shared.clock import utcnow
 
 router = APIRouter(tags=["backfills"])
@@ -90,8 +92,9 @@ class DryRunOut(BaseModel):
 
 
 @router.post("/backfills/dry_run", response_model=DryRunOut, responses={404: {"model": ErrorResponse, "description": "No such DAG."}})
-def dry_run_backfill(body: BackfillRequest, session: ReadSession, clock: HubClock) -> dict[str, Any]:
+def dry_run_backfill(body: BackfillRequest, session: ReadSession, clock: HubClock, who: CurrentUser) -> dict[str, Any]:
     """What POST /backfills would create and skip right now; creates nothing."""
+    scope.check_dag(session, who, body.dag_id)
     todo, skipped = backfills.dry_run(
         session, body.dag_id, body.from_date, body.to_date, utcnow(clock), max_active_runs=body.max_active_runs,
         reprocess_behavior=body.reprocess_behavior, run_backwards=body.run_backwards, dag_run_conf=body.dag_run_conf,
@@ -106,23 +109,32 @@ def dry_run_backfill(body: BackfillRequest, session: ReadSession, clock: HubCloc
 def list_backfills(
     session: ReadSession,
     page: PageParams,
+    who: CurrentUser,
     dag_id: Annotated[str | None, Query(description="Only backfills of this DAG.")] = None,
     active: Annotated[bool | None, Query(description="Only running (true) or complete (false) backfills.")] = None,
 ) -> dict[str, Any]:
-    """Backfills, newest first."""
-    return backfills.list_backfills(session, dag_id=dag_id, active=active, limit=page.limit, offset=page.offset)
+    """Backfills, newest first (of the DAGs in the user's scope)."""
+    return backfills.list_backfills(session, dag_id=dag_id, active=active, limit=page.limit, offset=page.offset, dag_ids=scope.visible_dag_ids(session, who))
 
 
 @router.get("/backfills/{backfill_id}", response_model=BackfillOut, responses=_404)
-def get_backfill(backfill_id: int, session: ReadSession) -> dict[str, Any]:
-    """One backfill with its runs per state."""
+def get_backfill(backfill_id: int, session: ReadSession, who: CurrentUser) -> dict[str, Any]:
+    """One backfill with its runs per state (404 when its DAG is outside the user's scope)."""
+    _check_backfill(session, who, backfill_id)
     return backfills.describe(session, backfill_id)
+
+
+def _check_backfill(session: Any, who: Principal, backfill_id: int) -> None:
+    try:
+        scope.check_dag(session, who, backfills.get_backfill(session, backfill_id).dag_id)
+    except DagNotFound:
+        raise BackfillNotFound(f"backfill {backfill_id} not found; list backfills with 'outpost backfills list'") from None
 
 
 def _change(sessions: Any, clock: Any, backfill_id: int, action: str, who: Principal, by: Actor) -> dict[str, Any]:
     # No event: the scheduler starts unpaused runs on its next pass.
     with transaction(sessions) as session:
-        scope.check_dag(session, who, backfills.get_backfill(session, backfill_id).dag_id)
+        _check_backfill(session, who, backfill_id)
         audit.record(session, by.actor, f"backfill.{action}", f"backfill:{backfill_id}", at=utcnow(clock), remote=by.remote, via=by.via)
         if action == "cancel":
             backfills.cancel(session, backfill_id, utcnow(clock))

@@ -78,6 +78,6 @@ def get_dag_version(dag_id: str, version_number: int, session: ReadSession, who:
 
 
 @router.get("/import-errors", response_model=Page[ImportErrorOut])
-def list_import_errors(session: ReadSession, page: PageParams) -> dict[str, Any]:
+def list_import_errors(session: ReadSession, page: PageParams, who: CurrentUser) -> dict[str, Any]:
     """DAG files the hub could not load, with the reason."""
-    return queries.list_import_errors(session, limit=page.limit, offset=page.offset)
+    return queries.list_import_errors(session, limit=page.limit, offset=page.offset, filelocs=scope.visible_filelocs(session, who))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hub import enrolment
 from hub.api.schemas import ErrorResponse
+from hub.auth.ratelimit import LoginLimits
 from hub.auth.roles import Role, requires
 from hub.brokeradmin import BrokerAdmin
 from hub.config import HubSettings
@@ -108,15 +109,18 @@ def _broker_answer(settings: HubSettings, credentials: Any) -> dict[str, Any] | 
     responses={
         401: {"model": ErrorResponse, "description": "Unknown, expired or used token, or a token for another agent id (codes token_unknown, token_expired, token_used, token_agent_mismatch)."},
         409: {"model": ErrorResponse, "description": "The agent id is enrolled already (re-enrolment needs a token made for that id), or revoked."},
+        429: {"model": ErrorResponse, "description": "Too many refused enrolments from this client address within login_failure_window (more than login_max_failures_per_address); the header Retry-After says when to try again."},
         502: {"model": ErrorResponse, "description": "The broker refused to create the device's credentials; nothing was changed (code broker_provisioning_failed)."},
     },
 )
 def enroll(request: Request, body: EnrolRequest) -> dict[str, Any]:
     """Enrol a device: consume the one-time token, register the device's
     public key, and create its broker credentials. Authenticated by the token
-    only; every attempt, refused or not, is in the audit log."""
+    only; every attempt, refused or not, is in the audit log. Refused tokens
+    count per client address like failed logins (429 past the limit)."""
     settings, sessions, now, remote = _parts(request)
-    done = enrolment.enrol(sessions, settings, BrokerAdmin.from_settings(settings), now, body.token, body.agent_id, body.public_key, remote)
+    limits = LoginLimits(settings.login_max_failures, settings.login_max_failures_per_address, settings.login_failure_window)
+    done = enrolment.enrol(sessions, settings, BrokerAdmin.from_settings(settings), now, body.token, body.agent_id, body.public_key, remote, limits)
     return {"agent_id": done.agent_id, "broker": _broker_answer(settings, done.credentials), "hub_public_keys": done.hub_public_keys, "labels": done.labels}
 
 

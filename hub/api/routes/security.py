@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from hub import security
-from hub.api.deps import PageParams, ReadSession
+from hub.api.deps import CurrentUser, PageParams, ReadSession
+from hub.auth import scope
 from hub.api.schemas import Page
 from hub.models import Agent, OutboxMessage, RejectedMessage
 
@@ -44,15 +45,18 @@ class SecurityEventPage(Page[SecurityEventOut]):
 def list_security_events(
     session: ReadSession,
     page: PageParams,
+    who: CurrentUser,
     code: Annotated[str | None, Query(max_length=50, description="Only events with this code.")] = None,
     agent_id: Annotated[str | None, Query(max_length=128, description="Only events of this agent.")] = None,
     source: Annotated[Literal["mqtt", "http", "agent"] | None, Query(description="Only events from this source.")] = None,
     since: Annotated[datetime | None, Query(description="Only events at or after this time (ISO 8601).")] = None,
     until: Annotated[datetime | None, Query(description="Only events before this time (ISO 8601).")] = None,
 ) -> dict[str, Any]:
-    """Messages that did not verify (hub side) or that devices refused as forged, foreign, expired or replayed, newest first."""
+    """Messages that did not verify (hub side) or that devices refused as forged, foreign, expired or replayed, newest first
+    (a user limited to device groups sees only events naming an agent in their groups)."""
     rows, total, counts = security.query(
         session, agent_id=agent_id, code=code, source=source, since=since, until=until, limit=page.limit, offset=page.offset,
+        agent_ids=scope.visible_agent_ids(session, who),
     )
     items = [
         {"id": r.id, "at": r.at, "agent_id": r.agent_id, "source": r.source, "code": r.code, "detail": r.detail, "excerpt": r.excerpt}

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from hub import audit
 from hub.api.deps import CurrentUser, HubClock, ReadSession, Sessions, client_address
 from hub.api.schemas import ErrorResponse
-from hub.auth import tokens, users
+from hub.auth import login, tokens, users
+from hub.auth.ratelimit import LoginLimits
 from hub.auth.roles import Role, requires
 from hub.db import transaction
 from shared.clock import utcnow
@@ -101,6 +102,35 @@ def whoami(who: CurrentUser) -> dict[str, Any]:
         "scope_tags": sorted(who.scope_tags) if who.scope_tags is not None else None,
         "scope_groups": sorted(who.scope_groups) if who.scope_groups is not None else None,
     }
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    current_password: str = Field(max_length=1000, description="The password the user has now.")
+    new_password: str = Field(max_length=1000, description=f"At least {users.MIN_PASSWORD_LENGTH} characters.")
+
+
+@router.post(
+    "/whoami/password",
+    status_code=204,
+    responses={
+        422: {"model": ErrorResponse, "description": "The current password is wrong (code wrong_password; counted as a failed login), or the new one is too short (invalid_request)."},
+        429: {"model": ErrorResponse, "description": "Too many failed logins or password checks for this user or address; see Retry-After."},
+    },
+)
+@requires(Role.VIEWER)
+def change_own_password(body: PasswordChange, who: CurrentUser, clock: HubClock, request: Request) -> Response:
+    """Change your own password (any role). A wrong current password counts
+    as a failed login (same limits, 429 past them). Your other dashboard
+    sessions end; the session asking (if any) and API tokens stay."""
+    s = request.app.state.settings
+    limits = LoginLimits(s.login_max_failures, s.login_max_failures_per_address, s.login_failure_window)
+    login.change_password(
+        request.app.state.sessions, who.name, body.current_password, body.new_password, client_address(request), utcnow(clock), limits,
+        keep_session=who.session_secret,
+    )
+    return Response(status_code=204)
 
 
 @router.get("/users", response_model=UserList)
