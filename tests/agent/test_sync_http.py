@@ -120,8 +120,7 @@ def outbox(state_dir: Path) -> Iterator[Outbox]:
 @pytest.fixture
 def make_sync(outbox: Outbox, state_dir: Path) -> Iterator[Callable[..., tuple[Sync, Wire]]]:
     loops: list[Sync] = []
-    counts: list[str] = []
-    build_counts = counts
+    counts: list[str] = []  # every counter the loops bump, in order
 
     def build(url: str, threshold: int = 10, batch: int = 10, mqtt_up: bool = True, reported: list[str] | None = None) -> tuple[Sync, Wire]:
         wire = Wire()
@@ -141,7 +140,7 @@ def make_sync(outbox: Outbox, state_dir: Path) -> Iterator[Callable[..., tuple[S
         loops.append(sync)
         return sync, wire
 
-    build.counts = build_counts  # type: ignore[attr-defined]
+    build.counts = counts  # type: ignore[attr-defined]
     yield build
     for sync in loops:
         sync.stop()
