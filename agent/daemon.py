@@ -379,14 +379,20 @@ class Agent:
             # The hub accepts only requests signed with a registered key.
             log.warning("HTTP sync off, outbox drains over MQTT only: no usable device key (%s); enrol the device (outpost-agent enroll)", exc)
             return None
-        client = HubSyncClient(settings.hub_url, settings.agent_id, key, settings.http_sync_timeout, settings.hub_ca)
+        # Answers are checked with the trusted hub keys as they are at each
+        # request: a rotation the device followed applies to HTTP at once.
+        client = HubSyncClient(settings.hub_url, settings.agent_id, key, settings.http_sync_timeout, settings.hub_ca, hub_keys=self.trust.keys)
 
         def envelope(item: PendingResult) -> bytes:
             # Signed like what the MQTT path publishes for this item.
             stamped = Envelope(item.result, sender=settings.agent_id, hlc=item.hlc, issued_at=round(self.clock.now(), 3))
             return sign_envelope(stamped, self.device_key, AGENT_TO_HUB, self.link.limit)
 
-        return HttpPath(client, envelope, self._on_ack, settings.state_dir / "outbox.stream", settings.http_sync_threshold, settings.http_sync_batch)
+        def bad_answer(detail: str) -> None:
+            # As for a forged MQTT message: the hub records it as a security event.
+            self.link.send_event(Rejected("security.bad_answer", detail[:500]))
+
+        return HttpPath(client, envelope, self._on_ack, settings.state_dir / "outbox.stream", settings.http_sync_threshold, settings.http_sync_batch, bad_answer)
 
     # --- status and heartbeat ------------------------------------------------
 

@@ -27,6 +27,14 @@ back to MQTT, and HTTP is tried again after a backoff (1 s doubling to 60 s;
 5 minutes after 401/403, a configuration error); a reconnect of the MQTT link
 ends the backoff (but not a 401/403 wait): the network is back.
 
+Every answer the client acts on (the acknowledgement, the cursor) must be
+signed by a hub key this device trusts and bound to the request it answers
+(``Outpost-Answer-Signature``, shared/requestsig.py): an answer that does
+not verify is a failed request like any other (nothing is dropped or
+skipped, MQTT takes over, HTTP backs off), counted as ``security.bad_answer``
+and reported to the hub. Without that, anyone in the path of a plain-HTTP
+``hub_url`` could make the device drop results the hub never received.
+
 The hub keeps a cursor per agent and outbox stream: the highest sequence
 (litequeue message id) of a batch it committed. Before its first HTTP batch a
 (re)started agent asks for it and marks its items up to it done, so a batch
@@ -48,7 +56,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +68,8 @@ from shared.clock import Clock
 from shared.errors import OutpostError, ProtocolError
 from shared.files import atomic_write
 from shared.messages import Ack
-from shared.requestsig import HEADER, sign_request
-from shared.signing import SigningKey
+from shared.requestsig import ANSWER_HEADER, HEADER, sign_request, verify_answer
+from shared.signing import PublicKey, SignatureError, SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +95,21 @@ class SyncRefused(OutpostError):
         self.status = status
 
 
+class BadAnswer(OutpostError):
+    """The hub's answer is not signed by a trusted hub key for this request."""
+
+    code = "bad_answer"
+
+
 class HubSyncClient:
     """The agent's side of the hub's ``/api/v1/agents/{agent_id}/sync``.
-    Every request is signed with the device key (shared/requestsig.py)."""
+    Every request is signed with the device key and every answer checked
+    against ``hub_keys()``, the hub keys the device trusts (shared/requestsig.py)."""
 
-    def __init__(self, base_url: str, agent_id: str, key: SigningKey, timeout: float = 60.0, ca_file: str | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, base_url: str, agent_id: str, key: SigningKey, timeout: float = 60.0, ca_file: str | None = None, clock: Callable[[], float] = time.time,
+        *, hub_keys: Callable[[], Mapping[str, PublicKey]],
+    ) -> None:
         # httpx logs every request at INFO: one line per batch says nothing the counters do not.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         # A short connect timeout: a hub that cannot be reached (a link that is
@@ -105,32 +123,45 @@ class HubSyncClient:
         self._agent_id = agent_id
         self._key = key
         self._clock = clock
+        self._hub_keys = hub_keys
 
     def _signed(self, method: str, body: bytes) -> dict[str, str]:
         return {HEADER: sign_request(self._key, self._agent_id, method, self._prefix + self._path, body, self._clock())}
 
     def cursor(self) -> dict[str, Any]:
         """The hub's cursor for this agent: ``stream`` and ``seq`` (or nulls)."""
-        return self._check(self._client.get(self._path, headers=self._signed("GET", b"")))
+        headers = self._signed("GET", b"")
+        return self._check(self._client.get(self._path, headers=headers), headers[HEADER])
 
     def post(self, stream: str, first_seq: str, last_seq: str, envelopes: list[str]) -> dict[str, Any]:
         """Send one batch; returns the hub's answer once it committed it."""
         body = json.dumps({"stream": stream, "first_seq": first_seq, "last_seq": last_seq, "envelopes": envelopes}, separators=(",", ":")).encode()
-        return self._check(self._client.post(self._path, content=body, headers={"Content-Type": "application/json", **self._signed("POST", body)}))
+        headers = {"Content-Type": "application/json", **self._signed("POST", body)}
+        return self._check(self._client.post(self._path, content=body, headers=headers), headers[HEADER])
 
     def close(self) -> None:
         self._client.close()
 
-    @staticmethod
-    def _check(response: httpx.Response) -> dict[str, Any]:
+    def _check(self, response: httpx.Response, request_header: str) -> dict[str, Any]:
+        if response.status_code != 200:
+            try:
+                doc = response.json()
+            except ValueError:
+                doc = None
+            error = doc.get("error") if isinstance(doc, dict) else None
+            message = error.get("message") if isinstance(error, dict) else response.text[:200]
+            raise SyncRefused(response.status_code, str(message))
+        # Checked before the body is even parsed: nothing unsigned is acted on.
+        try:
+            verify_answer(self._hub_keys(), self._agent_id, request_header, 200, response.content, response.headers.get(ANSWER_HEADER))
+        except SignatureError as exc:
+            raise BadAnswer(f"the hub's answer to {response.request.method} {self._path} is not trusted ({exc.code}): {exc}") from None
         try:
             doc = response.json()
         except ValueError:
             doc = None
-        if response.status_code != 200 or not isinstance(doc, dict):
-            error = doc.get("error") if isinstance(doc, dict) else None
-            message = error.get("message") if isinstance(error, dict) else response.text[:200]
-            raise SyncRefused(response.status_code, str(message))
+        if not isinstance(doc, dict):
+            raise SyncRefused(response.status_code, f"not a JSON object: {response.text[:200]}")
         return doc
 
 
@@ -148,6 +179,8 @@ class HttpPath:
     stream_file: Path
     threshold: int = 200
     batch: int = 500
+    #: Told the detail of each answer that did not verify (the daemon reports it to the hub).
+    on_bad_answer: Callable[[str], None] | None = None
 
 
 def _uuid7_ms(message_id: str) -> int | None:
@@ -390,6 +423,11 @@ class Sync:
             self._http_delay = HTTP_BACKOFF_FIRST
         except (httpx.HTTPError, OutpostError) as exc:
             self._count("errors.http_sync")
+            if isinstance(exc, BadAnswer):
+                self._count("security.bad_answer")
+                log.warning("SECURITY: %s; nothing was dropped, the outbox goes over MQTT", exc)
+                if self._http is not None and self._http.on_bad_answer is not None:
+                    self._http.on_bad_answer(str(exc))
             if isinstance(exc, SyncRefused) and exc.status == 413 and self._http_batch_size > 1:
                 self._http_batch_size = max(1, self._http_batch_size // 2)
                 log.warning("hub refused an HTTP sync batch as too large; trying %d items per batch (%s)", self._http_batch_size, exc)

@@ -91,8 +91,9 @@ def hash_token(token: str) -> str:
 
 
 def hub_key_folder(settings: HubSettings) -> Path:
-    """Where the hub's assignment key ring lives (hub.identity's default)."""
-    return settings.state_dir / "keys"
+    """Where the hub's assignment key ring lives: the ring the hub signs with
+    (``keys_dir``, default ``<state_dir>/keys``)."""
+    return settings.key_ring_dir
 
 
 def hub_public_keys(settings: HubSettings) -> list[str]:

@@ -3,11 +3,17 @@
 Online state comes from two sources: heartbeats (``last_seen``; the
 scheduler marks an agent offline after ``agent_offline_after`` seconds of
 silence) and the retained status topic, whose ``offline`` value the broker
-publishes as the agent's last will. Status messages apply in the order the
-broker delivers them, not by their HLC stamps: the will is stamped when the
-agent starts, before every ``online`` it publishes later, yet it is the
+publishes as the agent's last will. An ``offline`` status applies in the
+order the broker delivers it, not by its HLC stamp: the will is stamped when
+the agent connects, before every ``online`` it publishes later, yet it is the
 newest news when the broker sends it. A retained status is the last one the
 broker saw, so a hub that (re)subscribes gets the truth.
+
+Replays (:func:`replay_of`): a signed heartbeat or ``online`` status captured
+and sent again would fake liveness, so one stamped no later than the newest
+of its kind the hub applied (``heartbeat_hlc``, ``status_hlc``, which keeps
+the newest stamp even when an older will applies) is refused. An agent's
+heartbeats come from one thread, stamped when sent, so they only grow.
 
 Clock skew: statuses and heartbeats are sent fresh, so the device's time in
 one, minus the hub's time on receipt, is the device clock's skew (plus
@@ -38,16 +44,47 @@ from shared.messages import Heartbeat, Status
 def _agent(session: Session, agent_id: str, now: datetime) -> Agent:
     agent = session.get(Agent, agent_id)
     if agent is None:
-        agent = Agent(agent_id=agent_id, first_seen=now, last_seen=now, state="offline", labels={}, job_types=[], last_heartbeat={}, status_hlc="")
+        agent = Agent(agent_id=agent_id, first_seen=now, last_seen=now, state="offline", labels={}, job_types=[], last_heartbeat={}, status_hlc="", heartbeat_hlc="")
         session.add(agent)
     return agent
+
+
+def _stamp(text: str) -> HLC | None:
+    try:
+        return HLC.parse(text) if text else None
+    except ValueError:
+        return None
+
+
+def _after(stamp: HLC, stored: str) -> bool:
+    """True when ``stamp`` is later than the stored one (or there is none).
+    The node is left out: it is the agent's id on both."""
+    old = _stamp(stored)
+    return old is None or (stamp.wall_ms, stamp.logical) > (old.wall_ms, old.logical)
+
+
+def replay_of(session: Session, agent_id: str, envelope: Envelope) -> str | None:
+    """Why ``envelope`` (a heartbeat or an ``online`` status) is a replay of
+    one already applied, or None when it is new (or of another kind)."""
+    body = envelope.body
+    if not isinstance(body, Heartbeat) and not (isinstance(body, Status) and body.state == "online"):
+        return None
+    agent = session.get(Agent, agent_id)
+    if agent is None:
+        return None
+    stored = agent.heartbeat_hlc if isinstance(body, Heartbeat) else agent.status_hlc
+    if _after(envelope.hlc, stored):
+        return None
+    kind = "heartbeat" if isinstance(body, Heartbeat) else "online status"
+    return f"{kind} stamped {envelope.hlc}, not after the newest applied ({stored}); not applied"
 
 
 def apply_status(session: Session, agent_id: str, status: Status, stamp: HLC, now: datetime) -> bool:
     """Apply a status message; returns True if the online state changed."""
     agent = _agent(session, agent_id, now)
     changed = agent.state != status.state
-    agent.status_hlc = str(stamp)
+    if _after(stamp, agent.status_hlc):
+        agent.status_hlc = str(stamp)
     agent.state = status.state
     if status.state == "online":
         agent.last_seen = now
@@ -58,9 +95,11 @@ def apply_status(session: Session, agent_id: str, status: Status, stamp: HLC, no
     return changed
 
 
-def apply_heartbeat(session: Session, agent_id: str, beat: Heartbeat, now: datetime) -> bool:
-    """Record a heartbeat; returns True if the agent came back online."""
+def apply_heartbeat(session: Session, agent_id: str, beat: Heartbeat, now: datetime, stamp: HLC | None = None) -> bool:
+    """Record a heartbeat (stamped ``stamp``); returns True if the agent came back online."""
     agent = _agent(session, agent_id, now)
+    if stamp is not None and _after(stamp, agent.heartbeat_hlc):
+        agent.heartbeat_hlc = str(stamp)
     agent.last_seen = now
     agent.last_heartbeat = beat.to_dict()
     if beat.agent_version:

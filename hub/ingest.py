@@ -27,6 +27,13 @@ So are the security refusals devices report (``rejected`` events with a
 ``security.<code>`` code, source ``agent``). Acknowledgements sent to
 devices are signed with the hub's current key (``hub.hubkeys``).
 
+A replayed heartbeat or ``online`` status (stamped no later than the newest
+one applied, ``hub.fleet.replay_of``) would fake liveness: it is not applied,
+does not count as hearing from the agent, and is recorded as the security
+event ``replayed``. Everything else a device sends is idempotent (results
+unique per assignment, events per id, log chunks per seq), so a replay of it
+changes nothing.
+
 Bad input (undecodable, oversized, unknown type, a result for an assignment
 the hub never made) is logged, counted and stored in ``rejected_messages``;
 it never stops the worker.
@@ -298,6 +305,14 @@ class Ingester:
         seen: set[str] = set()
         fresh: dict[str, tuple[HLC, fleet.ClockReading]] = {}
         for msg, agent_id, envelope in items:
+            replay = fleet.replay_of(session, agent_id, envelope)
+            if replay is not None:
+                if msg.retain:
+                    # The broker's retained status, delivered again on (re)subscribe: old news, not an attack.
+                    self.counters["status.retained_stale"] += 1
+                else:
+                    self._security(out, msg, agent_id, "replayed", replay)
+                continue  # proves nothing: no last_seen, no clock reading
             try:
                 self._apply(session, agent_id, envelope, now, out, assignments, tis, known)
             except Reject as exc:
@@ -428,7 +443,7 @@ class Ingester:
             return
         if isinstance(body, Heartbeat):
             heard = fleet.last_heard(session, agent_id)
-            if fleet.apply_heartbeat(session, agent_id, body, now):
+            if fleet.apply_heartbeat(session, agent_id, body, now, envelope.hlc):
                 out.emitted.append((ev.AGENT_CHANGED, {"agent_id": agent_id, "state": "online"}))
                 self._offline_hook(session, agent_id, "online", now, out, body.running, heard)
             return

@@ -270,8 +270,12 @@ class Agent(Base):
     last_seen: Mapped[datetime]
     #: The last heartbeat body (queue depths, running, counters).
     last_heartbeat: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    #: HLC of the last status applied, so a stale retained status never wins.
+    #: HLC of the newest status applied: an ``online`` stamped no later is a
+    #: replay (or a retained copy already applied) and is refused.
     status_hlc: Mapped[str] = mapped_column(String(200), default="")
+    #: HLC of the last heartbeat applied: one stamped no later is a replay
+    #: (a captured heartbeat sent again to fake liveness) and is refused.
+    heartbeat_hlc: Mapped[str] = mapped_column(String(200), default="", server_default="")
     #: Seconds the device's clock was ahead (+) or behind (-) the hub's at its last fresh status or heartbeat.
     clock_skew: Mapped[float | None] = mapped_column(Float)
     #: Set while |clock_skew| exceeds max_clock_skew: the device's clock is not trusted (hub.fleet.clock_trusted).

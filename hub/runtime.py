@@ -176,6 +176,7 @@ class HubRuntime:
             extra_routers=[views.router], mounts={views.STATIC_PATH: views.static_files()},
         )
         app.state.ingester = self.ingester  # HTTP sync batches go through the same ingester
+        app.state.keyring = self.keyring  # and their answers are signed with the key the hub signs with
         # log_config=None: uvicorn's records go to the root handlers, which mask secrets (hub.masking).
         config = uvicorn.Config(app, host=self.settings.api_host, port=self.settings.api_port, log_level="warning", lifespan="off", log_config=None)
         self.server = uvicorn.Server(config)

@@ -2,7 +2,9 @@
 HTTP (a small scripted server on loopback stands in for the hub; the real
 hub endpoint is exercised in tests/hub/test_sync_api.py and tests/e2e), small
 ones stay on MQTT, errors fall back to MQTT without breaking order, refused
-items are set aside, and the stream id protects the cursor."""
+items are set aside, the stream id protects the cursor, and an answer not
+signed by a trusted hub key for that very request (a forged ack or cursor)
+changes nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 
 from agent.queues import Outbox
 from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
+from shared.requestsig import ANSWER_HEADER, HEADER, request_signature, sign_answer
 from shared.signing import SigningKey
 from shared.clock import SystemClock
 from shared.envelope import Envelope, decode, encode
@@ -29,6 +32,8 @@ from .conftest import wait_until
 from .test_sync import Wire
 
 Policy = Callable[[dict[str, Any], list[str]], tuple[int, dict[str, Any]]]
+#: The fake hub's signing key; the agent under test trusts it.
+HUB_KEY = SigningKey.generate()
 
 
 def ack_all(batch: dict[str, Any], ids: list[str]) -> tuple[int, dict[str, Any]]:
@@ -41,8 +46,15 @@ class FakeHubServer:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
         self.policy: Policy = ack_all
+        #: How answers are signed: "hub" (properly), "none", "untrusted" (another key), "stale" (bound to an earlier request).
+        self.signing = "hub"
+        #: The methods whose answers are signed as ``signing`` says (the others properly).
+        self.forge = {"GET", "POST"}
+        self.cursor: dict[str, Any] = {"stream": None, "seq": None}
         self.lock = threading.Lock()
+        self.gets = 0
         outer = self
+        previous: list[str] = []
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -50,14 +62,24 @@ class FakeHubServer:
 
             def _answer(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
+                request = self.headers[HEADER]
+                signing = outer.signing if self.command in outer.forge else "hub"
+                bound_to = previous[0] if signing == "stale" and previous else request
+                previous[:] = [request]
+                key = SigningKey.generate() if signing == "untrusted" else HUB_KEY
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if signing != "none":
+                    self.send_header(ANSWER_HEADER, sign_answer(key, "dev-1", request_signature(bound_to), status, data))
                 self.end_headers()
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                self._answer(200, {"stream": None, "seq": None})
+                with outer.lock:
+                    outer.gets += 1
+                    cursor = dict(outer.cursor)
+                self._answer(200, cursor)
 
             def do_POST(self) -> None:
                 batch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -98,8 +120,9 @@ def outbox(state_dir: Path) -> Iterator[Outbox]:
 @pytest.fixture
 def make_sync(outbox: Outbox, state_dir: Path) -> Iterator[Callable[..., tuple[Sync, Wire]]]:
     loops: list[Sync] = []
+    counts: list[str] = []  # every counter the loops bump, in order
 
-    def build(url: str, threshold: int = 10, batch: int = 10, mqtt_up: bool = True) -> tuple[Sync, Wire]:
+    def build(url: str, threshold: int = 10, batch: int = 10, mqtt_up: bool = True, reported: list[str] | None = None) -> tuple[Sync, Wire]:
         wire = Wire()
         if not mqtt_up:
             wire.up.clear()
@@ -108,15 +131,16 @@ def make_sync(outbox: Outbox, state_dir: Path) -> Iterator[Callable[..., tuple[S
             sync.on_ack(ack.assignment_ids)
 
         path = HttpPath(
-            HubSyncClient(url, "dev-1", SigningKey.generate(), timeout=5),
+            HubSyncClient(url, "dev-1", SigningKey.generate(), timeout=5, hub_keys=lambda: {HUB_KEY.kid: HUB_KEY.public}),
             lambda item: encode(Envelope(item.result, sender="dev-1", hlc=item.hlc)),
-            apply_ack, state_dir / "outbox.stream", threshold, batch,
+            apply_ack, state_dir / "outbox.stream", threshold, batch, reported.append if reported is not None else None,
         )
-        sync = Sync(outbox, wire.publish, wire.up.is_set, SystemClock(), resend_after=60, http=path)
+        sync = Sync(outbox, wire.publish, wire.up.is_set, SystemClock(), resend_after=60, http=path, count=counts.append)
         sync.start()
         loops.append(sync)
         return sync, wire
 
+    build.counts = counts  # type: ignore[attr-defined]
     yield build
     for sync in loops:
         sync.stop()
@@ -213,3 +237,44 @@ def test_the_stream_survives_a_restart_but_not_an_empty_outbox_or_a_clock_behind
     assert load_stream(path, newest, now - 3600)[0] != second  # the clock went back an hour
     path.write_text("garbage")
     assert load_stream(path, newest, now)[0]
+
+
+
+@pytest.mark.parametrize("signing", ["none", "untrusted", "stale"])
+def test_an_ack_not_signed_by_the_hub_for_this_request_drops_nothing(
+    outbox: Outbox, server: FakeHubServer, make_sync: Any, signing: str,
+) -> None:
+    """Someone in the path of a plain-HTTP hub_url answers a batch with 'all
+    committed': unsigned, signed by a key the device does not trust, or with
+    the signature of a genuine answer to an earlier request. The device drops
+    nothing, counts and reports it, and the items go over MQTT instead."""
+    ids = fill(outbox, 12)
+    server.signing = signing
+    server.forge = {"POST"}  # the cursor (GET, the first request) is answered properly
+    reported: list[str] = []
+    _sync, wire = make_sync(server.url, threshold=10, batch=20, reported=reported)
+    wait_until(lambda: "security.bad_answer" in make_sync.counts, what="the forged answer refused")
+    wait_until(lambda: wire.ids() == ids, what="the items sent over MQTT instead")
+    assert server.gets == 1 and server.sent()[0] == ids
+    assert outbox.depth() == 12
+    assert not any(outbox.get(i).status == "done" for i in ids)  # type: ignore[union-attr]
+    assert "results.acked" not in make_sync.counts
+    assert reported and "not trusted" in reported[0]
+
+
+def test_a_forged_cursor_skips_nothing_and_the_hubs_own_does(outbox: Outbox, server: FakeHubServer, make_sync: Any, state_dir: Path) -> None:
+    """The cursor tells a restarted agent what the hub already has; a forged
+    one covering the whole outbox must not make it skip anything."""
+    ids = fill(outbox, 12)
+    stream, _ = load_stream(state_dir / "outbox.stream", outbox.newest_message_id(), time.time())
+    server.cursor = {"stream": stream, "seq": outbox.newest_message_id()}
+    server.signing = "untrusted"
+    make_sync(server.url, threshold=10, batch=20, mqtt_up=False)
+    wait_until(lambda: "security.bad_answer" in make_sync.counts, what="the forged cursor refused")
+    assert outbox.depth() == 12 and server.sent() == []
+    assert not any(outbox.get(i).status == "done" for i in ids)  # type: ignore[union-attr]
+
+    # The same cursor signed by the hub is applied after the backoff: all it covers is done, nothing is posted.
+    server.signing = "hub"
+    wait_until(lambda: outbox.depth() == 0, timeout=15, what="the signed cursor applied")
+    assert server.sent() == [] and all(outbox.get(i).status == "done" for i in ids)  # type: ignore[union-attr]

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import load_settings
 from agent.sync import HubSyncClient
+from agent.trust import TrustStore
 from hub import enrolment
 from hub import events as ev
 from hub.api.app import create_app
@@ -307,7 +308,9 @@ def test_an_enrolled_device_runs_work_and_syncs_with_what_enrolment_stored(tmp_p
     config = tmp_path / "agent.toml"
     config.write_text(f'state_dir = "{state}"\nheartbeat_interval = 1.0\nsqlite_synchronous = "NORMAL"\n')
     settings = load_settings(config, env={})
-    client = HubSyncClient(settings.hub_url or "", settings.agent_id, SigningKey.load(state / "identity" / "device.key"), timeout=10, ca_file=settings.hub_ca)
+    # The hub keys enrolment stored verify the hub's signed answers.
+    trusted = TrustStore(settings)
+    client = HubSyncClient(settings.hub_url or "", settings.agent_id, SigningKey.load(state / "identity" / "device.key"), timeout=10, ca_file=settings.hub_ca, hub_keys=trusted.keys)
     try:
         assert client.cursor()["agent_id"] == "pump-1"
     finally:

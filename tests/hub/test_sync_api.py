@@ -1,8 +1,10 @@
 """The HTTP bulk sync endpoint over a real uvicorn server and a real
 database: it applies a batch in order through the ingester, acknowledges only
 what it committed, refuses bad items for good (recorded), deduplicates
-repeats, keeps the cursor, and checks the agent's signature and its limits. The agent's
-side runs against it too: a restarted agent resumes after the cursor."""
+repeats, keeps the cursor, and checks the agent's signature and its limits; it
+signs its answers, bound to the request. The agent's side runs against it
+too: a restarted agent resumes after the cursor, and drops nothing on an
+answer it cannot verify."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from agent.queues import Outbox
 from agent.sync import HttpPath, HubSyncClient, Sync, load_stream
 from hub.api.app import create_app
 from hub.db import transaction
+from hub.hubkeys import LiveRing
 from hub.identity import register_agent, revoke_agent
 from hub.models import AssetEvent, RejectedMessage, SecurityEvent, SyncCursor, TaskResult
 from shared.clock import SystemClock, utcnow
@@ -27,8 +30,8 @@ from shared.envelope import Envelope
 from shared.frames import AGENT_TO_HUB, sign_envelope
 from shared.hlc import HLC
 from shared.messages import Ack, AgentEvent, Cancel, Heartbeat, Result
-from shared.requestsig import HEADER, sign_request
-from shared.signing import SigningKey
+from shared.requestsig import ANSWER_HEADER, HEADER, sign_request, verify_answer
+from shared.signing import SignatureError, SigningKey
 
 from .api_harness import LiveServer
 from tests.hub.api_harness import hub_settings
@@ -39,6 +42,8 @@ KEY = SigningKey.generate()
 KEYS = {"a1": KEY, "a2": SigningKey.generate()}
 #: The served hub's clock (a manual one): requests are signed with its time.
 HUB_NOW: list[Any] = []
+#: The served hub's key ring (its answers are signed with the current key).
+RING: list[LiveRing] = []
 DAG = """
 from hub.dag import DAG, AgentOperator, on_agent
 with DAG("d") as dag:
@@ -47,7 +52,7 @@ with DAG("d") as dag:
 
 
 @pytest.fixture
-def served(make_hub: Any) -> Iterator[Any]:
+def served(make_hub: Any, tmp_path: Path) -> Iterator[Any]:
     """A hub that issued six assignments to a1, behind a live HTTP server."""
 
     def serve(**settings: Any) -> tuple[Any, str, list[str]]:
@@ -60,6 +65,8 @@ def served(make_hub: Any) -> Iterator[Any]:
         HUB_NOW[:] = [hub.clock.now]
         app = create_app(hub_settings(**settings), hub.sessions, hub.ingester.events, hub.clock)
         app.state.ingester = hub.ingester  # the counters tell duplicates apart
+        RING[:] = [LiveRing(tmp_path / "hub-keys")]
+        app.state.keyring = RING[0]
         server = LiveServer(app).__enter__()
         servers.append(server)
         return hub, f"{server.url}/api/v1/agents/a1/sync", [a.assignment_id for a in assigned]
@@ -72,6 +79,11 @@ def served(make_hub: Any) -> Iterator[Any]:
 
 def now() -> float:
     return float(HUB_NOW[0]())
+
+
+def hub_keys() -> dict[str, Any]:
+    """What a device enrolled with the served hub trusts."""
+    return {key.kid: key for key in RING[0].ring().public_keys()}
 
 
 def signed(method: str, url: str, payload: Any = None, key: SigningKey = KEY, agent: str = "a1", content: bytes | None = None) -> httpx.Response:
@@ -219,7 +231,7 @@ def test_a_restarted_agent_resumes_after_the_cursor_and_sends_the_rest_once(serv
     acks: list[Ack] = []
 
     def build() -> Sync:
-        client = HubSyncClient(base, "a1", KEY, timeout=10, clock=now)
+        client = HubSyncClient(base, "a1", KEY, timeout=10, clock=now, hub_keys=hub_keys)
 
         def apply_ack(ack: Ack) -> None:
             acks.append(ack)
@@ -236,7 +248,7 @@ def test_a_restarted_agent_resumes_after_the_cursor_and_sends_the_rest_once(serv
     # agent died before it recorded the acknowledgement.
     stream, _ = load_stream(tmp_path / "outbox.stream", outbox.newest_message_id(), clock.now())
     claimed = [item for item in (outbox.claim() for _ in range(4)) if item is not None]
-    client = HubSyncClient(base, "a1", KEY, clock=now)
+    client = HubSyncClient(base, "a1", KEY, clock=now, hub_keys=hub_keys)
     client.post(stream, claimed[0].message_id, claimed[-1].message_id, [to_envelope(item).decode() for item in claimed])
     client.close()
     outbox.release_expired_claims(0)  # what start-up does after a crash
@@ -255,4 +267,67 @@ def test_a_restarted_agent_resumes_after_the_cursor_and_sends_the_rest_once(serv
     # The four the hub had were skipped by the cursor, not sent again.
     assert hub.ingester.counters["result.duplicate"] == 0
     assert [a.assignment_ids for a in acks] == [tuple(ids[4:])]
+    outbox.close()
+
+
+def test_answers_are_signed_by_the_hubs_current_key_for_that_request(served: Any) -> None:
+    hub, url, ids = served()
+    posted = signed("POST", url, batch(envelope(Result(ids[0], 1, "success"))))
+    got = signed("GET", url)
+    for answer in (posted, got):
+        assert answer.status_code == 200, answer.text
+        sent = answer.request.headers[HEADER]
+        assert verify_answer(hub_keys(), "a1", sent, 200, answer.content, answer.headers.get(ANSWER_HEADER)) == RING[0].current.kid
+    # Bound to its request: the POST's answer does not verify for the GET, nor for another agent, nor changed.
+    for agent, request, content, code in (
+        ("a1", got.request.headers[HEADER], posted.content, "bad_signature"),
+        ("a2", posted.request.headers[HEADER], posted.content, "bad_signature"),
+        ("a1", posted.request.headers[HEADER], posted.content.replace(ids[0].encode(), ids[1].encode()), "bad_signature"),
+    ):
+        with pytest.raises(SignatureError) as caught:
+            verify_answer(hub_keys(), agent, request, 200, content, posted.headers[ANSWER_HEADER])
+        assert caught.value.code == code
+    with pytest.raises(SignatureError) as caught:
+        verify_answer({}, "a1", posted.request.headers[HEADER], 200, posted.content, posted.headers[ANSWER_HEADER])
+    assert caught.value.code == "unknown_key"
+    # Errors are not signed (the agent acts on none of them).
+    assert ANSWER_HEADER not in signed("POST", url, {"envelopes": []}).headers
+
+
+def test_an_agent_that_cannot_verify_the_answer_drops_nothing_the_hub_committed(served: Any, tmp_path: Path) -> None:
+    """A device that does not trust the key the answer is signed with (here:
+    the hub rotated to a key the device never learnt) treats the answer as a
+    failure: the hub committed the batch, the device keeps the items and
+    sends them again once it can verify (the hub deduplicates)."""
+    hub, url, ids = served()
+    base = url.split("/api/v1/")[0]
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    for i, aid in enumerate(ids[:3]):
+        outbox.put_result(Result(aid, 1, "success", {"i": i}), HLC(1_767_225_600_000, i, "a1"))
+    counts: list[str] = []
+    stranger = SigningKey.generate().public
+
+    def to_envelope(item: Any) -> bytes:
+        return sign_envelope(Envelope(item.result, sender="a1", hlc=item.hlc), KEY, AGENT_TO_HUB)
+
+    trusted: dict[str, Any] = {stranger.kid: stranger}
+    client = HubSyncClient(base, "a1", KEY, timeout=10, clock=now, hub_keys=lambda: trusted)
+    path = HttpPath(client, to_envelope, lambda ack: sync.on_ack(ack.assignment_ids), tmp_path / "outbox.stream", threshold=1, batch=10)
+    sync = Sync(outbox, lambda item: False, lambda: False, SystemClock(), http=path, count=counts.append)
+    sync.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "security.bad_answer" not in counts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "security.bad_answer" in counts
+        assert outbox.depth() == 3  # the cursor answer was refused first: nothing skipped, nothing sent
+        trusted.update(hub_keys())  # the device learns the hub's key (trust add, an announcement)
+        sync.resend_all()
+        deadline = time.monotonic() + 20
+        while outbox.depth() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outbox.depth() == 0
+    finally:
+        sync.stop()
+    assert count(hub, TaskResult) == 3
     outbox.close()

@@ -21,16 +21,22 @@ revoked agent gets 403.
 Every envelope in a batch is a signed frame (``shared.frames``), verified
 with the agent's registered key exactly as on MQTT; one that does not verify
 is recorded as a security event (source ``http``) and listed in ``refused``.
+
+Every 200 answer (the acknowledgement, the cursor) is signed with the hub's
+current key, bound to the request it answers (``Outpost-Answer-Signature``,
+shared/requestsig.py): the agent drops outbox items on the hub's word only,
+never on that of someone in the path of a plain-HTTP ``hub_url``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
@@ -40,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from hub.api.schemas import ErrorResponse
 from hub.config import HubSettings
 from hub.db import for_update
-from hub import identity, requestauth, security
+from hub import hubkeys, identity, requestauth, security
 from hub.db import transaction
 from hub.errors import BatchTooLarge, DatabaseUnavailable, InvalidRequest
 from hub.ingest import Ingester
@@ -48,7 +54,7 @@ from hub.models import SyncCursor
 from shared.clock import utcnow
 from shared.hlc import HybridClock
 from shared.mqtt import Inbound
-from shared.requestsig import HEADER
+from shared.requestsig import ANSWER_HEADER, HEADER, sign_answer
 from shared.topics import check_agent_id, events_topic
 
 log = logging.getLogger(__name__)
@@ -121,6 +127,25 @@ async def _verify(request: Request, signed: requestauth.SignedRequest, body: byt
     await run_in_threadpool(signed.verify, request.app.state.sessions, now, settings.agent_request_window, request.method, request.url.path, body)
 
 
+def _keyring(request: Request) -> hubkeys.LiveRing:
+    """The hub process's ring when it runs one, else this app's own on the
+    same folder (every hub process of an installation shares the ring)."""
+    state = request.app.state
+    ring = getattr(state, "keyring", None)
+    if ring is None:
+        settings: HubSettings = state.settings
+        ring = state.keyring = hubkeys.LiveRing(settings.key_ring_dir)
+    return ring
+
+
+async def _signed_answer(request: Request, signed: requestauth.SignedRequest, doc: dict[str, Any]) -> Response:
+    """``doc`` as JSON, signed by the hub's current key for this very request."""
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    key = (await run_in_threadpool(_keyring, request)).current
+    header = sign_answer(key, signed.agent_id, signed.signature, 200, body)
+    return Response(body, media_type="application/json", headers={ANSWER_HEADER: header})
+
+
 def _ingester(request: Request) -> Ingester:
     """The hub process's ingester when it runs one (standalone), else one
     of this app's own: applying needs no MQTT link."""
@@ -171,14 +196,14 @@ def _cursor_of(row: SyncCursor | None, agent_id: str) -> dict[str, Any]:
     "/agents/{agent_id}/sync",
     response_model=None,
     responses={
-        200: {"model": SyncAck, "description": "The batch is committed; the body is the acknowledgement."},
+        200: {"model": SyncAck, "description": "The batch is committed; the body is the acknowledgement, signed by the hub (header Outpost-Answer-Signature)."},
         **_AUTH_RESPONSES,
         413: {"model": ErrorResponse, "description": "More items than sync_max_batch_items or more bytes than sync_max_batch_bytes (code batch_too_large)."},
         503: {"model": ErrorResponse, "description": "The database is unreachable or busy; nothing was applied, send the batch again later."},
     },
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": SyncBatch.model_json_schema()}}}},
 )
-async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(description="The sending agent; every envelope's sender must be it.")]) -> JSONResponse:
+async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(description="The sending agent; every envelope's sender must be it.")]) -> Response:
     """Apply a batch of an agent's outbox, in order, and acknowledge it.
 
     Answers only after the commit. Re-sending a batch is harmless: results
@@ -222,7 +247,7 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     positions = {id(msg): i for i, msg in enumerate(messages)}
     refused = [{"index": positions[id(msg)], "code": record.code, "detail": record.detail} for msg, record in out.refused]
     body = {**ingester.ack_of(out, agent_id).to_dict(), "refused": refused, "cursor": cursor}
-    return JSONResponse(body)
+    return await _signed_answer(request, signed, body)
 
 
 def _check_standing(request: Request, ingester: Ingester, agent_id: str, first: str) -> None:
@@ -240,17 +265,21 @@ def _check_standing(request: Request, ingester: Ingester, agent_id: str, first: 
     raise AgentNotTrusted(f"agent {agent_id!r} is {'revoked' if code == 'revoked_agent' else 'not registered (no public key)'}; nothing it sends is applied")
 
 
-@router.get("/agents/{agent_id}/sync", response_model=Cursor, responses=_AUTH_RESPONSES)
-async def get_sync_cursor(request: Request, agent_id: Annotated[str, Path(description="The agent.")]) -> dict[str, Any]:
+@router.get(
+    "/agents/{agent_id}/sync", response_model=None,
+    responses={200: {"model": Cursor, "description": "The cursor, signed by the hub (header Outpost-Answer-Signature)."}, **_AUTH_RESPONSES},
+)
+async def get_sync_cursor(request: Request, agent_id: Annotated[str, Path(description="The agent.")]) -> Response:
     """The agent's sync cursor: the highest outbox sequence the hub committed
     over HTTP, on which outbox stream. A restarted agent skips the items of
     that stream up to it instead of sending them again. Authenticated like
-    the POST."""
-    await _verify(request, await _authenticate(request, agent_id), b"")
+    the POST; the answer is signed like the POST's."""
+    signed = await _authenticate(request, agent_id)
+    await _verify(request, signed, b"")
 
     def read() -> dict[str, Any]:
         with request.app.state.sessions() as session:
             return _cursor_of(session.get(SyncCursor, agent_id), agent_id)
 
-    return await run_in_threadpool(read)
+    return await _signed_answer(request, signed, await run_in_threadpool(read))
 
