@@ -87,6 +87,17 @@ class Inbound:
             self._client.ack(self.mid, self.qos)
 
 
+def shut_down(client: paho.Client) -> None:
+    """Stop ``client``'s network thread and close its wake-up socket pair.
+
+    paho closes that pair only in ``Client.__del__``; when the client sits in
+    a reference cycle (callbacks that refer back to their owner), the garbage
+    collector may reach the sockets first and warn that they were never
+    closed. ``loop_start`` makes a new pair, so a link can start again."""
+    client.loop_stop()
+    client._reset_sockets(sockpair_only=True)  # noqa: SLF001 (no public way)
+
+
 def _authenticate(client: paho.Client, settings: MqttSettings) -> None:
     """Credentials and TLS, the same for every kind of connection."""
     if settings.username is not None:
@@ -184,7 +195,7 @@ class MqttLink:
             except (RuntimeError, ValueError):
                 pass
         self.client.disconnect()
-        self.client.loop_stop()
+        shut_down(self.client)
         self._started = False
         self.connected.clear()
 
@@ -379,4 +390,4 @@ def request(
             ) from None
     finally:
         client.disconnect()
-        client.loop_stop()
+        shut_down(client)

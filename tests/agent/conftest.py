@@ -38,6 +38,7 @@ from shared.envelope import Envelope, decode
 from shared.frames import HUB_TO_AGENT, seal, sign_envelope, unsigned_part
 from shared.hlc import HybridClock
 from shared.messages import Ack, Assign, Cancel, Message, Result
+from shared.mqtt import shut_down
 from shared.signing import SigningKey
 from shared.topics import ack_topic, assign_topic, events_topic, status_topic
 
@@ -76,7 +77,7 @@ class HubPeer:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        shut_down(self.client)
 
     def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
         # The agent's signatures are checked by the tests that are about them (test_signing.py).
@@ -194,7 +195,7 @@ def read_retained(port: int, topic: str, timeout: float = 5.0) -> bytes | None:
     client.subscribe(topic, qos=1)
     done.wait(timeout)
     client.disconnect()
-    client.loop_stop()
+    shut_down(client)
     return got[-1] if got else None
 
 

@@ -22,7 +22,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.brokeradmin import BrokerAdmin
-from shared.mqtt import MqttSettings
+from shared.mqtt import MqttSettings, shut_down
 from tests.broker.pki import Pki
 from tests.conftest import free_port, stop_process
 
@@ -141,7 +141,7 @@ def connect_result(settings: MqttSettings, timeout: float = 10.0) -> str:
         return "no answer"
     finally:
         client.disconnect()
-        client.loop_stop()
+        shut_down(client)
 
 
 class Listener:
@@ -197,7 +197,7 @@ class Listener:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        shut_down(self.client)
 
 
 @pytest.fixture
