@@ -14,6 +14,7 @@ import pytest
 
 from hub import events as ev
 from hub.config import HubSettings
+from hub.standalone import provision_device
 from tests.conftest import stop_process
 from tests.hub.api_harness import FERNET_KEY, TEST_SECRET_KEY
 from hub.db import transaction
@@ -92,10 +93,12 @@ def test_agent_over_mutual_tls_runs_work_from_a_hub_with_the_hub_role(tmp_path: 
         f'broker_username = "{creds.username}"\nbroker_password = "{creds.password}"\n'
         f'tls_ca = "{pki.ca}"\ntls_cert = "{agent_cert}"\ntls_key = "{agent_key}"\nheartbeat_interval = 1.0\nsqlite_synchronous = "NORMAL"\n'
     )
+    runtime.start()
+    # The device's key registered and the hub's keys trusted, as enrolment would leave them.
+    provision_device(agent_dir, "pump-tls", runtime.sessions, runtime.keyring.ring().public_keys(), utcnow(runtime.clock))
     log = open(agent_dir / "agent.log", "ab")
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
     log.close()
-    runtime.start()
     try:
         assert runtime.link.wait_connected(15), mtls_broker.log[-2000:]
         with transaction(runtime.sessions) as session:
