@@ -107,7 +107,7 @@ def test_hub_keeps_running_through_malformed_messages_and_records_them(fleet: An
     assert [r["code"] for r in f.api("GET", "/rejected")["items"]] == ["payload_too_large"]
     events = f.api("GET", "/security-events")
     assert events["counts"] == {"bad_signature": 1} and events["items"][0]["agent_id"] == "agent-1"
-    metrics = httpx.get(f"{f.url}/api/v1/metrics", timeout=10).text
+    metrics = httpx.get(f"{f.url}/api/v1/metrics", headers={"Authorization": f"Bearer {f.token}"}, timeout=10).text
     assert 'outpost_security_events_total{code="bad_signature",source="mqtt"} 1' in metrics
     run = f.wait_run(f.trigger("fleet_health"))
     assert run["state"] == "success"
