@@ -102,6 +102,11 @@ class Agent:
         self.clock = clock or SystemClock()
         self.registry = registry
         self.hlc = HybridClock(settings.agent_id, lambda: int(self.clock.now() * 1000))
+        floor = identity.load_hlc_floor(settings)
+        if floor is not None:
+            # Never stamp below what this device already sent, even when its
+            # clock came back from a restart behind (see agent/identity.py).
+            self.hlc.update(floor)
         self.counters = Counters()
         self.notifier = notifier or Notifier()
         self.inbox = Inbox(settings.inbox_path, settings.sqlite_synchronous, self.clock)

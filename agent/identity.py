@@ -14,10 +14,12 @@ Both live in ``<state_dir>/identity/`` (mode 0700):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from agent.config import AgentSettings
 from shared.files import atomic_write
+from shared.hlc import HLC
 from shared.signing import BadKey, PublicKey, SigningKey
 
 
@@ -55,6 +57,27 @@ def trusted_hub_keys(settings: AgentSettings) -> dict[str, PublicKey]:
         raise BadKey(f"trusted hub keys {path} must be a JSON object with a 'keys' list")
     keys = [PublicKey.from_text(text) for text in texts]
     return {key.kid: key for key in keys}
+
+
+def hlc_floor_path(settings: AgentSettings) -> Path:
+    return settings.state_dir / "hlc"
+
+
+def load_hlc_floor(settings: AgentSettings) -> HLC | None:
+    """The last heartbeat or status stamp this device sent, or None (none
+    yet, or an unreadable file: a power cut may leave it empty)."""
+    try:
+        return HLC.parse(hlc_floor_path(settings).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def save_hlc_floor(path: Path, stamp: HLC) -> None:
+    # No fsync: this is written with every heartbeat (flash wear); after a
+    # power cut an older or empty file costs at most a refused heartbeat.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(stamp))
+    os.replace(tmp, path)
 
 
 def save_trusted_hub_keys(settings: AgentSettings, keys: list[PublicKey]) -> None:

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.config import AgentSettings
+from agent.identity import hlc_floor_path, save_hlc_floor
 from shared.envelope import Envelope
 from shared.errors import ClockSkew, PayloadTooLarge, ProtocolError
 from shared.frames import AGENT_TO_HUB, sign_envelope, unsigned_part
 from shared.hlc import HLC, HybridClock
-from shared.messages import Ack, Assign, Cancel, Message, Rejected, Status
+from shared.messages import Ack, Assign, Cancel, Heartbeat, Message, Rejected, Status
 from shared.mqtt import Inbound, MqttLink, MqttSettings, Will
 from shared.signing import SigningKey
 from shared.topics import HUB_KEYS_TOPIC, ack_topic, assign_topic, events_topic, parse, probe_topic, status_topic
@@ -103,6 +104,7 @@ class AgentLink:
         self._now = now
         self.limit = settings.max_message_bytes
         self._hlc = hlc
+        self._hlc_file = hlc_floor_path(settings)
         self._handlers = handlers
         self._online = online
         self._events_topic = events_topic(self.agent_id)
@@ -193,7 +195,13 @@ class AgentLink:
         return self.mqtt.publish(self._events_topic, self._envelope(message, hlc), qos=1).rc == _MQTT_OK
 
     def _envelope(self, message: Message, hlc: HLC | None = None) -> bytes:
-        envelope = Envelope(message, sender=self.agent_id, hlc=hlc or self._hlc.now(), issued_at=round(self._now(), 3))
+        stamp = hlc or self._hlc.now()
+        if isinstance(message, Heartbeat | Status):
+            # The hub refuses a heartbeat or status not newer than the last it
+            # applied (a replay): the stamp must outlive a restart on a device
+            # whose clock went back (no RTC), so it is saved before it is sent.
+            save_hlc_floor(self._hlc_file, stamp)
+        envelope = Envelope(message, sender=self.agent_id, hlc=stamp, issued_at=round(self._now(), 3))
         return sign_envelope(envelope, self._key, AGENT_TO_HUB, self.limit)
 
     def _connected(self) -> None:

@@ -92,7 +92,12 @@ def main() -> int:
     if url is None:
         print("hub did not start", file=sys.stderr)
         return 1
-    api = httpx.Client(base_url=f"{url}/api/v1", timeout=30)
+    # Standalone writes an admin API token on its first run, once it printed the URL.
+    token_file = root / "state" / "hub" / "admin-token"
+    deadline = time.monotonic() + 30
+    while not token_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    api = httpx.Client(base_url=f"{url}/api/v1", timeout=30, headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
     try:
         deadline = time.monotonic() + 60
         while len(api.get("/agents", params={"state": "online"}).json()["items"]) < args.agents:

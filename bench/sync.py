@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.queues import Outbox  # noqa: E402
+from hub.auth.bootstrap import ensure_admin  # noqa: E402
 from hub.db import make_engine, make_sessionmaker  # noqa: E402
 from hub.encryption import generate_key  # noqa: E402
 from hub.identity import HubKeyring  # noqa: E402
@@ -132,6 +133,11 @@ def main() -> int:
             if role == "scheduler":
                 wait(lambda: "mqtt connected" in (root / "hub-scheduler.log").read_text(), 60, "the scheduler")
         wait(lambda: httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200, 60, "the API")
+        # An admin API token, made in the database as standalone's first run does.
+        engine = make_engine(f"sqlite:///{db}")
+        ensure_admin(make_sessionmaker(engine), root / "hub", utcnow(SystemClock()))
+        engine.dispose()
+        API_AUTH["Authorization"] = f"Bearer {(root / 'hub' / 'admin-token').read_text().strip()}"
         print(f"machine: {os.cpu_count()} CPUs, load average {loadavg()} at start; state in {root}", flush=True)
 
         for agent_id, n in sizes.items():
@@ -182,6 +188,10 @@ def main() -> int:
     return 0
 
 
+#: The admin token's header for API calls (set once the hub is up).
+API_AUTH: dict[str, str] = {}
+
+
 def issue(broker: PrivateBroker, url: str, db: Path, agent_id: str, n: int, chunk: int) -> None:
     """The device announces itself with no MQTT session yet, so the
     assignments the hub sends reach nobody: it ran them offline."""
@@ -193,12 +203,12 @@ def issue(broker: PrivateBroker, url: str, db: Path, agent_id: str, n: int, chun
     key = SigningKey.load(folder / "identity" / "device.key")
     status = Envelope(Status("online", "0.1.0", agent_id, {"site": "bench"}, (JobTypeInfo("noop", "1.0"),)), sender=agent_id, hlc=HLC(int(time.time() * 1000), 0, agent_id))
     mqtt_publish.single(status_topic(agent_id), sign_envelope(status, key, AGENT_TO_HUB), qos=1, retain=True, hostname="127.0.0.1", port=broker.port, protocol=MQTTv5)
-    wait(lambda: any(a["agent_id"] == agent_id for a in httpx.get(f"{url}/api/v1/agents", params={"state": "online"}, timeout=5).json()["items"]), 30, f"{agent_id} online")
+    wait(lambda: any(a["agent_id"] == agent_id for a in httpx.get(f"{url}/api/v1/agents", params={"state": "online"}, headers=API_AUTH, timeout=5).json()["items"]), 30, f"{agent_id} online")
     started = time.monotonic()
     for k in range(1, n // chunk + 1):
         # One run at a time: a trigger waits for the database while the
         # scheduler expands a run in one long transaction.
-        response = httpx.post(f"{url}/api/v1/dags/backlog_{agent_id.replace('-', '_')}/runs", json={"conf": {}}, timeout=600)
+        response = httpx.post(f"{url}/api/v1/dags/backlog_{agent_id.replace('-', '_')}/runs", json={"conf": {}}, headers=API_AUTH, timeout=600)
         response.raise_for_status()
         wait(lambda: query(db, "SELECT COUNT(*) FROM assignments WHERE agent_id = ?", agent_id)[0][0] >= k * chunk, 3600, f"{k * chunk} assignments for {agent_id}", poll=1.0)
     print(f"{agent_id}: hub issued {n} assignments in {time.monotonic() - started:.1f}s", flush=True)

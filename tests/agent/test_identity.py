@@ -35,3 +35,24 @@ def test_trusted_hub_keys_round_trip_and_damage(tmp_path: Path) -> None:
     trust_path(settings).write_text("{")
     with pytest.raises(BadKey):
         trusted_hub_keys(settings)
+
+
+def test_the_hlc_floor_outlives_a_restart_with_the_clock_behind(tmp_path: Path) -> None:
+    """A device without a real-time clock may restart decades behind; its next
+    heartbeat must still stamp after the last one it sent, or the hub takes it
+    for a replay."""
+    from agent.identity import hlc_floor_path, load_hlc_floor, save_hlc_floor
+    from shared.hlc import HybridClock
+
+    settings = AgentSettings(agent_id="edge-1", state_dir=tmp_path)
+    assert load_hlc_floor(settings) is None
+    before = HybridClock("edge-1", lambda: 1_796_000_000_000)
+    sent = before.now()
+    save_hlc_floor(hlc_floor_path(settings), sent)
+    after_restart = HybridClock("edge-1", lambda: 1_000)  # the clock reset to 1970
+    floor = load_hlc_floor(settings)
+    assert floor == sent
+    after_restart.update(floor)
+    assert after_restart.now() > sent
+    hlc_floor_path(settings).write_text("")  # a power cut mid-write
+    assert load_hlc_floor(settings) is None

@@ -97,6 +97,10 @@ def test_everything_the_agent_sends_is_signed_with_its_device_key(make_agent, hu
     kinds = [open_frame(payload, AGENT_TO_HUB, lookup).type for payload in seen]
     assert {"accepted", "started", "result"} <= set(kinds)
     assert (agent.settings.state_dir / "identity" / "device.key").stat().st_mode & 0o777 == 0o600
+    from agent.identity import load_hlc_floor
+
+    floor = load_hlc_floor(agent.settings)  # saved before each heartbeat and status is sent
+    assert floor is not None and floor <= agent.hlc.last
 
 
 def test_a_key_announcement_chain_moves_the_agent_to_the_new_hub_key(make_agent, hub) -> None:

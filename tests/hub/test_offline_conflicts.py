@@ -235,7 +235,10 @@ def skewed_return(hub: HubHarness, agent_id: str, offset: float) -> None:
     """``agent_id`` comes back with its clock ``offset`` seconds off: its
     heartbeat (carrying the device clock) gets it flagged."""
     hub.clock.advance(5)
-    hub.agent_clocks[agent_id] = HybridClock(agent_id, lambda: int((hub.clock.now() + offset) * 1000))
+    skewed = HybridClock(agent_id, lambda: int((hub.clock.now() + offset) * 1000))
+    if agent_id in hub.agent_clocks:
+        skewed.update(hub.agent_clocks[agent_id].last)  # a device's stamps never go back (agent/identity.py keeps the floor)
+    hub.agent_clocks[agent_id] = skewed
     hub.agent_online(agent_id)
     hub.send(agent_id, Heartbeat("0.1.0", clock=hub.clock.now() + offset))
     agents = {a["agent_id"]: a for a in _agents(hub)}

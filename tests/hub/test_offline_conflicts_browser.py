@@ -14,7 +14,7 @@ import pytest
 
 from hub.api.app import create_app
 from hub.web import views
-from shared.messages import JobTypeInfo, LogChunk, Result, Status
+from shared.messages import Heartbeat, JobTypeInfo, LogChunk, Result, Status
 from shared.topics import status_topic
 from tests.hub.api_harness import XSS, LiveServer, browser_login, hub_settings, make_token
 from tests.hub.test_offline_conflicts import retargeted, skewed_return, ti_of
@@ -37,6 +37,8 @@ def test_conflicts_log_and_flagged_agent_pages_in_a_real_browser(make_hub: Any, 
     skewed_return(hub, "a1", -86400.0)
     # Its status, like everything it sends, is the device's to word.
     hub.send("a1", Status("online", "0.1.0", XSS, {"site": XSS}, (JobTypeInfo("noop", "1.0"),)), topic=status_topic("a1"))
+    # Its stamps never go back, so the skew shown is the one its heartbeat's wall clock gives.
+    hub.send("a1", Heartbeat("0.1.0", clock=hub.clock.now() - 86400.0))
     hub.send("a1", LogChunk(old, 0, f"starting\n{XSS}\n{SCRIPT}\n", final=True))
     hub.send("a1", Result(old, 1, "success", output={"note": XSS}))
     hub.send("a2", Result(new, 2, "success", output={"note": SCRIPT}))

@@ -115,6 +115,7 @@ def test_security_events_page_shows_hostile_text_as_text(live_hub: tuple[Hub, st
     with transaction(hub_.sessions) as session:
         session.add(security.event(utcnow(hub_.clock), "edge-2", "mqtt", "bad_signature", f"forged by {XSS}", XSS.encode()))
         session.add(security.event(utcnow(hub_.clock), "edge-1", "agent", "replayed", "assign sequence number 7 was already used", "m-7"))
+    browser_login(page, url)
     page.goto(url + "/")
     page.get_by_role("link", name="Security").click()
     page.wait_for_url(url + "/security")
