@@ -72,12 +72,19 @@ def load_hlc_floor(settings: AgentSettings) -> HLC | None:
         return None
 
 
-def save_hlc_floor(path: Path, stamp: HLC) -> None:
+def save_hlc_floor(path: Path, stamp: HLC) -> bool:
+    """Best effort: False when it could not be written (a full disk must not
+    stop heartbeats; the floor then lags, see load_hlc_floor)."""
     # No fsync: this is written with every heartbeat (flash wear); after a
     # power cut an older or empty file costs at most a refused heartbeat.
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(str(stamp))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(str(stamp))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def save_trusted_hub_keys(settings: AgentSettings, keys: list[PublicKey]) -> None:

@@ -56,3 +56,5 @@ def test_the_hlc_floor_outlives_a_restart_with_the_clock_behind(tmp_path: Path) 
     assert after_restart.now() > sent
     hlc_floor_path(settings).write_text("")  # a power cut mid-write
     assert load_hlc_floor(settings) is None
+    # A full or broken disk must not stop heartbeats: saving is best effort.
+    assert save_hlc_floor(tmp_path / "missing" / "hlc", sent) is False
