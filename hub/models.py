@@ -291,6 +291,15 @@ class Agent(Base):
     #: The last per-device sequence number the hub signed a message with;
     #: the device refuses a number it has already seen (replay).
     send_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: Fleet groups the operator put the device in (hub-side; rollouts cap
+    #: how many devices of one group update at once).
+    groups: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
+    #: The device's last reported inventory (hardware model, firmware and
+    #: agent versions, job types, free disk and memory), see shared.messages.Inventory.
+    inventory: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    #: Copied out of ``inventory`` so selectors and filters can use an index.
+    hardware_model: Mapped[str] = mapped_column(String(100), default="", server_default="", index=True)
+    firmware_version: Mapped[str] = mapped_column(String(50), default="", server_default="", index=True)
 
 
 class RejectedMessage(Base):

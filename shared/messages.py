@@ -305,6 +305,14 @@ class Rejected(Message):
     assignment_id: str | None = None
 
 
+#: What an agent reports about its device, in heartbeats and ``online``
+#: statuses: ``hardware_model`` (str), ``firmware_version`` (str, the active
+#: slot's), ``agent_version`` (str), ``job_types`` ({name: version}),
+#: ``disk_free_bytes``, ``mem_free_bytes``, ``mem_total_bytes`` (int). The
+#: hub keeps what it does not know, so newer agents may add keys.
+INVENTORY_KEYS = ("hardware_model", "firmware_version", "agent_version", "job_types", "disk_free_bytes", "mem_free_bytes", "mem_total_bytes")
+
+
 @dataclass(frozen=True, slots=True)
 class JobTypeInfo(Message):
     TYPE: ClassVar[str] = "job_type"
@@ -330,6 +338,9 @@ class Heartbeat(Message):
     #: measures clock skew from it: an HLC stamp cannot show a clock that is
     #: behind once the device has merged a newer hub stamp.
     clock: float | None = None
+    #: The device's inventory (see :data:`INVENTORY_KEYS`); empty from agents
+    #: that predate the device registry.
+    inventory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +354,7 @@ class Status(Message):
     hostname: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     job_types: tuple[JobTypeInfo, ...] = ()
+    inventory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
