@@ -46,6 +46,9 @@ class Dispatcher:
                 load=load.get(a.agent_id, 0),
                 accepting=(a.last_heartbeat or {}).get("accepting", True) is not False,
                 revoked=a.revoked_at is not None,
+                groups=frozenset(g for g in a.groups or [] if isinstance(g, str)),
+                hardware_model=a.hardware_model or "",
+                firmware_version=a.firmware_version or "",
             )
             for a in session.scalars(select(Agent))
         ]
