@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from agent.config import AgentSettings
@@ -72,19 +73,31 @@ def load_hlc_floor(settings: AgentSettings) -> HLC | None:
         return None
 
 
+_floor_lock = threading.Lock()
+#: The newest stamp written per floor file in this process.
+_floor_written: dict[Path, HLC] = {}
+
+
 def save_hlc_floor(path: Path, stamp: HLC) -> bool:
     """Best effort: False when it could not be written (a full disk must not
     stop heartbeats; the floor then lags, see load_hlc_floor)."""
-    # No fsync: this is written with every heartbeat (flash wear); after a
-    # power cut an older or empty file costs at most a refused heartbeat.
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(str(stamp))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        return False
-    return True
+    # The heartbeat and status threads both save: one lock, so they never
+    # share the temp file, and an older stamp saved last never lowers the floor.
+    with _floor_lock:
+        written = _floor_written.get(path)
+        if written is not None and (stamp.wall_ms, stamp.logical) <= (written.wall_ms, written.logical) and path.exists():
+            return True
+        # No fsync: this is written with every heartbeat (flash wear); after a
+        # power cut an older or empty file costs at most a refused heartbeat.
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(str(stamp))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return False
+        _floor_written[path] = stamp
+        return True
 
 
 def save_trusted_hub_keys(settings: AgentSettings, keys: list[PublicKey]) -> None:

@@ -58,3 +58,28 @@ def test_the_hlc_floor_outlives_a_restart_with_the_clock_behind(tmp_path: Path) 
     assert load_hlc_floor(settings) is None
     # A full or broken disk must not stop heartbeats: saving is best effort.
     assert save_hlc_floor(tmp_path / "missing" / "hlc", sent) is False
+
+
+def test_concurrent_floor_saves_keep_the_newest_stamp(tmp_path: Path) -> None:
+    """The heartbeat and status threads both save the floor; they must not
+    trip over one temp file, and an older stamp saved last must not lower it."""
+    import threading
+
+    from agent.identity import save_hlc_floor
+    from shared.hlc import HLC
+
+    path = tmp_path / "hlc"
+    stamps = [HLC(1_796_000_000_000 + i, 0, "edge-1") for i in range(400)]
+    failures: list[HLC] = []
+
+    def save(part: list[HLC]) -> None:
+        failures.extend(s for s in part if not save_hlc_floor(path, s))
+
+    threads = [threading.Thread(target=save, args=(stamps[i::2][:: -1 if i else 1],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert failures == []
+    assert HLC.parse(path.read_text()) == stamps[-1]
+    assert not (tmp_path / "hlc.tmp").exists()
