@@ -106,12 +106,12 @@ class CollectData(Job):
         summary = Summary(since, until, params)
         if "file" in params:
             path = confined(root.data_dir, params["file"], "file")
-            summary.read(_file_chunks(ctx, path), complete=True)
+            summary.read(_file_chunks(ctx, path))
             source: dict[str, Any] = {"file": params["file"]}
         else:
             sock, source = _connect(root.path, params)
             with sock:
-                summary.read(_socket_chunks(ctx, sock, params["duration"]), complete=False)
+                summary.read(_socket_chunks(ctx, sock, params["duration"]))
         ctx.log(f"read {summary.lines} lines: {summary.in_window} samples in the window, {summary.bad_lines} bad")
         return {"source": source, **summary.result()}
 
@@ -128,13 +128,14 @@ class Summary:
         self.values: dict[str, array[float]] = {}
         self.lines = self.bad_lines = self.in_window = self.out_of_window = 0
 
-    def read(self, chunks: Iterator[bytes], complete: bool) -> None:
-        """Feed every line of ``chunks``; a last line without a newline counts
-        only when the input is ``complete`` (a socket read cut at its
-        duration ends mid-line)."""
+    def read(self, chunks: Iterator[bytes]) -> None:
+        """Feed every line of ``chunks``. An empty chunk marks the end of the
+        input: only then does a last line without a newline count (a socket
+        read cut at its duration may stop mid-line)."""
         buffer = bytearray()
-        overlong = False
+        overlong = ended = False
         for chunk in chunks:
+            ended = not chunk
             buffer += chunk
             start = 0
             while (end := buffer.find(b"\n", start)) >= 0:
@@ -152,14 +153,14 @@ class Summary:
         if overlong:
             self.lines += 1
             self.bad_lines += 1
-        elif buffer and complete:
+        elif buffer and ended:
             self.line(bytes(buffer))
 
     def line(self, raw: bytes) -> None:
         if not raw.strip():
             return
         self.lines += 1
-        sample = parse_line(raw, self.format)
+        sample = parse_line(raw, self.format) if len(raw) <= MAX_LINE else None
         if sample is None:
             self.bad_lines += 1
             return
@@ -271,6 +272,7 @@ def _file_chunks(ctx: JobContext, path: Path) -> Iterator[bytes]:
             if done - reported >= 4 * 1024 * 1024:
                 reported = done
                 ctx.progress(min(1.0, done / size), f"{done} bytes read")
+        yield b""
 
 
 def _connect(root: Path, params: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
@@ -305,6 +307,6 @@ def _socket_chunks(ctx: JobContext, sock: socket.socket, duration: float) -> Ite
             continue
         except OSError as exc:
             raise JobError(f"reading the samples socket failed: {exc.strerror or exc}", code="source_unavailable", retryable=True) from exc
+        yield chunk
         if not chunk:
             return
-        yield chunk
