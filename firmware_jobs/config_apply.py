@@ -111,6 +111,10 @@ class ApplyConfig(Job):
             raise JobError(f"config/{params['path']} is a symlink; config.apply replaces regular files only", code="invalid_path", retryable=False)
         if target.exists() and not target.is_file():
             raise JobError(f"config/{params['path']} exists and is not a regular file", code="invalid_path", retryable=False)
+        for parent in target.relative_to(root.config_dir.resolve()).parents:
+            folder = root.config_dir.resolve() / parent
+            if folder.exists() and not folder.is_dir():
+                raise JobError(f"config/{parent} is a file, not a folder", code="invalid_path", retryable=False)
         check_format(data, params["format"])
         new_sha = _sha(data)
         journal = Journal(ctx, target)
@@ -126,7 +130,11 @@ class ApplyConfig(Job):
             if "validate_command" in params:
                 self._run_validator(ctx, target, data, mode, params)
             ctx.progress(0.3, "validated")
-            journal.begin(live, live_mode, previous_sha, new_sha)
+            try:
+                journal.begin(live, live_mode, previous_sha, new_sha)
+            except OSError as exc:
+                journal.finish()
+                raise JobError(f"cannot back up {target} in {journal.folder}: {exc.strerror or exc}", code="write_failed", retryable=True) from exc
             try:
                 self._write(target, data, mode)
                 ctx.log(f"wrote config/{params['path']} (sha256 {new_sha}, was {previous_sha})")

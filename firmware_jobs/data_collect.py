@@ -23,7 +23,8 @@ sensor the output gives count, min, max, mean and the requested percentiles
 ``p/100 * (n-1)``), keyed ``p50``, ``p99.9``...
 
 Memory is bounded: the input is streamed in 64 KiB chunks, values are kept
-as 8-byte floats only for the percentiles, and more than ``max_samples`` in
+as 8-byte floats only for the percentiles (sorting one sensor's values takes
+about 32 bytes per value for a moment), and more than ``max_samples`` in
 the window (or more than 1,000 sensors) fails with ``too_many_samples`` /
 ``too_many_sensors`` rather than a guess; narrow the window. With
 ``include_raw`` the *last* ``max_raw`` samples of the window are returned too.
@@ -106,6 +107,8 @@ class CollectData(Job):
         summary = Summary(since, until, params)
         if "file" in params:
             path = confined(root.data_dir, params["file"], "file")
+            if path.exists() and not path.is_file():  # a FIFO would block the read forever
+                raise JobError(f"data/{params['file']} is not a regular file", code="invalid_path", retryable=False)
             summary.read(_file_chunks(ctx, path))
             source: dict[str, Any] = {"file": params["file"]}
         else:
@@ -229,9 +232,13 @@ def parse_line(raw: bytes, fmt: str) -> tuple[float, str, float] | tuple[()] | N
             return None
     if not isinstance(sensor, str) or not sensor or len(sensor) > 128:
         return None
+    try:
+        ts, value = float(ts), float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        return None
     if not (math.isfinite(ts) and math.isfinite(value)):
         return None
-    return float(ts), sensor, float(value)
+    return ts, sensor, value
 
 
 def _is_number(value: Any) -> bool:

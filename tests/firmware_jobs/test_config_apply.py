@@ -142,9 +142,12 @@ def test_symlinks_out_of_config_and_symlinked_files_are_refused(ctx: RecordingCo
     assert not (outside / "new").exists()
 
 
-def test_a_directory_is_not_replaced(ctx: RecordingContext, root: Path) -> None:
+def test_a_directory_is_not_replaced_nor_a_file_used_as_a_folder(ctx: RecordingContext, root: Path) -> None:
     (root / "config" / "d").mkdir()
     assert failure(ctx, path="d", content="x").code == "invalid_path"
+    (root / "config" / "f").write_text("keep")
+    assert failure(ctx, path="f/x", content="x").code == "invalid_path"
+    assert (root / "config" / "f").read_text() == "keep" and calls(root) == []
 
 
 @pytest.mark.parametrize(("fmt", "bad", "good"), [

@@ -8,6 +8,7 @@ closest ranks (rank = p/100 * (n-1)), e.g. for 1..10: p90 has rank 8.1, so
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import tracemalloc
@@ -88,6 +89,7 @@ def test_malformed_lines_are_skipped_and_counted(ctx: RecordingContext, root: Pa
         b'{"ts": 1, "sensor": "", "value": 1}',
         b'{"ts": 1, "sensor": 5, "value": 1}',
         b"[1, 2, 3]",
+        b'{"ts": 1, "sensor": "t", "value": 1' + b"0" * 400 + b"}",  # an integer no float can hold
         b"1,t",
         b"1,t,2,3",
         b"1,t,inf",
@@ -150,6 +152,13 @@ def test_symlinks_out_of_data_are_refused(ctx: RecordingContext, root: Path, tmp
     (root / "data" / "inside").symlink_to(root / "data")
     (root / "data" / "real.csv").write_text("1,t,1\n")
     assert collect(ctx, file="inside/real.csv")["sensors"]["t"]["count"] == 1  # a link that stays inside is fine
+
+
+def test_a_fifo_or_folder_is_refused_rather_than_waited_on(ctx: RecordingContext, root: Path) -> None:
+    os.mkfifo(root / "data" / "pipe")
+    (root / "data" / "dir").mkdir()
+    assert failure(ctx, file="pipe").code == "invalid_path"
+    assert failure(ctx, file="dir").code == "invalid_path"
 
 
 def test_missing_source_and_missing_device_root(ctx: RecordingContext, root: Path) -> None:
