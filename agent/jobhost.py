@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 #: ``__main__`` (a script run by path, such as the ``outpost-agent`` entry
 #: point) is imported as ``__mp_main__`` like multiprocessing does in every
 #: child anyway; once in the server it is not imported again per job.
-PRELOAD = ["__main__", "agent.jobhost", "firmware_jobs.registry", "firmware_jobs.command", "firmware_jobs.diagnostics", "firmware_jobs.noop"]
+PRELOAD = ["__main__", "agent.jobhost", "firmware_jobs.registry", "firmware_jobs.command", "firmware_jobs.diagnostics", "firmware_jobs.noop", "firmware_jobs.config_apply", "firmware_jobs.data_collect"]
 #: Exit status of a child that ran out of memory and could not even say so.
 EXIT_MEMORY = 86
 #: Exit status of a child that found the agent gone before it started.
