@@ -127,7 +127,7 @@ class ArtifactStore:
 
     # --- manifests -------------------------------------------------------
 
-    def register(self, raw: bytes, by: Actor) -> tuple[dict[str, Any], bool]:
+    def register(self, raw: bytes, by: Actor, *, _again: bool = False) -> tuple[dict[str, Any], bool]:
         """Record a signed manifest; returns (the artifact, whether it is new).
 
         The same manifest again is accepted (its signatures are replaced: a
@@ -166,7 +166,9 @@ class ArtifactStore:
                 return summary(row), True
         except IntegrityError:
             # Registered by a concurrent request between our read and insert: compare with that one.
-            return self.register(raw, by)
+            if _again:
+                raise
+            return self.register(raw, by, _again=True)
 
     def _parse(self, raw: bytes) -> SignedManifest:
         if len(raw) > MAX_DOCUMENT_BYTES:
