@@ -25,6 +25,7 @@ from hub.models_artifacts import Artifact
 from shared.release import Manifest, sign
 from shared.signing import SigningKey
 from tests.hub.api_harness import Hub, hub, hub_settings, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.conftest import pg_db_url  # noqa: F401  (fixture)
 
 RELEASE_KEY = SigningKey.generate()
 BY = Actor("user:tester", "127.0.0.1")
@@ -247,3 +248,46 @@ def test_upload_errors_over_the_api(api: Any) -> None:
     assert client.get("/api/v1/artifacts/sensor-fw-2.1.0").json()["state"] == "pending"
     big = api("operator", max_artifact_bytes=1000).post("/api/v1/artifacts", content=manifest_doc(image(2000), version="3.0"))
     assert big.status_code == 413
+
+
+@pytest.mark.postgres
+def test_the_store_on_postgresql(pg_db_url: str, tmp_path: Path) -> None:
+    """The in-use text match over JSON parameters and the fetch counters on PostgreSQL."""
+    from hub.db import make_engine, make_sessionmaker, upgrade
+    from shared.clock import ManualClock, to_datetime
+
+    upgrade(pg_db_url)
+    engine = make_engine(pg_db_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        clock = ManualClock(1_767_225_600.0)
+        pg_store = ArtifactStore(sessions, tmp_path / "artifacts", clock, max_bytes=1_000_000)
+        data = image()
+        pg_store.register(manifest_doc(data), BY)
+        put(pg_store, "sensor-fw-2.1.0", data)
+        pg_store.record_fetch("sensor-fw-2.1.0", "dev-1", False)
+        pg_store.record_fetch("sensor-fw-2.1.0", "dev-1", True)
+        detail = pg_store.get("sensor-fw-2.1.0")
+        assert (detail["downloads"], detail["fetched_by"], detail["fetches"][0]["requests"], detail["fetches"][0]["completed"]) == (2, 1, 2, True)
+        from hub.models import Dag, DagRun
+
+        t0 = to_datetime(clock.now())
+        with transaction(sessions) as s:
+            s.add(Dag(dag_id="ota", fileloc="/dags/ota.py", structure={}))
+            s.flush()
+            run = DagRun(dag_id="ota", run_id="manual__1", run_type="manual", state="running", logical_date=t0, conf={}, created_at=t0)
+            s.add(run)
+            s.flush()
+            s.add(TaskInstance(run_pk=run.id, dag_id="ota", run_id="manual__1", task_id="update", kind="agent", state="queued",
+                               params={"url": "/api/v1/artifacts/sensor-fw-2.1.0/image"}))
+        from hub.artifacts import ArtifactInUse
+
+        with pytest.raises(ArtifactInUse):
+            pg_store.delete("sensor-fw-2.1.0", BY)
+        with transaction(sessions) as s:
+            for ti in s.scalars(select(TaskInstance)):
+                ti.state = "removed"
+        pg_store.delete("sensor-fw-2.1.0", BY)
+        assert pg_store.list()["total"] == 0
+    finally:
+        engine.dispose()

@@ -143,3 +143,14 @@ def test_upload_as_a_child_process_on_a_tty_less_stderr(served: tuple[Hub, str, 
                          capture_output=True, text=True, timeout=60, env={**os.environ})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["state"] == "ready" and "uploading" not in out.stderr
+
+
+def test_the_progress_line_counts_up_to_the_whole_image(capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from hub.ctl.artifacts import _progress
+
+    data = os.urandom(600_000)
+    assert b"".join(_progress(io.BytesIO(data), len(data), True)) == data
+    err = capsys.readouterr().err
+    assert err.startswith("\ruploading") and "100%" in err.splitlines()[-1] and err.endswith("\n")
