@@ -140,3 +140,17 @@ def test_a_revoked_agent_is_refused(served: Served) -> None:
     for what in ("manifest", "image"):
         answer = served.get(f"sensor-fw-2.1.0/{what}")
         assert answer.status_code == 403 and answer.json()["error"]["code"] == "agent_revoked"
+
+
+def test_an_oversize_upload_over_real_http_is_cut_off_with_413(served: Served) -> None:
+    """Bytes past the manifest's size, sent chunked (no Content-Length to refuse up front)."""
+    token = served.hub.token("operator")
+
+    def body() -> Iterator[bytes]:
+        yield b"\0" * 8
+        yield b"\0" * 8  # the pending manifest announces 10 bytes
+
+    answer = httpx.put(f"{served.url}/api/v1/artifacts/sensor-fw-2.2.0/image", content=body(), headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "artifact_too_large"
+    assert served.store.get("sensor-fw-2.2.0")["state"] == "pending"
+    assert list((served.store.root / ".incoming").glob("*")) == []
