@@ -218,6 +218,7 @@ def test_operator_uploads_viewer_reads_admin_deletes_and_it_is_audited(api: Any,
 def test_bad_manifests_get_a_clear_error(api: Any, body: bytes, fragment: str) -> None:
     answer = api("operator").post("/api/v1/artifacts", content=body)
     assert answer.status_code == 422 and fragment in answer.json()["error"]["message"]
+    assert answer.json()["error"]["code"] == "bad_manifest"
 
 
 def test_with_release_public_keys_set_only_their_manifests_are_accepted(api: Any) -> None:

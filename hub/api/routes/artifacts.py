@@ -26,10 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from hub import requestauth
 from hub.api.deps import By, PageParams
 from hub.api.schemas import ErrorResponse
-from hub.artifacts import ArtifactStore, RangeNotSatisfiable, parse_range
+from hub.artifacts import ArtifactStore, BadManifest, RangeNotSatisfiable, parse_range
 from hub.auth.roles import Role, requires
 from hub.config import HubSettings
-from hub.errors import InvalidRequest
 from shared.clock import utcnow
 from shared.release import MAX_DOCUMENT_BYTES
 from shared.requestsig import HEADER, parse_header
@@ -263,11 +262,11 @@ def _chunks(handle: Any, start: int, end: int) -> Iterator[bytes]:
 async def _read_small(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise InvalidRequest(f"a signed manifest is at most {limit} bytes; this body is {declared}")
+        raise BadManifest(f"a signed manifest is at most {limit} bytes; this body is {declared}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise InvalidRequest(f"a signed manifest is at most {limit} bytes")
+            raise BadManifest(f"a signed manifest is at most {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
