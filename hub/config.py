@@ -65,6 +65,10 @@ class HubSettings(BaseSettings):
     keys_dir: Path | None = Field(None, description="Folder of the hub's signing key ring (made on first start, mode 0700); empty: <state_dir>/keys. Every hub process of one installation must use the same ring.")
     message_ttl: float = Field(7 * 86400.0, gt=0, description="Seconds a signed message to a device (assign, cancel, ack) stays valid (its 'exp'); a device refuses it as expired after that. The default matches the broker's session expiry for agents (7 days): a device back after longer gets the assignments re-sent, freshly signed, by the hub.")
     dag_file_processor_memory_mb: int = Field(2048, ge=0, description="Memory (MB of data) one DAG file may allocate while being parsed; over it the file fails with a memory import error. 0: no limit.")
+    # --- artifact store (hub.artifacts; docs/fleet.md) ---
+    artifact_dir: Path | None = Field(None, description="Folder of the artifact store's firmware images; empty: <state_dir>/artifacts. Every hub process serving the API must see the same folder.")
+    max_artifact_bytes: int = Field(2 * 1024**3, ge=1, description="Largest firmware image the artifact store accepts; a manifest announcing more is refused with 413 artifact_too_large.")
+    release_public_keys: list[str] = Field(default_factory=list, description="Release public keys (ed25519:...) the hub checks uploaded manifests against; empty: any signed manifest is accepted (devices verify anyway; this only refuses early what they would refuse).")
     # --- authentication (hub.auth; docs/security-auth.md) ---
     secret_key: str = Field("", description="Secret that signs dashboard CSRF values; at least 32 characters, random (python -c 'import secrets; print(secrets.token_urlsafe(48))'). The hub refuses to start without one; outpost-hub standalone generates one in its state folder.")
     session_cookie_secure: bool = Field(True, description="Mark the dashboard session cookie Secure (sent over HTTPS only). Browsers also send Secure cookies to http://localhost and http://127.0.0.1; set false only to use the dashboard over plain HTTP on another address.")
@@ -82,6 +86,23 @@ class HubSettings(BaseSettings):
         if value and not value.startswith(("sqlite", "postgresql")):
             raise ValueError("only sqlite:// and postgresql+psycopg:// URLs are supported")
         return value
+
+    @field_validator("release_public_keys")
+    @classmethod
+    def _release_keys(cls, value: list[str]) -> list[str]:
+        from shared.signing import BadKey, PublicKey
+
+        for text in value:
+            try:
+                PublicKey.from_text(text)
+            except BadKey as exc:
+                raise ValueError(f"{text[:40]!r} is not a public key (ed25519:<base64url>): {exc}") from None
+        return value
+
+    @property
+    def artifacts_path(self) -> Path:
+        """The folder of the artifact store's images."""
+        return self.artifact_dir or self.state_dir / "artifacts"
 
     @property
     def db_url(self) -> str:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from hub import vault
-from hub.api.routes import agents, assets, audit_log, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, security, sync, users, variables
+from hub.api.routes import agents, artifacts, assets, audit_log, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, security, sync, users, variables
 from hub.api.security import AuthMiddleware
 from hub.auth.keys import check_secret_key
 from hub.config import HubSettings
@@ -70,6 +70,9 @@ AGENT_ROUTES = frozenset(
         ("GET", f"{API_PREFIX}/agents/{{agent_id}}/sync"),
         # Authenticated by the one-time enrolment token in its body.
         ("POST", f"{API_PREFIX}/enroll"),
+        # Firmware downloads, signed by the agent (hub/api/routes/artifacts.py).
+        ("GET", f"{API_PREFIX}/artifacts/{{artifact_id}}/manifest"),
+        ("GET", f"{API_PREFIX}/artifacts/{{artifact_id}}/image"),
     }
 )
 #: Mounted apps served without a user: the dashboard's JS/CSS and the Swagger UI assets.
@@ -125,6 +128,7 @@ def create_app(
     for router in (
         dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, security.router, sync.router, enrolment.router, health.router,
         variables.router, connections.router, users.router, audit_log.router,
+        artifacts.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
     _install_docs(app)

@@ -3,6 +3,7 @@ into ``CtlError`` with an actionable message and a named exit code."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -45,6 +46,16 @@ class HubClient:
 
     def delete(self, path: str) -> Any:
         return self._request("DELETE", path)
+
+    def post_content(self, path: str, content: bytes, content_type: str = "application/json") -> Any:
+        """POST ``content`` as it is (a document whose bytes matter, e.g. a signed manifest)."""
+        return self._request("POST", path, content=content, headers={"Content-Type": content_type})
+
+    def put_stream(self, path: str, chunks: Iterable[bytes], length: int, timeout: float = 60.0) -> Any:
+        """PUT a body of ``length`` bytes read from ``chunks`` (never all in
+        memory); ``timeout`` bounds each network read or write, not the whole."""
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
+        return self._request("PUT", path, content=chunks, headers=headers, timeout=timeout)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

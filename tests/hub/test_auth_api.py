@@ -97,6 +97,7 @@ def test_public_and_agent_routes_answer_without_credentials(hub: Hub) -> None:
         assert client.get("/static/app.js").status_code == 200
         # Agent routes are not user routes: their own checks answer (the agent's signature, the enrolment token).
         assert client.get("/api/v1/agents/a1/sync").json()["error"]["code"] == "signature_missing"
+        assert client.get("/api/v1/artifacts/fw-1.0/image").json()["error"]["code"] == "signature_missing"
         enrol = client.post("/api/v1/enroll", json={"token": "x" * 20, "agent_id": "a1", "public_key": "ed25519:" + "A" * 43})
         assert enrol.status_code == 401 and enrol.json()["error"]["code"] == "token_unknown", enrol.text
         # Unknown paths stay 404 (nothing to protect, nothing revealed).
@@ -127,6 +128,7 @@ def test_role_rules_on_every_route(hub: Hub, role: str) -> None:
             "/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit", "/audit",
             "/api/v1/variables", "/api/v1/variables/{key}", "/api/v1/connections", "/api/v1/connections/{conn_id}",
             "/api/v1/enrolment-tokens", "/api/v1/agents/{agent_id}/public-key", "/api/v1/agents/{agent_id}/revoke",
+            "/api/v1/artifacts/{artifact_id}",
         }
     if role == "admin":
         assert refused == []
