@@ -58,7 +58,11 @@ def key() -> str:
 # --- keys ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting", ["", " , ", "not-a-key", key()[:-4], DOCUMENTED_EXAMPLE_KEY, f"{key()},garbage"])
+# Fixed keys, not key(): test ids must be the same in every pytest-xdist worker.
+_A_KEY = "8U5An7JsX5MWQjRFnTafHo3oQ7hjz1Z6abzGMQHoonM="
+
+
+@pytest.mark.parametrize("setting", ["", " , ", "not-a-key", _A_KEY[:-4], DOCUMENTED_EXAMPLE_KEY, f"{_A_KEY},garbage"])
 def test_an_empty_invalid_or_example_key_is_a_config_error(setting: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_keys(setting)
