@@ -49,7 +49,7 @@ def get_agent(agent_id: str, session: ReadSession, who: CurrentUser) -> dict[str
 
 @router.put(
     "/agents/{agent_id}/groups", response_model=AgentDetail,
-    responses={404: {"model": ErrorResponse, "description": "No such agent."}, 400: {"model": ErrorResponse, "description": "Bad group names."}},
+    responses={404: {"model": ErrorResponse, "description": "No such agent."}, 422: {"model": ErrorResponse, "description": "Bad group names (invalid_request)."}},
 )
 def set_groups(agent_id: str, body: GroupsIn, sessions: Sessions, session: ReadSession, clock: HubClock, who: CurrentUser, by: By) -> dict[str, Any]:
     """Replace the agent's fleet groups (operator or admin; audited as ``agent.groups``). Groups are the hub's:
