@@ -5,6 +5,7 @@ state, job type and text, a page at a time; API and operator CLI."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +18,8 @@ from hub.models import Agent, AuditRecord, RejectedMessage
 from shared.clock import to_datetime
 from shared.messages import Heartbeat, JobTypeInfo, Status
 from shared.topics import status_topic
-from tests.hub.api_harness import START, Hub, hub, live_hub, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.api_harness import START, Hub, hub, live_hub, open_hub, seed, seeded_sqlite_template  # noqa: F401  (fixtures)
+from tests.hub.conftest import fresh_pg_database
 from tests.hub.test_ctl import Cli, cli  # noqa: F401  (fixture)
 
 INVENTORY = {
@@ -94,13 +96,27 @@ def fleet_of(hub: Hub, extra: int = 0) -> None:
                         state="offline", first_seen=t0, last_seen=t0 - timedelta(hours=1), hardware_model="cm4", firmware_version="1.0.0", groups=["pumps"]))
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_hub(request: pytest.FixtureRequest) -> Iterator[Hub]:
+    """The seeded hub on SQLite, or on a fresh PostgreSQL database: the SQL narrowing must agree on both."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("hub")
+        return
+    with fresh_pg_database("outpost_registry") as url:
+        h = open_hub(url)
+        seed(h)
+        yield h
+        h.engine.dispose()
+
+
 def ids(hub: Hub, role: str = "admin", **params: Any) -> list[str]:
     response = hub.client(role).get("/api/v1/agents", params=params)
     assert response.status_code == 200, response.text
     return [a["agent_id"] for a in response.json()["items"]]
 
 
-def test_each_filter_selects_like_a_rollout_selector(hub: Hub) -> None:
+def test_each_filter_selects_like_a_rollout_selector(any_hub: Hub) -> None:
+    hub = any_hub
     fleet_of(hub)
     assert ids(hub) == ["edge-1", "edge-2", "edge-3"]
     assert ids(hub, label="site=berlin") == ["edge-1", "edge-3"]
@@ -132,7 +148,8 @@ def test_a_bad_filter_is_a_clear_invalid_request(hub: Hub) -> None:
     assert client.get("/api/v1/agents", params={"online": "maybe"}).status_code == 422
 
 
-def test_paging_is_bounded_and_counts_every_match(hub: Hub) -> None:
+def test_paging_is_bounded_and_counts_every_match(any_hub: Hub) -> None:
+    hub = any_hub
     fleet_of(hub, extra=25)
     client = hub.client()
     page = client.get("/api/v1/agents", params={"limit": 10, "offset": 20}).json()
