@@ -243,8 +243,11 @@ def agent_list(request: Request) -> Response:
     empty = {"items": [], "total": 0, "limit": AGENTS_PAGE, "offset": 0}
     try:
         where, filters = registry.from_form(request.query_params)
-        offset = max(0, int(request.query_params.get("offset") or 0))
-    except (InvalidRequest, ValueError) as exc:
+        offset_text = request.query_params.get("offset") or "0"
+        if not offset_text.isdigit():
+            raise InvalidRequest(f"offset must be a whole number, got {offset_text[:20]!r}")
+        offset = int(offset_text)
+    except InvalidRequest as exc:
         return _render(request, "agents.html", 400, nav="agents", agents=empty, online=0, filters={}, error=str(exc))
     with request.app.state.sessions() as session:
         visible = scope.visible_agent_ids(session, _who(request))

@@ -209,3 +209,22 @@ def test_cli_filters_sets_groups_and_shows_the_registry_columns(cli: Cli, live_h
     assert cli.json("agents", "groups", "set", "edge-3")["groups"] == []
     code, out, _ = cli("agents", "show", "edge-1")
     assert code == 0 and "groups:         canary, berlin\n" in out and "hardware:       rpi4\n" in out and '"mem_total_bytes":1000000000' in out
+
+
+# --- the dashboard (the browser test is test_registry_browser.py) ----------------------
+
+
+def test_dashboard_pages_filters_and_refuses_bad_ones_in_the_page(hub: Hub) -> None:
+    fleet_of(hub, extra=210)
+    with hub.client() as client:
+        first = client.get("/agents", params={"group": "pumps"})
+        assert first.status_code == 200 and first.text.count("data-agent-id=") == 200
+        assert "200 of 213 online" not in first.text and "0 of 210 online" in first.text
+        assert 'href="/agents?group=pumps&amp;offset=200" rel="next"' in first.text
+        second = client.get("/agents", params={"group": "pumps", "offset": 200})
+        assert second.text.count("data-agent-id=") == 10 and 'rel="prev"' in second.text and 'rel="next"' not in second.text
+        for params, words in (({"firmware": "1.x"}, "1.x"), ({"online": "maybe"}, "online must be true or false"), ({"offset": "-1"}, "offset must be a whole number")):
+            bad = client.get("/agents", params=params)
+            assert bad.status_code == 400 and words in bad.text and 'data-refresh="0"' in bad.text, params
+        detail = client.get("/agents/edge-1").text
+    assert 'class="inventory"' in detail and "mem_total_bytes" in detail and "953.7 MiB" in detail and "canary" in detail
