@@ -244,7 +244,7 @@ def agent_list(request: Request) -> Response:
     try:
         where, filters = registry.from_form(request.query_params)
         offset_text = request.query_params.get("offset") or "0"
-        if not offset_text.isdigit():
+        if not (offset_text.isascii() and offset_text.isdigit() and len(offset_text) <= 9):
             raise InvalidRequest(f"offset must be a whole number, got {offset_text[:20]!r}")
         offset = int(offset_text)
     except InvalidRequest as exc:

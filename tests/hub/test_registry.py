@@ -223,7 +223,7 @@ def test_dashboard_pages_filters_and_refuses_bad_ones_in_the_page(hub: Hub) -> N
         assert 'href="/agents?group=pumps&amp;offset=200" rel="next"' in first.text
         second = client.get("/agents", params={"group": "pumps", "offset": 200})
         assert second.text.count("data-agent-id=") == 10 and 'rel="prev"' in second.text and 'rel="next"' not in second.text
-        for params, words in (({"firmware": "1.x"}, "1.x"), ({"online": "maybe"}, "online must be true or false"), ({"offset": "-1"}, "offset must be a whole number")):
+        for params, words in (({"firmware": "1.x"}, "1.x"), ({"online": "maybe"}, "online must be true or false"), ({"offset": "-1"}, "offset must be a whole number"), ({"offset": "²"}, "offset must"), ({"offset": "9" * 30}, "offset must")):
             bad = client.get("/agents", params=params)
             assert bad.status_code == 400 and words in bad.text and 'data-refresh="0"' in bad.text, params
         detail = client.get("/agents/edge-1").text
