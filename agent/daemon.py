@@ -44,6 +44,7 @@ from agent.config import AgentSettings
 from agent.durability import BACKPRESSURE_CODE, Backpressure, merge_reload, renew_and_sweep
 from agent.identity import device_key
 from agent import identity, trust
+from agent.inventory import Inventory, stable_part
 from agent.link import AgentLink, Handlers
 from agent.queues import Inbox, Outbox, PendingResult, event_key, log_key
 from agent.replay import FRESH, SEEN, ReplayWindow
@@ -108,6 +109,8 @@ class Agent:
             # clock came back from a restart behind (see agent/identity.py).
             self.hlc.update(floor)
         self.counters = Counters()
+        self.inventory = Inventory(settings.device_root, __version__, registry.catalog())
+        self._status_inventory: tuple[Any, ...] = ()
         self.notifier = notifier or Notifier()
         self.inbox = Inbox(settings.inbox_path, settings.sqlite_synchronous, self.clock)
         try:
@@ -134,7 +137,8 @@ class Agent:
         )
         self.runner = Runner(
             self.inbox, self.outbox, registry, self.clock, self.hlc.now, settings.work_dir,
-            {"agent_version": __version__, "command_allowlist": list(settings.command_allowlist), "state_dir": str(settings.state_dir)},
+            {"agent_version": __version__, "command_allowlist": list(settings.command_allowlist), "state_dir": str(settings.state_dir),
+             "device_root": str(settings.device_root)},
             concurrency=settings.concurrency, max_message_bytes=settings.max_message_bytes,
             on_event=self.link.send_event, on_result=lambda aid: self.sync.wake(), count=count,
             job_type_concurrency=settings.job_type_concurrency, job_cpu_seconds=settings.job_cpu_seconds,
@@ -401,11 +405,18 @@ class Agent:
 
     # --- status and heartbeat ------------------------------------------------
 
-    def _online_status(self) -> Status:
-        job_types = tuple(JobTypeInfo(entry["name"], entry["version"]) for entry in self.registry.catalog())
-        return Status("online", __version__, socket.gethostname(), dict(self.settings.labels), job_types)
+    def _online_status(self, inventory: dict[str, Any] | None = None) -> Status:
+        inventory = self.inventory.collect() if inventory is None else inventory
+        self._status_inventory = stable_part(inventory)
+        job_types = tuple(JobTypeInfo(name, version) for name, version in self.inventory.job_types.items())
+        return Status("online", __version__, socket.gethostname(), dict(self.settings.labels), job_types, inventory)
 
     def heartbeat(self) -> Heartbeat:
+        inventory = self.inventory.collect()
+        if stable_part(inventory) != self._status_inventory:
+            # New firmware (an OTA switched slots): the retained status is
+            # what a hub that subscribes later reads, so it must say so too.
+            self.link.set_online_status(self._online_status(inventory))
         return Heartbeat(
             agent_version=__version__,
             inbox_depth=self.inbox.depth(),
@@ -415,6 +426,7 @@ class Agent:
             counters=self.counters.snapshot(),
             not_accepting=self.not_accepting(),
             clock=self.clock.now(),
+            inventory=inventory,
         )
 
     def not_accepting(self) -> str:

@@ -25,12 +25,24 @@ merged a newer hub stamp, so it may flag a clock behind but not clear it.
 Past ``max_clock_skew`` either way the agent is flagged
 (``clock_skew_flagged_at``) until a fresh reading is within bounds again;
 ``clock_trusted`` is what the conflict rule asks.
+
+Inventory (the device registry, docs/fleet.md): heartbeats and ``online``
+statuses carry the device's inventory (:data:`shared.messages.INVENTORY_KEYS`).
+It is stored whole (keys this hub does not know included: newer agents may
+add some) in ``Agent.inventory``, with the hardware model and firmware
+version copied into indexed columns for filters and rollout selectors. One
+over :data:`MAX_INVENTORY_BYTES` is not stored (the previous one stays);
+:func:`inventory_problem` says why, and ingestion records the rejection.
+Groups are the operators' (:func:`set_groups`), never the device's.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -39,6 +51,62 @@ from hub.models import Agent
 from shared.envelope import Envelope
 from shared.hlc import HLC
 from shared.messages import Heartbeat, Status
+
+
+#: Largest inventory stored, as compact JSON: a device's report must not bloat every agent row.
+MAX_INVENTORY_BYTES = 8192
+#: Longest hardware model and firmware version kept in the indexed columns (their sizes).
+_HARDWARE_CHARS, _FIRMWARE_CHARS = 100, 50
+#: What a group name may look like, and how many groups one device may be in.
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+MAX_GROUPS = 32
+
+
+def inventory_problem(inventory: Any) -> str | None:
+    """Why ``inventory`` is not stored (too large, not JSON), or None."""
+    try:
+        size = len(json.dumps(inventory, separators=(",", ":"), ensure_ascii=False).encode())
+    except (TypeError, ValueError) as exc:
+        return f"inventory is not JSON: {exc}"
+    if size > MAX_INVENTORY_BYTES:
+        return f"inventory of {size} bytes exceeds the limit of {MAX_INVENTORY_BYTES}; not stored (the previous one stays)"
+    return None
+
+
+def _text(value: Any, limit: int) -> str:
+    return value.replace("\x00", "")[:limit] if isinstance(value, str) else ""
+
+
+def store_inventory(agent: Agent, inventory: dict[str, Any]) -> bool:
+    """Keep ``inventory`` (unless empty, from an agent that predates the
+    registry, or refused by :func:`inventory_problem`); True when stored."""
+    if not inventory or inventory_problem(inventory) is not None:
+        return False
+    agent.inventory = dict(inventory)
+    agent.hardware_model = _text(inventory.get("hardware_model"), _HARDWARE_CHARS)
+    agent.firmware_version = _text(inventory.get("firmware_version"), _FIRMWARE_CHARS)
+    return True
+
+
+def check_groups(groups: Any) -> list[str]:
+    """The groups as stored (unique, sorted); ValueError naming the problem."""
+    if not isinstance(groups, list | tuple) or not all(isinstance(g, str) for g in groups):
+        raise ValueError("groups must be a list of strings")
+    bad = [g for g in groups if not GROUP_RE.match(g)]
+    if bad:
+        raise ValueError(f"group name(s) {', '.join(repr(g[:80]) for g in bad[:5])} invalid: 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit")
+    unique = sorted(set(groups))
+    if len(unique) > MAX_GROUPS:
+        raise ValueError(f"{len(unique)} groups; a device may be in at most {MAX_GROUPS}")
+    return unique
+
+
+def set_groups(agent: Agent, groups: Any) -> tuple[list[str], list[str]]:
+    """Replace the agent's groups; returns (before, after). ValueError for bad groups."""
+    after = check_groups(groups)
+    before = list(agent.groups or [])
+    agent.groups = after
+    return before, after
 
 
 def _agent(session: Session, agent_id: str, now: datetime) -> Agent:
@@ -92,6 +160,7 @@ def apply_status(session: Session, agent_id: str, status: Status, stamp: HLC, no
         agent.agent_version = status.agent_version
         agent.labels = dict(status.labels)
         agent.job_types = [j.to_dict() for j in status.job_types]
+        store_inventory(agent, status.inventory)
     return changed
 
 
@@ -101,7 +170,9 @@ def apply_heartbeat(session: Session, agent_id: str, beat: Heartbeat, now: datet
     if stamp is not None and _after(stamp, agent.heartbeat_hlc):
         agent.heartbeat_hlc = str(stamp)
     agent.last_seen = now
-    agent.last_heartbeat = beat.to_dict()
+    # The inventory has its own column: not stored twice per row.
+    agent.last_heartbeat = {k: v for k, v in beat.to_dict().items() if k != "inventory"}
+    store_inventory(agent, beat.inventory)
     if beat.agent_version:
         agent.agent_version = beat.agent_version
     came_back = agent.state != "online"

@@ -151,6 +151,8 @@ class Ingester:
     message_ttl: float = DEFAULT_TTL
     #: At most one security event record per (agent, source, code) this often.
     security_throttle: security.Throttle = field(default_factory=security.Throttle)
+    #: An oversize inventory comes with every heartbeat: recorded once per agent per 10 minutes.
+    inventory_throttle: security.Throttle = field(default_factory=lambda: security.Throttle(every=600.0))
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -419,6 +421,16 @@ class Ingester:
                 log.warning("agent %s: %s", topic.agent_id, exc)
         return msg, topic.agent_id, envelope
 
+    def _check_inventory(self, agent_id: str, envelope: Envelope, out: _Batch) -> None:
+        """An inventory fleet.py will not store is reported (the message itself still applies)."""
+        problem = fleet.inventory_problem(getattr(envelope.body, "inventory", {}))
+        if problem is None:
+            return
+        self.counters["rejected.inventory_too_large"] += 1
+        if self.inventory_throttle.allow(agent_id):
+            log.warning("agent %s: %s", agent_id, problem)
+            out.rejections.append(_rejection("", agent_id, "inventory_too_large", problem, envelope.id.encode(), source=out.source))
+
     def _reject(self, out: _Batch, msg: Inbound, agent_id: str | None, code: str, detail: str) -> None:
         self.counters[f"rejected.{code}"] += 1
         log.warning("rejected message on %s (%s): %s", msg.topic, code, detail)
@@ -434,6 +446,8 @@ class Ingester:
     ) -> None:
         body = envelope.body
         self.counters[f"received.{envelope.type}"] += 1
+        if isinstance(body, Status | Heartbeat) and body.inventory:
+            self._check_inventory(agent_id, envelope, out)
         if isinstance(body, Status):
             heard = fleet.last_heard(session, agent_id)
             if fleet.apply_status(session, agent_id, body, envelope.hlc, now) or body.state == "online":

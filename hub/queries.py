@@ -18,9 +18,12 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from hub import registry
 from hub.errors import AgentNotFound, DagNotFound, InvalidRequest, NotFound, RunNotFound
 from hub.masking import MASKER
 from hub.models import Agent, Dag, DagImportError, DagRun, DagVersion, RejectedMessage, TaskInstance
+from hub.registry import AgentFilter
+from hub.targeting import Selector
 from shared.signing import PublicKey
 
 Page = dict[str, Any]
@@ -136,17 +139,19 @@ def list_task_instances(session: Session, run_pk: int, *, limit: int = 100, offs
 
 
 def list_agents(
-    session: Session, *, state: str | None = None, labels: dict[str, str] | None = None, limit: int = 100, offset: int = 0, agent_ids: Collection[str] | None = None,
+    session: Session, *, state: str | None = None, labels: dict[str, str] | None = None, limit: int = 100, offset: int = 0,
+    agent_ids: Collection[str] | None = None, where: AgentFilter | None = None,
 ) -> Page:
-    """Agents by id; ``labels`` must all match (string equality); ``agent_ids`` (a user's scope) limits them."""
-    stmt = select(Agent).order_by(Agent.agent_id)
-    if agent_ids is not None:
-        stmt = stmt.where(Agent.agent_id.in_(agent_ids))
-    if state is not None:
-        stmt = stmt.where(Agent.state == state)
-    for key, value in (labels or {}).items():
-        stmt = stmt.where(Agent.labels[key].as_string() == value)
-    agents, total = _page(session, stmt, limit, offset)
+    """Agents by id that ``where`` selects (the device registry's filter), in
+    ``state`` and with all of ``labels`` (string equality); ``agent_ids``
+    (a user's scope) limits them."""
+    flt = where or AgentFilter()
+    if state is not None or labels:
+        online = flt.online if state is None else state == "online"
+        if flt.online is not None and online != flt.online:
+            return {"items": [], "total": 0, "limit": limit, "offset": offset}
+        flt = AgentFilter(Selector({**flt.selector.labels, **(labels or {})}, flt.selector.groups, flt.selector.hardware, flt.selector.firmware), online, flt.job_type, flt.text)
+    agents, total = registry.find(session, flt, agent_ids=agent_ids, limit=limit, offset=offset)
     return {"items": [_agent(a) for a in agents], "total": total, "limit": limit, "offset": offset}
 
 
@@ -159,7 +164,7 @@ def get_agent(session: Session, agent_id: str, *, recent: int = 20, dag_ids: Col
     if dag_ids is not None:
         stmt = stmt.where(TaskInstance.dag_id.in_(dag_ids))
     tis = [{"dag_id": t.dag_id, "run_pk": t.run_pk, "run_id": t.run_id, **_task_instance(t)} for t in session.scalars(stmt)]
-    return {**_agent(agent), "last_heartbeat": agent.last_heartbeat, "recent_task_instances": tis}
+    return {**_agent(agent), "last_heartbeat": agent.last_heartbeat, "inventory": agent.inventory or {}, "recent_task_instances": tis}
 
 
 def list_rejected(
@@ -267,6 +272,7 @@ def _task_instance(ti: TaskInstance) -> dict[str, Any]:
 
 
 def _agent(agent: Agent) -> dict[str, Any]:
+    inventory = agent.inventory or {}
     return {
         "agent_id": agent.agent_id,
         "hostname": agent.hostname,
@@ -282,7 +288,15 @@ def _agent(agent: Agent) -> dict[str, Any]:
         "key_id": PublicKey.from_text(agent.public_key).kid if agent.public_key else None,
         "registered_at": agent.registered_at,
         "revoked_at": agent.revoked_at,
+        "groups": list(agent.groups or []),
+        "hardware_model": agent.hardware_model or "",
+        "firmware_version": agent.firmware_version or "",
+        **{key: _count(inventory.get(key)) for key in ("disk_free_bytes", "mem_free_bytes", "mem_total_bytes")},
     }
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 # --- helpers ------------------------------------------------------------------

@@ -203,6 +203,16 @@ class AgentSummary(BaseModel):
     key_id: str | None = Field(None, description="Key id of the device's registered Ed25519 public key (its messages must verify with it); null: not registered, nothing it sends is applied.")
     registered_at: datetime | None = Field(None, description="When the device's public key was registered (enrolment or pre-registration).")
     revoked_at: datetime | None = Field(None, description="When an admin revoked the device; null: not revoked. A revoked device's messages, HTTP calls and broker access are refused.")
+    groups: list[str] = Field(default_factory=list, description="Fleet groups operators put the device in (PUT /agents/{agent_id}/groups).")
+    hardware_model: str = Field("", description="Hardware model from the device's last inventory (its device.json); empty until reported.")
+    firmware_version: str = Field("", description="Firmware version (the active OTA slot's) from the device's last inventory; empty until reported.")
+    disk_free_bytes: int | None = Field(None, description="Free bytes on the device root's file system at the last inventory.")
+    mem_free_bytes: int | None = Field(None, description="Available memory in bytes at the last inventory (0: the device does not say).")
+    mem_total_bytes: int | None = Field(None, description="Total memory in bytes (0: the device does not say).")
+
+
+class GroupsIn(BaseModel):
+    groups: list[str] = Field(description="The device's groups, replacing the current ones: 1-64 letters, digits, '.', '_', ':' or '-' each, at most 32.")
 
 
 class AgentTaskInstance(TaskInstanceOut):
@@ -213,6 +223,7 @@ class AgentTaskInstance(TaskInstanceOut):
 
 class AgentDetail(AgentSummary):
     last_heartbeat: dict[str, Any] = Field(description="The last heartbeat body: queue depths, running jobs, counters.")
+    inventory: dict[str, Any] = Field(default_factory=dict, description="The device's last reported inventory: hardware_model, firmware_version, agent_version, job_types {name: version}, disk_free_bytes, mem_free_bytes, mem_total_bytes, and any keys newer agents add.")
     recent_task_instances: list[AgentTaskInstance]
 
 

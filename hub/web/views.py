@@ -29,12 +29,13 @@ audit page are in ``auth_views``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jinja2
 from fastapi import APIRouter, Request
@@ -45,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hub import actions, queries, reconcile, security, tasklogs
+from hub import actions, queries, reconcile, registry, security, tasklogs
 from hub import pools as pool_queries
 from hub.auth import scope
 from hub.auth.roles import Actor, Principal, Role
@@ -237,10 +238,32 @@ def security_events_page(request: Request) -> Response:
 
 @router.get("/agents", response_class=HTMLResponse)
 def agent_list(request: Request) -> Response:
+    """The device registry: agents filtered by the query string (the API's
+    filters: label, group, hardware, firmware, online, job_type, q), 200 a page (``offset``)."""
+    empty = {"items": [], "total": 0, "limit": AGENTS_PAGE, "offset": 0}
+    try:
+        where, filters = registry.from_form(request.query_params)
+        offset_text = request.query_params.get("offset") or "0"
+        if not (offset_text.isascii() and offset_text.isdigit() and len(offset_text) <= 9):
+            raise InvalidRequest(f"offset must be a whole number, got {offset_text[:20]!r}")
+        offset = int(offset_text)
+    except InvalidRequest as exc:
+        return _render(request, "agents.html", 400, nav="agents", agents=empty, online=0, filters={}, error=str(exc))
     with request.app.state.sessions() as session:
-        agents = queries.list_agents(session, limit=1000, agent_ids=scope.visible_agent_ids(session, _who(request)))
-    online = sum(1 for a in agents["items"] if a["state"] == "online")
-    return _render(request, "agents.html", nav="agents", agents=agents, online=online)
+        visible = scope.visible_agent_ids(session, _who(request))
+        agents = queries.list_agents(session, limit=AGENTS_PAGE, offset=offset, agent_ids=visible, where=where)
+        online = queries.list_agents(session, limit=1, agent_ids=visible, where=dataclasses.replace(where, online=True))["total"] if where.online is not False else 0
+    pages = {"next": urlencode([*_filter_pairs(request), ("offset", offset + AGENTS_PAGE)]) if offset + AGENTS_PAGE < agents["total"] else None,
+             "prev": urlencode([*_filter_pairs(request), ("offset", max(0, offset - AGENTS_PAGE))]) if offset else None}
+    return _render(request, "agents.html", nav="agents", agents=agents, online=online, filters=filters, pages=pages, error=None)
+
+
+#: Agents on one page of the dashboard's registry.
+AGENTS_PAGE = 200
+
+
+def _filter_pairs(request: Request) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.query_params.multi_items() if k in registry.FORM_FIELDS and v]
 
 
 @router.get("/agents/{agent_id}", response_class=HTMLResponse)

@@ -347,7 +347,7 @@ def test_openapi_describes_every_route(hub: Hub) -> None:
     assert set(spec["paths"]) == {
         "/api/v1/dags", "/api/v1/dags/{dag_id}", "/api/v1/dags/{dag_id}/runs", "/api/v1/import-errors",
         "/api/v1/dags/{dag_id}/versions", "/api/v1/dags/{dag_id}/versions/{version_number}", "/api/v1/runs", "/api/v1/runs/{run_pk}",
-        "/api/v1/runs/{run_pk}/tasks", "/api/v1/agents", "/api/v1/agents/{agent_id}", "/api/v1/agents/{agent_id}/sync", "/api/v1/rejected", "/api/v1/healthz", "/api/v1/readyz",
+        "/api/v1/runs/{run_pk}/tasks", "/api/v1/agents", "/api/v1/agents/{agent_id}", "/api/v1/agents/{agent_id}/sync", "/api/v1/agents/{agent_id}/groups", "/api/v1/rejected", "/api/v1/healthz", "/api/v1/readyz",
         "/api/v1/runs/{run_pk}/clear", "/api/v1/runs/{run_pk}/rerun", "/api/v1/runs/{run_pk}/mark", "/api/v1/pools", "/api/v1/pools/{name}",
         "/api/v1/deadline-misses", "/api/v1/backfills", "/api/v1/backfills/dry_run", "/api/v1/backfills/{backfill_id}", "/api/v1/backfills/{backfill_id}/pause",
         "/api/v1/backfills/{backfill_id}/unpause", "/api/v1/backfills/{backfill_id}/cancel", "/api/v1/assets", "/api/v1/assets/events",

@@ -122,10 +122,10 @@ def test_runs_show_lists_task_instances_with_agents_and_errors(cli: Cli) -> None
 
 def test_agents_list_and_filters(cli: Cli) -> None:
     assert cli("agents", "list") == (0, (
-        "AGENT_ID  HOSTNAME                      STATE    LAST_SEEN             VERSION  SKEW               LABELS\n"
-        "edge-1    gw-berlin-1                   online   2025-12-31 23:59:55Z  0.1.0    +0.4s              site=berlin,rack=a\n"
-        "edge-2    <img src=x onerror=alert(1)>  offline  2025-12-31 21:00:00Z  0.1.0    -612.0s ! flagged  site=paris\n"
-        "edge-3    gw-berlin-2                   online   2025-12-31 23:59:40Z  0.1.0    -                  site=berlin,rack=b\n"
+        "AGENT_ID  HOSTNAME                      STATE    LAST_SEEN             HARDWARE  FIRMWARE  GROUPS  VERSION  SKEW               LABELS\n"
+        "edge-1    gw-berlin-1                   online   2025-12-31 23:59:55Z  -         -         -       0.1.0    +0.4s              site=berlin,rack=a\n"
+        "edge-2    <img src=x onerror=alert(1)>  offline  2025-12-31 21:00:00Z  -         -         -       0.1.0    -612.0s ! flagged  site=paris\n"
+        "edge-3    gw-berlin-2                   online   2025-12-31 23:59:40Z  -         -         -       0.1.0    -                  site=berlin,rack=b\n"
     ), "")
     ids = lambda *argv: [a["agent_id"] for a in cli.json("agents", "list", *argv)["items"]]  # noqa: E731
     assert ids("--state", "online") == ["edge-1", "edge-3"]
