@@ -113,6 +113,9 @@ class AgentSettings:
 
     agent_id: str = _setting("str", "This device's id: its MQTT client id and part of its topics.", check=_agent_id)
     state_dir: Path = _setting("path", "Folder for the inbox, the outbox and job work folders.", Path("/var/lib/outpost-agent"), _not_empty)
+    device_root: Path = _setting(
+        "path", "The device root (firmware_jobs/devroot.py): device.json, OTA slots and state, hooks, config and data folders jobs use and the inventory reads; unset: <state_dir>/device.",
+        None)
     broker_host: str = _setting("str", "MQTT broker host name or address.", "127.0.0.1", _not_empty)
     broker_port: int = _setting("int", "MQTT broker port.", 1883, _between(1, 65535))
     broker_username: str | None = _setting("optstr", "MQTT user name (none: anonymous).", None)
@@ -155,9 +158,15 @@ class AgentSettings:
     hub_public_keys: tuple[str, ...] = _setting(
         "strlist", "Hub signing public keys ('ed25519:...') trusted besides those in <state_dir>/identity/hub-keys.json (outpost-agent trust add); every message from the hub must be signed by one of them.",
         (), _public_keys)
+    release_public_keys: tuple[str, ...] = _setting(
+        "strlist", "Firmware release public keys ('ed25519:...') trusted besides those in <state_dir>/identity/release-keys.json (outpost-agent trust add --release); firmware.update installs only images whose manifest one of them signed. Not the hub's key.",
+        (), _public_keys)
     replay_window: int = _setting("int", "How many of the hub's per-device sequence numbers behind the newest one seen are still accepted (once each); older ones are refused as replayed.", 4096, _between(16, 1_000_000))
 
     def __post_init__(self) -> None:
+        if self.device_root is None or str(self.device_root) == "":
+            # Its default follows state_dir, which a dataclass default cannot express.
+            object.__setattr__(self, "device_root", Path(self.state_dir) / "device")
         for f in dataclasses.fields(self):
             # Accept the obvious spellings (an int for a float, a str for a
             # path, a list for a tuple) so code and tests can build settings too.
