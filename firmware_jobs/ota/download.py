@@ -27,7 +27,6 @@ from shared.release import MAX_DOCUMENT_BYTES, Manifest
 
 #: (method, path) -> the signed-request headers; the agent answers it.
 Signer = Callable[[str, str], Mapping[str, str]]
-_CHUNK = 64 * 1024
 #: Sync the partial file this often, so a power cut loses little of it.
 _SYNC_EVERY = 8 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -140,7 +139,9 @@ class Hub:
                     part.unlink(missing_ok=True)
                     raise JobError(f"the hub announces {offset + int(announced)} bytes for {manifest.artifact_id}, the manifest says {size}",
                                    "too_large", retryable=False)
-                _copy(response.iter_bytes(_CHUNK), part, mode, offset, size, progress, should_abort)
+                # Chunks as they arrive (no re-chunking): when the connection
+                # drops, every byte received is already in the file.
+                _copy(response.iter_bytes(), part, mode, offset, size, progress, should_abort)
         except httpx.HTTPError as exc:
             raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
 
