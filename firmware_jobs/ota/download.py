@@ -47,6 +47,12 @@ class Hub:
         self._verify = verify
         self._timeout = timeout
 
+    def _headers(self, path: str) -> dict[str, str]:
+        try:
+            return dict(self._sign("GET", path))
+        except (RuntimeError, ValueError) as exc:
+            raise JobError(f"the agent cannot sign requests to the hub: {exc}", "signing_unavailable", retryable=True) from None
+
     def _route(self, artifact_id: str, what: str) -> tuple[str, str]:
         path = f"/api/v1/artifacts/{quote(artifact_id, safe='')}/{what}"
         return self.base_url + path, self._prefix + path
@@ -63,7 +69,7 @@ class Hub:
         url, path = self._route(artifact_id, "manifest")
         try:
             with self._client() as client:
-                response = client.get(url, headers=dict(self._sign("GET", path)))
+                response = client.get(url, headers=self._headers(path))
             _check_status(response.status_code, response.text, f"the manifest of {artifact_id}")
         except (httpx.HTTPError, _Interrupted) as exc:
             raise JobError(f"cannot fetch the manifest of {artifact_id}: {exc}", "hub_unreachable", retryable=True) from None
@@ -114,7 +120,7 @@ class Hub:
         if offset == size:
             return
         url, path = self._route(manifest.artifact_id, "image")
-        headers = dict(self._sign("GET", path))
+        headers = self._headers(path)
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:

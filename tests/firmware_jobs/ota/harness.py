@@ -48,8 +48,9 @@ class Artifact:
 
 
 class ArtifactServer:
-    def __init__(self, agent_key: PublicKey) -> None:
+    def __init__(self, agent_key: PublicKey, agent_id: str = AGENT_ID) -> None:
         self.agent_key = agent_key
+        self.agent_id = agent_id
         self.artifacts: dict[str, Artifact] = {}
         self.seen: list[Seen] = []
         #: Image answers that end after this many bytes (one entry per answer).
@@ -89,7 +90,7 @@ class ArtifactServer:
     def _signed(self, handler: http.server.BaseHTTPRequestHandler) -> bool:
         try:
             agent, ts, nonce, sig = parse_header(handler.headers.get(HEADER, ""))
-            if agent != AGENT_ID:
+            if agent != self.agent_id:
                 return False
             self.agent_key.verify(PURPOSE, canonical("GET", handler.path, ts, nonce, b""), sig)
             return True
