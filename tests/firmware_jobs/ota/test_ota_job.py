@@ -222,3 +222,13 @@ def _file(device: DeviceRoot, data: bytes) -> Any:
     path = device.path / "staged.img"
     path.write_bytes(data)
     return path
+
+
+def test_a_failing_switch_hook_leaves_the_device_on_the_old_slot(device: DeviceRoot, server: ArtifactServer, release_key: SigningKey, make_ctx: Any) -> None:
+    publish(server, release_key)
+    add_hook(device, "switch-slot", '[ "$2" = rollback ] || { echo "bootloader env locked"; exit 1; }\n')
+    err = failure(make_ctx(), artifact_id="sensor-fw-2.0.0")
+    assert (err.code, err.retryable) == ("switch_failed", True) and "bootloader env locked" in str(err)
+    assert whole_version(device) == "1.0.0" and slots.load_state(device)["pending"] is None
+    add_hook(device, "switch-slot", "exit 0\n")
+    assert run(make_ctx("as-2"), artifact_id="sensor-fw-2.0.0")["status"] == "installed"  # the hub's retry is a new assignment
