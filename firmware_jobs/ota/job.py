@@ -254,7 +254,13 @@ class _Update:
                 last[0] = fraction
                 self.ctx.progress(fraction, f"downloaded {have} of {size} bytes")
 
-        return self.hub.image(signed.manifest, self.root.downloads_dir, progress, self.ctx.should_abort, self.ctx.log)
+        downloads = self.root.downloads_dir
+        if downloads.is_dir():
+            # Leftovers of other releases (a refused or abandoned update) only take space.
+            for stale in downloads.iterdir():
+                if stale.is_file() and stale.name not in (f"{self.artifact_id}.part", f"{self.artifact_id}.img"):
+                    stale.unlink(missing_ok=True)
+        return self.hub.image(signed.manifest, downloads, progress, self.ctx.should_abort, self.ctx.log)
 
     def _health(self, slot: str, meta: dict[str, Any]) -> tuple[bool, str]:
         version = str(meta.get("version"))

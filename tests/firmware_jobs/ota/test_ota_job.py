@@ -44,6 +44,8 @@ def test_registered_and_validates_params() -> None:
 
 def test_installs_into_the_inactive_slot_and_commits(device: DeviceRoot, server: ArtifactServer, release_key: SigningKey, make_ctx: Any) -> None:
     publish(server, release_key, security_version=3)
+    device.downloads_dir.mkdir(parents=True)
+    (device.downloads_dir / "sensor-fw-1.9.0.part").write_bytes(b"left by a refused update")
     ctx = make_ctx()
     out = run(ctx, artifact_id="sensor-fw-2.0.0")
     assert out == {"status": "installed", "artifact_id": "sensor-fw-2.0.0", "version": "2.0.0", "slot": "b", "previous_version": "1.0.0",
