@@ -76,3 +76,53 @@ def test_release_keys_are_kept_apart_from_hub_keys(tmp_path: Path, capsys: pytes
     assert main(["trust", "add", "--release", "ed25519:short", "--config", str(path)]) == ExitCode.CONFIG_ERROR
     trust.release_keys_path(settings).write_text("not json")
     assert trust.release_keys(settings) == [configured.to_text()]  # a damaged file fails closed
+
+
+def test_kill_9_of_the_agent_mid_trial_then_the_restarted_agent_commits(spawn_agent: Callable[..., Any], hub: Any, state_dir: Path, tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import signal
+    import time
+
+    from firmware_jobs.ota import slots
+    from firmware_jobs.ota.job import HALT_ENV
+
+    release_key = SigningKey.generate()
+    device = make_device(tmp_path / "device")
+    server = ArtifactServer(SigningKey.generate().public, agent_id=AGENT_ID)
+    try:
+        server.publish(make_release(release_key, "2.0.0", IMAGE, security_version=2), IMAGE)
+        extra = f'hub_url = "{server.url}"\ndevice_root = "{device.path}"\nrelease_public_keys = ["{release_key.public.to_text()}"]\n'
+        halted = tmp_path / "halted"
+        proc = spawn_agent(extra, env={HALT_ENV: f"switched:{halted}"})
+        hub.wait_status("online", timeout=15)
+        server.agent_key = SigningKey.load(state_dir / "identity" / "device.key").public
+        hub.assign("fw-1", "firmware.update", {"artifact_id": "sensor-fw-2.0.0"})
+        deadline = time.monotonic() + 20
+        while not halted.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        assert whole_version(device) == "2.0.0" and slots.load_state(device)["pending"]["phase"] == "trial"
+        # The job's process dies with the agent (its update lock with it).
+        fd = os.open(device.ota_dir / "lock", os.O_RDWR)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+        proc = spawn_agent(extra)
+        result = hub.wait_for("result", "fw-1", timeout=30)[0]
+        assert result.status == "success", result.error
+        assert result.output["version"] == "2.0.0" and result.output["previous_version"] == "1.0.0"
+        state = slots.load_state(device)
+        assert whole_version(device) == "2.0.0" and state["pending"] is None and state["rollback_floor"] == 2
+        assert len(hub.of("started", "fw-1")) == 2  # re-run once after the restart
+    finally:
+        server.close()
