@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from urllib.parse import urlsplit
 from typing import Any, Protocol
 
 from agent import __version__
@@ -283,7 +284,11 @@ class Agent:
 
     def _sign_for_job(self, method: str, path: str) -> dict[str, str]:
         """A job's signed request to the hub (firmware downloads): signed
-        here, so the job's process never holds the device key."""
+        here, so the job's process never holds the device key. Only reads of
+        the artifact store: a job cannot act as the agent anywhere else."""
+        allowed = urlsplit(self.settings.hub_url or "").path.rstrip("/") + "/api/v1/artifacts/"
+        if method != "GET" or not path.startswith(allowed) or "/../" in path or "?" in path:
+            raise ValueError(f"jobs may only sign GET requests under {allowed}")
         return {HEADER: sign_request(self.device_key, self.settings.agent_id, method, path, b"", self.clock.now())}
 
     def drain(self, timeout: float) -> bool:

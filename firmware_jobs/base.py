@@ -75,8 +75,9 @@ class JobContext(Protocol):
         """Headers that authenticate a body-less request ``method path`` to
         the hub as this agent (``Outpost-Signature``, shared/requestsig.py).
         The agent signs with the device key, which the job never holds;
-        ``path`` is the full path the hub sees. ``RuntimeError`` when the
-        agent has no usable device key."""
+        ``path`` is the full path the hub sees. The agent signs only ``GET``
+        requests under the hub's ``/api/v1/artifacts/`` (``ValueError``
+        otherwise); ``RuntimeError`` when it has no usable device key."""
         ...
 
 

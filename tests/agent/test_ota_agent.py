@@ -37,6 +37,10 @@ def test_an_assignment_updates_the_device_through_the_agent(make_agent: Callable
         assert result.output["version"] == "2.0.0" and result.output["rollback_floor"] == 2
         assert whole_version(device) == "2.0.0"
         assert [s.signed for s in server.seen] == [True, True]
+        # The agent signs nothing else for a job.
+        for method, path in [("POST", "/api/v1/artifacts/x/image"), ("GET", f"/api/v1/agents/{AGENT_ID}/sync"), ("GET", "/api/v1/artifacts/../agents")]:
+            with pytest.raises(ValueError):
+                agent._sign_for_job(method, path)
     finally:
         server.close()
 
