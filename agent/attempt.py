@@ -96,6 +96,7 @@ class Attempts:
         job_type_memory_mb: Mapping[str, int] | None,
         max_log_bytes: int,
         log_root: Path,
+        sign_request: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
         self.inbox, self.outbox, self.registry, self.clock = inbox, outbox, registry, clock
         self._stamp = stamp
@@ -108,6 +109,7 @@ class Attempts:
         self._memory = (job_memory_mb, dict(job_type_memory_mb or {}))
         self.max_log_bytes = max_log_bytes
         self.log_root = log_root
+        self.sign_request = sign_request
 
     def execute(self, claimed: Claimed, run: Run, stopping: threading.Event) -> None:
         """Run the assignment and store its result durably (nothing is stored
@@ -174,7 +176,7 @@ class Attempts:
         progress = _ProgressThrottle(aid, self.clock, self._on_event, self.progress_every)
         hooks = jobhost.Hooks(
             progress=progress.report, event=self.emit_event, output=capture.write, tick=progress.flush_due,
-            started=lambda pid: _write_session(session_file, pid),
+            started=lambda pid: _write_session(session_file, pid), sign=self.sign_request,
         )
         try:
             outcome, timed_out = jobhost.run(spec, hooks, timeout=assign.timeout, abort=run.abort_flag, grace=self.abort_grace)

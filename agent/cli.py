@@ -58,6 +58,7 @@ _KEYGEN_EXAMPLE = """example:
 """
 _TRUST_EXAMPLE = """example:
   outpost-agent trust add ed25519:... --config /etc/outpost/agent.toml   # a key from 'outpost-hub keys list'
+  outpost-agent trust add --release ed25519:... --config /etc/outpost/agent.toml   # a firmware release key
   outpost-agent trust list --config /etc/outpost/agent.toml
 """
 _QUEUE_EXAMPLE = """example:
@@ -137,12 +138,13 @@ STOPPING=1, and WATCHDOG=1 every WatchdogSec/2 while its threads are healthy."""
     enroll.add_argument("--force", action="store_true", help="enrol again with a new key, replacing this device's identity")
     keygen = command("keygen", "Create this device's signing key if it has none (mode 0600 in state_dir/identity) and print its public key, for pre-registration on the hub.", _KEYGEN_EXAMPLE)
     keygen.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file (for state_dir)")
-    trust = command("trust", "The hub signing keys this device accepts messages from.", _TRUST_EXAMPLE)
+    trust = command("trust", "The hub signing keys this device accepts messages from, and the firmware release keys it accepts images from.", _TRUST_EXAMPLE)
     trust_commands = trust.add_subparsers(dest="trust_command", required=True, metavar="COMMAND")
-    trust_add = command("add", "Trust a hub public key (ed25519:...).", _TRUST_EXAMPLE, trust_commands)
+    trust_add = command("add", "Trust a hub public key (ed25519:...), or with --release a firmware release key.", _TRUST_EXAMPLE, trust_commands)
     trust_add.add_argument("key", metavar="KEY", help="the hub's public key, ed25519:...")
+    trust_add.add_argument("--release", action="store_true", help="KEY is a firmware release key (firmware.update), not a hub key")
     trust_add.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
-    trust_list = command("list", "List the trusted hub keys.", _TRUST_EXAMPLE, trust_commands)
+    trust_list = command("list", "List the trusted hub keys and firmware release keys.", _TRUST_EXAMPLE, trust_commands)
     trust_list.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
 
     queue = command("queue", "Inspect the agent's queues.", _QUEUE_EXAMPLE)
@@ -212,7 +214,7 @@ def _run(settings: AgentSettings, reload: Callable[[], AgentSettings]) -> int:
 
 def _identity(settings: AgentSettings, args: argparse.Namespace) -> int:
     from agent import identity
-    from agent.trust import TrustStore
+    from agent.trust import TrustStore, add_release_key, release_keys
     from shared.signing import BadKey, PublicKey
 
     try:
@@ -221,6 +223,11 @@ def _identity(settings: AgentSettings, args: argparse.Namespace) -> int:
             key = identity.device_key(settings)
             print(key.public.to_text())
             print(f"{'existing' if existed else 'new'} device key {key.kid} in {identity.device_key_path(settings)}", file=sys.stderr)
+            return ExitCode.OK
+        if args.trust_command == "add" and args.release:
+            key = PublicKey.from_text(args.key)
+            added = add_release_key(settings, key)
+            print(f"release key {key.kid} {'trusted' if added else 'was already trusted'} (takes effect at the agent's next start or reload)")
             return ExitCode.OK
         store = TrustStore(settings)
         if args.trust_command == "add":
@@ -233,6 +240,8 @@ def _identity(settings: AgentSettings, args: argparse.Namespace) -> int:
             print(f"{kid}  {key.to_text()}")
         for kid in sorted(retired):
             print(f"{kid}  retired by the hub")
+        for text in release_keys(settings):
+            print(f"{PublicKey.from_text(text).kid}  {text}  firmware release key")
         return ExitCode.OK
     except BadKey as exc:
         print(f"outpost-agent: {exc}", file=sys.stderr)

@@ -149,7 +149,7 @@ class AgentSettings:
     claim_lease: float = _setting("float", "Seconds a claim (a job running or held, a result in flight) lives unless renewed; a claim left by a dead worker is ready again after it.", 300.0, _between(1, 86400))
     outbox_max_bytes: int = _setting("int", "Outbox disk quota in bytes (pages in use plus WAL); over it the agent refuses new assignments until results drain.", 268435456, _between(65536, 2**50))
     stop_timeout: float = _setting("float", "Seconds running jobs get to finish on SIGTERM before they are aborted.", 20.0, _between(0, 3600))
-    hub_url: str | None = _setting("optstr", "Hub API base URL (e.g. https://hub.example:8080) for the HTTP bulk sync of large outbox backlogs; none: MQTT only.", None, _http_url)
+    hub_url: str | None = _setting("optstr", "Hub API base URL (e.g. https://hub.example:8080) for the HTTP bulk sync of large outbox backlogs and firmware downloads; none: MQTT only.", None, _http_url)
     hub_ca: str | None = _setting("optstr", "CA certificate file the hub's HTTPS certificate must chain to (enrolment and HTTP sync); none: the system CA store.", None, _existing_file)
     http_sync_threshold: int = _setting("int", "Outbox backlog (items) from which the outbox drains over HTTP, when hub_url is set; smaller backlogs go over MQTT.", 200, _between(1, 100_000_000))
     http_sync_batch: int = _setting("int", "Outbox items per HTTP sync batch (the hub's sync_max_batch_items must allow it).", 500, _between(1, 100_000))
@@ -157,6 +157,9 @@ class AgentSettings:
     log_level: str = _setting("choice", "Logging level.", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     hub_public_keys: tuple[str, ...] = _setting(
         "strlist", "Hub signing public keys ('ed25519:...') trusted besides those in <state_dir>/identity/hub-keys.json (outpost-agent trust add); every message from the hub must be signed by one of them.",
+        (), _public_keys)
+    release_public_keys: tuple[str, ...] = _setting(
+        "strlist", "Firmware release public keys ('ed25519:...') trusted besides those in <state_dir>/identity/release-keys.json (outpost-agent trust add --release); firmware.update installs only images whose manifest one of them signed. Not the hub's key.",
         (), _public_keys)
     replay_window: int = _setting("int", "How many of the hub's per-device sequence numbers behind the newest one seen are still accepted (once each); older ones are refused as replayed.", 4096, _between(16, 1_000_000))
 

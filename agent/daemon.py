@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from urllib.parse import urlsplit
 from typing import Any, Protocol
 
 from agent import __version__
@@ -60,6 +61,7 @@ from shared.hlc import HybridClock
 from shared.errors import PayloadTooLarge
 from shared.messages import Accepted, Ack, Assign, Cancel, Heartbeat, JobTypeInfo, Rejected, Status
 from shared.mqtt import Inbound
+from shared.requestsig import HEADER, sign_request
 from shared.signing import BadKey
 
 log = logging.getLogger(__name__)
@@ -138,12 +140,14 @@ class Agent:
         self.runner = Runner(
             self.inbox, self.outbox, registry, self.clock, self.hlc.now, settings.work_dir,
             {"agent_version": __version__, "command_allowlist": list(settings.command_allowlist), "state_dir": str(settings.state_dir),
-             "device_root": str(settings.device_root)},
+             "device_root": str(settings.device_root),
+             "hub_url": settings.hub_url, "hub_ca": settings.hub_ca, "release_keys": trust.release_keys(settings)},
             concurrency=settings.concurrency, max_message_bytes=settings.max_message_bytes,
             on_event=self.link.send_event, on_result=lambda aid: self.sync.wake(), count=count,
             job_type_concurrency=settings.job_type_concurrency, job_cpu_seconds=settings.job_cpu_seconds,
             job_memory_mb=settings.job_memory_mb, job_type_cpu_seconds=settings.job_type_cpu_seconds,
             job_type_memory_mb=settings.job_type_memory_mb, max_log_bytes=settings.max_log_bytes,
+            sign_request=self._sign_for_job,
         )
         self.backpressure = Backpressure(self.outbox, settings.outbox_max_bytes)
         self._stopping = threading.Event()
@@ -255,6 +259,7 @@ class Agent:
         # trust add` changes the file under a running agent.
         self.trust.settings = merged
         self._guarded(self.trust.reload, "trust")
+        self._guarded(lambda: self.runner.job_settings.update(release_keys=trust.release_keys(merged)), "release keys")
         if restart:
             log.warning("configuration reload: %s changed but only take(s) effect after a restart; still using the running value(s)", ", ".join(restart))
         if not live:
@@ -279,6 +284,15 @@ class Agent:
         self.counters.incr("config.reloaded")
         self._beat_now.set()
         return live
+
+    def _sign_for_job(self, method: str, path: str) -> dict[str, str]:
+        """A job's signed request to the hub (firmware downloads): signed
+        here, so the job's process never holds the device key. Only reads of
+        the artifact store: a job cannot act as the agent anywhere else."""
+        allowed = urlsplit(self.settings.hub_url or "").path.rstrip("/") + "/api/v1/artifacts/"
+        if method != "GET" or not path.startswith(allowed) or "/../" in path or "?" in path:
+            raise ValueError(f"jobs may only sign GET requests under {allowed}")
+        return {HEADER: sign_request(self.device_key, self.settings.agent_id, method, path, b"", self.clock.now())}
 
     def drain(self, timeout: float) -> bool:
         """Wait until the inbox is empty, nothing runs and every result was

@@ -24,6 +24,7 @@ BACKPRESSURE_CODE = "agent_backpressure"
 LIVE_SETTINGS = frozenset({
     "labels", "concurrency", "heartbeat_interval", "result_resend_after", "log_level", "command_allowlist",
     "max_message_bytes", "inbox_retention", "claim_lease", "outbox_max_bytes", "stop_timeout", "hub_public_keys",
+    "release_public_keys",
 })
 
 

@@ -14,7 +14,9 @@ does with its context travels over a second pipe as small tuples
 (``ctx.log`` lines go to the output pipe, in order with what the job prints):
 ``("progress", fraction, message)``, ``("event", name,
 data)`` (answered by the agent only once the event is in the outbox, so
-``emit_event`` stays durable), and finally the outcome.
+``emit_event`` stays durable), ``("sign", method, path)`` (answered with
+the agent's signed-request headers: the child never holds the device key),
+and finally the outcome.
 
 Stopping is two-step: SIGTERM to the child, whose handler only sets the flag
 ``ctx.should_abort()`` reads; after the grace period, SIGKILL to the child's
@@ -59,7 +61,10 @@ log = logging.getLogger(__name__)
 #: ``__main__`` (a script run by path, such as the ``outpost-agent`` entry
 #: point) is imported as ``__mp_main__`` like multiprocessing does in every
 #: child anyway; once in the server it is not imported again per job.
-PRELOAD = ["__main__", "agent.jobhost", "firmware_jobs.registry", "firmware_jobs.command", "firmware_jobs.diagnostics", "firmware_jobs.noop", "firmware_jobs.config_apply", "firmware_jobs.data_collect"]
+PRELOAD = [
+    "__main__", "agent.jobhost", "firmware_jobs.registry", "firmware_jobs.command", "firmware_jobs.diagnostics", "firmware_jobs.noop",
+    "firmware_jobs.config_apply", "firmware_jobs.data_collect", "firmware_jobs.ota.job",
+]
 #: Exit status of a child that ran out of memory and could not even say so.
 EXIT_MEMORY = 86
 #: Exit status of a child that found the agent gone before it started.
@@ -133,6 +138,8 @@ class Hooks:
 
     progress: Callable[[float, str], None] = lambda fraction, message: None
     event: Callable[[str, Mapping[str, Any] | None], str] = field(default=lambda name, data: "")
+    #: (method, path) -> signed-request headers; raises when there is no device key.
+    sign: Callable[[str, str], Mapping[str, str]] | None = None
     output: Callable[[bytes], None] = lambda data: None
     #: Called with nothing every loop turn; the parent flushes throttled progress here.
     tick: Callable[[], None] = lambda: None
@@ -235,6 +242,15 @@ def _serve(ctl: Connection, message: tuple[Any, ...], hooks: Hooks) -> None:
             except Exception as exc:
                 log.exception("agent event from a job could not be stored")
                 ctl.send(("RuntimeError", f"the agent could not store the event: {exc}"))
+        elif kind == "sign":
+            try:
+                if hooks.sign is None:
+                    raise RuntimeError("this agent signs no HTTP requests for jobs (no device key)")
+                if not (isinstance(message[1], str) and isinstance(message[2], str) and message[2].startswith("/")):
+                    raise ValueError("signed_headers needs a method and an absolute path")
+                ctl.send(("ok", dict(hooks.sign(message[1], message[2]))))
+            except Exception as exc:
+                ctl.send(("ValueError" if isinstance(exc, ValueError) else "RuntimeError", str(exc)))
     except (BrokenPipeError, OSError):
         pass  # the child died meanwhile; its exit tells the rest
 
@@ -390,6 +406,14 @@ class ChildContext:
             kind, value = self._ctl.recv()
         if kind == "ok":
             return str(value)
+        raise (ValueError if kind == "ValueError" else RuntimeError)(value)
+
+    def signed_headers(self, method: str, path: str) -> dict[str, str]:
+        with self._lock:
+            self._ctl.send(("sign", str(method).upper(), str(path)))
+            kind, value = self._ctl.recv()
+        if kind == "ok":
+            return dict(value)
         raise (ValueError if kind == "ValueError" else RuntimeError)(value)
 
     def _send(self, message: tuple[Any, ...]) -> None:

@@ -99,6 +99,7 @@ class Runner:
         job_type_memory_mb: Mapping[str, int] | None = None,
         max_log_bytes: int = 1024 * 1024,
         log_root: Path | None = None,
+        sign_request: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
         self.inbox, self.outbox, self.registry, self.clock = inbox, outbox, registry, clock
         self.work_root = work_root
@@ -111,6 +112,7 @@ class Runner:
             job_cpu_seconds=job_cpu_seconds, job_memory_mb=job_memory_mb,
             job_type_cpu_seconds=job_type_cpu_seconds, job_type_memory_mb=job_type_memory_mb,
             max_log_bytes=max_log_bytes, log_root=log_root if log_root is not None else work_root.parent / "logs",
+            sign_request=sign_request,
         )
         self._cv = threading.Condition(threading.RLock())
         self._ready: collections.deque[Claimed] = collections.deque()

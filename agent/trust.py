@@ -9,6 +9,12 @@ A key announcement (``shared.keychain``) is applied when its chain adds or
 retires keys starting from a key already trusted AND the frame as a whole is
 signed by a key trusted after the walk; anything else is refused (reported
 by the daemon as the security event ``bad_announcement``).
+
+Firmware release keys are a separate set (``identity/release-keys.json``,
+written by ``outpost-agent trust add --release``, plus the
+``release_public_keys`` setting): they vouch for firmware images
+(``shared/release.py``), never for hub messages, and the hub's keys never
+vouch for firmware. The hub cannot change them.
 """
 
 from __future__ import annotations
@@ -37,6 +43,49 @@ class Outcome:
     #: "updated", "unchanged" or "refused".
     status: str
     detail: str = ""
+
+
+def release_keys_path(settings: AgentSettings) -> Path:
+    return identity.identity_dir(settings) / "release-keys.json"
+
+
+def stored_release_keys(settings: AgentSettings) -> dict[str, PublicKey]:
+    """The release keys in ``identity/release-keys.json`` by key id; raises
+    ``BadKey`` for a damaged file."""
+    path = release_keys_path(settings)
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise BadKey(f"cannot read trusted release keys {path}: {exc}") from None
+    texts = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(texts, list):
+        raise BadKey(f"trusted release keys {path} must be a JSON object with a 'keys' list")
+    return {key.kid: key for key in (PublicKey.from_text(text) for text in texts)}
+
+
+def add_release_key(settings: AgentSettings, key: PublicKey) -> bool:
+    """Trust ``key`` for firmware releases; False if it already was."""
+    stored = stored_release_keys(settings)
+    if key.kid in stored:
+        return False
+    identity.identity_dir(settings).mkdir(parents=True, exist_ok=True, mode=0o700)
+    doc = {"keys": [k.to_text() for k in [*stored.values(), key]]}
+    atomic_write(release_keys_path(settings), json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
+    return True
+
+
+def release_keys(settings: AgentSettings) -> list[str]:
+    """Every trusted release key as ``ed25519:...`` text (setting and file),
+    for the jobs' settings. A damaged file is logged and skipped: firmware
+    then verifies against the configured keys only, and fails closed."""
+    keys = {k.kid: k for k in (PublicKey.from_text(t) for t in settings.release_public_keys)}
+    try:
+        keys.update(stored_release_keys(settings))
+    except BadKey as exc:
+        log.error("%s", exc)
+    return [key.to_text() for _, key in sorted(keys.items())]
 
 
 class TrustStore:

@@ -38,7 +38,10 @@ class JobContext(Protocol):
     """What the agent gives a running job.
 
     ``settings`` holds agent-provided values: ``"agent_version"`` (str),
-    ``"command_allowlist"`` (list of str) and ``"state_dir"`` (str).
+    ``"command_allowlist"`` (list of str), ``"state_dir"`` (str),
+    ``"device_root"`` (str), ``"hub_url"`` (str or None: the hub's HTTP base
+    URL), ``"hub_ca"`` (str or None) and ``"release_keys"`` (list of
+    ``ed25519:...`` texts: the firmware release keys this device trusts).
     ``work_dir`` is a private, existing directory for this assignment.
     """
 
@@ -66,6 +69,15 @@ class JobContext(Protocol):
         returns (the agent's outbox) and sent whatever becomes of the job;
         returns the event id. ``ValueError`` for a bad name or a payload that
         is not a JSON object of at most 16 KiB."""
+        ...
+
+    def signed_headers(self, method: str, path: str) -> dict[str, str]:
+        """Headers that authenticate a body-less request ``method path`` to
+        the hub as this agent (``Outpost-Signature``, shared/requestsig.py).
+        The agent signs with the device key, which the job never holds;
+        ``path`` is the full path the hub sees. The agent signs only ``GET``
+        requests under the hub's ``/api/v1/artifacts/`` (``ValueError``
+        otherwise); ``RuntimeError`` when it has no usable device key."""
         ...
 
 

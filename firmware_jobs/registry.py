@@ -81,6 +81,7 @@ def _load_builtins() -> None:
     # Imported here, not at the top: the job modules import ``register`` from
     # this module. After the first call these are dictionary lookups.
     from firmware_jobs import command, config_apply, data_collect, diagnostics, noop  # noqa: F401
+    from firmware_jobs.ota import job as _ota  # noqa: F401
 
 
 def get(name: str) -> Job:

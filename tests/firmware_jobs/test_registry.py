@@ -30,7 +30,7 @@ def make_job(job_name: str, schema: dict[str, Any] | None = None) -> type[Job]:
 
 
 def test_builtin_job_types_are_installed() -> None:
-    assert registry.names() == ["command.run", "config.apply", "data.collect", "diagnostics.collect", "noop"]
+    assert registry.names() == ["command.run", "config.apply", "data.collect", "diagnostics.collect", "firmware.update", "noop"]
     assert registry.get("noop").name == "noop"
 
 
@@ -43,7 +43,7 @@ def test_unknown_job_type_names_the_installed_ones() -> None:
         registry.get("firmware.frobnicate")
     message = str(info.value)
     assert "'firmware.frobnicate' is not installed" in message
-    assert "command.run, config.apply, data.collect, diagnostics.collect, noop" in message
+    assert "command.run, config.apply, data.collect, diagnostics.collect, firmware.update, noop" in message
     assert info.value.code == "unknown_job_type"
 
 
@@ -54,7 +54,9 @@ def test_catalog_is_sorted_json_and_complete() -> None:
         assert set(entry) == {"name", "version", "description", "params_schema", "rerunnable"}
         assert entry["params_schema"]["type"] == "object"
     assert json.loads(json.dumps(catalog)) == catalog
-    assert {e["name"]: e["rerunnable"] for e in catalog} == {"command.run": False, "config.apply": True, "data.collect": True, "diagnostics.collect": True, "noop": True}
+    assert {e["name"]: e["rerunnable"] for e in catalog} == {
+        "command.run": False, "config.apply": True, "data.collect": True, "diagnostics.collect": True, "firmware.update": True, "noop": True,
+    }
 
 
 def test_catalog_schemas_are_copies() -> None:
