@@ -177,14 +177,16 @@ class LocalAgent:
     folder: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, broker_port: int, labels: dict[str, str], hub_url: str | None = None) -> None:
+    def start(self, broker_port: int, labels: dict[str, str], hub_url: str | None = None, extra: dict[str, Any] | None = None) -> None:
         """Write the agent's config and start it. With ``hub_url`` its large
-        outbox backlogs sync over HTTP, signed with its device key
-        (:meth:`device_key`, which the hub must have registered)."""
+        outbox backlogs sync over HTTP and firmware downloads come from the
+        hub, signed with its device key (:meth:`device_key`, which the hub
+        must have registered). ``extra``: more top-level settings (JSON values)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "agent.toml"
         label_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in labels.items())
         http_lines = f"hub_url = {json.dumps(hub_url)}\n" if hub_url else ""
+        http_lines += "".join(f"{key} = {json.dumps(value)}\n" for key, value in (extra or {}).items())
         config.touch(mode=0o600)
         config.chmod(0o600)
         config.write_text(

@@ -110,11 +110,11 @@ class Fleet:
         finally:
             engine.dispose()
 
-    def start_agent(self, agent_id: str, **labels: str) -> LocalAgent:
+    def start_agent(self, agent_id: str, *, hub_url: str | None = None, extra: dict[str, Any] | None = None, **labels: str) -> LocalAgent:
         agent = self.agents.get(agent_id) or LocalAgent(agent_id, self.root / "agents" / agent_id)
         if agent_id not in self.agents:
             self.provision(agent_id, agent.folder)
-        agent.start(self.broker.port, labels or {"site": "test"})
+        agent.start(self.broker.port, labels or {"site": "test"}, hub_url=hub_url, extra=extra)
         self.agents[agent_id] = agent
         return agent
 
