@@ -6,7 +6,8 @@ Commands are ``outpost NOUN VERB``: ``dags`` (``dags.py``), ``runs``
 ``deadline-misses`` and the run actions ``runs clear|rerun|mark``
 (``operations.py``), ``conflicts`` (``conflicts.py``), ``variables``
 and ``connections`` (``vault.py``), ``security-events``
-(``security.py``), ``password`` (``account.py``). Shared
+(``security.py``), ``password`` (``account.py``), ``rollouts``
+(``rollouts.py``). Shared
 parts: ``output`` (``-o table|json``), ``http`` (the client), ``errors``
 (exit codes), ``parsing`` (help, examples, ``--hub``). It imports no
 SQLAlchemy or FastAPI, so it runs anywhere httpx does.
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from hub.ctl import account, agents, backfills, conflicts, dags, operations, runs, security, vault
+from hub.ctl import account, agents, backfills, conflicts, dags, operations, rollouts, runs, security, vault
 from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
 from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, add_token_options, epilog, resolve_token
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     vault.register(nouns)
     security.register(nouns)
     account.register(nouns)
+    rollouts.register(nouns)
     return parser
 
 
