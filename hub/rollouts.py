@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hub import audit, offline, templating
 from hub import events as ev
 from hub.auth.roles import Actor
-from hub.db import transaction
+from hub.db import skip_locked, transaction
 from hub.dispatcher import Dispatcher
 from hub.errors import Conflict, NotFound
 from hub.lifecycle import cancel_assignments, tasks_spec
@@ -127,13 +127,33 @@ def start(session: Session, ti: TaskInstance, task: dict[str, Any], fleet: list[
     return advance(session, record, now, dispatcher, emitted)
 
 
+def rejoin(session: Session, ti: TaskInstance, now: datetime, emitted: list[tuple[str, dict[str, Any]]]) -> bool:
+    """A device instance of a rollout task is being dispatched again. A
+    retry (its device is ``notified``) goes on to its device: False. A
+    cleared one rejoins its rollout as pending, waiting for a batch again,
+    and a rollout that had ended runs again: True."""
+    device = session.scalar(select(RolloutDevice).where(RolloutDevice.ti_id == ti.id))
+    if device is None or device.state == NOTIFIED:
+        return False
+    record = session.get(RolloutRecord, device.rollout_id)
+    assert record is not None
+    device.state, device.batch, device.notified_at, device.finished_at, device.error_code = PENDING, None, None, None, None
+    ti.state = TaskState.DEFERRED
+    if record.state not in ACTIVE:
+        record.state, record.reason, record.finished_at, record.updated_at = "running", "devices were cleared: the rollout runs again", None, now
+        _announce(emitted, record, "running")
+    return True
+
+
 # --- advance -----------------------------------------------------------------------
 
 
 def advance_all(session: Session, now: datetime, dispatcher: Dispatcher, emitted: list[tuple[str, dict[str, Any]]]) -> bool:
     """One pass over every rollout not done yet; True if any changed."""
     changed = False
-    for record in session.scalars(select(RolloutRecord).where(RolloutRecord.finished_at.is_(None)).order_by(RolloutRecord.id)):
+    # Locked for this pass: two schedulers never notify the same devices (PostgreSQL; hub.db.skip_locked).
+    stmt = skip_locked(select(RolloutRecord).where(RolloutRecord.finished_at.is_(None)).order_by(RolloutRecord.id), session)
+    for record in session.scalars(stmt):
         before = (record.state, record.batch, record.finished_at)
         notified = advance(session, record, now, dispatcher, emitted)
         changed |= bool(notified) or before != (record.state, record.batch, record.finished_at) or record.updated_at == now
@@ -211,7 +231,8 @@ def _online_pending() -> Any:
     return (
         select(_RD.id, _RD.agent_id, _RD.ti_id, _RD.groups)
         .join(Agent, Agent.agent_id == _RD.agent_id)
-        .where(_RD.state == PENDING, Agent.state == "online", Agent.revoked_at.is_(None))
+        .join(TaskInstance, TaskInstance.id == _RD.ti_id)
+        .where(_RD.state == PENDING, TaskInstance.state == TaskState.DEFERRED, Agent.state == "online", Agent.revoked_at.is_(None))
         # Not to a device whose last heartbeat said it takes no new work (back-pressure).
         .where(~Agent.last_heartbeat["accepting"].as_boolean().is_(False))
     )
@@ -265,12 +286,14 @@ def _sync(session: Session, record: RolloutRecord, now: datetime) -> bool:
     """Devices whose task instance finished take its outcome."""
     session.flush()
     rows = session.execute(
-        select(_RD.id, TaskInstance.state).join(TaskInstance, TaskInstance.id == _RD.ti_id)
+        select(_RD.id, _RD.state, TaskInstance.state).join(TaskInstance, TaskInstance.id == _RD.ti_id)
         .where(_RD.rollout_id == record.id, _RD.state.in_([PENDING, NOTIFIED]), TaskInstance.state.in_([str(s) for s in FINISHED]))
     ).all()
     by_state: dict[str, list[int]] = {}
-    for device_id, ti_state in rows:
-        by_state.setdefault(_BY_TI_STATE[TaskState(ti_state)], []).append(device_id)
+    for device_id, device_state, ti_state in rows:
+        # Never notified (its instance marked or skipped from outside): it did not update.
+        outcome = SKIPPED if device_state == PENDING else _BY_TI_STATE[TaskState(ti_state)]
+        by_state.setdefault(outcome, []).append(device_id)
     for state, ids in by_state.items():
         session.execute(update(_RD).where(_RD.id.in_(ids)).values(state=state, finished_at=now), execution_options={"synchronize_session": False})
     return bool(rows)

@@ -1133,8 +1133,13 @@ class Scheduler:
         returns how many instances were queued."""
         target = task.get("target") or {"mode": "any"}
         mode = target.get("mode", "any")
-        # A fleet task with a rollout policy hands its devices to hub.rollouts (below).
-        rollout = mode == "all" and ti.map_index < 0 and bool(task.get("rollout"))
+        # A fleet task with a rollout policy hands its devices to hub.rollouts (below);
+        # a device's retry goes to its device, a cleared device rejoins the rollout.
+        rollout = mode == "all" and bool(task.get("rollout"))
+        if rollout and ti.map_index >= 0:
+            if rollouts.rejoin(session, ti, now, self._after_commit):
+                return 0
+            rollout = False
         if ti.agent_id is not None and (mode != "any" or (ti.map_index >= 0 and not task.get("mapped"))):
             agents = [ti.agent_id]  # a retry of a pinned or fanned-out instance stays on its device
         else:

@@ -349,3 +349,39 @@ def test_a_pass_over_a_large_rollout_runs_a_bounded_number_of_queries(make_hub: 
     finally:
         event.remove(engine, "before_cursor_execute", listener)
     assert len(statements) < 15, statements
+
+
+def test_clearing_an_ended_rollouts_devices_runs_the_rollout_again_batch_by_batch(make_hub: Any) -> None:
+    from hub import actions
+
+    hub = make_hub(dag("canary=1, batch_size=3, failure_threshold=0.0"))
+    ids = fleet(hub, 4)
+    run_pk = hub.trigger("fw")
+    hub.tick()
+    report(hub, ids[0], ok=False)
+    hub.tick()
+    assert rollout(hub).state == "aborted" and run_state(hub, run_pk) == "failed"
+    actions.clear(hub.sessions, hub.scheduler.events, hub.clock, run_pk, task_ids=["update"])
+    hub.tick()
+    record = rollout(hub)
+    assert (record.state, record.finished_at) == ("running", None)
+    assert open_work(hub) == {ids[0]: (open_work(hub)[ids[0]][0], 2)}  # the canary again, its second try
+    assert in_state(hub, "pending") == ids[1:]
+    succeed_all(hub)
+    assert sorted(open_work(hub)) == ids[1:]
+    succeed_all(hub)
+    assert rollout(hub).state == "completed" and run_state(hub, run_pk) == "success"
+
+
+def test_a_run_marked_from_outside_ends_its_rollout_and_unnotified_devices_count_as_skipped(make_hub: Any) -> None:
+    from hub import actions
+
+    hub = make_hub(dag("canary=1, batch_size=3, failure_threshold=0.5"))
+    ids = fleet(hub, 4)
+    run_pk = hub.trigger("fw")
+    hub.tick()
+    actions.set_run_state(hub.sessions, hub.scheduler.events, hub.clock, run_pk, "success")
+    hub.tick()
+    record = rollout(hub)
+    assert record.state == "aborted" and "the run ended (success)" in (record.reason or "") and record.finished_at is not None
+    assert in_state(hub, "skipped") == ids[1:] and in_state(hub, "succeeded") == ids[:1]
