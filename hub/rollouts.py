@@ -154,9 +154,9 @@ def advance_all(session: Session, now: datetime, dispatcher: Dispatcher, emitted
     # Locked for this pass: two schedulers never notify the same devices (PostgreSQL; hub.db.skip_locked).
     stmt = skip_locked(select(RolloutRecord).where(RolloutRecord.finished_at.is_(None)).order_by(RolloutRecord.id), session)
     for record in session.scalars(stmt):
-        before = (record.state, record.batch, record.finished_at)
+        before = (record.state, record.batch, record.finished_at, record.updated_at)
         notified = advance(session, record, now, dispatcher, emitted)
-        changed |= bool(notified) or before != (record.state, record.batch, record.finished_at) or record.updated_at == now
+        changed |= bool(notified) or before != (record.state, record.batch, record.finished_at, record.updated_at)
     return changed
 
 

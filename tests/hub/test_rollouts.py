@@ -385,3 +385,18 @@ def test_a_run_marked_from_outside_ends_its_rollout_and_unnotified_devices_count
     record = rollout(hub)
     assert record.state == "aborted" and "the run ended (success)" in (record.reason or "") and record.finished_at is not None
     assert in_state(hub, "skipped") == ids[1:] and in_state(hub, "succeeded") == ids[:1]
+
+
+def test_a_seeded_shuffle_orders_the_devices_and_an_idle_rollout_lets_the_scheduler_idle(make_hub: Any) -> None:
+    import random
+
+    hub = make_hub(dag("canary=2, batch_size=3, failure_threshold=0.5, shuffle=True, seed=7"))
+    ids = fleet(hub, 8)
+    hub.trigger("fw")
+    hub.scheduler.run_until_idle(max_ticks=20)  # waiting for devices is not work: the loop goes idle
+    expected = sorted(ids)
+    random.Random(7).shuffle(expected)
+    with hub.sessions() as session:
+        order = list(session.scalars(select(RolloutDevice.agent_id).order_by(RolloutDevice.seq)))
+    assert order == expected and rollout(hub).seed == 7
+    assert sorted(open_work(hub)) == sorted(expected[:2])
