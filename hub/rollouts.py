@@ -46,7 +46,7 @@ from hub.db import skip_locked, transaction
 from hub.dispatcher import Dispatcher
 from hub.errors import Conflict, NotFound
 from hub.lifecycle import cancel_assignments, tasks_spec
-from hub.models import Agent, DagRun, RolloutDevice, RolloutRecord, TaskInstance
+from hub.models import Agent, Dag, DagRun, RolloutDevice, RolloutRecord, TaskInstance
 from hub.rollout_policy import Rollout
 from hub.targeting import AgentView, Selector
 from shared.clock import Clock, utcnow
@@ -165,10 +165,12 @@ def advance(session: Session, record: RolloutRecord, now: datetime, dispatcher: 
     policy = Rollout.from_dict(record.policy)
     if _sync(session, record, now):
         record.updated_at = now
+    run_state, dag_paused = session.execute(
+        select(DagRun.state, Dag.is_paused).outerjoin(Dag, Dag.dag_id == DagRun.dag_id).where(DagRun.id == record.run_pk)
+    ).first() or (None, False)
     if record.state in ACTIVE:
         counts = device_counts(session, record.id)
-        run_state = session.scalar(select(DagRun.state).where(DagRun.id == record.run_pk))
-        if run_state != RunState.RUNNING:
+        if run_state not in (RunState.RUNNING, RunState.QUEUED):
             stop(session, record, "aborted", f"the run ended ({run_state}) before the rollout did", now, emitted)
         elif policy.too_many_failures(counts[FAILED], counts[SUCCEEDED]):
             rate = counts[FAILED] / (counts[FAILED] + counts[SUCCEEDED])
@@ -177,7 +179,9 @@ def advance(session: Session, record: RolloutRecord, now: datetime, dispatcher: 
             if _time_out(session, record, now, dispatcher):
                 record.updated_at = now
     past_deadline = record.deadline is not None and now >= record.deadline
-    notified = _fill_and_gate(session, record, policy, now, dispatcher, emitted) if record.state == "running" and not past_deadline else 0
+    # A paused DAG starts no new work (Airflow): its rollouts notify no device meanwhile.
+    moving = record.state == "running" and not past_deadline and run_state == RunState.RUNNING and not dag_paused
+    notified = _fill_and_gate(session, record, policy, now, dispatcher, emitted) if moving else 0
     if record.finished_at is None and not session.scalar(select(exists().where(_RD.rollout_id == record.id, _RD.state.in_([PENDING, NOTIFIED])))):
         if record.state in ACTIVE:
             record.state = "completed"

@@ -400,3 +400,18 @@ def test_a_seeded_shuffle_orders_the_devices_and_an_idle_rollout_lets_the_schedu
         order = list(session.scalars(select(RolloutDevice.agent_id).order_by(RolloutDevice.seq)))
     assert order == expected and rollout(hub).seed == 7
     assert sorted(open_work(hub)) == sorted(expected[:2])
+
+
+def test_a_paused_dag_notifies_no_new_device(make_hub: Any) -> None:
+    from hub import actions
+
+    hub = make_hub(dag("canary=1, batch_size=2, failure_threshold=0.5"))
+    ids = fleet(hub, 3)
+    hub.trigger("fw")
+    hub.tick()
+    actions.set_paused(hub.sessions, "fw", True)
+    succeed_all(hub)
+    assert open_work(hub) == {} and rollout(hub).state == "running"
+    actions.set_paused(hub.sessions, "fw", False)
+    hub.tick()
+    assert sorted(open_work(hub)) == ids[1:]
