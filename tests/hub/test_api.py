@@ -356,6 +356,8 @@ def test_openapi_describes_every_route(hub: Hub) -> None:
         "/api/v1/enroll", "/api/v1/enrolment-tokens", "/api/v1/agents/{agent_id}/public-key", "/api/v1/agents/{agent_id}/revoke",
         "/api/v1/whoami", "/api/v1/whoami/password", "/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit",
         "/api/v1/security-events", "/api/v1/metrics",
+        "/api/v1/rollouts", "/api/v1/rollouts/{rollout_id}", "/api/v1/rollouts/{rollout_id}/devices", "/api/v1/rollouts/{rollout_id}/pause",
+        "/api/v1/rollouts/{rollout_id}/resume", "/api/v1/rollouts/{rollout_id}/abort",
     }
     assert set(spec["paths"]["/api/v1/dags/{dag_id}"]) == {"get", "patch"}
     schemas = spec["components"]["schemas"]
