@@ -169,6 +169,12 @@ def advance(session: Session, record: RolloutRecord, now: datetime, dispatcher: 
         select(DagRun.state, Dag.is_paused).outerjoin(Dag, Dag.dag_id == DagRun.dag_id).where(DagRun.id == record.run_pk)
     ).first() or (None, False)
     if record.state in ACTIVE:
+        # A device revoked while it waited never gets the update.
+        revoked = session.scalars(select(_RD.id).join(Agent, Agent.agent_id == _RD.agent_id).where(
+            _RD.rollout_id == record.id, _RD.state == PENDING, Agent.revoked_at.is_not(None))).all()
+        if revoked:
+            _give_up(session, record, revoked, SKIPPED, "agent_revoked", "the device was revoked before it was notified", now)
+            record.updated_at = now
         counts = device_counts(session, record.id)
         if run_state not in (RunState.RUNNING, RunState.QUEUED):
             stop(session, record, "aborted", f"the run ended ({run_state}) before the rollout did", now, emitted)

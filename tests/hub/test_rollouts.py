@@ -415,3 +415,19 @@ def test_a_paused_dag_notifies_no_new_device(make_hub: Any) -> None:
     actions.set_paused(hub.sessions, "fw", False)
     hub.tick()
     assert sorted(open_work(hub)) == ids[1:]
+
+
+def test_a_device_revoked_while_it_waits_is_skipped(make_hub: Any) -> None:
+    hub = make_hub(dag("canary=1, batch_size=2, failure_threshold=0.5"))
+    ids = fleet(hub, 3)
+    hub.trigger("fw")
+    hub.tick()
+    with hub.sessions.begin() as session:
+        session.execute(update(Agent).where(Agent.agent_id == ids[2]).values(revoked_at=datetime.fromtimestamp(hub.clock.now(), UTC)))
+    succeed_all(hub)
+    assert sorted(open_work(hub)) == [ids[1]]
+    with hub.sessions() as session:
+        device = session.scalars(select(RolloutDevice).where(RolloutDevice.agent_id == ids[2])).one()
+        assert (device.state, device.error_code) == ("skipped", "agent_revoked")
+    succeed_all(hub)
+    assert rollout(hub).state == "completed"
