@@ -43,6 +43,8 @@ from typing import Any
 
 from hub import templating
 from hub.errors import InvalidDag
+from hub.rollout_policy import Rollout
+from hub.targeting import Selector
 from hub.params import Param, ParamsDict
 from hub.assets import check_uri
 from hub.timetables import dag_schedule_options, serialize_dag_schedule
@@ -64,7 +66,7 @@ TRIGGER_RULES = frozenset(
 __all__ = [
     "DAG", "BaseOperator", "PythonOperator", "AgentOperator", "EmptyOperator", "BaseBranchOperator", "BranchPythonOperator",
     "ShortCircuitOperator", "BaseSensorOperator", "PythonSensor", "PokeReturnValue", "TaskGroup", "XComArg", "Param",
-    "Target", "on_agent", "any_agent", "every_agent", "chain", "cross_downstream",
+    "Target", "Rollout", "on_agent", "any_agent", "every_agent", "chain", "cross_downstream",
     "TaskSkipped", "TaskRescheduled", "TaskFailedNoRetry", "SensorTimeout",
     "AirflowSkipException", "AirflowFailException", "AirflowSensorTimeout",
 ]
@@ -110,18 +112,32 @@ AirflowSensorTimeout = SensorTimeout
 class Target:
     """Where an agent task runs: ``agent`` (one named device), ``any`` (one
     healthy device matching the labels, least loaded first) or ``all`` (one
-    task instance per matching device: a fleet fan-out)."""
+    task instance per matching device: a fleet fan-out). A fan-out may
+    also select by ``groups`` (any of), ``hardware`` models (any of) and a
+    ``firmware`` version range (``">=1.0,<2.0"``): ``hub.targeting.Selector``."""
 
     mode: str
     agent_id: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    groups: tuple[str, ...] = ()
+    hardware: tuple[str, ...] = ()
+    firmware: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "agent_id": self.agent_id, "labels": dict(self.labels)}
+        data: dict[str, Any] = {"mode": self.mode, "agent_id": self.agent_id, "labels": dict(self.labels)}
+        # Only when set, so a plain target serializes as before (same DAG version hash).
+        if self.groups or self.hardware or self.firmware:
+            data.update(groups=list(self.groups), hardware=list(self.hardware), firmware=self.firmware)
+        return data
+
+    def selector(self) -> Selector:
+        """Raises ``ValueError`` for a malformed selector."""
+        return Selector.from_dict({"labels": dict(self.labels), "groups": list(self.groups), "hardware": list(self.hardware), "firmware": self.firmware})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Target:
-        return cls(data["mode"], data.get("agent_id"), dict(data.get("labels") or {}))
+        return cls(data["mode"], data.get("agent_id"), dict(data.get("labels") or {}), tuple(data.get("groups") or ()),
+                   tuple(data.get("hardware") or ()), data.get("firmware"))
 
 
 def on_agent(agent_id: str) -> Target:
@@ -132,8 +148,17 @@ def any_agent(**labels: str) -> Target:
     return Target("any", labels=labels)
 
 
-def every_agent(**labels: str) -> Target:
-    return Target("all", labels=labels)
+def every_agent(*, groups: Iterable[str] = (), hardware: Iterable[str] = (), firmware: str | None = None, **labels: str) -> Target:
+    """Every device with these labels (and, when given, in one of ``groups``,
+    of one of the ``hardware`` models, with firmware in the ``firmware``
+    range). Raises ``InvalidDag`` for a malformed selector."""
+    groups_, hardware_ = (tuple([v] if isinstance(v, str) else v) for v in (groups, hardware))
+    target = Target("all", labels=labels, groups=tuple(sorted(set(groups_))), hardware=tuple(sorted(set(hardware_))), firmware=firmware)
+    try:
+        target.selector()
+    except (ValueError, TypeError) as exc:
+        raise InvalidDag(f"every_agent(): {exc}") from None
+    return target
 
 
 # --- dependencies ----------------------------------------------------------------
@@ -764,7 +789,7 @@ class AgentOperator(BaseOperator):
     def __init__(
         self, task_id: str, *, job_type: str, params: dict[str, Any] | None = None, target: Target | None = None,
         offline_grace: timedelta | float | None = None, not_before: timedelta | float | str | datetime | None = None,
-        deadline: timedelta | float | str | datetime | None = None, **kwargs: Any,
+        deadline: timedelta | float | str | datetime | None = None, rollout: Rollout | None = None, **kwargs: Any,
     ) -> None:
         if not isinstance(job_type, str) or not job_type:
             raise InvalidDag(f"task {task_id!r}: job_type must be a non-empty string")
@@ -779,6 +804,9 @@ class AgentOperator(BaseOperator):
         self.target = target or any_agent()
         if not isinstance(self.target, Target) or self.target.mode not in ("agent", "any", "all") or (self.target.mode == "agent" and not self.target.agent_id):
             raise InvalidDag(f"task {task_id!r}: invalid target {self.target!r}")
+        if rollout is not None and (not isinstance(rollout, Rollout) or self.target.mode != "all"):
+            raise InvalidDag(f"task {task_id!r}: rollout= takes a Rollout(...) and needs target=every_agent(...)")
+        self.rollout = rollout
         # Offline operation (docs/dags.md): how long the hub waits for an
         # offline device (None: the hub's default_offline_grace), and when the
         # device may start the job (scheduled ahead) and no longer start it.
@@ -804,6 +832,7 @@ class AgentOperator(BaseOperator):
             "render_native": bool(self.dag.render_template_as_native_obj),
             "offline_grace": self.offline_grace,
             "window": {k: v for k, v in (("not_before", self.not_before), ("deadline", self.deadline)) if v is not None},
+            **({"rollout": self.rollout.to_dict()} if self.rollout is not None else {}),
         }
 
 

@@ -35,6 +35,8 @@ AGENT_CHANGED = "agent_changed"
 #: An agent's clock went beyond max_clock_skew (``flagged``: True) or came back within it (False).
 AGENT_CLOCK_SKEW = "agent_clock_skew"
 OUTBOX_WRITTEN = "outbox_written"
+#: A rollout started, moved to its next batch, paused, resumed, aborted, failed or finished (``hub.rollouts``).
+ROLLOUT_CHANGED = "rollout_changed"
 
 
 class EventBus:

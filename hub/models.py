@@ -635,5 +635,8 @@ class SecurityEvent(Base):
 # Users, tokens and sessions live in their own module; importing it here puts
 # them in Base.metadata for Alembic and the migration test.
 from hub import models_auth as _models_auth  # noqa: E402,F401
+
 # The artifact store's tables, for the same reason.
 from hub import models_artifacts as _models_artifacts  # noqa: E402,F401
+# Rollouts (hub.rollouts): re-exported, the engine and queries import them from here.
+from hub.models_rollouts import RolloutDevice, RolloutRecord  # noqa: E402,F401

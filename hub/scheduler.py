@@ -30,7 +30,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from hub import asset_events, offline, timetables
-from hub import branching, tasklogs, templating
+from hub import branching, rollouts, tasklogs, templating
 from hub import events as ev
 from hub.admission import OCCUPYING, Admission, Candidate, Verdict, effective_weights, ordered
 from hub.dagprocessor import SerializedDagBag
@@ -446,6 +446,8 @@ class Scheduler:
                 busy |= check_deadlines(session, now, self._after_commit, self.dispatcher.hlc)
             with self._step() as session:
                 busy |= self._offline_work(session, now)
+            with self._step() as session:
+                busy |= rollouts.advance_all(session, now, self.dispatcher, self._after_commit)
         with self._step() as session:
             hub_tasks, changed = self._advance_runs(session, now, None if full or dirty is None or dirty.everything else dirty)
         if changed:
@@ -1131,10 +1133,17 @@ class Scheduler:
         returns how many instances were queued."""
         target = task.get("target") or {"mode": "any"}
         mode = target.get("mode", "any")
+        # A fleet task with a rollout policy hands its devices to hub.rollouts (below);
+        # a device's retry goes to its device, a cleared device rejoins the rollout.
+        rollout = mode == "all" and bool(task.get("rollout"))
+        if rollout and ti.map_index >= 0:
+            if rollouts.rejoin(session, ti, now, self._after_commit):
+                return 0
+            rollout = False
         if ti.agent_id is not None and (mode != "any" or (ti.map_index >= 0 and not task.get("mapped"))):
             agents = [ti.agent_id]  # a retry of a pinned or fanned-out instance stays on its device
         else:
-            agents = choose(mode, ti.job_type or "", fleet, agent_id=target.get("agent_id"), labels=target.get("labels") or {})
+            agents = choose(mode, ti.job_type or "", rollouts.select_fleet(target, fleet) if mode == "all" else fleet, agent_id=target.get("agent_id"), labels=target.get("labels") or {})
         revoked = [a for a in agents if a in {v.agent_id for v in fleet if v.revoked}]
         if revoked:
             # Work pinned to a revoked device (on_agent, or a retry of one device's
@@ -1142,7 +1151,7 @@ class Scheduler:
             ti.state, ti.ended_at = TaskState.FAILED, now
             ti.error = {"code": "agent_revoked", "message": f"agent {revoked[0]!r} is revoked; reinstate it or target another agent", "retryable": False}
             return 0
-        if not agents:
+        if not agents and not rollout:
             if mode == "all":
                 ti.state = TaskState.SKIPPED  # Airflow: a zero-length mapped task is skipped
                 ti.ended_at = now
@@ -1170,6 +1179,8 @@ class Scheduler:
                 ti.state, ti.ended_at, ti.error = TaskState.FAILED, now, exc.as_error()
                 return 0
             ti.rendered_fields = {"params": rendered}
+        if rollout:
+            return rollouts.start(session, ti, task, fleet, now, self.dispatcher, self._after_commit, by_task)
         instances = [ti]
         if mode == "all" and ti.map_index < 0:
             ti.map_index = 0
@@ -1209,9 +1220,11 @@ class Scheduler:
         # Airflow's rule: the leaves decide. A failed task whose failure was
         # handled downstream (say, by an all_done cleanup) does not fail the run.
         upstream_of_something = {up for t in tasks.values() for up in t.get("upstream", [])}
-        failed = any(
+        # A rollout's task counts by the rollout's outcome (failures within its threshold are tolerated).
+        outcomes = rollouts.run_outcomes(session, run.id)
+        failed = not all(outcomes.values()) or any(
             state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED)
-            for task_id, states in by_task.items() if task_id not in upstream_of_something
+            for task_id, states in by_task.items() if task_id not in upstream_of_something and task_id not in outcomes
             for state in states
         )
         run.state = RunState.FAILED if failed else RunState.SUCCESS

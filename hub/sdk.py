@@ -25,6 +25,7 @@ from hub.dag import (
     PokeReturnValue,
     PythonOperator,
     PythonSensor,
+    Rollout,
     SensorTimeout,
     ShortCircuitOperator,
     Target,
@@ -50,6 +51,6 @@ __all__ = [
     "Asset", "AssetAll", "AssetAny", "AgentEvent", "Dataset",
     "DAG", "AgentOperator", "AirflowFailException", "AirflowSensorTimeout", "AirflowSkipException", "BaseBranchOperator",
     "BaseOperator", "BaseSensorOperator", "BranchPythonOperator", "EmptyOperator", "Param", "PokeReturnValue", "PythonOperator",
-    "PythonSensor", "SensorTimeout", "ShortCircuitOperator", "Target", "TaskFailedNoRetry", "TaskGroup", "TaskRescheduled",
+    "PythonSensor", "Rollout", "SensorTimeout", "ShortCircuitOperator", "Target", "TaskFailedNoRetry", "TaskGroup", "TaskRescheduled",
     "TaskSkipped", "XComArg", "any_agent", "chain", "cross_downstream", "dag", "every_agent", "on_agent", "task", "task_group",
 ]

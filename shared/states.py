@@ -22,6 +22,10 @@ class TaskState(StrEnum):
     DEVICE_OFFLINE = "device_offline"
     #: A sensor in reschedule mode between two pokes: it holds no worker slot.
     UP_FOR_RESCHEDULE = "up_for_reschedule"
+    #: Airflow's name for a task that waits on something outside the
+    #: scheduler: here a device of a staged rollout waiting for its batch
+    #: (hub.rollouts starts it; the scheduler never decides it).
+    DEFERRED = "deferred"
 
 
 FINISHED = frozenset({TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED, TaskState.UPSTREAM_FAILED, TaskState.REMOVED})
@@ -40,8 +44,9 @@ class RunState(StrEnum):
 # not transitions: they go through conflict resolution instead.
 _T = TaskState
 LEGAL_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    _T.NONE: frozenset({_T.SCHEDULED, _T.QUEUED, _T.SKIPPED, _T.UPSTREAM_FAILED, _T.REMOVED, _T.FAILED}),
-    _T.SCHEDULED: frozenset({_T.QUEUED, _T.SKIPPED, _T.UPSTREAM_FAILED, _T.REMOVED, _T.FAILED}),
+    _T.NONE: frozenset({_T.SCHEDULED, _T.QUEUED, _T.SKIPPED, _T.UPSTREAM_FAILED, _T.REMOVED, _T.FAILED, _T.DEFERRED}),
+    _T.SCHEDULED: frozenset({_T.QUEUED, _T.SKIPPED, _T.UPSTREAM_FAILED, _T.REMOVED, _T.FAILED, _T.DEFERRED}),
+    _T.DEFERRED: frozenset({_T.QUEUED, _T.SKIPPED, _T.REMOVED, _T.FAILED, _T.SUCCESS}),
     _T.QUEUED: frozenset({_T.DELIVERED, _T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE, _T.REMOVED}),
     _T.DELIVERED: frozenset({_T.RUNNING, _T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE}),
     _T.RUNNING: frozenset({_T.SUCCESS, _T.FAILED, _T.UP_FOR_RETRY, _T.DEVICE_OFFLINE, _T.UP_FOR_RESCHEDULE, _T.SKIPPED}),

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from hub import vault
-from hub.api.routes import agents, artifacts, assets, audit_log, backfills, connections, conflicts, dags, enrolment, health, operations, pools, runs, security, sync, users, variables
+from hub.api.routes import agents, artifacts, assets, audit_log, backfills, connections, conflicts, dags, enrolment, health, operations, pools, rollouts, runs, security, sync, users, variables
 from hub.api.security import AuthMiddleware
 from hub.auth.keys import check_secret_key
 from hub.config import HubSettings
@@ -128,7 +128,7 @@ def create_app(
     for router in (
         dags.router, runs.router, operations.router, pools.router, backfills.router, assets.router, agents.router, conflicts.router, security.router, sync.router, enrolment.router, health.router,
         variables.router, connections.router, users.router, audit_log.router,
-        artifacts.router,
+        artifacts.router, rollouts.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
     _install_docs(app)

@@ -7,7 +7,8 @@ Commands are ``outpost NOUN VERB``: ``dags`` (``dags.py``), ``runs``
 (``operations.py``), ``conflicts`` (``conflicts.py``), ``variables``
 and ``connections`` (``vault.py``), ``security-events``
 (``security.py``), ``password`` (``account.py``), ``release``
-(``releases.py``), ``artifacts`` (``artifacts.py``). Shared
+(``releases.py``), ``artifacts`` (``artifacts.py``), ``rollouts``
+(``rollouts.py``). Shared
 parts: ``output`` (``-o table|json``), ``http`` (the client), ``errors``
 (exit codes), ``parsing`` (help, examples, ``--hub``). It imports no
 SQLAlchemy or FastAPI, so it runs anywhere httpx does.
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from hub.ctl import account, agents, artifacts, backfills, conflicts, dags, operations, releases, runs, security, vault
+from hub.ctl import account, agents, artifacts, backfills, conflicts, dags, operations, releases, rollouts, runs, security, vault
 from hub.ctl.errors import CtlError, ExitCode
 from hub.ctl.http import HubClient
 from hub.ctl.parsing import DEFAULT_HUB_URL, ENV_HUB_URL, add_token_options, epilog, resolve_token
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     account.register(nouns)
     releases.register(nouns)
     artifacts.register(nouns)
+    rollouts.register(nouns)
     return parser
 
 

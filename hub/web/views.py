@@ -68,6 +68,7 @@ _BADGE_STATES = frozenset(
     {
         "none", "scheduled", "queued", "delivered", "running", "success", "failed", "up_for_retry", "skipped",
         "upstream_failed", "removed", "device_offline", "online", "offline", "paused", "active", "inactive",
+        "deferred", "pending", "notified", "succeeded", "timed_out", "aborted", "completed",
     }
 )
 
@@ -457,3 +458,8 @@ class _WithHeaders:
 from hub.web import auth_views as _auth_views  # noqa: E402
 
 router.include_router(_auth_views.router)
+
+# Rollout pages (hub/web/rollout_views.py), on this router too.
+from hub.web import rollout_views as _rollout_views  # noqa: E402
+
+router.include_router(_rollout_views.router)

@@ -357,6 +357,8 @@ def test_openapi_describes_every_route(hub: Hub) -> None:
         "/api/v1/whoami", "/api/v1/whoami/password", "/api/v1/users", "/api/v1/users/{name}", "/api/v1/tokens", "/api/v1/tokens/{token_id}", "/api/v1/audit",
         "/api/v1/security-events", "/api/v1/metrics",
         "/api/v1/artifacts", "/api/v1/artifacts/{artifact_id}", "/api/v1/artifacts/{artifact_id}/image", "/api/v1/artifacts/{artifact_id}/manifest",
+        "/api/v1/rollouts", "/api/v1/rollouts/{rollout_id}", "/api/v1/rollouts/{rollout_id}/devices", "/api/v1/rollouts/{rollout_id}/pause",
+        "/api/v1/rollouts/{rollout_id}/resume", "/api/v1/rollouts/{rollout_id}/abort",
     }
     assert set(spec["paths"]["/api/v1/dags/{dag_id}"]) == {"get", "patch"}
     schemas = spec["components"]["schemas"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.states import FINISHED, LEGAL_TRANSITIONS, UNFINISHED, RunState, TaskState, can_transition
 
-AIRFLOW_STATES = {"none", "scheduled", "queued", "running", "success", "failed", "up_for_retry", "up_for_reschedule", "skipped", "upstream_failed", "removed"}
+AIRFLOW_STATES = {"none", "scheduled", "queued", "running", "success", "failed", "up_for_retry", "up_for_reschedule", "skipped", "upstream_failed", "removed", "deferred"}
 
 
 def test_airflow_states_keep_their_names_and_edge_states_are_added() -> None:
