@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=Path(".outpost"), help="folder for the broker, hub and agent state (default .outpost)")
     p.add_argument("--agents", type=int, default=3, help="local agents to start (default 3)")
     p.add_argument("--port", type=int, default=8080, help="API and dashboard port (default 8080; another free port if taken)")
-    p.add_argument("--dag", default="fleet_health", help="DAG to trigger once the agents are online (default fleet_health)")
+    p.add_argument("--dag", action="append", help="DAG to trigger once the agents are online; repeat for several, run one after the other (default: fleet_health, then firmware_rollout)")
     p.add_argument("--no-demo", action="store_true", help="start everything but trigger nothing")
     p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo run finished; exit 1 if it failed")
     p.add_argument("--dags-folder", type=Path, help="DAG folder (default: the bundled examples)")
@@ -184,7 +184,8 @@ def _standalone(args: argparse.Namespace) -> int:
         print(f"State in {app.state_dir}; broker on 127.0.0.1:{app.broker.port}; {args.agents} agent(s) starting.", flush=True)
         outcome = EXIT_OK
         if not args.no_demo:
-            outcome = _demo(app, args.dag, url)
+            for dag_id in args.dag or DEMO_DAGS:
+                outcome = max(outcome, _demo(app, dag_id, url))
         if args.exit_after_demo:
             return outcome
         print("Press Ctrl-C to stop.", flush=True)
@@ -195,6 +196,10 @@ def _standalone(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         app.stop()
+
+
+#: What the demo runs: diagnostics from every device, then a staged firmware update.
+DEMO_DAGS = ("fleet_health", "firmware_rollout")
 
 
 def _demo(app: object, dag_id: str, url: str) -> int:
@@ -213,6 +218,10 @@ def _demo(app: object, dag_id: str, url: str) -> int:
             print("    " + json.dumps(ti.output), flush=True)
         if ti.error:
             print(f"    error: {ti.error.get('message')}", flush=True)
+    for rollout in app.rollouts_of(run_pk):
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(rollout["counts"].items()) if n)
+        print(f"Rollout {rollout['id']} ({rollout['task_id']}): {rollout['state']}; {counts}; "
+              f"failure rate {rollout['failure_rate']:.0%} (threshold {rollout['failure_threshold']:.0%}): {url}/rollouts/{rollout['id']}", flush=True)
     print(f"Run {run_pk} of {dag_id}: {run.state}", flush=True)
     return EXIT_OK if run.state == "success" else EXIT_FAILED
 

@@ -354,11 +354,16 @@ def device_counts(session: Session, rollout_id: int) -> Counter[str]:
     return counts
 
 
-def run_outcomes(session: Session, run_pk: int) -> dict[str, bool]:
+def run_outcomes(session: Session, run_pk: int) -> dict[str, bool] | None:
     """Task id -> whether its rollout ended well, for the rollouts of a run
-    (the run fails when one aborted or failed)."""
-    rows = session.execute(select(RolloutRecord.task_id, RolloutRecord.state).where(RolloutRecord.run_pk == run_pk)).all()
-    return {task_id: state not in ("aborted", "failed") for task_id, state in rows}
+    (the run fails when one aborted or failed); None while one has not taken
+    its devices' last outcomes yet (its next pass settles it: the run must
+    not finish on a verdict the rollout has not reached, say the failure
+    that crosses the threshold)."""
+    rows = session.execute(select(RolloutRecord.task_id, RolloutRecord.state, RolloutRecord.finished_at).where(RolloutRecord.run_pk == run_pk)).all()
+    if any(finished_at is None for _, _, finished_at in rows):
+        return None
+    return {task_id: state not in ("aborted", "failed") for task_id, state, _ in rows}
 
 
 def _announce(emitted: list[tuple[str, dict[str, Any]]], record: RolloutRecord, change: str) -> None:

@@ -1222,6 +1222,8 @@ class Scheduler:
         upstream_of_something = {up for t in tasks.values() for up in t.get("upstream", [])}
         # A rollout's task counts by the rollout's outcome (failures within its threshold are tolerated).
         outcomes = rollouts.run_outcomes(session, run.id)
+        if outcomes is None:
+            return False
         failed = not all(outcomes.values()) or any(
             state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED)
             for task_id, states in by_task.items() if task_id not in upstream_of_something and task_id not in outcomes

@@ -27,7 +27,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from hub import demo_fleet
 from hub import events as ev
+from hub import rollout_queries
+from hub.artifacts import ArtifactStore
 from hub.auth.bootstrap import AdminLogin, ensure_admin
 from hub.auth.keys import load_or_create_secret_key
 from hub.config import HubSettings
@@ -35,7 +38,7 @@ from hub.db import transaction
 from hub.encryption import ensure_key_file
 from hub.errors import Conflict
 from hub.identity import register_agent
-from hub.models import Agent, DagRun, TaskInstance
+from hub.models import Agent, DagRun, RolloutRecord, TaskInstance
 from hub.runtime import HubRuntime
 from hub.scheduler import trigger_run
 from shared.clock import utcnow
@@ -264,9 +267,16 @@ class Standalone:
         self.admin = ensure_admin(self.runtime.sessions, self.state_dir / "hub", utcnow(self.runtime.clock))
         # Pre-registered local devices (their keys, the hub keys they trust): the
         # demo's agents sign what they send, over MQTT and HTTP, like enrolled ones.
+        # The demo's firmware release (hub.demo_fleet): its devices trust the
+        # demo release key, and the last of three or more fails its health check
+        # so the firmware_rollout example shows an automatic rollback.
+        key = demo_fleet.release_key(self.state_dir)
+        demo_fleet.publish_demo_release(ArtifactStore.from_settings(settings, self.runtime.sessions, self.runtime.clock), key, self.state_dir, self.runtime.clock)
+        extra = {"release_public_keys": [key.public.to_text()]}
         for i, agent in enumerate(self.local_agents):
+            demo_fleet.prepare_device_root(agent.folder / "device", healthy=len(self.local_agents) < 3 or i < len(self.local_agents) - 1)
             agent.provision(self.runtime.sessions, self.runtime.keyring.ring().public_keys(), utcnow(self.runtime.clock))
-            agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url)
+            agent.start(self.broker.port, {"site": "demo", "rack": f"r{i % 2 + 1}"}, self.runtime.api_url, extra=extra)
         return self.runtime
 
     def stop(self) -> None:
@@ -309,6 +319,20 @@ class Standalone:
                 if run.state in (RunState.SUCCESS, RunState.FAILED) or time.monotonic() > deadline:
                     return run
             time.sleep(0.1)
+
+    def rollouts_of(self, run_pk: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Summaries (hub.rollout_queries) of the rollouts in run ``run_pk``,
+        once the engine recorded them finished (its pass after the run's last
+        device reported) or ``timeout`` passed."""
+        assert self.runtime is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.runtime.sessions() as session:
+                records = session.scalars(select(RolloutRecord.id).where(RolloutRecord.run_pk == run_pk)).all()
+                found = [rollout_queries.get_rollout(session, rollout_id) for rollout_id in records]
+            if all(r["finished_at"] for r in found) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
 
     def describe_run(self, run_pk: int) -> list[TaskInstance]:
         assert self.runtime is not None

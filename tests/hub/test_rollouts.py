@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select, update
 
 from hub import rollouts
@@ -431,3 +432,25 @@ def test_a_device_revoked_while_it_waits_is_skipped(make_hub: Any) -> None:
         assert (device.state, device.error_code) == ("skipped", "agent_revoked")
     succeed_all(hub)
     assert rollout(hub).state == "completed"
+
+
+
+@pytest.mark.parametrize(("threshold", "rollout_state", "outcome"), [(0.4, "completed", "success"), (0.3, "aborted", "failed")])
+def test_the_run_waits_for_its_rollouts_verdict_on_the_last_device(make_hub: Any, threshold: float, rollout_state: str, outcome: str) -> None:
+    """The last device's result can reach the run before the rollout's pass:
+    a pass that only advances runs (not full) must not finish the run on it,
+    or a rollout within its threshold reads as ended from outside (aborted),
+    and a last failure that crosses the threshold would not fail the run."""
+    hub = make_hub(dag(f"canary=1, batch_size='50%', failure_threshold={threshold}, success_threshold=0.5"))
+    ids = fleet(hub, 3)
+    run_pk = hub.trigger("fw")
+    hub.tick()
+    report(hub, ids[0])
+    hub.tick()
+    report(hub, ids[1])
+    report(hub, ids[2], ok=False)
+    hub.scheduler.tick(full=False)  # what the ingest wake-up runs first
+    assert run_state(hub, run_pk) == "running"
+    hub.tick()
+    record = rollout(hub)
+    assert (record.state, run_state(hub, run_pk)) == (rollout_state, outcome), record.reason
