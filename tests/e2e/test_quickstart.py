@@ -33,12 +33,16 @@ def alive(pid: int) -> bool:
 
 def test_standalone_runs_the_fleet_demo_and_reports_success(tmp_path: Path) -> None:
     proc = standalone(tmp_path, "--exit-after-demo")
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert "Dashboard: http://127.0.0.1:" in out
     assert "3 agent(s) online" in out
     assert out.count(": success") >= 4  # three collect instances and the summary
     assert "Run 1 of fleet_health: success" in out
+    # Then the staged firmware update: agent-3's image fails its health check and rolls back, within the threshold.
+    assert "update[2] on agent-3: failed" in out and "rolled back to slot a (1.0.0)" in out
+    assert "Rollout 1 (update): completed; 1 failed, 2 succeeded" in out
+    assert "Run 2 of firmware_rollout: success" in out
     for agent in ("agent-1", "agent-2", "agent-3"):
         folder = tmp_path / "state" / "agents" / agent
         assert (folder / "inbox.sqlite3").exists() and (folder / "outbox.sqlite3").exists()
