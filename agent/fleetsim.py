@@ -33,6 +33,7 @@ device at once. Jobs run through the one fork server per process
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -64,6 +65,11 @@ FAILING_FILE = "failing.json"
 #: Thread stack size for simulated devices: far above what the agent's
 #: threads use, far below the 8 MiB default (address space, times ~8000).
 STACK_SIZE = 1024 * 1024
+#: The GIL switch interval for simulated fleets (CPython's default: 5 ms).
+#: Every thread waiting for the GIL wakes once per interval; when a thousand
+#: assignments arrive together, a thousand waiters waking every 5 ms keep the
+#: kernel busy switching instead of running them.
+SWITCH_INTERVAL = 0.05
 _FAILING_HOOK = "#!/bin/sh\necho 'simulated health check failure' >&2\nexit 1\n"
 
 
@@ -289,12 +295,16 @@ def _install_signals(stopping: threading.Event) -> None:
 
 
 def run_shard(args: argparse.Namespace, ids: list[str], failing: set[str]) -> int:
-    from agent import queues
+    from agent import jobhost, queues
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files = raise_file_limit()
     queues.set_read_pool_size(1)
     threading.stack_size(STACK_SIZE)
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    # Dump every thread's stack on SIGUSR1: the way to see where a thousand agents are.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    jobhost.start_fork_server()
     stopping = threading.Event()
     _install_signals(stopping)
     sim = Simulator(args, ids, failing)

@@ -82,6 +82,18 @@ def mp_context() -> Any:
         return _context
 
 
+def start_fork_server() -> None:
+    """Start the fork server now instead of at the first job. The fleet
+    simulator does, before its agents start: started later, by the first of
+    a thousand jobs arriving together, the server's own start-up (a fresh
+    interpreter importing the job modules) competes for the CPU with every
+    thread of every agent in the process, and all jobs wait for it."""
+    from multiprocessing import forkserver
+
+    mp_context()
+    forkserver.ensure_running()
+
+
 class StartError(Exception):
     """The child process could not be started."""
 
@@ -267,9 +279,13 @@ def _pump(conn: Connection, sink: Callable[[bytes], None], stop: threading.Event
     gone, or ``stop`` is set and nothing came for a moment (a process that
     escaped the session may hold the pipe open). Closes ``conn``."""
     fd = conn.fileno()
+    # poll, not select: select() cannot watch a descriptor above 1024, which
+    # a process of many agents (the fleet simulator) hands out.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     try:
         while True:
-            readable, _, _ = select.select([fd], [], [], 0.2)
+            readable = poller.poll(200)
             if not readable:
                 if stop.is_set():
                     return

@@ -82,6 +82,25 @@ def _fileno(obj: object) -> int:
 paho.select = _PollSelect  # type: ignore[attr-defined]
 
 
+def _retrying_reconnect(reconnect: Callable[[], MQTTErrorCode]) -> Callable[[], MQTTErrorCode]:
+    """paho's ``reconnect`` walks its queue of outgoing packets without a
+    lock; a publish from another thread at that moment raises "deque mutated
+    during iteration" out of the network thread, which then dies and the
+    link never reconnects (seen with a thousand agents in one process).
+    Everything reconnect did before the walk is safe to do again."""
+
+    def retrying() -> MQTTErrorCode:
+        for _ in range(10):
+            try:
+                return reconnect()
+            except RuntimeError as exc:
+                if "mutated during iteration" not in str(exc):
+                    raise
+        return reconnect()
+
+    return retrying
+
+
 @dataclass(frozen=True)
 class MqttSettings:
     host: str = "127.0.0.1"
@@ -188,6 +207,7 @@ class MqttLink:
         client.on_socket_open = self._handle_socket_open
         client.on_publish = self._handle_inbound_ack
         client.on_subscribe = self._handle_inbound_ack
+        client.reconnect = _retrying_reconnect(client.reconnect)  # type: ignore[method-assign]
         self.client = client
         self._started = False
         #: time.monotonic() of the last packet from the broker, and of the
