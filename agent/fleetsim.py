@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--processes", type=int, default=1, metavar="P", help="split the devices over P processes (default 1; about 1,000 devices per process work)")
     add("--wave", type=int, default=100, metavar="N", help="start N devices, wait until they are connected (or --wave-timeout), then the next N (default 100)")
     add("--wave-timeout", type=float, default=30.0, metavar="SECONDS", help="longest wait for one wave to connect (default 30)")
+    add("--max-jobs", type=int, default=200, metavar="N", help="jobs running at once per process, over all its devices (default 200; each holds about 8 open files)")
     add("--enrol-workers", type=int, default=8, metavar="N", help="enrolments in flight at once per process (default 8)")
     add("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS", help="heartbeat_interval of every device (default 10, the agent's default; keep the hub's agent_offline_after above 3x it)")
     add("--keepalive", type=int, default=60, metavar="SECONDS", help="MQTT keepalive of every device (default 60)")
@@ -304,6 +306,7 @@ def run_shard(args: argparse.Namespace, ids: list[str], failing: set[str]) -> in
     sys.setswitchinterval(SWITCH_INTERVAL)
     # Dump every thread's stack on SIGUSR1: the way to see where a thousand agents are.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    jobhost.limit_jobs(max(1, args.max_jobs))
     jobhost.start_fork_server()
     stopping = threading.Event()
     _install_signals(stopping)
@@ -358,7 +361,10 @@ def _guarded(args: argparse.Namespace, ids: list[str], failing: set[str]) -> int
 def _run_children(args: argparse.Namespace, argv: list[str]) -> int:
     """One child process per shard, started with the same arguments; SIGTERM
     and SIGINT are passed on, and the exit status is the worst child's."""
-    children = [subprocess.Popen([sys.executable, "-m", "agent", *argv, "--shard", f"{i}/{args.processes}"]) for i in range(args.processes)]
+    # setpriv --pdeathsig: a shard gets SIGTERM when this process dies, even by kill -9.
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv and sys.platform.startswith("linux") else []
+    children = [subprocess.Popen([*prefix, sys.executable, "-m", "agent", *argv, "--shard", f"{i}/{args.processes}"]) for i in range(args.processes)]
 
     def forward(signum: int, frame: object) -> None:
         for child in children:

@@ -155,10 +155,38 @@ class Hooks:
 # --- the parent side ---------------------------------------------------------
 
 
+#: Jobs running at once in this process, over all its agents; None: no cap.
+_slots: threading.BoundedSemaphore | None = None
+
+
+def limit_jobs(count: int | None) -> None:
+    """Cap the jobs running at once in this process, whatever agent runs
+    them. An agent process needs none (its concurrency settings are the
+    cap); the fleet simulator does: a running job holds about eight file
+    descriptors and two threads, and a thousand agents starting a job at the
+    same moment would run out of files. A job over the cap waits for a slot
+    before its process starts. Set it before any job runs."""
+    global _slots
+    _slots = None if count is None else threading.BoundedSemaphore(count)
+
+
 def run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Event, grace: float) -> tuple[Outcome, bool]:
     """Run ``spec`` in a child and wait for it. ``abort`` (set by the caller)
     or ``timeout`` stops it: SIGTERM, then after ``grace`` seconds SIGKILL of
     its whole session. Returns the outcome and whether the timeout fired."""
+    slots, acquired = _slots, False
+    # An abort while waiting for a slot goes ahead without one: the child
+    # is stopped at once, and the caller gets the usual killed outcome.
+    while slots is not None and not (acquired := slots.acquire(timeout=0.2)) and not abort.is_set():
+        pass
+    try:
+        return _run(spec, hooks, timeout=timeout, abort=abort, grace=grace)
+    finally:
+        if acquired and slots is not None:
+            slots.release()
+
+
+def _run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Event, grace: float) -> tuple[Outcome, bool]:
     ctx = mp_context()
     ctl, child_ctl = ctx.Pipe(duplex=True)
     out_r, out_w = ctx.Pipe(duplex=False)

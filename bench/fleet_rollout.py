@@ -200,7 +200,7 @@ def main() -> int:
                     [sys.executable, "-m", "agent", "simulate", "--count", str(args.devices), "--root", str(root / "fleet"), "--hub", front.url,
                      "--ca-file", str(pki.ca), "--enrolment-token", token, "--broker", f"127.0.0.1:{broker.port}", "--label", "fleet=bench",
                      "--fail-rate", str(args.fail_rate), "--processes", str(args.processes), "--heartbeat-interval", str(args.heartbeat_interval)],
-                    stdout=out, stderr=subprocess.STDOUT,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
             wait_for(lambda: _enrolled(sim_log, args.processes, sim), args.timeout, "enrolment")
             cpu1, t1 = hub_cpu(), time.monotonic()
@@ -237,7 +237,8 @@ def main() -> int:
             try:
                 sim.wait(120)
             except subprocess.TimeoutExpired:
-                sim.kill()
+                os.killpg(sim.pid, signal.SIGKILL)  # shards, fork servers and jobs too
+                sim.wait(10)
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
             try:
