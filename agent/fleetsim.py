@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import ENROLMENT_FILE, AgentSettings, ConfigError, load_settings
+from agent.config import ENROLMENT_FILE, AgentSettings, load_settings
+from shared.errors import OutpostError
 
 log = logging.getLogger(__name__)
 
@@ -270,18 +271,12 @@ def _say(text: str) -> None:
     print(f"simulate: {text}", flush=True)
 
 
-def _wait(stopping: threading.Event, duration: float | None) -> None:
-    end = None if duration is None else time.monotonic() + duration
-    while not stopping.is_set() and (end is None or time.monotonic() < end):
-        # A short sleep in one thread, not Event.wait: a signal handler may
-        # only set a flag (see Agent.run_forever).
-        time.sleep(0.2)
-
-
 def _install_signals(stopping: threading.Event) -> None:
     received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
+        # Only record it: the handler runs between bytecodes of the main
+        # thread, which may hold the lock Event.set needs (see Agent.run_forever).
         received.append(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -323,7 +318,7 @@ def run_shard(args: argparse.Namespace, ids: list[str], failing: set[str]) -> in
     try:
         connected = sim.start(stopping)
         _say(f"running: {connected}/{len(ids)} connected after {time.monotonic() - started:.1f}s (SIGTERM or Ctrl-C stops)")
-        _wait(stopping, args.duration)
+        stopping.wait(args.duration)
     finally:
         sim.stop()
     _say(f"stopped {len(ids)} devices")
@@ -353,7 +348,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
 def _guarded(args: argparse.Namespace, ids: list[str], failing: set[str]) -> int:
     try:
         return run_shard(args, ids, failing)
-    except (ConfigError, OSError) as exc:
+    except (OutpostError, OSError) as exc:  # ConfigError, QueueError, EnrolmentFailed...
         print(f"outpost-agent simulate: {exc}", file=sys.stderr)
         return 1
 
