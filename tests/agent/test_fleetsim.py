@@ -153,3 +153,35 @@ for a in agents: a.stop(2)
     assert connected == 80
     assert 1024 < fds <= 80 * 18 + 20, f"{fds} open files for 80 agents"
     assert threads <= 80 * 8 + 5, f"{threads} threads for 80 agents"
+
+
+def test_the_per_process_job_cap_runs_jobs_one_after_another(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from agent import jobhost
+    from firmware_jobs.noop import Noop
+
+    spans: dict[str, list[float]] = {}
+
+    def run(name: str) -> None:
+        spec = jobhost.Spec(name, Noop, {"sleep": 0.4, "echo": name}, tmp_path / name, None, {}, jobhost.Limits())
+        (tmp_path / name).mkdir()
+        hooks = jobhost.Hooks(started=lambda pid: spans.setdefault(name, []).append(time.monotonic()))
+        outcome, timed_out = jobhost.run(spec, hooks, timeout=30, abort=threading.Event(), grace=1.0)
+        spans[name].append(time.monotonic())
+        assert outcome.kind == "ok" and outcome.output == {"echo": name} and not timed_out
+
+    jobhost.limit_jobs(1)
+    try:
+        threads = [threading.Thread(target=run, args=(f"job-{i}",)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        jobhost.limit_jobs(None)
+    assert len(spans) == 3 and all(len(s) == 2 for s in spans.values())
+    ordered = sorted(spans.values())
+    # Each job's process started only after the one before had finished.
+    assert all(later[0] >= earlier[1] for earlier, later in zip(ordered, ordered[1:]))
