@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
 
-from agent import __version__
+from agent import __version__, fleetsim
 from agent.config import ENV_PREFIX, AgentSettings, ConfigError, load_settings
 from agent.context import make_agent_event
 from agent.queues import Entry, Inbox, Outbox, QueueError
@@ -153,6 +153,8 @@ STOPPING=1, and WATCHDOG=1 every WatchdogSec/2 while its threads are healthy."""
     ls.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (default table)")
     ls.add_argument("--limit", type=int, default=100, help="at most this many items per queue (default 100)")
+
+    fleetsim.add_arguments(command("simulate", fleetsim.HELP, fleetsim.EXAMPLE))
     return parser
 
 
@@ -181,6 +183,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        return fleetsim.main(args, list(sys.argv[1:] if argv is None else argv))
     if args.command == "enroll":
         return _enroll(args)
     try:

@@ -87,6 +87,18 @@ def mp_context() -> Any:
         return _context
 
 
+def start_fork_server() -> None:
+    """Start the fork server now instead of at the first job. The fleet
+    simulator does, before its agents start: started later, by the first of
+    a thousand jobs arriving together, the server's own start-up (a fresh
+    interpreter importing the job modules) competes for the CPU with every
+    thread of every agent in the process, and all jobs wait for it."""
+    from multiprocessing import forkserver
+
+    mp_context()
+    forkserver.ensure_running()
+
+
 class StartError(Exception):
     """The child process could not be started."""
 
@@ -150,10 +162,38 @@ class Hooks:
 # --- the parent side ---------------------------------------------------------
 
 
+#: Jobs running at once in this process, over all its agents; None: no cap.
+_slots: threading.BoundedSemaphore | None = None
+
+
+def limit_jobs(count: int | None) -> None:
+    """Cap the jobs running at once in this process, whatever agent runs
+    them. An agent process needs none (its concurrency settings are the
+    cap); the fleet simulator does: a running job holds about eight file
+    descriptors and two threads, and a thousand agents starting a job at the
+    same moment would run out of files. A job over the cap waits for a slot
+    before its process starts. Set it before any job runs."""
+    global _slots
+    _slots = None if count is None else threading.BoundedSemaphore(count)
+
+
 def run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Event, grace: float) -> tuple[Outcome, bool]:
     """Run ``spec`` in a child and wait for it. ``abort`` (set by the caller)
     or ``timeout`` stops it: SIGTERM, then after ``grace`` seconds SIGKILL of
     its whole session. Returns the outcome and whether the timeout fired."""
+    slots, acquired = _slots, False
+    # An abort while waiting for a slot goes ahead without one: the child
+    # is stopped at once, and the caller gets the usual killed outcome.
+    while slots is not None and not (acquired := slots.acquire(timeout=0.2)) and not abort.is_set():
+        pass
+    try:
+        return _run(spec, hooks, timeout=timeout, abort=abort, grace=grace)
+    finally:
+        if acquired and slots is not None:
+            slots.release()
+
+
+def _run(spec: Spec, hooks: Hooks, *, timeout: float | None, abort: threading.Event, grace: float) -> tuple[Outcome, bool]:
     ctx = mp_context()
     ctl, child_ctl = ctx.Pipe(duplex=True)
     out_r, out_w = ctx.Pipe(duplex=False)
@@ -283,9 +323,13 @@ def _pump(conn: Connection, sink: Callable[[bytes], None], stop: threading.Event
     gone, or ``stop`` is set and nothing came for a moment (a process that
     escaped the session may hold the pipe open). Closes ``conn``."""
     fd = conn.fileno()
+    # poll, not select: select() cannot watch a descriptor above 1024, which
+    # a process of many agents (the fleet simulator) hands out.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     try:
         while True:
-            readable, _, _ = select.select([fd], [], [], 0.2)
+            readable = poller.poll(200)
             if not readable:
                 if stop.is_set():
                     return

@@ -31,7 +31,9 @@ table through litequeue's own write connection and transaction, relying on its
 documented columns: ``data``, ``message_id``, ``status``, ``done_time``
 (Unix nanoseconds), ``idempotency_key``, ``claim_id``, ``lock_time``. One
 private attribute is used too, litequeue 0.14's re-entrant
-``_write_connection_lock``: a failed COMMIT is rolled back under it (``_tx``).
+``_write_connection_lock``: a failed COMMIT is rolled back under it (``_tx``),
+and one private constant, ``_READ_CONNECTION_POOL_SIZE``, which the fleet
+simulator lowers (:func:`set_read_pool_size`).
 """
 
 from __future__ import annotations
@@ -78,7 +80,30 @@ def _errors(path: Path, action: str) -> Iterator[None]:
         raise QueueError(f"{action} failed on {path}: {exc}; check the disk and the file's permissions") from exc
 
 
+#: Set once any queue file is open: the read pool size may not change after.
+_opened = False
+
+
+def set_read_pool_size(size: int) -> None:
+    """How many read-only SQLite connections litequeue opens per queue file
+    (its default is 10: up to 20 file descriptors per queue). This module
+    reads through the write connection everywhere but ``active_count``, so a
+    process holding many agents (the fleet simulator) sets 1 before opening
+    any queue. Process-wide, because litequeue reads the size from a module
+    constant at open *and* at close: changing it with a queue open would
+    make that queue's close wait forever or leak connections."""
+    import litequeue
+
+    if size < 1:
+        raise ValueError("the read pool needs at least one connection")
+    if _opened and size != litequeue._READ_CONNECTION_POOL_SIZE:
+        raise QueueError("the read pool size can only change before the first queue file is opened")
+    litequeue._READ_CONNECTION_POOL_SIZE = size
+
+
 def _open(path: Path, synchronous: str) -> LiteQueue:
+    global _opened
+    _opened = True
     if synchronous not in ("NORMAL", "FULL"):
         raise QueueError(f"sqlite synchronous mode {synchronous!r} is not NORMAL or FULL")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -90,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("agents", "Device enrolment, pre-registration and revocation.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = actions.add_parser("token", help="enrolment tokens").add_subparsers(dest="token_action", required=True, metavar="ACTION")
-    c = t.add_parser("create", help="a one-time, expiring enrolment token, printed once")
+    c = t.add_parser("create", help="an expiring enrolment token (one-time unless --uses), printed once")
     c.add_argument("--expires", default="24h", help="lifetime: a number and s, m, h or d (default 24h, at most 30d)")
     c.add_argument("--labels", action="append", default=[], metavar="K=V", help="label the enrolled agent starts with (repeat, or k=v,k2=v2)")
     c.add_argument("--agent-id", help="the id the device must enrol as (default: the device chooses a new id)")
+    c.add_argument("--uses", type=int, default=1, help="how many devices may enrol with it (default 1; more: a fleet provisioning token, not with --agent-id)")
     r = actions.add_parser("register", help="pre-register a device: its id and a public key made on it")
     r.add_argument("--id", required=True, dest="agent_id", help="the agent id")
     r.add_argument("--public-key", required=True, help="the device's public key, ed25519:<base64url> (outpost-agent keygen prints it)")
@@ -318,10 +319,11 @@ def _agents(args: argparse.Namespace) -> int:
     try:
         if args.action == "token":
             with transaction(sessions) as session:
-                issued = enrolment.create_token(session, now, enrolment.parse_duration(args.expires), "cli", args.agent_id, _labels(args.labels))
+                issued = enrolment.create_token(session, now, enrolment.parse_duration(args.expires), "cli", args.agent_id, _labels(args.labels), args.uses)
             print(issued.token)
             bound = f" for agent {issued.agent_id}" if issued.agent_id else ""
-            print(f"one-time enrolment token {issued.id}{bound}, expires {issued.expires_at:%Y-%m-%d %H:%M UTC}; it is not shown again", file=sys.stderr)
+            kind = "one-time enrolment token" if issued.uses == 1 else f"enrolment token for {issued.uses} devices"
+            print(f"{kind} {issued.id}{bound}, expires {issued.expires_at:%Y-%m-%d %H:%M UTC}; it is not shown again", file=sys.stderr)
             return EXIT_OK
         if args.action == "register":
             credentials = enrolment.preregister(sessions, broker, now, args.agent_id, args.public_key, "cli", replace=args.replace)

@@ -9,8 +9,11 @@
   to ``POST /api/v1/enroll`` (:func:`enrol`). In one transaction the token is
   consumed, the public key registered and, when the hub manages broker
   credentials, the device's broker client created; the answer carries the
-  broker credentials and the hub's public keys. A token is good for exactly
-  one enrolment; an unknown, expired or used token is refused (401) and the
+  broker credentials and the hub's public keys. A token is good for one
+  enrolment, or for ``uses`` enrolments when created with more (a *fleet
+  provisioning token*, like AWS IoT's claim certificates: one secret baked
+  into a batch of devices, each of which then gets its own key and broker
+  client); an unknown, expired or used-up token is refused (401) and the
   attempt recorded in the audit log.
 * Pre-registration (``outpost-hub agents register``) records an id and a
   public key made on the device by other means (a factory, a TPM).
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "opte_"
 MAX_TOKEN_LIFETIME = timedelta(days=30)
+#: Most enrolments one fleet provisioning token allows.
+MAX_TOKEN_USES = 100_000
 _DURATION = re.compile(r"^(\d{1,7})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -110,10 +115,18 @@ class IssuedToken:
     expires_at: datetime
     agent_id: str | None
     labels: dict[str, str]
+    uses: int = 1
 
 
-def create_token(session: Session, now: datetime, lifetime: timedelta, actor: str, agent_id: str | None = None, labels: dict[str, str] | None = None) -> IssuedToken:
-    """A new one-time token; the clear text is returned here and never again."""
+def create_token(
+    session: Session, now: datetime, lifetime: timedelta, actor: str, agent_id: str | None = None, labels: dict[str, str] | None = None, uses: int = 1,
+) -> IssuedToken:
+    """A new token good for ``uses`` enrolments (default one); the clear
+    text is returned here and never again."""
+    if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= MAX_TOKEN_USES:
+        raise InvalidRequest(f"uses must be a whole number from 1 to {MAX_TOKEN_USES}")
+    if uses > 1 and agent_id is not None:
+        raise InvalidRequest("a token bound to one agent id enrols that one device: leave uses at 1, or leave out the agent id")
     if agent_id is not None:
         try:
             check_agent_id(agent_id)
@@ -124,12 +137,12 @@ def create_token(session: Session, now: datetime, lifetime: timedelta, actor: st
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = EnrolmentToken(
         token_hash=hash_token(token), agent_id=agent_id, labels=dict(labels or {}), created_at=now, created_by=actor,
-        expires_at=now + lifetime, used_at=None, used_by=None,
+        expires_at=now + lifetime, used_at=None, used_by=None, uses=uses, use_count=0,
     )
     session.add(row)
     session.flush()
-    audit.record(session, actor, "enrolment_token.create", agent_id or "", at=now, token_id=row.id, expires_at=row.expires_at.isoformat(), labels=row.labels)
-    return IssuedToken(token, row.id, row.expires_at, agent_id, dict(row.labels))
+    audit.record(session, actor, "enrolment_token.create", agent_id or "", at=now, token_id=row.id, expires_at=row.expires_at.isoformat(), labels=row.labels, uses=uses)
+    return IssuedToken(token, row.id, row.expires_at, agent_id, dict(row.labels), uses)
 
 
 # --- enrolment -------------------------------------------------------------------
@@ -177,7 +190,9 @@ def enrol(
                 raise Conflict(f"agent id {chosen!r} is already enrolled; to re-enrol that device, create a token for it (--agent-id {chosen})")
             agent = register_agent(session, chosen, key, now, replace=True)
             assert row is not None
-            row.used_at, row.used_by = now, chosen
+            # Counted under the row lock (for_update; SQLite serialises
+            # writers), so concurrent devices never overrun ``uses``.
+            row.used_at, row.used_by, row.use_count = now, chosen, row.use_count + 1
             if row.labels:
                 agent.labels = {**(agent.labels or {}), **row.labels}
             session.flush()
@@ -187,7 +202,10 @@ def enrol(
                     credentials = broker.provision_agent(chosen)
                 except BrokerAdminError as exc:
                     raise BrokerProvisioningFailed(f"enrolment of {chosen!r} not done: {exc}") from None
-            audit.record(session, f"agent:{chosen}", "agent.enrol", chosen, at=now, remote=remote, token_id=row.id, key_id=key.kid, broker=credentials is not None)
+            audit.record(
+                session, f"agent:{chosen}", "agent.enrol", chosen, at=now, remote=remote, token_id=row.id, key_id=key.kid, broker=credentials is not None,
+                use=row.use_count, uses=row.uses,
+            )
             labels = dict(row.labels)
     except EnrolmentRefused as exc:
         _record_refusal(sessions, now, remote, agent_id, exc.code, str(exc), limits)
@@ -199,8 +217,11 @@ def enrol(
 def _check_token(row: EnrolmentToken | None, agent_id: str | None, now: datetime) -> str:
     if row is None:
         raise EnrolmentRefused("unknown enrolment token; ask an admin for a new one (outpost-hub agents token create)", "token_unknown")
-    if row.used_at is not None:
-        raise EnrolmentRefused(f"this enrolment token was already used (by {row.used_by}, {row.used_at:%Y-%m-%d %H:%M UTC}); tokens work once", "token_used")
+    if row.use_count >= row.uses:
+        when = f"{row.used_at:%Y-%m-%d %H:%M UTC}" if row.used_at is not None else "?"
+        if row.uses == 1:
+            raise EnrolmentRefused(f"this enrolment token was already used (by {row.used_by}, {when}); tokens work once", "token_used")
+        raise EnrolmentRefused(f"this enrolment token was used up ({row.use_count} of {row.uses} enrolments, the last by {row.used_by}, {when}); ask for a new one", "token_used")
     if row.expires_at <= now:
         raise EnrolmentRefused(f"this enrolment token expired on {row.expires_at:%Y-%m-%d %H:%M UTC}; ask for a new one", "token_expired")
     if row.agent_id is not None and agent_id is not None and agent_id != row.agent_id:
@@ -281,4 +302,7 @@ def reinstate(sessions: sessionmaker[Session], now: datetime, agent_id: str, act
 
 
 def describe_token(row: EnrolmentToken) -> dict[str, Any]:
-    return {"id": row.id, "agent_id": row.agent_id, "labels": row.labels, "created_at": row.created_at, "expires_at": row.expires_at, "used_at": row.used_at, "used_by": row.used_by}
+    return {
+        "id": row.id, "agent_id": row.agent_id, "labels": row.labels, "created_at": row.created_at, "expires_at": row.expires_at, "used_at": row.used_at,
+        "used_by": row.used_by, "uses": row.uses, "use_count": row.use_count,
+    }

@@ -582,8 +582,9 @@ class AuditRecord(Base):
 
 
 class EnrolmentToken(Base):
-    """A one-time, expiring secret that lets one device enrol
-    (``hub.enrolment``). Only its SHA-256 is stored: the token is shown once."""
+    """An expiring secret that lets one device (or, with ``uses`` above 1,
+    that many devices) enrol (``hub.enrolment``). Only its SHA-256 is
+    stored: the token is shown once."""
 
     __tablename__ = "enrolment_tokens"
 
@@ -596,9 +597,14 @@ class EnrolmentToken(Base):
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(200), default="")
     expires_at: Mapped[datetime]
+    #: When it was last used (the first and only use of a one-time token).
     used_at: Mapped[datetime | None]
-    #: The agent that enrolled with it.
+    #: The agent that enrolled with it last.
     used_by: Mapped[str | None] = mapped_column(String(128))
+    #: How many enrolments it allows (1: a one-time token; more: a fleet
+    #: provisioning token shared by a batch of devices) and how many it made.
+    uses: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    use_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AgentRequestSignature(Base):

@@ -20,7 +20,9 @@ lost connection. Busy links (heartbeats, acks) never need a probe.
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -37,6 +39,66 @@ from paho.mqtt.reasoncodes import ReasonCode
 from shared.errors import OutpostError
 
 log = logging.getLogger(__name__)
+
+
+class _PollSelect:
+    """Stands in for the ``select`` module inside paho, whose network loop
+    calls ``select.select()``: that fails (paho reads the ValueError as a
+    lost connection) once the socket's file descriptor is above FD_SETSIZE,
+    1024, which a process with many open files reaches (the fleet simulator
+    runs a thousand agents, each with its queue files, in one process).
+    Same contract, done with ``poll()``, which has no such limit."""
+
+    error = OSError
+
+    @staticmethod
+    def select(rlist: list[object], wlist: list[object], xlist: list[object], timeout: float | None = None) -> tuple[list[object], list[object], list[object]]:
+        poller = select.poll()
+        masks: dict[int, int] = {}
+        for objects, mask in ((rlist, select.POLLIN), (wlist, select.POLLOUT)):
+            for obj in objects:
+                fd = _fileno(obj)
+                masks[fd] = masks.get(fd, 0) | mask
+        for fd, mask in masks.items():
+            poller.register(fd, mask)
+        # ceil: a timeout under a millisecond must not become a busy loop of zero-waits.
+        ready = dict(poller.poll(None if timeout is None else math.ceil(timeout * 1000)))
+        # As select() does: a hang-up or an error makes a socket readable (the read then tells).
+        readable = [o for o in rlist if ready.get(_fileno(o), 0) & (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL)]
+        writable = [o for o in wlist if ready.get(_fileno(o), 0) & (select.POLLOUT | select.POLLERR | select.POLLHUP)]
+        return readable, writable, []
+
+
+def _fileno(obj: object) -> int:
+    fd = obj if isinstance(obj, int) else getattr(obj, "fileno", None)
+    if fd is None:
+        raise TypeError(f"{obj!r} has no file descriptor")  # what select() raises; paho expects it
+    fd = fd if isinstance(fd, int) else fd()
+    if fd < 0:
+        raise ValueError("file descriptor cannot be a negative integer")
+    return int(fd)
+
+
+paho.select = _PollSelect  # type: ignore[attr-defined]
+
+
+def _retrying_reconnect(reconnect: Callable[[], MQTTErrorCode]) -> Callable[[], MQTTErrorCode]:
+    """paho's ``reconnect`` walks its queue of outgoing packets without a
+    lock; a publish from another thread at that moment raises "deque mutated
+    during iteration" out of the network thread, which then dies and the
+    link never reconnects (seen with a thousand agents in one process).
+    Everything reconnect did before the walk is safe to do again."""
+
+    def retrying() -> MQTTErrorCode:
+        for _ in range(10):
+            try:
+                return reconnect()
+            except RuntimeError as exc:
+                if "mutated during iteration" not in str(exc):
+                    raise
+        return reconnect()
+
+    return retrying
 
 
 @dataclass(frozen=True)
@@ -145,6 +207,7 @@ class MqttLink:
         client.on_socket_open = self._handle_socket_open
         client.on_publish = self._handle_inbound_ack
         client.on_subscribe = self._handle_inbound_ack
+        client.reconnect = _retrying_reconnect(client.reconnect)  # type: ignore[method-assign]
         self.client = client
         self._started = False
         #: time.monotonic() of the last packet from the broker, and of the

@@ -205,3 +205,33 @@ def test_watchdog_probes_a_quiet_link_and_replaces_a_half_open_one(links: list[M
         # Dropped about a keepalive after the last answer, plus paho's 1 s reconnect wait.
         assert link.dropped_silent == 1 and time.monotonic() - cut <= 2 * 1.5 + 1
         assert link.wait_connected(TIMEOUT)
+
+
+def test_a_link_works_when_its_socket_is_above_fd_setsize(mosquitto: Broker, links: list[MqttLink]) -> None:
+    # A process with many open files (the fleet simulator: a thousand agents
+    # and their queue files) hands paho sockets numbered above 1024, where
+    # select() cannot go; paho's loop must still connect, send and receive.
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard open file limit {hard} is below what the test needs")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200 if hard == resource.RLIM_INFINITY else min(hard, 4096), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        sub = connect(links, mosquitto, "high-fd-sub", [("t/high", 1)])
+        pub = connect(links, mosquitto, "high-fd-pub")
+        sock = sub.client.socket()
+        assert sock is not None and sock.fileno() > 1024
+        assert pub.publish_and_wait("t/high", b"above FD_SETSIZE", timeout=TIMEOUT)
+        message = receive(sub)
+        assert message.payload == b"above FD_SETSIZE"
+        message.ack()
+    finally:
+        for link in links:
+            link.stop()
+        links.clear()
+        for fd in filler:
+            os.close(fd)

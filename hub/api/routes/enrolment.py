@@ -32,7 +32,7 @@ _API_ACTOR = "api"
 class EnrolRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    token: str = Field(min_length=1, max_length=200, description="The one-time enrolment token.")
+    token: str = Field(min_length=1, max_length=200, description="The enrolment token (one-time, or a fleet provisioning token with uses left).")
     agent_id: str | None = Field(None, max_length=128, description="The id the device takes; may be left out when the token names one.")
     public_key: str = Field(min_length=1, max_length=100, description="The device's Ed25519 public key, 'ed25519:<base64url>'. The private key never leaves the device.")
 
@@ -58,6 +58,7 @@ class TokenRequest(BaseModel):
     expires: str = Field("24h", description="Lifetime: a number and s, m, h or d (at most 30d).")
     agent_id: str | None = Field(None, max_length=128, description="The agent id the device must enrol as; none: the device chooses a new id.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels the enrolled agent starts with.")
+    uses: int = Field(1, ge=1, le=enrolment.MAX_TOKEN_USES, strict=True, description="How many devices may enrol with it (1: a one-time token; more: a fleet provisioning token for a batch of devices, each choosing its own new id). Not with agent_id.")
 
 
 class TokenResponse(BaseModel):
@@ -66,6 +67,7 @@ class TokenResponse(BaseModel):
     expires_at: datetime
     agent_id: str | None
     labels: dict[str, str]
+    uses: int
 
 
 class RegisterRequest(BaseModel):
@@ -107,7 +109,7 @@ def _broker_answer(settings: HubSettings, credentials: Any) -> dict[str, Any] | 
     "/enroll",
     response_model=EnrolResponse,
     responses={
-        401: {"model": ErrorResponse, "description": "Unknown, expired or used token, or a token for another agent id (codes token_unknown, token_expired, token_used, token_agent_mismatch)."},
+        401: {"model": ErrorResponse, "description": "Unknown, expired or used-up token, or a token for another agent id (codes token_unknown, token_expired, token_used, token_agent_mismatch)."},
         409: {"model": ErrorResponse, "description": "The agent id is enrolled already (re-enrolment needs a token made for that id), or revoked."},
         429: {"model": ErrorResponse, "description": "Too many refused enrolments from this client address within login_failure_window (more than login_max_failures_per_address); the header Retry-After says when to try again."},
         502: {"model": ErrorResponse, "description": "The broker refused to create the device's credentials; nothing was changed (code broker_provisioning_failed)."},
@@ -124,16 +126,17 @@ def enroll(request: Request, body: EnrolRequest) -> dict[str, Any]:
     return {"agent_id": done.agent_id, "broker": _broker_answer(settings, done.credentials), "hub_public_keys": done.hub_public_keys, "labels": done.labels}
 
 
-@router.post("/enrolment-tokens", response_model=TokenResponse, status_code=201, responses={422: {"model": ErrorResponse, "description": "Bad lifetime or agent id."}})
+@router.post("/enrolment-tokens", response_model=TokenResponse, status_code=201, responses={422: {"model": ErrorResponse, "description": "Bad lifetime, agent id or uses (or uses above 1 with an agent id)."}})
 @requires(Role.ADMIN)
 def create_enrolment_token(request: Request, body: TokenRequest) -> dict[str, Any]:
-    """A one-time, expiring enrolment token for one device (admin)."""
+    """An expiring enrolment token: one-time for one device, or good for
+    ``uses`` devices (a fleet provisioning token) (admin)."""
     settings, sessions, now, _remote = _parts(request)
     lifetime = enrolment.parse_duration(body.expires)
     actor = getattr(request.state, "actor", _API_ACTOR)
     with transaction(sessions) as session:
-        issued = enrolment.create_token(session, now, lifetime, actor, body.agent_id, body.labels)
-    return {"token": issued.token, "id": issued.id, "expires_at": issued.expires_at, "agent_id": issued.agent_id, "labels": issued.labels}
+        issued = enrolment.create_token(session, now, lifetime, actor, body.agent_id, body.labels, body.uses)
+    return {"token": issued.token, "id": issued.id, "expires_at": issued.expires_at, "agent_id": issued.agent_id, "labels": issued.labels, "uses": issued.uses}
 
 
 @router.put(
