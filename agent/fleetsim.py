@@ -117,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--hardware", default="sim-board", metavar="MODEL", help="hardware_model in each device.json (default sim-board)")
     add("--firmware", default="1.0.0", metavar="VERSION", help="baseline firmware_version in each device.json (default 1.0.0)")
     add("--fail-rate", type=_rate, default=0.0, metavar="FRACTION", help="this fraction of devices gets a failing hooks/health-check (exit 1), so firmware.update rolls back there (default 0)")
+    add("--release-key", action="append", default=[], metavar="ed25519:...", help="a release public key every device trusts for firmware.update (release_public_keys; repeatable; outpost release keygen prints it)")
     add("--fail-seed", type=int, default=0, metavar="SEED", help="seed choosing the failing devices; the same seed always picks the same ones (default 0)")
     add("--processes", type=int, default=1, metavar="P", help="split the devices over P processes (default 1; about 1,000 devices per process work)")
     add("--wave", type=int, default=100, metavar="N", help="start N devices, wait until they are connected (or --wave-timeout), then the next N (default 100)")
@@ -235,6 +236,13 @@ class Simulator:
         }
         if self.args.broker:
             overrides["broker_host"], overrides["broker_port"] = self.args.broker
+        # The URL the devices enrolled at is where firmware.update downloads from.
+        if self.args.hub:
+            overrides["hub_url"] = self.args.hub
+        if self.args.ca_file:
+            overrides["hub_ca"] = self.args.ca_file
+        if self.args.release_key:
+            overrides["release_public_keys"] = list(self.args.release_key)
         # env={}: OUTPOST_AGENT_* meant for a real agent must not leak into a thousand.
         return load_settings(None, env={}, overrides=overrides)
 

@@ -12,25 +12,33 @@ Prints, for this machine:
   processes, fork servers and job children), sampled from /proc every second;
 * devices succeeded / failed.
 
-The job is ``noop`` by default. ``--job firmware.update --artifact ID``
-puts the firmware job in the DAG instead (params ``{"artifact_id": ID}``, as
-firmware.update takes them), but that path is NOT complete: the artifact
-store, firmware.update and the rollout policy come from the parallel
-branches of issue 6, and the benchmark does not yet make a release key,
-upload the image with its signed manifest to the fresh hub, give the
-simulated devices the release key, or add a ``rollout=Rollout(...)`` policy.
-Until it does, use it only after adding those steps.
+The job is ``noop`` by default (a plain fan-out). ``--job firmware.update``
+rolls out a firmware release instead, end to end: the benchmark makes a
+release key (``outpost release keygen``), signs a random image of
+``--image-kib`` KiB as ``bench-fw`` 2.0.0 for the simulator's hardware
+(``outpost release sign``) and uploads it with its manifest to the fresh hub
+(``outpost artifacts upload``); every simulated device trusts the release
+key (``simulate --release-key``) and downloads from the TLS front (its URL
+and CA become the devices' ``hub_url`` and ``hub_ca``); the DAG's task has a
+``rollout=Rollout(canary, batch_size, growth, failure_threshold)`` policy.
+``--fail-rate`` gives that fraction of devices a failing health check
+(``--fail-seed`` picks them), so they roll back and count as failures. The
+rollout's outcome is printed too: its state and reason, devices per state,
+failure rate against the threshold, and the devices notified per batch.
 
 TLS: devices enrol over HTTPS only, so a TLS front (tests/tlsfront.py, a
 stand-in for the reverse proxy of a deployment) sits before the API; its
 CPU is in this process, not counted as the hub's.
 
 Usage: python bench/fleet_rollout.py [--devices 1000] [--processes 1] [--heartbeat-interval 30]
+       python bench/fleet_rollout.py --job firmware.update [--image-kib 256] [--canary 1%] [--batch-size 10%]
+           [--growth fixed] [--failure-threshold 0.05] [--fail-rate 0] [--fail-seed 0] [--health-timeout 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import signal
@@ -57,10 +65,12 @@ from tests.broker.pki import Pki  # noqa: E402
 from tests.tlsfront import TlsFront  # noqa: E402
 
 DAG = """
-from hub.dag import DAG, AgentOperator, every_agent
+from hub.dag import DAG, AgentOperator, Rollout, every_agent
 with DAG("fleet_rollout_bench") as dag:
-    AgentOperator(task_id="update", job_type={job!r}, params={params!r}, target=every_agent(fleet="bench"), execution_timeout={timeout})
+    AgentOperator(task_id="update", job_type={job!r}, params={params!r}, target=every_agent(fleet="bench"), execution_timeout={timeout}{rollout})
 """
+#: The release the firmware benchmark makes; the simulated devices start at 1.0.0.
+RELEASE_NAME, RELEASE_VERSION, BASELINE, HARDWARE = "bench-fw", "2.0.0", "1.0.0", "sim-board"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -140,19 +150,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=1, help="simulator processes (default 1)")
-    parser.add_argument("--job", default="noop", help="job type every device runs (default noop)")
-    parser.add_argument("--artifact", help="artifact id for --job firmware.update")
-    parser.add_argument("--fail-rate", type=float, default=0.0, help="fraction of devices with a failing health check")
+    parser.add_argument("--job", default="noop", choices=("noop", "firmware.update"), help="job type every device runs (default noop)")
+    parser.add_argument("--image-kib", type=int, default=256, help="firmware.update: size of the release image in KiB (default 256)")
+    parser.add_argument("--canary", type=_size, default="1%", help="firmware.update: canary devices, a count or N%% (default 1%%)")
+    parser.add_argument("--batch-size", type=_size, default="10%", help="firmware.update: devices per batch, a count or N%% (default 10%%)")
+    parser.add_argument("--growth", choices=("fixed", "exponential"), default="fixed", help="firmware.update: batch growth (default fixed)")
+    parser.add_argument("--failure-threshold", type=float, default=0.05, help="firmware.update: the rollout aborts above this failure rate (default 0.05)")
+    parser.add_argument("--health-timeout", type=float, default=2.0, help="firmware.update: seconds a failing health check is retried (default 2)")
+    parser.add_argument("--fail-rate", type=float, default=0.0, help="fraction of devices with a failing health check (default 0)")
+    parser.add_argument("--fail-seed", type=int, default=0, help="seed choosing the failing devices (default 0)")
     parser.add_argument("--heartbeat-interval", type=float, default=30.0, help="devices' heartbeat interval (default 30; the hub's agent_offline_after is set to 3.5x)")
     parser.add_argument("--timeout", type=float, default=900.0, help="longest wait for each phase, seconds (default 900)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
-    if args.job == "firmware.update":
-        if not args.artifact:
-            parser.error("--job firmware.update needs --artifact ID")
-        # Not complete (see the module docstring): no release is uploaded to the fresh hub.
-        print("note: the firmware path is not complete: this benchmark uploads no release and gives the devices no release key", file=sys.stderr)
-    params: dict[str, Any] = {"artifact_id": args.artifact} if args.artifact else {}
+    firmware = args.job == "firmware.update"
+    params: dict[str, Any] = {}
+    rollout = ""
+    if firmware:
+        params = {"artifact_id": f"{RELEASE_NAME}-{RELEASE_VERSION}", "health_timeout": args.health_timeout}
+        rollout = f", rollout=Rollout(canary={args.canary!r}, batch_size={args.batch_size!r}, growth={args.growth!r}, failure_threshold={args.failure_threshold!r})"
 
     # Cleanup (the finally below) must run on SIGTERM too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -162,7 +178,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="outpost-fleet-bench-"))
     dags = root / "dags"
     dags.mkdir()
-    (dags / "rollout.py").write_text(DAG.format(job=args.job, params=params, timeout=600))
+    (dags / "rollout.py").write_text(DAG.format(job=args.job, params=params, timeout=600, rollout=rollout))
     broker = PrivateBroker(root / "broker")
     broker.start()
     api_port = free_port()
@@ -195,6 +211,10 @@ def main() -> int:
         })
         sampler.start()
         hub_cpu = lambda: sum(cpu_seconds(p.pid) for p in procs.values())  # noqa: E731
+        release_args: list[str] = []
+        if firmware:
+            release_args = ["--release-key", release(root, f"http://127.0.0.1:{api_port}", admin, args.image_kib)]
+        # Open for the whole run: the devices download the image through it.
         with TlsFront(api_port, pki.server_cert, pki.server_key) as front:
             cpu0, t0 = hub_cpu(), time.monotonic()
             sim_log = root / "simulate.log"
@@ -202,7 +222,8 @@ def main() -> int:
                 sim = subprocess.Popen(
                     [sys.executable, "-m", "agent", "simulate", "--count", str(args.devices), "--root", str(root / "fleet"), "--hub", front.url,
                      "--ca-file", str(pki.ca), "--enrolment-token", token, "--broker", f"127.0.0.1:{broker.port}", "--label", "fleet=bench",
-                     "--fail-rate", str(args.fail_rate), "--processes", str(args.processes), "--heartbeat-interval", str(args.heartbeat_interval)],
+                     "--fail-rate", str(args.fail_rate), "--fail-seed", str(args.fail_seed), "--hardware", HARDWARE, "--firmware", BASELINE,
+                     *release_args, "--processes", str(args.processes), "--heartbeat-interval", str(args.heartbeat_interval)],
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
             wait_for(lambda: _enrolled(sim_log, args.processes, sim), args.timeout, "enrolment")
@@ -211,13 +232,13 @@ def main() -> int:
             if sim.poll() is not None:
                 raise SystemExit(f"the simulator exited with {sim.returncode}; see {sim_log}")
             cpu2, t2 = hub_cpu(), time.monotonic()
-        run_id = api.post("/dags/fleet_rollout_bench/runs", json={"conf": {}}).json()["id"]
+            run_id = api.post("/dags/fleet_rollout_bench/runs", json={"conf": {}}).json()["id"]
 
-        def done() -> bool:
-            rows = api.get("/runs", params={"dag_id": "fleet_rollout_bench", "limit": 1}).json()["items"]
-            return bool(rows) and rows[0]["id"] == run_id and rows[0]["state"] in ("success", "failed")
+            def done() -> bool:
+                rows = api.get("/runs", params={"dag_id": "fleet_rollout_bench", "limit": 1}).json()["items"]
+                return bool(rows) and rows[0]["id"] == run_id and rows[0]["state"] in ("success", "failed")
 
-        wait_for(done, args.timeout, "the rollout run", poll=1.0)
+            wait_for(done, args.timeout, "the rollout run", poll=1.0)
         cpu3 = hub_cpu()
         body = api.get(f"/runs/{run_id}").json()
         states: dict[str, int] = {}
@@ -231,6 +252,8 @@ def main() -> int:
         print(f"  rollout  {rollout_wall:7.1f} s wall (trigger to run end), hub CPU {cpu3 - cpu2:7.1f} s")
         print(f"  devices: {states.get('success', 0)} succeeded, {sum(v for k, v in states.items() if k != 'success')} not ({states}); run {body['state']}")
         print(f"  peak RSS: hub {sampler.peak['hub']:.0f} MB (scheduler + API), broker {sampler.peak['broker']:.0f} MB, simulator {sampler.peak['simulator']:.0f} MB")
+        if firmware:
+            report_rollout(api, run_id, args, root)
         return 0 if body["state"] == "success" or args.fail_rate > 0 else 1
     finally:
         if sampler is not None:
@@ -253,6 +276,56 @@ def main() -> int:
             print(f"  state kept in {root}")
         else:
             subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def _size(text: str) -> int | str:
+    """A rollout size as Rollout takes it: a count, or "N%"."""
+    return int(text) if text.isdigit() else text
+
+
+def release(root: Path, api_url: str, admin: str, kib: int) -> str:
+    """Make a release key, sign a random ``kib`` KiB image as RELEASE_NAME
+    RELEASE_VERSION and upload it with its manifest, with the operator CLI;
+    returns the release public key."""
+    env = {**os.environ, "OUTPOST_HUB_URL": api_url, "OUTPOST_TOKEN": admin}
+
+    def outpost(*argv: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "hub.ctl", *argv], capture_output=True, text=True, env=env, timeout=120)
+        if done.returncode != 0:
+            raise SystemExit(f"outpost {' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    key, image, manifest = root / "release.key", root / "bench-fw.bin", root / "bench-fw.manifest.json"
+    public = outpost("release", "keygen", "--out", str(key)).split()[-1]
+    image.write_bytes(os.urandom(kib * 1024))
+    outpost("release", "sign", "--key", str(key), "--image", str(image), "--name", RELEASE_NAME, "--version", RELEASE_VERSION,
+            "--hardware", HARDWARE, "--out", str(manifest))
+    outpost("artifacts", "upload", str(image), "--manifest", str(manifest))
+    return public
+
+
+def report_rollout(api: httpx.Client, run_id: int, args: argparse.Namespace, root: Path) -> None:
+    """The rollout's outcome from the API, and whether the devices that
+    failed are the ones the simulator gave a failing health check."""
+    items = api.get("/rollouts", params={"dag_id": "fleet_rollout_bench"}).json()["items"]
+    rollout = next((r for r in items if run_id in (r["run_pk"], r["run_id"])), None)
+    if rollout is None:
+        print("  rollout: none found")
+        return
+    detail = api.get(f"/rollouts/{rollout['id']}").json()
+    counts = ", ".join(f"{k} {v}" for k, v in detail["counts"].items() if v)
+    print(f"  rollout {detail['id']}: {detail['state']} ({detail.get('reason') or 'every batch passed'})")
+    print(f"    devices: {counts}; failure rate {detail['failure_rate']:.1%} (threshold {detail['failure_threshold']:.1%})")
+    batches = "; ".join(f"{b['batch']}: " + ", ".join(f"{k} {v}" for k, v in b["counts"].items() if v) for b in detail["batches"])
+    print(f"    batches (canary {args.canary}, then {args.batch_size} {args.growth}): {batches}")
+    failed: list[str] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = api.get(f"/rollouts/{detail['id']}/devices", params={"state": "failed", "limit": 100, "offset": offset}).json()
+        failed += [d["agent_id"] for d in page["items"]]
+        offset = offset + len(page["items"]) if page["items"] and len(failed) < page["total"] else None
+    injected = set(json.loads((root / "fleet" / "failing.json").read_text())["devices"])
+    print(f"    failed devices: {len(failed)}, all with an injected failing health check: {set(failed) <= injected} ({len(injected)} injected)")
 
 
 def admin_token(db_url: str) -> str:

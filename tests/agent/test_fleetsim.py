@@ -185,3 +185,23 @@ def test_the_per_process_job_cap_runs_jobs_one_after_another(tmp_path: Path) -> 
     ordered = sorted(spans.values())
     # Each job's process started only after the one before had finished.
     assert all(later[0] >= earlier[1] for earlier, later in zip(ordered, ordered[1:]))
+
+
+def test_simulated_devices_trust_the_release_key_and_download_from_the_enrolment_url(tmp_path: Path) -> None:
+    import argparse
+
+    from shared.signing import SigningKey
+
+    parser = argparse.ArgumentParser()
+    fleetsim.add_arguments(parser)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here\n")
+    release = SigningKey.generate().public.to_text()
+    args = parser.parse_args(["--count", "2", "--root", str(tmp_path / "fleet"), "--hub", "https://hub.test:8443", "--ca-file", str(ca), "--release-key", release])
+    settings = fleetsim.Simulator(args, fleetsim.device_ids("sim", 2), set()).settings("sim-00001")
+    assert settings.hub_url == "https://hub.test:8443" and settings.hub_ca == str(ca)
+    assert list(settings.release_public_keys) == [release]
+    # Without --hub (devices enrolled by an earlier run) there is no download URL.
+    bare = parser.parse_args(["--count", "2", "--root", str(tmp_path / "fleet")])
+    settings = fleetsim.Simulator(bare, fleetsim.device_ids("sim", 2), set()).settings("sim-00001")
+    assert settings.hub_url is None and not settings.release_public_keys
