@@ -8,7 +8,7 @@ authenticated it before the route ran).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -87,3 +87,19 @@ PageParams = Annotated[Paging, Depends(paging)]
 Cipher = Annotated[SecretCipher, Depends(cipher)]
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 By = Annotated[Actor, Depends(audit_actor)]
+
+
+async def read_bounded(request: Request, limit: int, refuse: Callable[[str | None], Exception]) -> bytes:
+    """The request body, at most ``limit`` bytes, never buffered past it.
+    Over the limit, raises ``refuse(declared)``: ``declared`` is the
+    Content-Length that announced too much, None when the stream ran over."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise refuse(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise refuse(None)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -15,7 +15,7 @@ SHA-256, which the device checks; the hub's word adds nothing to them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from hub import requestauth
-from hub.api.deps import By, PageParams
+from hub.api.deps import By, PageParams, read_bounded
 from hub.api.schemas import ErrorResponse
 from hub.artifacts import ArtifactStore, BadManifest, RangeNotSatisfiable, parse_range
 from hub.auth.roles import Role, requires
@@ -113,7 +113,7 @@ def store(request: Request) -> ArtifactStore:
 async def register_artifact(request: Request, by: By) -> Any:
     """Register a release: its signed manifest (``outpost release sign``
     makes one). The artifact starts ``pending``; upload the image next."""
-    raw = await _read_small(request, MAX_DOCUMENT_BYTES)
+    raw = await read_bounded(request, MAX_DOCUMENT_BYTES, _manifest_too_large(MAX_DOCUMENT_BYTES))
     record, created = await run_in_threadpool(store(request).register, raw, by)
     return JSONResponse(record, status_code=201 if created else 200)
 
@@ -259,14 +259,9 @@ def _chunks(handle: Any, start: int, end: int) -> Iterator[bytes]:
         handle.close()
 
 
-async def _read_small(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BadManifest(f"a signed manifest is at most {limit} bytes; this body is {declared}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadManifest(f"a signed manifest is at most {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _manifest_too_large(limit: int) -> Callable[[str | None], BadManifest]:
+    def refuse(declared: str | None) -> BadManifest:
+        if declared is not None:
+            return BadManifest(f"a signed manifest is at most {limit} bytes; this body is {declared}")
+        return BadManifest(f"a signed manifest is at most {limit} bytes")
+    return refuse

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -43,6 +44,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from hub.api.deps import read_bounded
 from hub.api.schemas import ErrorResponse
 from hub.config import HubSettings
 from hub.db import for_update
@@ -160,17 +162,12 @@ def _ingester(request: Request) -> Ingester:
     return ingester
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BatchTooLarge(f"sync batch of {declared} bytes is over sync_max_batch_bytes ({limit}); send smaller batches")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BatchTooLarge(f"sync batch is over sync_max_batch_bytes ({limit} bytes); send smaller batches")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _too_large(limit: int) -> Callable[[str | None], BatchTooLarge]:
+    def refuse(declared: str | None) -> BatchTooLarge:
+        if declared is not None:
+            return BatchTooLarge(f"sync batch of {declared} bytes is over sync_max_batch_bytes ({limit}); send smaller batches")
+        return BatchTooLarge(f"sync batch is over sync_max_batch_bytes ({limit} bytes); send smaller batches")
+    return refuse
 
 
 def _parse(raw: bytes, settings: HubSettings) -> SyncBatch:
@@ -213,7 +210,7 @@ async def post_sync_batch(request: Request, agent_id: Annotated[str, Path(descri
     Signed by the agent (``Outpost-Signature``, see the module docstring)."""
     settings: HubSettings = request.app.state.settings
     signed = await _authenticate(request, agent_id)
-    raw = await _read_limited(request, settings.sync_max_batch_bytes)
+    raw = await read_bounded(request, settings.sync_max_batch_bytes, _too_large(settings.sync_max_batch_bytes))
     await _verify(request, signed, raw)
     batch = _parse(raw, settings)
     ingester = _ingester(request)
